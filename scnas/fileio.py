@@ -1,0 +1,87 @@
+"""Reading user files with a size bound, and writing outputs atomically.
+
+Outputs are written to a temporary file in the destination folder and renamed into place,
+so an interrupted or failed write never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from scnas.errors import OutputError, ScnasError
+
+STDIO = "-"
+
+
+def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[ScnasError]) -> bytes:
+    """Read a whole file (or stdin for ``-``), refusing anything larger than ``limit`` bytes.
+
+    Raises ``error`` naming the file for a missing file, a folder, unreadable or oversized input.
+    """
+    name = str(path)
+    if name == STDIO:
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise error("no such file", source=name)
+        if p.is_dir():
+            raise error("is a directory, not a file", source=name)
+        try:
+            size = p.stat().st_size
+            if size > limit:
+                raise error(f"file is {size} bytes; the limit is {limit} bytes", source=name)
+            with p.open("rb") as fh:
+                data = fh.read(limit + 1)
+        except PermissionError:
+            raise error("permission denied", source=name) from None
+        except OSError as exc:
+            raise error(f"cannot read: {exc.strerror or exc}", source=name) from None
+    if len(data) > limit:
+        raise error(f"input is larger than the limit of {limit} bytes", source=name)
+    return data
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename (``-`` writes to stdout)."""
+    name = str(path)
+    if name == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"folder {str(folder)!r} does not exist", source=name)
+    if target.is_dir():
+        raise OutputError("is a directory; give a file name", source=name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror or exc}", source=name) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write: {exc.strerror or exc}", source=name) from None
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,260 @@
+"""Reading and writing genotype files: JSON, YAML, DARTS strings and one-line strings.
+
+The format follows the file suffix (``.json``, ``.yaml``/``.yml``, ``.darts``, ``.oneline``);
+``-`` means stdin/stdout. Reading is bounded (``MAX_BYTES``, ``MAX_YAML_NODES`` after alias
+expansion) and uses YAML's safe loader; writing is atomic. Every failure is a
+``GenotypeError`` that names the file and, where it applies, the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from scnas.errors import GenotypeError, Problem
+from scnas.fileio import STDIO, atomic_write_text, read_bytes_bounded
+from scnas.genotype.canonical import normalized
+from scnas.genotype.migrate import migrate
+from scnas.genotype.model import Genotype
+
+MAX_BYTES = 1 << 20
+"""Genotype files larger than this (1 MiB) are refused; real ones are a few KiB."""
+MAX_YAML_NODES = 100_000
+"""YAML documents expanding (aliases included) to more nodes than this are refused."""
+
+FORMATS = ("yaml", "json", "darts", "oneline")
+SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".darts": "darts", ".oneline": "oneline"}
+
+_YAML_HEADER = "# scnas genotype (format version 1); specification: docs/genotype-format.md\n"
+
+
+# ----------------------------------------------------------------------------- parsing text
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Safe YAML loader that refuses duplicate keys (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(root: yaml.Node, source: str | None) -> None:
+    # Aliases share composed nodes, so the walk below counts what a consumer would traverse;
+    # "billion laughs" documents and self-referencing aliases stop at the bound.
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise GenotypeError(f"YAML document expands to more than {MAX_YAML_NODES} nodes "
+                                "(aliases nested to explode?); refusing to load it", source=source)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack += (key, value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def _parse_yaml(text: str, source: str | None) -> Any:
+    try:
+        loader = _BoundedLoader(text)  # the reader rejects control characters right here
+    except yaml.reader.ReaderError as exc:
+        raise GenotypeError(f"not valid YAML: control character U+{exc.character:04X} at position {exc.position} "
+                            "is not allowed", source=source) from None
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_expanded_size(root, source)
+        return loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise GenotypeError(f"not valid YAML: {exc.problem or exc.context}{where}", source=source) from None
+    except yaml.YAMLError as exc:
+        raise GenotypeError(f"not valid YAML: {exc}", source=source) from None
+    finally:
+        loader.dispose()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _parse_json(text: str, source: str | None) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise GenotypeError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", source=source) from None
+    except ValueError as exc:
+        raise GenotypeError(f"not valid JSON: {exc}", source=source) from None
+
+
+def sniff_format(text: str) -> str:
+    """Guess the format of genotype text whose file name does not say it."""
+    start = text.lstrip()
+    if start.startswith("{"):
+        return "json"
+    if start.startswith("scnas-v"):
+        return "oneline"
+    if start.startswith("Genotype(") or "Genotype(" in start.split("\n", 1)[0]:
+        return "darts"
+    return "yaml"
+
+
+def format_for_path(path: str | os.PathLike, explicit: str | None = None) -> str | None:
+    """The format named by ``explicit`` or by the file's suffix; None when neither says."""
+    if explicit is not None:
+        if explicit not in FORMATS:
+            raise GenotypeError(f"unknown genotype format {explicit!r}; formats: {', '.join(FORMATS)}")
+        return explicit
+    return SUFFIXES.get(Path(str(path)).suffix.lower())
+
+
+def genotype_from_data(data: Any, source: str | None = None) -> Genotype:
+    """Validate plain data (as parsed from JSON/YAML), migrating older versions forward."""
+    data = migrate(data, source)
+    try:
+        return Genotype.model_validate(data)
+    except ValidationError as exc:
+        raise GenotypeError(problems=[_problem_from_pydantic(e) for e in exc.errors()], source=source) from None
+    except GenotypeError as exc:
+        raise exc.with_source(source) if source else exc
+    except RecursionError:
+        raise GenotypeError("document is nested too deeply", source=source) from None
+
+
+def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = {"missing": "required field is missing",
+               "extra_forbidden": "unknown field (see docs/genotype-format.md for the fields)"}.get(error["type"], error["msg"])
+    if error["type"] not in ("missing",):
+        message += f" (got {error['input']!r:.60})"
+    return Problem(path, message)
+
+
+def parse_genotype(text: str, fmt: str, source: str | None = None, **options: Any) -> Genotype:
+    """Parse genotype text of a known format; ``options`` go to the DARTS reader."""
+    from scnas.genotype import convert  # convert builds on this module's validation
+
+    if not text.strip():
+        raise GenotypeError("file is empty", source=source)
+    try:
+        if fmt == "json":
+            return genotype_from_data(_parse_json(text, source), source)
+        if fmt == "yaml":
+            return genotype_from_data(_parse_yaml(text, source), source)
+        if fmt == "darts":
+            return convert.from_darts(text, source=source, **options)
+        if fmt == "oneline":
+            return convert.from_oneline(text, source=source)
+    except RecursionError:
+        raise GenotypeError("document is nested too deeply", source=source) from None
+    raise GenotypeError(f"unknown genotype format {fmt!r}; formats: {', '.join(FORMATS)}", source=source)
+
+
+def read_genotype(path: str | os.PathLike, fmt: str | None = None, **options: Any) -> Genotype:
+    """Read and validate a genotype file (``-``: stdin). The format comes from ``fmt``, the
+    suffix, or the content."""
+    source = "<stdin>" if str(path) == STDIO else str(path)
+    raw = read_bytes_bounded(path, MAX_BYTES, GenotypeError)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GenotypeError(f"not UTF-8 text (byte {exc.start}); is this a binary file?", source=source) from None
+    fmt = format_for_path(path, fmt) or sniff_format(text)
+    return parse_genotype(text, fmt, source, **options)
+
+
+def load_genotype(spec: str | os.PathLike) -> Genotype:
+    """A genotype from a file path or, when no such file exists, a built-in name."""
+    from scnas.genotype.builtin import BUILTIN_NAMES, builtin_genotype
+
+    text = str(spec)
+    if text == STDIO or Path(text).exists():
+        return read_genotype(spec)
+    if text in BUILTIN_NAMES:
+        return builtin_genotype(text)
+    if Path(text).suffix.lower() in SUFFIXES or os.sep in text:
+        return read_genotype(spec)  # reports the missing file
+    raise GenotypeError(f"no such file, and no built-in genotype of that name (built-ins: {', '.join(BUILTIN_NAMES)})",
+                        source=text)
+
+
+# ----------------------------------------------------------------------------- writing text
+
+class _Flow(dict):
+    """A mapping written on one line in YAML."""
+
+
+class _FlowList(list):
+    """A list written on one line in YAML."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
+_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def _yaml_layout(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    data["ops"] = _FlowList(data["ops"])
+    for cell in data["cells"].values():
+        cell["edges"] = [_Flow(edge) for edge in cell["edges"]]
+        cell["concat"] = _FlowList(cell["concat"])
+    probabilities = (data.get("provenance") or {}).get("probabilities") or {}
+    for entries in probabilities.values():
+        entries[:] = [_Flow(entry) for entry in entries]
+    return data
+
+
+def dumps_genotype(genotype: Genotype, fmt: str = "yaml", **options: Any) -> str:
+    """The genotype as text (edges in canonical order); ``options`` go to the DARTS writer."""
+    from scnas.genotype import convert
+
+    data = normalized(genotype).to_dict()
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "yaml":
+        return _YAML_HEADER + yaml.dump(_yaml_layout(data), Dumper=_Dumper, sort_keys=False,
+                                        default_flow_style=False, width=120)
+    if fmt == "darts":
+        return convert.to_darts(genotype, **options) + "\n"
+    if fmt == "oneline":
+        return convert.to_oneline(genotype) + "\n"
+    raise GenotypeError(f"unknown genotype format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def write_genotype(genotype: Genotype, path: str | os.PathLike, fmt: str | None = None, **options: Any) -> None:
+    """Write a genotype atomically; the format comes from ``fmt`` or the suffix (``-``: YAML to stdout)."""
+    resolved = format_for_path(path, fmt)
+    if resolved is None:
+        if str(path) != STDIO:
+            raise GenotypeError(f"cannot tell the format from the file name; use a suffix "
+                                f"({', '.join(SUFFIXES)}) or name the format", source=str(path))
+        resolved = "yaml"
+    atomic_write_text(path, dumps_genotype(genotype, resolved, **options))

@@ -1,0 +1,155 @@
+"""Regenerate the conformance documents and manifest.json from the cases listed below.
+
+Run ``python tests/conformance/generate.py`` after changing a case. It writes plain YAML/JSON
+with PyYAML/json only (not scnas's writer), so invalid documents can be expressed; the
+expected hashes of the valid documents come from scnas, the reference implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from scnas.genotype import genotype_from_data, genotype_hash  # the reference implementation gives the hashes
+
+HERE = Path(__file__).resolve().parent
+PAPER_OPS = ["zero", "identity", "conv_3x3x3", "sep_dil2_conv_3x3x3", "sep_dil3_conv_3x3x3",
+             "sep_dil4_conv_3x3x3", "max_pool_3x3x3", "avg_pool_3x3x3"]
+
+
+def base() -> dict:
+    """A small valid genotype (2 intermediate nodes) that the invalid cases mutate."""
+    def cell(a: str, b: str, c: str) -> dict:
+        return {"edges": [{"from": 0, "to": 2, "op": a}, {"from": 1, "to": 2, "op": b}, {"from": 2, "to": 3, "op": c}],
+                "concat": [2, 3]}
+    return {"format": "scnas-genotype", "version": 1, "nodes": 2, "ops": list(PAPER_OPS),
+            "cells": {"encoder_normal": cell("conv_3x3x3", "identity", "sep_dil2_conv_3x3x3"),
+                      "reduction": cell("max_pool_3x3x3", "conv_3x3x3", "avg_pool_3x3x3"),
+                      "decoder_normal": cell("sep_dil3_conv_3x3x3", "identity", "conv_3x3x3"),
+                      "expansion": cell("conv_3x3x3", "sep_dil4_conv_3x3x3", "identity")}}
+
+
+def mutate(function):
+    doc = base()
+    result = function(doc)
+    return doc if result is None else result
+
+
+def _set(path: str, value):
+    def apply(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is _DELETE:
+            del node[last]
+        elif last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return apply
+
+
+_DELETE = object()
+
+
+def _probabilities(total: float):
+    def apply(doc):
+        rest = (total - 0.5) / (len(PAPER_OPS) - 1)
+        p = {op: (0.5 if op == "conv_3x3x3" else rest) for op in PAPER_OPS}
+        doc["provenance"] = {"probabilities": {"encoder_normal": [{"from": 0, "to": 2, "p": p}]}}
+    return apply
+
+
+# name: (mutation, expected error path, words in the reason, does the JSON Schema alone reject it?)
+INVALID = {
+    "wrong-format": (_set("format", "darts-genotype"), "", "format is", True),
+    "missing-format": (_set("format", _DELETE), "", "'format' is missing", True),
+    "newer-version": (_set("version", 2), "", "newer than this scnas", True),
+    "missing-version": (_set("version", _DELETE), "", "'version' is missing", True),
+    "version-as-string": (_set("version", "1"), "", "version must be an integer", True),
+    "top-level-list": (lambda doc: [doc], "", "mapping", True),
+    "missing-cell": (_set("cells.expansion", _DELETE), "cells.expansion", "missing", True),
+    "unknown-field": (_set("cells.reduction.colour", "red"), "cells.reduction.colour", "unknown field", True),
+    "edge-without-op": (_set("cells.reduction.edges.1.op", _DELETE), "cells.reduction.edges[1].op", "missing", True),
+    "index-as-string": (_set("cells.reduction.edges.1.from", "1"), "cells.reduction.edges[1].from", "integer", True),
+    "negative-index": (_set("cells.reduction.edges.1.from", -1), "cells.reduction.edges[1].from", "greater than or equal", True),
+    "zero-nodes": (_set("nodes", 0), "nodes", "greater than or equal", True),
+    "empty-concat": (_set("cells.decoder_normal.concat", []), "cells.decoder_normal.concat", "at least 1", True),
+    "unknown-op": (_set("cells.reduction.edges.1.op", "conv_5x5x5"), "cells.reduction.edges[1].op", "unknown op", True),
+    "zero-edge": (_set("cells.reduction.edges.1.op", "zero"), "cells.reduction.edges[1].op", "delete the edge", True),
+    "unknown-op-in-vocabulary": (_set("ops.7", "conv_9x9x9"), "ops[7]", "unknown op", True),
+    "duplicate-op-in-vocabulary": (_set("ops.7", "identity"), "ops[7]", "listed twice", True),
+    "op-outside-vocabulary": (_set("ops", ["zero", "identity", "conv_3x3x3", "sep_dil2_conv_3x3x3", "sep_dil3_conv_3x3x3",
+                                            "sep_dil4_conv_3x3x3", "avg_pool_3x3x3"]),
+                              "cells.reduction.edges[0].op", "not in this document's vocabulary", False),
+    "edge-into-input": (_set("cells.encoder_normal.edges.2.to", 1), "cells.encoder_normal.edges[2].to", "input node", False),
+    "edge-to-itself": (_set("cells.encoder_normal.edges.2.from", 3), "cells.encoder_normal.edges[2]", "to itself", False),
+    "backwards-edge": (_set("cells.encoder_normal.edges.2", {"from": 3, "to": 2, "op": "conv_3x3x3"}),
+                       "cells.encoder_normal.edges[2]", "backwards", False),
+    "target-out-of-range": (_set("cells.expansion.edges.2.to", 7), "cells.expansion.edges[2].to", "out of range", False),
+    "source-out-of-range": (_set("cells.expansion.edges.2", {"from": 5, "to": 3, "op": "identity"}),
+                            "cells.expansion.edges[2].from", "out of range", False),
+    "duplicate-edge": (_set("cells.decoder_normal.edges.2", {"from": 0, "to": 2, "op": "identity"}),
+                       "cells.decoder_normal.edges[2]", "duplicate edge", False),
+    "concat-missing-node": (_set("cells.reduction.concat", [2, 9]), "cells.reduction.concat[1]", "does not exist", False),
+    "concat-duplicate-node": (_set("cells.reduction.concat", [2, 3, 3]), "cells.reduction.concat[2]", "listed twice", False),
+    "used-node-without-input": (_set("cells.encoder_normal.edges", [{"from": 0, "to": 3, "op": "conv_3x3x3"}]),
+                                "cells.encoder_normal.concat[0]", "no incoming edge", False),
+    "probabilities-not-summing-to-one": (_probabilities(0.9), "provenance.probabilities.encoder_normal[0].p", "sum to", False),
+}
+
+
+def _valid_cases() -> dict[str, dict]:
+    reordered = base()
+    for cell in reordered["cells"].values():
+        cell["edges"].reverse()
+        cell["concat"].reverse()
+    dead_node = base()
+    dead_node["cells"]["reduction"]["concat"] = [2]  # node 3 computes but nothing uses it: allowed
+    lonely_node = base()
+    lonely_node["cells"]["reduction"]["edges"] = lonely_node["cells"]["reduction"]["edges"][:2]
+    lonely_node["cells"]["reduction"]["concat"] = [2]  # node 3 has no input and no use: allowed
+    restricted = base()
+    restricted["ops"] = ["zero", "identity", "conv_3x3x3", "sep_dil2_conv_3x3x3", "sep_dil3_conv_3x3x3",
+                         "sep_dil4_conv_3x3x3", "max_pool_3x3x3", "avg_pool_3x3x3"][::-1]
+    minimal = {"format": "scnas-genotype", "version": 1, "nodes": 1, "ops": ["conv_3x3x3"],
+               "cells": {name: {"edges": [{"from": 1, "to": 2, "op": "conv_3x3x3"}], "concat": [2]}
+                         for name in ("encoder_normal", "reduction", "decoder_normal", "expansion")}}
+    defaults = copy.deepcopy(minimal)
+    del defaults["ops"], defaults["nodes"]  # nodes defaults to 4, ops to the paper's eight
+    with_provenance = base()
+    with_provenance["provenance"] = {
+        "scnas_version": "0.1.0", "created": "2026-11-27T10:00:00Z", "epoch": 199, "tool": "another-framework",
+        "search": {"dataset": "Task01_BrainTumour", "fold": 0, "seed": 0, "sampling": "pair"},
+        "probabilities": {"encoder_normal": [{"from": 0, "to": 2, "p": {op: 1 / 8 for op in PAPER_OPS}}]}}
+    return {"base": base(), "reordered": reordered, "dead-node": dead_node, "node-without-input-unused": lonely_node,
+            "restricted-vocabulary": restricted, "minimal": minimal, "defaults": defaults,
+            "with-provenance": with_provenance}
+
+
+def main() -> None:
+    manifest = {"format": "scnas-genotype", "version": 1, "valid": [], "invalid": []}
+    for folder in ("valid", "invalid"):
+        (HERE / folder).mkdir(exist_ok=True)
+        for old in (HERE / folder).iterdir():
+            old.unlink()
+    for name, doc in _valid_cases().items():
+        for suffix in (".yaml", ".json") if name == "base" else (".yaml",):
+            path = HERE / "valid" / f"{name}{suffix}"
+            text = json.dumps(doc, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(doc, sort_keys=False)
+            path.write_text(text)
+            manifest["valid"].append({"file": f"valid/{path.name}", "hash": genotype_hash(genotype_from_data(doc))})
+    for name, (mutation, path, reason, schema_rejects) in INVALID.items():
+        doc = mutate(mutation)
+        (HERE / "invalid" / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        manifest["invalid"].append({"file": f"invalid/{name}.yaml", "path": path, "reason": reason,
+                                    "schema_rejects": schema_rejects})
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

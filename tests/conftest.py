@@ -1,0 +1,53 @@
+"""Shared fixtures: running the CLI in-process and small genotype documents."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from scnas.cli import main
+from scnas.genotype import builtin_genotype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out[-400:]!r}, err={self.err[-400:]!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``scnas ARGS...`` in this process; returns exit code, stdout and stderr."""
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+    return run
+
+
+@pytest.fixture
+def small_doc() -> dict:
+    """A valid 2-node genotype document as plain data, to mutate in tests."""
+    def cell(a: str, b: str, c: str) -> dict:
+        return {"edges": [{"from": 0, "to": 2, "op": a}, {"from": 1, "to": 2, "op": b}, {"from": 2, "to": 3, "op": c}],
+                "concat": [2, 3]}
+    return copy.deepcopy({
+        "format": "scnas-genotype", "version": 1, "nodes": 2,
+        "ops": ["zero", "identity", "conv_3x3x3", "sep_dil2_conv_3x3x3", "sep_dil3_conv_3x3x3",
+                "sep_dil4_conv_3x3x3", "max_pool_3x3x3", "avg_pool_3x3x3"],
+        "cells": {"encoder_normal": cell("conv_3x3x3", "identity", "sep_dil2_conv_3x3x3"),
+                  "reduction": cell("max_pool_3x3x3", "conv_3x3x3", "avg_pool_3x3x3"),
+                  "decoder_normal": cell("sep_dil3_conv_3x3x3", "identity", "conv_3x3x3"),
+                  "expansion": cell("conv_3x3x3", "sep_dil4_conv_3x3x3", "identity")}})
+
+
+@pytest.fixture
+def uresnet():
+    return builtin_genotype("uresnet")

@@ -1,0 +1,123 @@
+"""DARTS strings and the one-line form: parsing as data, mappings, and what cannot be expressed."""
+
+from __future__ import annotations
+
+import pytest
+
+from scnas.errors import GenotypeError
+from scnas.genotype import genotype_hash, parse_genotype, random_genotype
+from scnas.genotype.convert import from_darts, from_oneline, parse_cell_map, parse_op_map, to_darts, to_oneline
+
+DARTS_V2 = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
+            "('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], "
+            "normal_concat=[2, 3, 4, 5], reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+            "('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2), ('skip_connect', 2), "
+            "('max_pool_3x3', 1)], reduce_concat=range(2, 6))")
+
+
+def test_darts_v2_reads_with_an_op_mapping():
+    genotype = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"})
+    assert genotype.nodes == 4
+    normal = genotype.cell("encoder_normal")
+    assert [(e.source, e.op) for e in normal.incoming(5)] == [(0, "identity"), (2, "sep_dil2_conv_3x3x3")]
+    assert genotype.cell("decoder_normal") == normal and genotype.cell("expansion") == genotype.cell("reduction")
+    assert sorted(genotype.cell("reduction").concat) == [2, 3, 4, 5]  # from range(2, 6)
+
+
+def test_darts_op_without_equivalent_names_the_fix():
+    with pytest.raises(GenotypeError, match=r"op 'sep_conv_3x3' has no scnas equivalent; give a mapping such as "
+                                            r"--op-map sep_conv_3x3="):
+        from_darts(DARTS_V2)
+
+
+def test_darts_none_edges_are_dropped():
+    text = ("Genotype(normal=[('none', 0), ('skip_connect', 1)], normal_concat=[2], "
+            "reduce=[('max_pool_3x3', 0), ('skip_connect', 1)], reduce_concat=[2])")
+    genotype = from_darts(text)
+    assert [(e.source, e.op) for e in genotype.cell("encoder_normal").edges] == [(1, "identity")]
+
+
+def test_darts_cell_map_and_positional_fields():
+    text = ("genotype = Genotype([('skip_connect', 0), ('skip_connect', 1)], [2], "
+            "[('max_pool_3x3', 0), ('max_pool_3x3', 1)], [2])")
+    cells = parse_cell_map("normal=encoder_normal,decoder_normal,expansion;reduce=reduction")
+    genotype = from_darts(text, cells=cells)
+    assert genotype.cell("expansion").edges[0].op == "identity"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("__import__('os').system('echo pwned')", "expected one Genotype"),
+    ("Genotype(normal=[('skip_connect', 0)], normal_concat=[2], reduce=[], reduce_concat=[2])", "two (op, input) pairs"),
+    ("Genotype(normal=[('a', 0), ('b', 0)], normal_concat=[2], reduce=[('a', 0), ('b', 1)], reduce_concat=[2], x=1)",
+     "unknown DARTS Genotype field 'x'"),
+    ("Genotype(normal=[('skip_connect', 0), ('max_pool_3x3', 0)], normal_concat=[2], "
+     "reduce=[('skip_connect', 0), ('skip_connect', 1)], reduce_concat=[2])", "takes input 0 twice"),
+    ("Genotype(normal=[(op, 0)], normal_concat=[2], reduce=[], reduce_concat=[2])", "must be a pair"),
+    ("Genotype(normal=[", "not a DARTS Genotype(...) string"),
+    ("Genotype(normal=[('skip_connect', 0), ('skip_connect', 1)], normal_concat=sorted([2]), "
+     "reduce=[('skip_connect', 0), ('skip_connect', 1)], reduce_concat=[2])", "list of integers or range"),
+])
+def test_bad_darts_strings(text, words):
+    with pytest.raises(GenotypeError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        from_darts(text, source="g.darts")
+
+
+def test_darts_export_refuses_what_it_cannot_express(uresnet):
+    with pytest.raises(GenotypeError, match="node 2 of encoder_normal has 1 incoming edge"):
+        to_darts(uresnet)
+    with pytest.raises(GenotypeError, match="encoder_normal and decoder_normal differ"):
+        to_darts(random_genotype(1))
+
+
+def test_darts_round_trip_of_two_cells_is_lossless_for_those_cells():
+    genotype = random_genotype(4)
+    cells = parse_cell_map("normal=encoder_normal;reduce=reduction")
+    back = from_darts(to_darts(genotype, cells=cells))
+    assert back.cell("encoder_normal") == genotype.cell("encoder_normal")
+    assert back.cell("reduction") == genotype.cell("reduction")
+
+
+def test_darts_export_with_foreign_op_names_reads_back():
+    genotype = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"})
+    text = to_darts(genotype, op_map={"sep_conv_3x3": "conv_3x3x3", "skip_connect": "identity",
+                                      "max_pool_3x3": "max_pool_3x3x3", "dil_conv_3x3": "sep_dil2_conv_3x3x3"})
+    assert "'sep_conv_3x3'" in text and "'skip_connect'" in text
+    assert genotype_hash(from_darts(text, op_map={"sep_conv_3x3": "conv_3x3x3"})) == genotype_hash(genotype)
+
+
+def test_op_and_cell_map_syntax_errors():
+    with pytest.raises(GenotypeError, match="is not a scnas op"):
+        parse_op_map("sep_conv_3x3=conv_5x5")
+    with pytest.raises(GenotypeError, match="is not NAME=SCNAS_OP"):
+        parse_op_map("sep_conv_3x3")
+    with pytest.raises(GenotypeError, match="'middle' is not a cell type"):
+        parse_cell_map("normal=middle")
+
+
+def test_oneline_round_trip_and_shape(uresnet):
+    text = to_oneline(uresnet)
+    assert text.startswith("scnas-v1;encoder_normal=|conv_3x3x3~1|+|identity~1|conv_3x3x3~2|+")
+    assert genotype_hash(from_oneline(text)) == genotype_hash(uresnet)
+    assert genotype_hash(parse_genotype(text, "oneline")) == genotype_hash(uresnet)
+
+
+def test_oneline_node_without_input():
+    text = ("scnas-v1;encoder_normal=|identity~1|+||@2;reduction=|identity~1|+||@2;"
+            "decoder_normal=|identity~1|+||@2;expansion=|identity~1|+|identity~0|@2,3")
+    genotype = from_oneline(text)
+    assert genotype.nodes == 2 and genotype.cell("encoder_normal").incoming(3) == []
+    assert to_oneline(genotype) == text
+
+
+@pytest.mark.parametrize("text, words", [
+    ("nasbench;encoder_normal=|identity~1|@2", "must start with 'scnas-v1'"),
+    ("scnas-v1;encoder_normal=|identity~1|@2", "lacks cell(s) reduction"),
+    ("scnas-v1;middle=|identity~1|@2", "is not CELL=..."),
+    ("scnas-v1;encoder_normal=|identity-1|@2", "is not op~input"),
+    ("scnas-v1;encoder_normal=|identity~x|@2", "'x' is not a node number"),
+    ("scnas-v1;encoder_normal=identity~1@2", "must look like |op~input|"),
+    ("scnas-v1;encoder_normal=|identity~1|", "lacks '@CONCAT'"),
+])
+def test_bad_oneline_strings(text, words):
+    with pytest.raises(GenotypeError, match=words.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        from_oneline(text)
