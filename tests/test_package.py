@@ -28,5 +28,6 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
 def test_no_unsafe_loading_in_the_package():
     for path in (ROOT / "scnas").rglob("*.py"):
         text = path.read_text()
-        assert "yaml.load(" not in text and "eval(" not in text.replace("literal_eval(", ""), path
-        assert "pickle" not in text, path
+        assert "yaml.load(" not in text and not re.search(r"(?<![.\w])(eval|exec)\(", text), path
+        assert not re.search(r"^\s*(import|from) (c?pickle|dill|joblib)\b", text, re.M), path
+        assert all("weights_only=True" in call for call in re.findall(r"torch\.load\([^)]*\)", text)), path

@@ -1,0 +1,249 @@
+"""The U-Net assembly: the macro layout of cells, the cell module, and ``build_network``.
+
+Macro layout for depth 3 (12 cells, as in the paper):
+
+    stem -> red -> enc -> red -> enc -> red -> inter(enc) -> exp -> dec -> exp -> dec -> exp -> dec -> out
+    level  0      1      1      2      2      3      3             2      2      1      1      0      0
+
+Every cell takes the outputs of the previous two cells (the first reduction cell takes the
+stem output twice); cells whose output cannot reach the network output are not built. Before a decoder-normal cell at level l uses its previous cell's output,
+that output is summed with the encoder output of level l (the stem output at level 0), per
+the paper's footnote 4. Level-l cells are ``stem_channels * 2**l`` wide, split over the
+``nodes`` intermediate nodes; the cell output concatenates its ``concat`` nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from scnas.build.config import BuildConfig, BuildError
+from scnas.build.ops import ActConvNorm, Conv3d, make_op
+from scnas.genotype import NUM_INPUTS, Cell, Genotype
+
+
+@dataclass(frozen=True)
+class CellSlot:
+    """One cell of the macro layout."""
+
+    name: str        # e.g. "reduction_1", "inter", "decoder_normal_0"
+    cell_type: str   # genotype cell type
+    level: int       # resolution level of the cell's output (0 = input resolution)
+
+
+def macro_layout(depth: int) -> list[CellSlot]:
+    """The cells of a network with ``depth`` down-samplings, in execution order."""
+    slots = []
+    for level in range(1, depth + 1):
+        slots.append(CellSlot(f"reduction_{level}", "reduction", level))
+        name = "inter" if level == depth else f"encoder_normal_{level}"
+        slots.append(CellSlot(name, "encoder_normal", level))
+    for level in range(depth - 1, -1, -1):
+        slots.append(CellSlot(f"expansion_{level}", "expansion", level))
+        slots.append(CellSlot(f"decoder_normal_{level}", "decoder_normal", level))
+    return slots
+
+
+def node_width(config: BuildConfig, nodes: int, level: int) -> int:
+    """Channels of each intermediate node of a level-``level`` cell."""
+    return math.ceil(config.stem_channels * 2 ** level / nodes)
+
+
+class Resample(nn.Module):
+    """Brings a cell input to the cell's working level and node width:
+    LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up."""
+
+    def __init__(self, c_in: int, c_out: int, levels_up: int, config: BuildConfig):
+        super().__init__()
+        slope = config.negative_slope
+        self.scale = 2 ** levels_up if levels_up > 0 else 1
+        if levels_up > 0 and config.upsampling == "transposed":
+            self.act = nn.LeakyReLU(slope)
+            self.conv = nn.ConvTranspose3d(c_in, c_out, self.scale, stride=self.scale, bias=False)
+            self.scale = 1  # the transposed conv does the upsampling
+        else:
+            self.act = nn.LeakyReLU(slope)
+            self.conv = Conv3d(c_in, c_out, 1, stride=2 ** -levels_up if levels_up < 0 else 1, bias=False)
+        self.norm = nn.InstanceNorm3d(c_out, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.act(x))
+        if self.scale > 1:
+            # Upsampling after the 1x1x1 conv equals upsampling before it (both are linear and
+            # act on different axes), but convolves 8x fewer voxels and upsamples fewer channels.
+            x = F.interpolate(x, scale_factor=self.scale, mode="trilinear", align_corners=False)
+        return self.norm(x)
+
+
+class CellModule(nn.Module):
+    """One cell: two inputs resampled to the node width, nodes summing their incoming edges,
+    output the concatenation of the ``concat`` nodes (ascending). Dead nodes (valid but
+    unused) and unused inputs are not built, so every parameter takes part in the output."""
+
+    def __init__(self, cell: Cell, cell_type: str, level: int, inputs: tuple[tuple[int, int], tuple[int, int]],
+                 nodes: int, config: BuildConfig):
+        super().__init__()
+        self.width = node_width(config, nodes, level)
+        # Reduction cells work at the finer level and reduce on the edges leaving their inputs.
+        work_level = level - 1 if cell_type == "reduction" else level
+        live = cell.live_nodes()
+        self.preprocess = nn.ModuleDict()
+        for index, (channels, input_level) in enumerate(inputs):
+            if index in live:
+                self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config)
+        self.edges = nn.ModuleDict()
+        self.plan: list[tuple[int, list[int]]] = []
+        for node in range(NUM_INPUTS, NUM_INPUTS + nodes):
+            if node not in live:
+                continue
+            sources = []
+            for edge in cell.incoming(node):
+                stride = 2 if cell_type == "reduction" and edge.source < NUM_INPUTS else 1
+                self.edges[f"{edge.source}_{node}"] = make_op(edge.op, self.width, self.width, stride,
+                                                              config.negative_slope)
+                sources.append(edge.source)
+            self.plan.append((node, sources))
+        self.concat = sorted(cell.concat)
+        self.out_channels = self.width * len(self.concat)
+
+    def forward(self, s0: torch.Tensor | None, s1: torch.Tensor | None) -> torch.Tensor:
+        states: dict[int, torch.Tensor] = {}
+        for index, x in ((0, s0), (1, s1)):
+            if str(index) in self.preprocess:
+                states[index] = self.preprocess[str(index)](x)
+        for node, sources in self.plan:
+            total = self.edges[f"{sources[0]}_{node}"](states[sources[0]])
+            for source in sources[1:]:
+                total = total + self.edges[f"{source}_{node}"](states[source])
+            states[node] = total
+        return torch.cat([states[n] for n in self.concat], dim=1)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where a cell's inputs come from, as indices into the list of outputs (0 = stem,
+    k + 1 = cell k): c_{k-2}, c_{k-1} and, for decoder-normal cells, the encoder skip."""
+
+    inputs: tuple[int, int]
+    skip: int | None
+
+
+def macro_wiring(layout: list[CellSlot]) -> list[Wiring]:
+    """The inputs of every cell of ``layout``."""
+    encoder_output = {0: 0}
+    wiring = []
+    for k, slot in enumerate(layout):
+        skip = encoder_output[slot.level] if slot.cell_type == "decoder_normal" else None
+        wiring.append(Wiring((max(k - 1, 0), k), skip))
+        if slot.cell_type == "encoder_normal":
+            encoder_output[slot.level] = k + 1
+    return wiring
+
+
+def live_cells(genotype: Genotype, layout: list[CellSlot], wiring: list[Wiring]) -> set[int]:
+    """Indices of the cells whose output reaches the network output. A genotype whose cells
+    ignore an input can leave whole cells unused (e.g. a decoder cell that only reads
+    c_{k-2} never sees the expansion cell before it); those are not built."""
+    needed = {len(layout)}
+    for k in range(len(layout) - 1, -1, -1):
+        if k + 1 not in needed:
+            continue
+        uses = genotype.cell(layout[k].cell_type).live_nodes()
+        for index in (0, 1):
+            if index in uses:
+                needed.add(wiring[k].inputs[index])
+        if 1 in uses and wiring[k].skip is not None:
+            needed.add(wiring[k].skip)
+    return {k for k in range(len(layout)) if k + 1 in needed}
+
+
+class SCNASUNet(nn.Module):
+    """A 3D U-Net whose cells follow a genotype. Input (B, in_channels, D, H, W) with D, H, W
+    multiples of 2**depth; output logits (B, num_classes, D, H, W).
+
+    ``cells`` maps slot names (``reduction_1``, ``inter``, ...) to cell modules; slots whose
+    output cannot reach the network output are absent."""
+
+    def __init__(self, genotype: Genotype, config: BuildConfig):
+        super().__init__()
+        self.genotype, self.config = genotype, config
+        self.layout = macro_layout(config.depth)
+        self.wiring = macro_wiring(self.layout)
+        live = live_cells(genotype, self.layout, self.wiring)
+        slope = config.negative_slope
+        self.stem = nn.Sequential(Conv3d(config.in_channels, config.stem_channels, 3, padding=1, bias=False),
+                                  nn.InstanceNorm3d(config.stem_channels, affine=True))
+        shapes = [(config.stem_channels, 0)]                  # (channels, level) of every output
+        self.cells = nn.ModuleDict()
+        self.skips = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for k, (slot, wiring) in enumerate(zip(self.layout, self.wiring)):
+            cell_genotype = genotype.cell(slot.cell_type)
+            width = node_width(config, genotype.nodes, slot.level)
+            shapes.append((width * len(cell_genotype.concat), slot.level))
+            if k not in live:
+                continue
+            inputs = (shapes[wiring.inputs[0]], shapes[wiring.inputs[1]])
+            cell = CellModule(cell_genotype, slot.cell_type, slot.level, inputs, genotype.nodes, config)
+            self.cells[slot.name] = cell
+            if wiring.skip is not None and "1" in cell.preprocess:
+                skip_channels, current_channels = shapes[wiring.skip][0], inputs[1][0]
+                if skip_channels != current_channels:
+                    self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, 1, slope)
+            if config.deep_supervision and slot.cell_type == "decoder_normal" and slot.level > 0:
+                self.heads[slot.name] = nn.Conv3d(cell.out_channels, config.num_classes, 1)
+        self.out_channels = [channels for channels, _ in shapes[1:]]
+        self.out = nn.Conv3d(shapes[-1][0], config.num_classes, 1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``BuildError`` for an input this network cannot take."""
+        if x.dim() != 5:
+            raise BuildError(f"input must be (batch, channels, D, H, W); got {x.dim()} dimensions {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise BuildError(f"input has {x.shape[1]} channels; this network was built for "
+                             f"{self.config.in_channels} (in_channels)")
+        check_spatial_size(tuple(x.shape[2:]), self.config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+        outputs: list[torch.Tensor | None] = [self.stem(x)]
+        auxiliary = []
+        for slot, wiring in zip(self.layout, self.wiring):
+            if slot.name not in self.cells:
+                outputs.append(None)
+                continue
+            cell = self.cells[slot.name]
+            previous, current = outputs[wiring.inputs[0]], outputs[wiring.inputs[1]]
+            if wiring.skip is not None and "1" in cell.preprocess:
+                skip = outputs[wiring.skip]
+                current = current + (self.skips[slot.name](skip) if slot.name in self.skips else skip)
+            output = cell(previous, current)
+            outputs.append(output)
+            if slot.name in self.heads and self.training:
+                auxiliary.append(self.heads[slot.name](output))
+        logits = self.out(outputs[-1])
+        if auxiliary:
+            return [logits, *reversed(auxiliary)]
+        return logits
+
+
+def check_spatial_size(size: tuple[int, ...], config: BuildConfig) -> None:
+    """Raise ``BuildError`` unless every spatial size is a positive multiple of 2**depth."""
+    if len(size) != 3:
+        raise BuildError(f"a patch has three spatial sizes (D, H, W); got {len(size)}: {size}")
+    divisor = config.divisor
+    for axis, n in zip("DHW", size):
+        if n <= 0 or n % divisor:
+            fit = max(divisor, round(n / divisor) * divisor)
+            raise BuildError(f"spatial size {tuple(size)}: {axis}={n} is not a multiple of 2**depth = {divisor} "
+                             f"(depth {config.depth}); pad or crop to a multiple, e.g. {fit}")
+
+
+def build_network(genotype: Genotype, config: BuildConfig | None = None) -> SCNASUNet:
+    """The one door from a genotype to a network: a plain ``torch.nn.Module``."""
+    return SCNASUNet(genotype, config or BuildConfig())

@@ -1,0 +1,159 @@
+"""The operations of the vocabulary as 3D modules, keyed by their vocabulary name.
+
+Each constructor takes (c_in, c_out, stride, negative_slope) and returns a module mapping
+(B, c_in, D, H, W) to (B, c_out, D/stride, H/stride, W/stride). Convolutions are
+LeakyReLU-Conv-InstanceNorm as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from scnas.genotype.ops import OPS
+
+
+ROUTE_BATCH1_TO_ONEDNN = True
+"""Send the batch-1 convolutions that torch would run on its slow fallback to oneDNN (see
+:class:`Conv3d`). A switch so that benchmarks can measure what it buys."""
+
+_ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() \
+        or torch.onnx.is_in_onnx_export()
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that works around a CPU dispatch heuristic of torch.
+
+    torch runs a float32 CPU convolution with oneDNN only if batch > 1 or N*C*D*H > 20480 (a
+    2D-era rule that ignores the last axis of a 3D input); otherwise it uses ``slow_conv3d``,
+    5-10x slower for 3x3x3 kernels. This class sends exactly those convolutions (batch 1, not
+    grouped, kernel larger than 1) to oneDNN directly: same arithmetic up to float rounding,
+    same gradients. It never does so while exporting, tracing or compiling, on other devices
+    or dtypes, or where the oneDNN op is missing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ROUTE_BATCH1_TO_ONEDNN and _ONEDNN_CONV is not None and x.dim() == 5 and x.shape[0] == 1
+                and self.groups == 1 and self.kernel_size != (1, 1, 1) and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.padding_mode == "zeros"
+                and x.shape[1] * x.shape[2] * x.shape[3] <= 20480 and not _tracing()):
+            return _ONEDNN_CONV(x, self.weight, self.bias, list(self.padding), list(self.stride),
+                                list(self.dilation), self.groups)
+        return super().forward(x)
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, affine=True)
+
+
+class ActConvNorm(nn.Sequential):
+    """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, negative_slope: float, dilation: int = 1):
+        super().__init__(
+            nn.LeakyReLU(negative_slope),
+            Conv3d(c_in, c_out, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+            _norm(c_out),
+        )
+
+
+class SeparableDilatedConv(nn.Sequential):
+    """LeakyReLU, depthwise dilated 3x3x3 conv, pointwise 1x1x1 conv, InstanceNorm."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, negative_slope: float, dilation: int):
+        super().__init__(
+            nn.LeakyReLU(negative_slope),
+            Conv3d(c_in, c_in, 3, stride=stride, padding=dilation, dilation=dilation, groups=c_in, bias=False),
+            Conv3d(c_in, c_out, 1, bias=False),
+            _norm(c_out),
+        )
+
+
+class MaxPool3x3x3(nn.Module):
+    """3x3x3 max pooling, padding 1; exactly ``nn.MaxPool3d(3, stride, 1)``.
+
+    Computed in the channels-last-3d layout, where torch's CPU kernel is 1.5-7x faster
+    (benchmarks/build_bench.py), and returned contiguous. In training at stride 2 the
+    backward of that layout is slower than the plain one, so it is used only without grad."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 or not torch.is_grad_enabled():
+            pooled = F.max_pool3d(x.contiguous(memory_format=torch.channels_last_3d), 3, self.stride, 1)
+            return pooled.contiguous()
+        return F.max_pool3d(x, 3, self.stride, 1)
+
+
+class AvgPool3x3x3(nn.Module):
+    """3x3x3 average pooling, padding 1, padding not counted; equal (to float rounding) to
+    ``nn.AvgPool3d(3, stride, 1, count_include_pad=False)``.
+
+    Pads with zeros explicitly and divides by the share of real voxels, because torch's
+    avg_pool3d refuses inputs smaller than the kernel (a 2-voxel axis at the deepest level)
+    even when the padding would cover them."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        box_mean = F.avg_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1)), 3, self.stride)
+        real = F.avg_pool3d(F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1)), 3, self.stride)
+        return box_mean / real
+
+
+class Zero(nn.Module):
+    """No connection: zeros of the output shape (used only by search supernets)."""
+
+    def __init__(self, c_out: int, stride: int):
+        super().__init__()
+        self.c_out, self.stride = c_out, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        x = x[:, :1, ::s, ::s, ::s] * 0.0
+        return x.expand(-1, self.c_out, -1, -1, -1)
+
+
+def _with_width(module: nn.Module, c_in: int, c_out: int, negative_slope: float) -> nn.Module:
+    # Parameter-free ops keep the width; a 1x1x1 projection follows where the edge changes it.
+    if c_in == c_out:
+        return module
+    return nn.Sequential(module, ActConvNorm(c_in, c_out, 1, 1, negative_slope))
+
+
+def _identity(c_in: int, c_out: int, stride: int, slope: float) -> nn.Module:
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return ActConvNorm(c_in, c_out, 1, stride, slope)  # strided/projected skip, as DARTS's FactorizedReduce
+
+
+OpBuilder = Callable[[int, int, int, float], nn.Module]
+
+OP_BUILDERS: dict[str, OpBuilder] = {
+    "zero": lambda c_in, c_out, stride, slope: Zero(c_out, stride),
+    "identity": _identity,
+    "conv_3x3x3": lambda c_in, c_out, stride, slope: ActConvNorm(c_in, c_out, 3, stride, slope),
+    "sep_dil2_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 2),
+    "sep_dil3_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 3),
+    "sep_dil4_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 4),
+    "max_pool_3x3x3": lambda c_in, c_out, stride, slope: _with_width(MaxPool3x3x3(stride), c_in, c_out, slope),
+    "avg_pool_3x3x3": lambda c_in, c_out, stride, slope: _with_width(AvgPool3x3x3(stride), c_in, c_out, slope),
+}
+"""Vocabulary name -> module constructor. Must cover ``scnas.genotype.ops.OPS`` exactly."""
+
+assert set(OP_BUILDERS) == set(OPS), "scnas.build.ops and scnas.genotype.ops disagree"
+
+
+def make_op(name: str, c_in: int, c_out: int, stride: int = 1, negative_slope: float = 0.01) -> nn.Module:
+    """The module for vocabulary op ``name``."""
+    return OP_BUILDERS[name](c_in, c_out, stride, negative_slope)

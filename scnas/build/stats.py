@@ -1,0 +1,165 @@
+"""Size and cost of a built network: parameters, MACs/FLOPs and activation memory.
+
+Everything runs on PyTorch's ``meta`` device (shapes only, no arithmetic), so the numbers of
+a stem-68 network at 4x128x128x128 come in a second or two. FLOPs are counted by
+``torch.utils.flop_counter`` and cover convolutions (grouped ones correctly); a
+multiply-add counts as 2 FLOPs and 1 MAC. Norms, activations, pooling, upsampling and
+additions are not counted (they are a few percent of the convolution cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from scnas.build.config import BuildConfig
+from scnas.build.network import CellModule, Resample, SCNASUNet, build_network, check_spatial_size, node_width
+from scnas.genotype import Genotype, short_hash
+
+FLOP_NOTE = ("FLOPs = 2 x MACs of all convolutions (torch.utils.flop_counter); norms, activations, pooling, "
+             "upsampling and additions not counted")
+MEMORY_NOTE = ("activation estimate in float32: training keeps every module output for backward; inference "
+               "holds the largest cell's tensors plus the encoder outputs waiting for the decoder")
+
+
+@dataclass
+class CellStats:
+    name: str
+    cell_type: str
+    level: int
+    node_width: int
+    out_channels: int
+    used: bool             # False: the output cannot reach the network output, so it is not built
+    params: int
+    macs: int
+    activation_bytes: int
+
+
+@dataclass
+class LevelStats:
+    level: int
+    resolution: tuple[int, int, int]
+    channels: int          # nominal cell width stem * 2**level
+    node_width: int
+    params: int = 0
+    macs: int = 0
+    activation_bytes: int = 0
+    cells: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NetworkStats:
+    genotype_hash: str
+    config: dict[str, Any]
+    patch: tuple[int, int, int]
+    batch: int
+    params: int
+    macs: int
+    flops: int
+    train_activation_bytes: int
+    inference_activation_bytes: int
+    levels: list[LevelStats]
+    cells: list[CellStats]
+    flop_note: str = FLOP_NOTE
+    memory_note: str = MEMORY_NOTE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _activation_recorder(model: nn.Module, sizes: dict[str, int]) -> list[Any]:
+    """Forward hooks adding each module's output size (elements) under its top-level owner."""
+    handles = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        owner = ".".join(parts[:2]) if parts[0] in ("cells", "skips", "heads") else parts[0]
+        counts = len(list(module.children())) == 0 or isinstance(module, CellModule)
+
+        def hook(mod, inputs, output, owner=owner, counts=counts):
+            if counts and isinstance(output, torch.Tensor):
+                sizes[owner] = sizes.get(owner, 0) + output.numel()
+            if isinstance(mod, Resample) and mod.scale > 1:  # the interpolated tensor is not a module output
+                sizes[owner] = sizes.get(owner, 0) + inputs[0].numel() * mod.scale ** 3
+        if name:
+            handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def network_stats(genotype: Genotype, config: BuildConfig, patch: tuple[int, int, int] = (128, 128, 128),
+                  batch: int = 1) -> NetworkStats:
+    """Parameters, MACs/FLOPs and activation memory of ``build_network(genotype, config)`` for
+    inputs of shape (batch, in_channels, *patch)."""
+    patch = tuple(int(n) for n in patch)
+    check_spatial_size(patch, config)
+    with torch.device("meta"):
+        model: SCNASUNet = build_network(genotype, config)
+    model.train()
+    sizes: dict[str, int] = {}
+    handles = _activation_recorder(model, sizes)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(torch.empty(batch, config.in_channels, *patch, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_module = {key.split(".", 1)[1]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()
+                  if key.count(".") in (1, 2) and key != "Global"}
+    flops = counter.get_total_flops()
+    bytes_per = 4
+
+    def level_resolution(level: int) -> tuple[int, int, int]:
+        return tuple(n // 2 ** level for n in patch)  # type: ignore[return-value]
+
+    levels = {lv: LevelStats(lv, level_resolution(lv), config.stem_channels * 2 ** lv,
+                             node_width(config, genotype.nodes, lv)) for lv in range(config.depth + 1)}
+    cells = []
+    slot_level = {slot.name: slot.level for slot in model.layout}
+    for slot, channels in zip(model.layout, model.out_channels):
+        key = f"cells.{slot.name}"
+        cell = model.cells[slot.name] if slot.name in model.cells else None
+        stats = CellStats(slot.name, slot.cell_type, slot.level, node_width(config, genotype.nodes, slot.level),
+                          channels, cell is not None, _count_params(cell) if cell is not None else 0,
+                          per_module.get(key, 0) // 2, sizes.get(key, 0) * bytes_per)
+        cells.append(stats)
+        level = levels[slot.level]
+        level.cells.append(slot.name)
+        level.params += stats.params
+        level.macs += stats.macs
+        level.activation_bytes += stats.activation_bytes
+    for name, module in [("stem", model.stem), ("out", model.out)]:
+        levels[0].params += _count_params(module)
+        levels[0].macs += per_module.get(name, 0) // 2
+        levels[0].activation_bytes += sizes.get(name, 0) * bytes_per
+    for group in ("skips", "heads"):
+        for slot_name, module in getattr(model, group).items():
+            key = f"{group}.{slot_name}"
+            level = levels[slot_level[slot_name]]
+            level.params += _count_params(module)
+            level.macs += per_module.get(key, 0) // 2
+            level.activation_bytes += sizes.get(key, 0) * bytes_per
+    train_bytes = (sum(sizes.values()) + batch * config.in_channels * _voxels(patch)) * bytes_per
+    # Encoder outputs (stem included) stay alive until their decoder cell; the peak is reached
+    # inside some cell, on top of those and of the cell's two inputs.
+    held = batch * config.stem_channels * _voxels(patch)
+    held += sum(batch * c.out_channels * _voxels(level_resolution(c.level))
+                for c in cells if c.cell_type == "encoder_normal" and c.level < config.depth and c.used)
+    largest_cell = max(c.activation_bytes for c in cells)
+    inference_bytes = held * bytes_per + largest_cell
+    return NetworkStats(short_hash(genotype), config.model_dump(), patch, batch, _count_params(model), flops // 2,
+                        flops, train_bytes, inference_bytes, [levels[lv] for lv in sorted(levels)], cells)
+
+
+def _voxels(size: tuple[int, ...]) -> int:
+    total = 1
+    for n in size:
+        total *= n
+    return total
