@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,8 +11,8 @@ from rich.table import Table
 from scnas.cli.main import app, stdout
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
-from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, OPS, builtin_genotype, diff as genotype_diff, dumps_genotype,
-                            load_genotype, random_genotype, read_genotype, short_hash, write_genotype)
+from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,
+                            random_genotype, short_hash, write_genotype)
 from scnas.genotype.convert import parse_cell_map, parse_op_map
 from scnas.genotype.io import FORMATS
 from scnas.genotype.schema import json_schema_text
@@ -115,13 +114,8 @@ def convert(
     as data (never evaluated); 'none' edges are dropped.
     """
     options = {"op_map": parse_op_map(op_map), "cells": parse_cell_map(darts_cells)}
-    reading = options if (from_format == "darts" or source.endswith(".darts")) else {}
-    if source != "-" and not Path(source).exists() and source in BUILTIN_NAMES:
-        genotype = builtin_genotype(source)
-    else:
-        genotype = read_genotype(source, from_format, **reading)
-    writing = options if (to_format == "darts" or target.endswith(".darts")) else {}
-    write_genotype(genotype, target, to_format, **writing)
+    genotype = load_genotype(source, from_format, **options)
+    write_genotype(genotype, target, to_format, **options)
     if target != "-":
         stdout.out(f"wrote {target} (hash {short_hash(genotype)})")
 
@@ -188,5 +182,3 @@ def genotype_ops() -> None:
         table.add_row(spec.name, spec.family, "yes" if spec.parametric else "no", spec.description)
     stdout.print(table)
 
-
-__all__ = ["genotype_app", "dumps_genotype"]

@@ -155,7 +155,8 @@ def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
 
 
 def parse_genotype(text: str, fmt: str, source: str | None = None, **options: Any) -> Genotype:
-    """Parse genotype text of a known format; ``options`` go to the DARTS reader."""
+    """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``) go to the
+    DARTS reader and are ignored by the others."""
     from scnas.genotype import convert  # convert builds on this module's validation
 
     if not text.strip():
@@ -187,17 +188,18 @@ def read_genotype(path: str | os.PathLike, fmt: str | None = None, **options: An
     return parse_genotype(text, fmt, source, **options)
 
 
-def load_genotype(spec: str | os.PathLike) -> Genotype:
-    """A genotype from a file path or, when no such file exists, a built-in name."""
+def load_genotype(spec: str | os.PathLike, fmt: str | None = None, **options: Any) -> Genotype:
+    """A genotype from a file path or, when no such file exists, a built-in name. ``fmt`` and
+    ``options`` are as for :func:`read_genotype`."""
     from scnas.genotype.builtin import BUILTIN_NAMES, builtin_genotype
 
     text = str(spec)
     if text == STDIO or Path(text).exists():
-        return read_genotype(spec)
+        return read_genotype(spec, fmt, **options)
     if text in BUILTIN_NAMES:
         return builtin_genotype(text)
     if Path(text).suffix.lower() in SUFFIXES or os.sep in text:
-        return read_genotype(spec)  # reports the missing file
+        return read_genotype(spec, fmt, **options)  # reports the missing file
     raise GenotypeError(f"no such file, and no built-in genotype of that name (built-ins: {', '.join(BUILTIN_NAMES)})",
                         source=text)
 
@@ -233,7 +235,8 @@ def _yaml_layout(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps_genotype(genotype: Genotype, fmt: str = "yaml", **options: Any) -> str:
-    """The genotype as text (edges in canonical order); ``options`` go to the DARTS writer."""
+    """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``) go
+    to the DARTS writer and are ignored by the others."""
     from scnas.genotype import convert
 
     data = normalized(genotype).to_dict()
