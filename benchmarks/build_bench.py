@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from common import median_time
 from scnas.build import BuildConfig, build_network, network_stats
 from scnas.build import ops as ops_module
 from scnas.build.ops import AvgPool3x3x3, MaxPool3x3x3
@@ -27,15 +26,6 @@ from scnas.genotype import builtin_genotype, random_genotype, short_hash
 
 console = Console()
 
-
-def median_time(function, repeat: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_networks(genotypes: dict, stems: list[int], size: int, repeat: int) -> list[dict]:

@@ -16,6 +16,26 @@ from scnas.errors import OutputError, ScnasError
 STDIO = "-"
 
 
+def check_input_file(path: str | os.PathLike, error: type[ScnasError]) -> None:
+    """Raise ``error`` naming the file when it is missing or a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise error("no such file", source=str(path))
+    if p.is_dir():
+        raise error("is a directory, not a file", source=str(path))
+
+
+def _output_folder(path: str | os.PathLike) -> Path:
+    """The folder an output goes to, after checking that it exists and ``path`` is no folder."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"folder {str(folder)!r} does not exist", source=str(path))
+    if target.is_dir():
+        raise OutputError("is a directory; give a file name", source=str(path))
+    return folder
+
+
 def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[ScnasError]) -> bytes:
     """Read a whole file (or stdin for ``-``), refusing anything larger than ``limit`` bytes.
 
@@ -25,11 +45,8 @@ def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[ScnasErr
     if name == STDIO:
         data = sys.stdin.buffer.read(limit + 1)
     else:
+        check_input_file(path, error)
         p = Path(path)
-        if not p.exists():
-            raise error("no such file", source=name)
-        if p.is_dir():
-            raise error("is a directory, not a file", source=name)
         try:
             size = p.stat().st_size
             if size > limit:
@@ -45,6 +62,21 @@ def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[ScnasErr
     return data
 
 
+def ensure_writable(path: str | os.PathLike) -> None:
+    """Fail early, before slow work, when ``path`` cannot be written (missing or read-only
+    folder, a folder in the way). Probes by creating and removing a temporary file."""
+    name = str(path)
+    if name == STDIO:
+        return
+    folder = _output_folder(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {str(folder)!r}: {exc.strerror or exc}", source=name) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename (``-`` writes to stdout)."""
     name = str(path)
@@ -53,11 +85,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         sys.stdout.flush()
         return
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"folder {str(folder)!r} does not exist", source=name)
-    if target.is_dir():
-        raise OutputError("is a directory; give a file name", source=name)
+    folder = _output_folder(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:

@@ -17,8 +17,8 @@ from safetensors.torch import save as safetensors_save
 from scnas import __version__
 from scnas.build.config import BuildConfig
 from scnas.build.network import SCNASUNet, build_network
-from scnas.errors import GenotypeError, ScnasError
-from scnas.fileio import atomic_write_bytes
+from scnas.errors import ScnasError
+from scnas.fileio import atomic_write_bytes, check_input_file
 from scnas.genotype import Genotype, genotype_from_data, genotype_hash
 
 MODEL_FORMAT = "scnas-model"
@@ -40,54 +40,59 @@ class ModelInfo:
     metadata: dict[str, str]
 
 
-def save_model(model: SCNASUNet, path: str | os.PathLike, preprocessing: dict[str, Any] | None = None,
-               extra: dict[str, str] | None = None) -> None:
-    """Write ``model``'s weights and its description to ``path`` atomically."""
+def model_metadata(model: SCNASUNet, preprocessing: dict[str, Any] | None = None,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The description every model file carries (safetensors header, ONNX metadata_props)."""
     genotype: Genotype = model.genotype
-    metadata = {
+    return {
         "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "scnas_version": __version__,
         "genotype": json.dumps(genotype.to_dict(), sort_keys=True), "genotype_hash": genotype_hash(genotype),
         "build_config": model.config.model_dump_json(),
         **({"preprocessing": json.dumps(preprocessing, sort_keys=True)} if preprocessing is not None else {}),
         **(extra or {}),
     }
+
+
+def save_model(model: SCNASUNet, path: str | os.PathLike, preprocessing: dict[str, Any] | None = None,
+               extra: dict[str, str] | None = None) -> None:
+    """Write ``model``'s weights and its description to ``path`` atomically."""
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-    atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=model_metadata(model, preprocessing, extra)))
 
 
 def _open(path: str | os.PathLike):
     name = str(path)
-    if not os.path.exists(name):
-        raise ModelFileError("no such file", source=name)
-    if os.path.isdir(name):
-        raise ModelFileError("is a directory, not a model file", source=name)
+    check_input_file(path, ModelFileError)
     try:
         return safe_open(name, framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"not a safetensors model file ({exc})", source=name) from None
 
 
-def read_model_info(path: str | os.PathLike) -> ModelInfo:
-    """The genotype, build config and preprocessing stored in a model file (weights not read)."""
-    name = str(path)
-    with _open(path) as handle:
-        metadata = handle.metadata() or {}
+def model_info_from_metadata(metadata: dict[str, str], source: str) -> ModelInfo:
+    """Parse the description written by :func:`model_metadata` (from any kind of model file)."""
     if metadata.get("format") != MODEL_FORMAT:
-        raise ModelFileError("has no scnas metadata (was it written by 'scnas build -o' or 'scnas train'?)", source=name)
+        raise ModelFileError("has no scnas metadata (was it written by 'scnas build -o', 'scnas train' or "
+                             "'scnas export-onnx'?)", source=source)
     if metadata.get("format_version") != MODEL_FORMAT_VERSION:
         raise ModelFileError(f"model format version {metadata.get('format_version')!r} is not one this scnas reads "
-                             f"({MODEL_FORMAT_VERSION})", source=name)
+                             f"({MODEL_FORMAT_VERSION})", source=source)
     try:
-        genotype = genotype_from_data(json.loads(metadata["genotype"]), source=f"{name} [genotype]")
+        genotype = genotype_from_data(json.loads(metadata["genotype"]), source=f"{source} [genotype]")
         config = BuildConfig.model_validate_json(metadata["build_config"])
         preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
     except KeyError as exc:
-        raise ModelFileError(f"metadata lacks {exc.args[0]!r}", source=name) from None
+        raise ModelFileError(f"metadata lacks {exc.args[0]!r}", source=source) from None
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise ModelFileError(f"metadata is damaged: {str(exc).splitlines()[0]}", source=name) from None
-    except GenotypeError:
-        raise
-    return ModelInfo(genotype, config, metadata.get("scnas_version", "?"), preprocessing, metadata)
+        raise ModelFileError(f"metadata is damaged: {str(exc).splitlines()[0]}", source=source) from None
+    return ModelInfo(genotype, config, metadata.get("scnas_version", "?"), preprocessing, dict(metadata))
+
+
+def read_model_info(path: str | os.PathLike) -> ModelInfo:
+    """The genotype, build config and preprocessing stored in a model file (weights not read)."""
+    with _open(path) as handle:
+        metadata = handle.metadata() or {}
+    return model_info_from_metadata(metadata, str(path))
 
 
 def load_weights(model: SCNASUNet, path: str | os.PathLike) -> None:

@@ -87,7 +87,7 @@ class MaxPool3x3x3(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1 or not torch.is_grad_enabled():
+        if (self.stride == 1 or not torch.is_grad_enabled()) and not _tracing():
             pooled = F.max_pool3d(x.contiguous(memory_format=torch.channels_last_3d), 3, self.stride, 1)
             return pooled.contiguous()
         return F.max_pool3d(x, 3, self.stride, 1)

@@ -1,0 +1,125 @@
+"""``scnas export-onnx``, ``scnas info`` and ``scnas draw``: what leaves scnas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from scnas.cli.main import app, stdout
+
+MODEL_SUFFIXES = (".safetensors", ".onnx")
+
+
+def _is_model_file(spec: str) -> bool:
+    return spec.lower().endswith(MODEL_SUFFIXES)
+
+
+@app.command("export-onnx")
+def export_onnx_command(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="A model file (.safetensors), or a genotype (file or "
+                                                                "built-in name) with the build options below "
+                                                                "for an untrained export."),
+    output: str = typer.Option(..., "-o", "--output", help="The .onnx file to write (one self-contained file)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Convert the verified graph to float16 inside (inputs and outputs "
+                                                    "stay float32) for GPU inference; checked for precision."),
+    provider: str = typer.Option("cpu", "--provider", help="Verify on this onnxruntime execution provider: "
+                                                           "cpu, cuda or tensorrt."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime against PyTorch."),
+    stem: int = typer.Option(68, "--stem", min=1, help="For a genotype: stem channels."),
+    in_channels: int = typer.Option(4, "--in-channels", min=1, help="For a genotype: input channels."),
+    classes: int = typer.Option(3, "--classes", min=1, help="For a genotype: output channels."),
+    depth: int = typer.Option(3, "--depth", min=1, max=8, help="For a genotype: down-samplings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export a network to ONNX with dynamic batch and spatial axes, and verify it.
+
+    The genotype, build settings and preprocessing travel in the ONNX metadata, so the file
+    alone is enough to predict. Verification: onnx.checker, then onnxruntime against PyTorch
+    at two input shapes; the file is written only if max|onnx - torch| <= 1e-4 + 1e-3 x
+    max|torch|. With --fp16, the float16 graph must also keep >= 95% of voxel labels and stay
+    within 0.25 x max|torch| (untrained networks are poorly conditioned in half precision).
+    Exit 1 otherwise.
+    """
+    from scnas.build import BuildConfig, build_network, load_model, read_model_info
+    from scnas.export import export_onnx
+    from scnas.genotype import load_genotype
+
+    if _is_model_file(model_path):
+        if model_path.lower().endswith(".onnx"):
+            from scnas.export import ExportError
+            raise ExportError("is already an ONNX file; export from the .safetensors model file", source=model_path)
+        model, preprocessing = load_model(model_path), read_model_info(model_path).preprocessing
+    else:
+        config = BuildConfig(stem_channels=stem, in_channels=in_channels, num_classes=classes, depth=depth)
+        model, preprocessing = build_network(load_genotype(model_path), config), None
+    report = export_onnx(model, output, preprocessing=preprocessing, fp16=fp16, verify=verify, provider=provider)
+    if as_json:
+        stdout.out(json.dumps(report.to_dict(), indent=2))
+        return
+    stdout.out(f"exported in {report.export_seconds:.1f} s: {output} ({report.file_bytes / 2**20:.1f} MiB, opset "
+               f"{report.opset}, {report.dtype})")
+    for check in report.checks:
+        stdout.out(f"  onnxruntime {report.provider} {check.dtype} vs torch float32 at {'x'.join(map(str, check.shape))}: "
+                   f"max abs {check.max_abs:.2e}, max rel {check.max_rel:.2e}, labels agree {check.label_agreement:.2%}"
+                   f"  {'ok' if check.passed else 'FAILED'}")
+    if not verify:
+        stdout.out("  not verified (--no-verify)")
+
+
+@app.command()
+def info(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="A .safetensors model file or an .onnx file."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Print what a model file says about itself: genotype, build settings, preprocessing."""
+    from scnas.export import read_any_model_info
+    from scnas.genotype import short_hash
+
+    model = read_any_model_info(model_path)
+    data = {"file": model_path, "scnas_version": model.scnas_version, "genotype_hash": short_hash(model.genotype),
+            "nodes": model.genotype.nodes, "build_config": model.config.model_dump(),
+            "preprocessing": model.preprocessing, "dtype": model.metadata.get("dtype", "float32")}
+    if as_json:
+        stdout.out(json.dumps({**data, "genotype": model.genotype.to_dict()}, indent=2))
+        return
+    for key, value in data.items():
+        stdout.out(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@app.command()
+def draw(
+    source: str = typer.Argument(..., metavar="GENOTYPE|MODEL", help="A genotype (file or built-in name) or a model "
+                                                                     "file (.safetensors, .onnx)."),
+    output: str = typer.Option(..., "-o", "--output", help="cells.svg, .png, .pdf or .dot (.dot needs no Graphviz)."),
+    cell: Optional[str] = typer.Option(None, "--cell", help="Draw only this cell (encoder_normal, reduction, "
+                                                            "decoder_normal, expansion)."),
+    alpha: bool = typer.Option(False, "--alpha", help="Draw every candidate edge with strength softmax(alpha), from "
+                                                      "the probabilities a searched genotype carries."),
+    network: bool = typer.Option(False, "--network", help="Draw the whole U-Net instead of the cells."),
+    stem: int = typer.Option(68, "--stem", min=1, help="With --network and a genotype: stem channels."),
+    depth: int = typer.Option(3, "--depth", min=1, max=8, help="With --network and a genotype: down-samplings."),
+) -> None:
+    """Draw the cells of a genotype as in the paper's Figure 2, or the whole network (Figure 1).
+
+    Cells: inputs c_{k-2} and c_{k-1}, the intermediate nodes, the output c_{k}; edges labelled
+    with their operation and coloured by family (convolutions blue, pooling green, identity
+    grey); dead nodes dashed.
+    """
+    from scnas.export import cells_graph, network_graph, read_any_model_info, write_drawing
+    from scnas.genotype import load_genotype
+
+    if _is_model_file(source):
+        model = read_any_model_info(source)
+        genotype, config = model.genotype, model.config
+    else:
+        from scnas.build import BuildConfig
+        genotype, config = load_genotype(source), BuildConfig(stem_channels=stem, depth=depth)
+    if network:
+        graph = network_graph(genotype, config)
+    else:
+        graph = cells_graph(genotype, [cell] if cell else None, alpha=alpha, title=f"{Path(source).name}")
+    write_drawing(graph, output)
+    stdout.out(f"wrote {output}")
