@@ -1,0 +1,226 @@
+"""Medical Segmentation Decathlon task folders: ``dataset.json`` in the MSD v1 and the
+nnU-Net v2 flavour, and the NIfTI images and labels they reference.
+
+MSD v1: ``modality`` {"0": "FLAIR", ...}, ``labels`` {"0": "background", ...}, ``training`` a
+list of {"image": "./imagesTr/X.nii.gz", "label": "./labelsTr/X.nii.gz"}; a multi-channel
+image is one 4D NIfTI (x, y, z, channel). nnU-Net v2: ``channel_names`` {"0": "T2", ...},
+``labels`` {"background": 0, ...}, ``file_ending``; images are ``imagesTr/CASE_0000.nii.gz``
+(one file per channel) and labels ``labelsTr/CASE.nii.gz``. Files starting with ``._``
+(macOS resource forks inside the MSD archives) are ignored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scnas.errors import ScnasError
+from scnas.fileio import check_input_file, read_bytes_bounded
+
+MAX_DATASET_JSON_BYTES = 64 << 20
+
+
+class DatasetError(ScnasError):
+    """A dataset that cannot be read as described: the message names the case and the file."""
+
+
+@dataclass
+class Case:
+    """One training case: its image file(s) (one 4D file, or one file per channel) and label."""
+
+    case_id: str
+    images: list[Path]
+    label: Path | None
+
+
+@dataclass
+class Dataset:
+    """A task folder, read."""
+
+    root: Path
+    name: str
+    flavour: str                      # "msd" or "nnunetv2"
+    channel_names: list[str]
+    labels: dict[str, int]            # name -> value, background included
+    cases: list[Case] = field(default_factory=list)
+    file_ending: str = ".nii.gz"
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    def case(self, case_id: str) -> Case:
+        for case in self.cases:
+            if case.case_id == case_id:
+                return case
+        raise DatasetError(f"no case {case_id!r} in this dataset", source=str(self.root))
+
+
+def _hidden(path: Path | str) -> bool:
+    return Path(path).name.startswith("._")
+
+
+def _strip_ending(name: str, ending: str) -> str:
+    return name[: -len(ending)] if name.endswith(ending) else name
+
+
+def read_dataset(root: str | Path) -> Dataset:
+    """Read ``root/dataset.json`` (either flavour) and list the cases. Only the JSON is read;
+    images are read by :func:`load_case`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError("is not a folder (expected a task folder with dataset.json)" if root.exists()
+                           else "no such folder", source=str(root))
+    description = root / "dataset.json"
+    try:
+        meta = json.loads(read_bytes_bounded(description, MAX_DATASET_JSON_BYTES, DatasetError).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"not valid JSON: {exc}", source=str(description)) from None
+    if not isinstance(meta, dict):
+        raise DatasetError("must be a JSON object", source=str(description))
+    if "channel_names" in meta:
+        return _read_nnunet_v2(root, meta, description)
+    if "modality" in meta:
+        return _read_msd(root, meta, description)
+    raise DatasetError("has neither 'modality' (MSD) nor 'channel_names' (nnU-Net v2)", source=str(description))
+
+
+def _channels(mapping: Any, key: str, source: Path) -> list[str]:
+    if not isinstance(mapping, dict) or not mapping:
+        raise DatasetError(f"'{key}' must map channel numbers to names", source=str(source))
+    try:
+        order = sorted(mapping, key=int)
+    except ValueError:
+        raise DatasetError(f"'{key}' keys must be channel numbers \"0\", \"1\", ...", source=str(source)) from None
+    if [int(k) for k in order] != list(range(len(order))):
+        raise DatasetError(f"'{key}' must number channels 0..{len(order) - 1}", source=str(source))
+    return [str(mapping[k]) for k in order]
+
+
+def _read_msd(root: Path, meta: dict, source: Path) -> Dataset:
+    channels = _channels(meta.get("modality"), "modality", source)
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError("'labels' must map values to names, e.g. {\"0\": \"background\"}", source=str(source))
+    try:
+        labels = {str(name): int(value) for value, name in raw_labels.items()}
+    except ValueError:
+        raise DatasetError("'labels' keys must be integers (MSD: {\"0\": \"background\", ...})", source=str(source)) from None
+    training = meta.get("training")
+    if not isinstance(training, list):
+        raise DatasetError("'training' must be a list of {\"image\": ..., \"label\": ...}", source=str(source))
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"training[{i}] must have an 'image'", source=str(source))
+        image = root / str(entry["image"])
+        if _hidden(image):
+            continue
+        label = root / str(entry["label"]) if entry.get("label") else None
+        cases.append(Case(_strip_ending(image.name, ".nii.gz").removesuffix(".nii"), [image], label))
+    return Dataset(root, str(meta.get("name", root.name)), "msd", channels, labels, cases)
+
+
+def _read_nnunet_v2(root: Path, meta: dict, source: Path) -> Dataset:
+    channels = _channels(meta.get("channel_names"), "channel_names", source)
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError("'labels' must map names to values, e.g. {\"background\": 0}", source=str(source))
+    labels = {}
+    for name, value in raw_labels.items():
+        if isinstance(value, (list, tuple)):
+            raise DatasetError(f"label {name!r} is a region (a list of values); region-based training is not "
+                               "supported, give one value per label", source=str(source))
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DatasetError(f"label {name!r} must have an integer value", source=str(source))
+        labels[str(name)] = value
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DatasetError("no imagesTr folder", source=str(root))
+    by_case: dict[str, dict[int, Path]] = {}
+    for path in sorted(images_dir.iterdir()):
+        if _hidden(path) or not path.name.endswith(ending):
+            continue
+        stem = _strip_ending(path.name, ending)
+        case_id, _, channel = stem.rpartition("_")
+        if not case_id or not channel.isdigit() or len(channel) != 4:
+            raise DatasetError(f"image file name must be CASE_XXXX{ending} (XXXX the channel)", source=str(path))
+        by_case.setdefault(case_id, {})[int(channel)] = path
+    cases = []
+    for case_id, files in sorted(by_case.items()):
+        images = [files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in range(len(channels))]
+        label = labels_dir / f"{case_id}{ending}"
+        cases.append(Case(case_id, images, label))
+    return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels, labels, cases, ending)
+
+
+@dataclass
+class LoadedCase:
+    """A case in memory: image (C, X, Y, Z) float32 in file axis order, label (X, Y, Z) int16."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def _load_nifti(path: Path, case_id: str):
+    import nibabel as nib
+
+    check_input_file(path, DatasetError)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise DatasetError(f"case {case_id}: cannot read ({type(exc).__name__}: {str(exc)[:120]}); truncated or not a "
+                           "NIfTI file?", source=str(path)) from None
+    return image, data
+
+
+def load_case(dataset: Dataset, case: Case, with_label: bool = True) -> LoadedCase:
+    """Read a case's image channels and label, checking that they fit together."""
+    channels, affine, spacing, shape = [], None, None, None
+    for path in case.images:
+        image, data = _load_nifti(path, case.case_id)
+        if data.ndim == 4 and len(case.images) == 1:
+            parts = [data[..., c] for c in range(data.shape[3])]
+        elif data.ndim == 3:
+            parts = [data]
+        else:
+            raise DatasetError(f"case {case.case_id}: image has {data.ndim} dimensions {data.shape}; a 3D task needs "
+                               "3D volumes (or 4D x, y, z, channel)", source=str(path))
+        if shape is None:
+            shape, affine = parts[0].shape, image.affine
+            spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+        elif parts[0].shape != shape or not np.allclose(image.affine, affine, atol=1e-3):
+            raise DatasetError(f"case {case.case_id}: channel files differ in shape or affine", source=str(path))
+        channels += parts
+    if len(channels) != dataset.num_channels:
+        raise DatasetError(f"case {case.case_id}: image has {len(channels)} channel(s), dataset.json declares "
+                           f"{dataset.num_channels} ({', '.join(dataset.channel_names)})", source=str(case.images[0]))
+    image_array = np.stack(channels).astype(np.float32, copy=False)
+    label_array = None
+    if with_label and case.label is not None:
+        label_image, label_data = _load_nifti(case.label, case.case_id)
+        if label_data.shape != shape:
+            raise DatasetError(f"case {case.case_id}: label shape {label_data.shape} differs from image shape {shape}",
+                               source=str(case.label))
+        if not np.allclose(label_image.affine, affine, atol=1e-3):
+            raise DatasetError(f"case {case.case_id}: label affine differs from the image affine", source=str(case.label))
+        if np.issubdtype(label_data.dtype, np.floating):
+            if not np.all(np.isfinite(label_data)) or np.any(label_data != np.round(label_data)):
+                raise DatasetError(f"case {case.case_id}: label has non-integer values", source=str(case.label))
+        label_array = np.asarray(label_data).astype(np.int16)
+        undeclared = sorted(set(np.unique(label_array).tolist()) - set(dataset.labels.values()))
+        if undeclared:
+            raise DatasetError(f"case {case.case_id}: label values {undeclared} are not declared in dataset.json "
+                               f"(declared: {sorted(dataset.labels.values())})", source=str(case.label))
+    return LoadedCase(case.case_id, image_array, label_array, np.asarray(affine), spacing)

@@ -1,0 +1,80 @@
+"""Random training patches from a cache: a share forced to contain foreground, padding where
+a case is smaller than the patch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scnas.data.cache import Cache, CachedCase
+from scnas.data.dataset import DatasetError
+
+
+def extract_patch(image: np.ndarray, label: np.ndarray | None, start: tuple[int, ...],
+                  size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The (C, *size) image and (*size) label patch whose corner is ``start`` (may lie outside
+    the volume: outside voxels are 0, i.e. the normalised background, and label 0)."""
+    spatial = image.shape[1:]
+    src, dst = [], []
+    for s, n, p in zip(start, spatial, size):
+        lo, hi = max(s, 0), min(s + p, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
+    patch = np.zeros((image.shape[0], *size), np.float32)
+    patch[(slice(None), *dst)] = image[(slice(None), *src)]
+    seg = np.zeros(size, np.int16)
+    if label is not None:
+        seg[tuple(dst)] = label[tuple(src)]
+    return patch, seg
+
+
+def patch_start(rng: np.random.Generator, spatial: tuple[int, ...], size: tuple[int, ...],
+                centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """A corner for a patch: around ``centre`` (kept inside the volume where the volume is
+    large enough), or uniformly at random; a volume smaller than the patch is centred."""
+    start = []
+    for axis, (n, p) in enumerate(zip(spatial, size)):
+        if n <= p:
+            start.append(-((p - n) // 2))
+        elif centre is not None:
+            start.append(int(np.clip(centre[axis] - p // 2 + rng.integers(-(p // 4), p // 4 + 1), 0, n - p)))
+        else:
+            start.append(int(rng.integers(0, n - p + 1)))
+    return tuple(start)
+
+
+class PatchSampler:
+    """Draws (image, label) patches from the given cases of a cache.
+
+    With probability ``foreground_share`` a patch is centred near a voxel of a random
+    foreground label present in the case (nnU-Net forces a third of each batch likewise)."""
+
+    def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int],
+                 foreground_share: float = 1 / 3):
+        if not case_ids:
+            raise DatasetError("no cases to sample patches from")
+        if not 0.0 <= foreground_share <= 1.0:
+            raise DatasetError(f"foreground share must be in [0, 1], not {foreground_share}")
+        self.cache, self.case_ids = cache, list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground_share = foreground_share
+        self._cases: dict[str, CachedCase] = {}
+
+    def _case(self, case_id: str) -> CachedCase:
+        if case_id not in self._cases:
+            self._cases[case_id] = self.cache.load(case_id)
+        return self._cases[case_id]
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(image (C, *patch), label (*patch), whether foreground was forced)."""
+        case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
+        spatial = case.image.shape[1:]
+        forced = bool(rng.random() < self.foreground_share) and len(case.foreground) > 0
+        centre = None
+        if forced:
+            values = np.unique(case.foreground[:, 0])
+            value = values[int(rng.integers(len(values)))]
+            rows = case.foreground[case.foreground[:, 0] == value]
+            centre = tuple(int(v) for v in rows[int(rng.integers(len(rows)))][1:])
+        start = patch_start(rng, spatial, self.patch_size, centre)
+        image, label = extract_patch(case.image, case.label, start, self.patch_size)
+        return image, label, forced

@@ -1,0 +1,296 @@
+"""Datasets: reading both dataset.json flavours, phantoms, preprocessing, splits, patches,
+augmentation, the loader, and every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scnas.data import (Cache, DatasetError, PrepareSettings, architecture_split, check_dataset, fold_cases,
+                        kfold_splits, load_case, prepare_dataset, read_dataset, read_splits, write_phantom_dataset,
+                        write_splits)
+from scnas.data.augment import Compose, GaussianNoise, Gamma, IntensityScaleShift, RandomAffine, RandomFlip, default_augmentation
+from scnas.data.loader import PatchDataset, make_loader
+from scnas.data.patches import PatchSampler, extract_patch
+from scnas.data.preprocess import label_to_original, resampled_shape
+
+SETTINGS = PrepareSettings(target_spacing=(1.0, 1.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "task", cases=6, channels=2, classes=2,
+                                 shape=(20, 18, 10), spacing=(1.0, 1.0, 2.0), seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(phantom, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache") / "c"
+    prepare_dataset(phantom, folder, SETTINGS, progress=False)
+    return Cache(folder)
+
+
+def test_phantom_reads_as_msd_with_labels_and_anisotropic_spacing(phantom):
+    dataset = read_dataset(phantom)
+    assert dataset.flavour == "msd" and dataset.num_channels == 2 and len(dataset.cases) == 6
+    case = load_case(dataset, dataset.cases[0])
+    assert case.image.shape == (2, 20, 18, 10) and case.spacing == (1.0, 1.0, 2.0)
+    assert set(np.unique(case.label)) == {0, 1, 2} and np.all(case.image[:, case.label > 0] > 0)
+    assert np.any(case.image == 0)  # zero background outside the body
+
+
+def test_phantom_is_deterministic_and_nnunet_layout_holds_the_same_data(phantom, tmp_path):
+    other = write_phantom_dataset(tmp_path / "v2", cases=6, channels=2, classes=2, shape=(20, 18, 10),
+                                  spacing=(1.0, 1.0, 2.0), seed=3, layout="nnunetv2")
+    a, b = read_dataset(phantom), read_dataset(other)
+    assert b.flavour == "nnunetv2" and b.labels == a.labels and len(b.cases[0].images) == 2
+    left, right = load_case(a, a.cases[2]), load_case(b, b.cases[2])
+    assert np.array_equal(left.image, right.image) and np.array_equal(left.label, right.label)
+
+
+def test_phantom_refuses_to_overwrite(phantom):
+    with pytest.raises(DatasetError, match="already exists; choose another folder or pass --force"):
+        write_phantom_dataset(phantom, cases=1)
+
+
+def test_resource_fork_files_are_skipped(tmp_path):
+    root = write_phantom_dataset(tmp_path / "t", cases=2, channels=1, classes=1, shape=(8, 8, 8), layout="nnunetv2")
+    (root / "imagesTr" / "._phantom_000_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    meta = json.loads((root / "dataset.json").read_text())
+    assert [c.case_id for c in read_dataset(root).cases] == ["phantom_000", "phantom_001"]
+    msd = write_phantom_dataset(tmp_path / "m", cases=2, channels=1, classes=1, shape=(8, 8, 8))
+    meta = json.loads((msd / "dataset.json").read_text())
+    meta["training"].append({"image": "./imagesTr/._phantom_000.nii.gz", "label": "./labelsTr/._phantom_000.nii.gz"})
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    assert len(read_dataset(msd).cases) == 2
+
+
+def test_prepare_shapes_spacing_and_crop_box(phantom, cache):
+    dataset = read_dataset(phantom)
+    for case in dataset.cases:
+        original = load_case(dataset, case)
+        record = cache.records[case.case_id]
+        box = tuple(slice(a, b) for a, b in record["crop_box"])
+        outside = original.image.copy()
+        outside[(slice(None), *box)] = 0
+        assert not outside.any()                                  # nothing nonzero is cropped away
+        cropped = original.image[(slice(None), *box)]
+        assert list(cropped.shape[1:]) == record["cropped_shape"]
+        assert record["shape"] == list(resampled_shape(cropped.shape[1:], (1.0, 1.0, 2.0), (1.0, 1.0, 1.0)))
+        assert record["shape"][2] == 2 * record["cropped_shape"][2]  # 2 mm -> 1 mm doubles the z axis
+        stored = cache.load(case.case_id)
+        assert stored.image.shape == (2, *record["shape"]) and isinstance(stored.image, np.memmap)
+
+
+def test_labels_map_back_to_the_original_grid(phantom, cache):
+    dataset = read_dataset(phantom)
+    for case in dataset.cases:
+        original = load_case(dataset, case).label
+        restored = label_to_original(np.asarray(cache.load(case.case_id).label), cache.records[case.case_id])
+        assert restored.shape == original.shape
+        for value in (1, 2):
+            a, b = restored == value, original == value
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9    # down- and up-sampling z costs little
+
+
+def test_mapping_back_is_exact_without_resampling(phantom, tmp_path):
+    cache_dir = tmp_path / "same"
+    prepare_dataset(phantom, cache_dir, PrepareSettings(target_spacing=(1.0, 1.0, 2.0)), progress=False)
+    cache = Cache(cache_dir)
+    dataset = read_dataset(phantom)
+    for case in dataset.cases:
+        original = load_case(dataset, case).label
+        assert np.array_equal(label_to_original(np.asarray(cache.load(case.case_id).label),
+                                                cache.records[case.case_id]), original)
+
+
+def test_channels_are_z_normalised_inside_the_mask(cache):
+    for case_id in cache.case_ids:
+        image = np.asarray(cache.load(case_id).image)
+        mask = np.any(image != 0, axis=0)
+        for channel in image:
+            assert abs(channel[mask].mean()) < 0.1 and abs(channel[mask].std() - 1) < 0.15
+            assert not channel[~mask].any()
+
+
+def test_prepared_cases_are_skipped_and_other_settings_refused(phantom, cache):
+    report = prepare_dataset(phantom, cache.folder, SETTINGS, progress=False)
+    assert report.prepared == [] and len(report.skipped) == 6
+    with pytest.raises(DatasetError, match="prepared with other settings"):
+        prepare_dataset(phantom, cache.folder, PrepareSettings(target_spacing=(0.7, 0.7, 0.7)), progress=False)
+    assert Cache(cache.folder).settings["target_spacing"] == [1.0, 1.0, 1.0]
+
+
+def test_parallel_preparation_gives_the_same_cache(phantom, cache, tmp_path):
+    prepare_dataset(phantom, tmp_path / "par", SETTINGS, workers=2, progress=False)
+    other = Cache(tmp_path / "par")
+    for case_id in cache.case_ids:
+        assert np.array_equal(np.asarray(other.load(case_id).image), np.asarray(cache.load(case_id).image))
+
+
+@pytest.mark.parametrize("count", [5, 6, 11, 23, 484])
+def test_splits_equal_scikit_learns_kfold_as_nnunet_uses_it(count):
+    from sklearn.model_selection import KFold
+
+    ids = [f"case_{i:04d}" for i in np.random.default_rng(count).permutation(count)]
+    ours = kfold_splits(ids)
+    keys = sorted(ids)
+    theirs = [{"train": [keys[i] for i in train], "val": [keys[i] for i in val]}
+              for train, val in KFold(n_splits=5, shuffle=True, random_state=12345).split(keys)]
+    assert ours == theirs
+
+
+def test_splits_file_round_trip_and_errors(tmp_path, cache):
+    splits = kfold_splits(cache.case_ids)
+    assert cache.splits == splits                                          # prepare wrote nnU-Net's folds
+    write_splits(tmp_path / "s.json", splits)
+    assert read_splits(tmp_path / "s.json", cache.case_ids) == splits
+    assert fold_cases(splits, 1) == (splits[1]["train"], splits[1]["val"])
+    (tmp_path / "bad.json").write_text(json.dumps([{"train": ["a"], "val": ["a"]}]))
+    with pytest.raises(DatasetError, match="cases in both train and val"):
+        read_splits(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps([{"train": ["x"], "val": ["y"]}]))
+    with pytest.raises(DatasetError, match="names cases this dataset does not have"):
+        read_splits(tmp_path / "other.json", cache.case_ids)
+    with pytest.raises(DatasetError, match="fold 7 does not exist"):
+        fold_cases(splits, 7)
+
+
+def test_architecture_split_is_four_to_one_seeded_and_disjoint():
+    ids = [f"c{i}" for i in range(25)]
+    weights, arch = architecture_split(ids, seed=4)
+    assert len(arch) == 5 and len(weights) == 20 and not set(weights) & set(arch)
+    assert architecture_split(ids, seed=4) == (weights, arch) != architecture_split(ids, seed=5)
+
+
+def test_foreground_share_over_many_draws(cache):
+    sampler = PatchSampler(cache, cache.case_ids, (4, 4, 4), foreground_share=1 / 3)
+    rng = np.random.default_rng(0)
+    draws = [sampler.sample(rng) for _ in range(900)]
+    forced = [d for d in draws if d[2]]
+    assert abs(len(forced) / len(draws) - 1 / 3) < 0.05
+    assert all(label.any() for _, label, _ in forced)          # a forced patch contains foreground
+    unforced_fg = np.mean([label.any() for _, label, forced_ in draws if not forced_])
+    assert unforced_fg < 0.95                                   # random ones often do not
+
+
+def test_patches_are_padded_where_a_case_is_smaller(cache):
+    case = cache.load(cache.case_ids[0])
+    size = tuple(n + 6 for n in case.image.shape[1:])
+    image, label = extract_patch(case.image, case.label, (-3, -3, -3), size)
+    assert image.shape == (2, *size) and not image[:, :3].any() and not label[:3].any()
+    assert np.array_equal(image[:, 3:-3, 3:-3, 3:-3], case.image)
+    sampler = PatchSampler(cache, cache.case_ids[:1], size)
+    patch, _, _ = sampler.sample(np.random.default_rng(1))
+    assert patch.shape == (2, *size)
+
+
+def test_augmentation_is_seeded_and_keeps_image_and_label_aligned(cache):
+    case = cache.load(cache.case_ids[0])
+    image, label = extract_patch(case.image, case.label, (0, 0, 0), (16, 16, 16))
+    pipeline = Compose([RandomAffine(p=1.0), RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0),
+                        GaussianNoise(p=1.0)])
+    a = pipeline(image, label, np.random.default_rng(7))
+    b = pipeline(image, label, np.random.default_rng(7))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert a[0].shape == image.shape and set(np.unique(a[1])) <= set(np.unique(label))
+    flipped_image, flipped_label = RandomFlip(p=1.0)(image, label, np.random.default_rng(0))
+    assert np.array_equal(flipped_label, label[::-1, ::-1, ::-1])
+    assert np.array_equal(flipped_image, image[:, ::-1, ::-1, ::-1])
+
+
+def test_loader_is_deterministic_whatever_the_workers(cache):
+    def batches(workers):
+        dataset = PatchDataset(cache, cache.case_ids, (8, 8, 8), samples_per_epoch=8, seed=3,
+                               augmentation=default_augmentation())
+        dataset.set_epoch(2)
+        return [(x.clone(), y.clone()) for x, y in make_loader(dataset, batch_size=4, workers=workers)]
+    plain, parallel = batches(0), batches(2)
+    assert len(plain) == 2 and plain[0][0].shape == (4, 2, 8, 8, 8) and plain[0][1].dtype == torch.int64
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, parallel))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _save(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A 12-case nnU-Net-layout dataset with a different fault in cases 1..11 (case 0 is fine)."""
+    root = write_phantom_dataset(tmp_path / "broken", cases=12, channels=2, classes=2, shape=(10, 10, 8),
+                                 spacing=(1.0, 1.0, 1.0), layout="nnunetv2")
+    images, labels = root / "imagesTr", root / "labelsTr"
+    (labels / "phantom_001.nii.gz").unlink()                                          # missing file
+    data = (images / "phantom_002_0000.nii.gz").read_bytes()
+    (images / "phantom_002_0000.nii.gz").write_bytes(data[: len(data) // 2])         # truncated
+    (images / "phantom_003_0000.nii.gz").write_bytes(b"not gzip at all" * 10)         # not gzip
+    _save(labels / "phantom_004.nii.gz", np.zeros((10, 10, 6), np.uint8))            # shape differs
+    _save(labels / "phantom_005.nii.gz", np.zeros((10, 10, 8), np.uint8), np.diag([2.0, 1, 1, 1]))  # affine differs
+    (images / "phantom_006_0001.nii.gz").unlink()                                     # a channel missing
+    _save(labels / "phantom_007.nii.gz", np.full((10, 10, 8), 7, np.uint8))          # undeclared label 7
+    nan = np.zeros((10, 10, 8), np.float32)
+    nan[2, 2, 2] = np.nan
+    _save(images / "phantom_008_0000.nii.gz", nan)                                    # NaN
+    _save(images / "phantom_009_0000.nii.gz", np.zeros((10, 10, 8), np.float32))
+    _save(images / "phantom_009_0001.nii.gz", np.zeros((10, 10, 8), np.float32))     # all zero
+    _save(images / "phantom_010_0000.nii.gz", np.ones((10, 10), np.float32))          # 2D
+    _save(labels / "phantom_011.nii.gz", np.full((10, 10, 8), 0.5, np.float32))      # float, non-integer
+    return root
+
+
+EXPECTED = {"phantom_001": "no such file", "phantom_002": "cannot read", "phantom_003": "cannot read",
+            "phantom_004": "label shape (10, 10, 6) differs", "phantom_005": "label affine differs",
+            "phantom_006": "no such file", "phantom_007": "label values [7] are not declared",
+            "phantom_008": "NaN/Inf", "phantom_009": "all zero", "phantom_010": "2 dimensions",
+            "phantom_011": "non-integer values"}
+
+
+def test_check_lists_every_problem_in_one_pass(broken):
+    count, lines = check_dataset(broken)
+    assert count == 12 and len(lines) == len(EXPECTED)
+    for case_id, words in EXPECTED.items():
+        matching = [line for line in lines if case_id in line]
+        assert len(matching) == 1 and words in matching[0], (case_id, matching)
+    assert not any("phantom_000" in line for line in lines)
+
+
+def test_check_command_exit_code_and_lines(cli, broken, phantom):
+    result = cli("data", "check", broken)
+    assert result.code == 1 and result.out.strip().endswith("12 case(s) checked: 11 problem(s)")
+    assert cli("data", "check", phantom).code == 0
+
+
+def test_prepare_names_the_failing_cases_and_keeps_the_good_ones(cli, broken, tmp_path):
+    result = cli("data", "prepare", broken, "-o", tmp_path / "cache", "--spacing", "1", "1", "1")
+    assert result.code == 1 and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == len(EXPECTED)
+    assert (tmp_path / "cache" / "phantom_000.json").exists() and not (tmp_path / "cache" / "cache.json").exists()
+    with pytest.raises(DatasetError, match="preparation did not finish"):
+        Cache(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("content, words", [(None, "dataset.json: no such file"), ("{", "not valid JSON"),
+                                            ('{"name": "x"}', "neither 'modality'"),
+                                            ('{"channel_names": {"0": "CT"}, "labels": {"tumour": [1, 2]}}', "region")])
+def test_bad_dataset_json(tmp_path, content, words):
+    (tmp_path / "imagesTr").mkdir()
+    if content is not None:
+        (tmp_path / "dataset.json").write_text(content)
+    with pytest.raises(DatasetError, match=words.replace("(", r"\(")):
+        read_dataset(tmp_path)
+
+
+def test_phantom_and_prepare_commands(cli, tmp_path):
+    assert cli("data", "phantom", tmp_path / "p", "--cases", "5", "--shape", "12", "12", "8", "--channels", "1").code == 0
+    result = cli("data", "prepare", tmp_path / "p", "-o", tmp_path / "c", "--spacing", "1", "1", "2")
+    assert result.code == 0 and "prepared 5 case(s)" in result.out
+    assert (tmp_path / "c" / "splits_final.json").exists()
+    assert "skipped 5" in cli("data", "prepare", tmp_path / "p", "-o", tmp_path / "c", "--spacing", "1", "1", "2").out
