@@ -1,0 +1,33 @@
+"""Losses and overlap measures shared by search and training.
+
+The paper trains with the Jaccard distance (Kayalibay et al.): one minus the soft
+intersection-over-union of the softmax probabilities and the one-hot labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over classes (background included) of 1 - soft IoU, over the whole batch.
+
+    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).float()
+    dims = (0, 2, 3, 4)
+    intersection = (probs * onehot).sum(dims)
+    union = probs.sum(dims) + onehot.sum(dims) - intersection
+    return (1.0 - (intersection + eps) / (union + eps)).mean()
+
+
+def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
+    """Hard Dice of each foreground class (1 .. K-1) over a batch of label maps; NaN where a
+    class is absent from both prediction and target."""
+    scores = []
+    for cls in range(1, num_classes):
+        p, g = prediction == cls, target == cls
+        denominator = int(p.sum()) + int(g.sum())
+        scores.append(float("nan") if denominator == 0 else 2.0 * int((p & g).sum()) / denominator)
+    return scores

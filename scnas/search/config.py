@@ -1,0 +1,72 @@
+"""Settings of a search, with the paper's values as defaults (Section 3, "Implementation details")."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from scnas.genotype import OPS, PAPER_OPS
+
+
+class SearchConfig(BaseModel):
+    """Everything that defines a search run; saved as ``config.json`` in the run folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="task folder (dataset.json) or prepared cache folder")
+    spacing: tuple[float, float, float] = Field((0.7, 0.7, 0.7), description="target spacing when data is a task folder")
+    fold: int = Field(0, ge=0)
+    stem: int = Field(48, ge=1, description="stem channels during search (paper: 48)")
+    nodes: int = Field(4, ge=1)
+    depth: int = Field(3, ge=1, le=8)
+    ops: list[str] = Field(default_factory=lambda: list(PAPER_OPS), min_length=2)
+    patch: tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = Field(1, ge=1, description="per process (the paper: 4 over 4 GPUs)")
+    epochs: int = Field(200, ge=1)
+    steps_per_epoch: int = Field(250, ge=1, description="Theta/alpha step pairs per epoch")
+    sampling: Literal["pair", "one", "full"] = "pair"
+    tau_max: float = Field(10.0, gt=0, description="Gumbel-softmax temperature at the first epoch")
+    tau_min: float = Field(0.1, gt=0, description="... at the last epoch")
+    tau_schedule: Literal["linear", "exponential"] = "linear"
+    theta_lr: float = Field(0.025, gt=0, description="paper: 0.025")
+    theta_betas: tuple[float, float] = Field((0.1, 0.001), description="as printed in the paper: (0.1, 0.001)")
+    alpha_lr: float = Field(0.003, gt=0, description="paper: 0.003")
+    alpha_betas: tuple[float, float] = Field((0.5, 0.999), description="paper: (0.5, 0.999)")
+    alpha_weight_decay: float = Field(0.0, ge=0)
+    plateau_patience: int = Field(20, ge=1, description="epochs without a lower training loss before the Theta "
+                                                        "learning rate is divided by 10 (paper: 20)")
+    plateau_factor: float = Field(0.1, gt=0, lt=1)
+    grad_clip: float = Field(12.0, gt=0, description="max gradient norm of Theta (nnU-Net's 12)")
+    architecture_share: float = Field(0.2, gt=0, lt=1, description="share of a fold's training cases that train "
+                                                                    "alpha (paper: 4:1)")
+    foreground_share: float = Field(1 / 3, ge=0, le=1)
+    augment: bool = True
+    val_batches: int = Field(2, ge=1, description="architecture-set batches for the epoch's Dice")
+    top_k: int | None = Field(None, ge=1, description="derive DARTS-style (k strongest inputs per node) instead of "
+                                                      "argmax with zero = no edge")
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="data loader processes")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
+    max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        unknown = [op for op in self.ops if op not in OPS]
+        if unknown:
+            raise ValueError(f"unknown ops {unknown}; known: {', '.join(OPS)}")
+        if self.tau_min > self.tau_max:
+            raise ValueError("tau_min must not exceed tau_max")
+        return self
+
+    def tau(self, epoch: int) -> float:
+        """The temperature of ``epoch`` (0-based): tau_max at the first, tau_min at the last."""
+        if self.epochs == 1:
+            return self.tau_min
+        fraction = epoch / (self.epochs - 1)
+        if self.tau_schedule == "linear":
+            return self.tau_max + (self.tau_min - self.tau_max) * fraction
+        return math.exp(math.log(self.tau_max) + (math.log(self.tau_min) - math.log(self.tau_max)) * fraction)

@@ -1,0 +1,69 @@
+"""From alpha to a genotype: argmax per edge, ``zero`` meaning no edge (the paper), or
+DARTS-style: the ``top_k`` strongest incoming edges per node, each with its best non-zero op.
+
+The result always satisfies the format's rules: a node left without inputs is dropped from
+``concat`` and its outgoing edges are removed; a cell left empty keeps its single strongest
+non-zero edge into node 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from scnas.genotype import CELL_TYPES, FORMAT_NAME, NUM_INPUTS, Genotype, genotype_from_data
+from scnas.genotype.ops import ZERO
+from scnas.search.supernet import cell_edges
+
+
+def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | None) -> dict[str, Any]:
+    pairs = cell_edges(nodes)
+    zero = ops.index(ZERO) if ZERO in ops else None
+    nonzero = probabilities.clone()
+    if zero is not None:
+        nonzero[:, zero] = -1.0
+    best_op = nonzero.argmax(dim=-1)
+    chosen: dict[tuple[int, int], str] = {}
+    if top_k is None:
+        winners = probabilities.argmax(dim=-1)
+        for index, (source, target) in enumerate(pairs):
+            if zero is None or int(winners[index]) != zero:
+                chosen[(source, target)] = ops[int(winners[index])]
+    else:
+        for target in range(NUM_INPUTS, NUM_INPUTS + nodes):
+            incoming = [i for i, (s, t) in enumerate(pairs) if t == target]
+            strength = sorted(incoming, key=lambda i: -float(nonzero[i, best_op[i]]))
+            for index in strength[:top_k]:
+                chosen[pairs[index]] = ops[int(best_op[index])]
+    fed: set[int] = set()
+    for target in range(NUM_INPUTS, NUM_INPUTS + nodes):   # drop edges leaving nodes that receive nothing
+        for source in range(target):
+            if (source, target) in chosen and source >= NUM_INPUTS and source not in fed:
+                del chosen[(source, target)]
+        if any(t == target for (_, t) in chosen):
+            fed.add(target)
+    if not fed:
+        into_first = [i for i, (s, t) in enumerate(pairs) if t == NUM_INPUTS]
+        index = max(into_first, key=lambda i: float(nonzero[i, best_op[i]]))
+        chosen[pairs[index]] = ops[int(best_op[index])]
+        fed.add(NUM_INPUTS)
+    edges = [{"from": s, "to": t, "op": op} for (s, t), op in sorted(chosen.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return {"edges": edges, "concat": sorted(fed)}
+
+
+def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: list[str], top_k: int | None = None,
+                    provenance: dict[str, Any] | None = None) -> Genotype:
+    """The genotype that softmax(alpha) ``probabilities`` (per cell type, (edges, ops)) points to,
+    with the probabilities recorded in ``provenance.probabilities``."""
+    pairs = cell_edges(nodes)
+    record = {name: [{"from": s, "to": t, "p": {op: round(float(p), 6) for op, p in zip(ops, probabilities[name][i])}}
+                     for i, (s, t) in enumerate(pairs)] for name in CELL_TYPES}
+    for entries in record.values():   # rounding must not break "sums to 1"
+        for entry in entries:
+            top = max(entry["p"], key=entry["p"].get)
+            entry["p"][top] = round(entry["p"][top] + 1.0 - sum(entry["p"].values()), 6)
+    data = {"format": FORMAT_NAME, "version": 1, "nodes": nodes, "ops": list(ops),
+            "cells": {name: _cell(probabilities[name], nodes, ops, top_k) for name in CELL_TYPES},
+            "provenance": {**(provenance or {}), "probabilities": record}}
+    return genotype_from_data(data, source="derived genotype")

@@ -1,0 +1,64 @@
+"""Plots of a search run: losses and Dice over epochs, and softmax(alpha) per cell over epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write_plots(run: Path, history: list[dict[str, Any]], arch, config) -> None:
+    """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scnas.fileio import atomic_write_bytes, atomic_write_text
+    from scnas.search.supernet import cell_edges
+
+    folder = run / "plots"
+    folder.mkdir(exist_ok=True)
+    track_path = folder / "alpha.json"
+    track = json.loads(track_path.read_text()) if track_path.exists() else []
+    track = [t for t in track if t["epoch"] < history[-1]["epoch"]]
+    track.append({"epoch": history[-1]["epoch"], "p": {n: p.cpu().tolist() for n, p in arch.probabilities().items()}})
+    atomic_write_text(track_path, json.dumps(track) + "\n")
+
+    def save(figure, name: str) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        plt.close(figure)
+        atomic_write_bytes(folder / name, buffer.getvalue())
+
+    epochs = [r["epoch"] for r in history]
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot(epochs, [r["theta_loss"] for r in history], label="Theta loss (weight set)")
+    left.plot(epochs, [r["alpha_loss"] for r in history], label="alpha loss (architecture set)")
+    left.set_xlabel("epoch")
+    left.set_ylabel("soft Jaccard distance")
+    right = left.twinx()
+    right.plot(epochs, [r["architecture_dice"] for r in history], "k--", label="Dice of derived cells")
+    right.set_ylabel("Dice")
+    figure.legend(loc="upper right")
+    save(figure, "losses.png")
+    pairs = cell_edges(config.nodes)
+    for name in track[-1]["p"]:
+        columns = min(len(pairs), 5)
+        rows = -(-len(pairs) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.2 * rows), sharex=True, sharey=True,
+                                    squeeze=False)
+        steps = [t["epoch"] for t in track]
+        for index, (source, target) in enumerate(pairs):
+            axis = axes[index // columns][index % columns]
+            for op_index, op in enumerate(config.ops):
+                axis.plot(steps, [t["p"][name][index][op_index] for t in track], label=op)
+            axis.set_title(f"{source} -> {target}", fontsize=9)
+        for index in range(len(pairs), rows * columns):
+            axes[index // columns][index % columns].axis("off")
+        axes[0][0].legend(fontsize=6, loc="upper left")
+        figure.suptitle(f"{name}: softmax(alpha) per edge over epochs")
+        save(figure, f"alpha_{name}.png")
