@@ -130,6 +130,7 @@ def test_tiny_search_writes_a_genotype_that_validates_and_builds(search_cache, t
     assert not set(config["cases"]["weight"]) & set(config["cases"]["architecture"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [1, 4])
 def test_stopped_and_resumed_search_ends_with_the_same_alpha(search_cache, tmp_path, stop_after):
     config = _config(search_cache, checkpoint_every_steps=1)
@@ -206,3 +207,15 @@ def test_two_process_torchrun_keeps_alpha_identical_on_every_rank(search_cache, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "ranks.json").read_text()) == {"world_size": 2, "alpha_identical": True}
     assert read_genotype(tmp_path / "ddp" / "genotype.yaml").provenance.search["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_search_demo_leaves_a_complete_run_folder(cli, tmp_path):
+    result = cli("search", "--demo", "-o", tmp_path / "demo")
+    assert result.code == 0, result
+    run = tmp_path / "demo"
+    for name in ("genotype.yaml", "metrics.jsonl", "config.json", "checkpoint.pt", "plots/losses.png",
+                 "plots/alpha_encoder_normal.png", "genotypes/epoch_0003.yaml", "phantoms/dataset.json", "cache/cache.json"):
+        assert (run / name).exists(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert cli("validate", run / "genotype.yaml").code == 0
