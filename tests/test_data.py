@@ -3,7 +3,6 @@ augmentation, the loader, and every kind of bad input."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import nibabel as nib

@@ -9,7 +9,6 @@ any checkpoint and resumed ends with the same alpha as an uninterrupted run (on 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -30,12 +29,13 @@ from scnas.data import Cache, PrepareSettings, architecture_split, fold_cases, p
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
-from scnas.fileio import atomic_write_bytes, atomic_write_text
+from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
 from scnas.search.config import SearchConfig
 from scnas.search.derive import derive_genotype
 from scnas.search.sampling import SAMPLERS
 from scnas.search.supernet import Architecture, SuperNet
+from scnas.runtime import Processes, StepBar, read_checkpoint, save_checkpoint, setup_processes
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-search-checkpoint"
@@ -54,38 +54,7 @@ class SearchResult:
     skipped_steps: int
 
 
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup(device: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SearchError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    target = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(target)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return _Dist(rank, world, target)
-
-
-def _barrier(d: _Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def resolve_cache(config: SearchConfig, run: Path, d: _Dist) -> Cache:
+def resolve_cache(config: SearchConfig, run: Path, d: Processes) -> Cache:
     """The cache to search on: ``config.data`` itself, or a task folder prepared into run/cache."""
     data = Path(config.data)
     if (data / "cache.json").exists():
@@ -93,12 +62,12 @@ def resolve_cache(config: SearchConfig, run: Path, d: _Dist) -> Cache:
     if (data / "dataset.json").exists():
         if d.main:
             prepare_dataset(data, run / "cache", PrepareSettings(target_spacing=config.spacing), progress=False)
-        _barrier(d)
+        d.barrier()
         return Cache(run / "cache")
     raise SearchError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
 
 
-def _batches(dataset: PatchDataset, start_step: int, steps: int, d: _Dist, config: SearchConfig) -> DataLoader:
+def _batches(dataset: PatchDataset, start_step: int, steps: int, d: Processes, config: SearchConfig) -> DataLoader:
     # Item index = (step * world + rank) * batch + b: every rank sees different patches, and a
     # resumed epoch starts exactly at ``start_step``.
     indices = [(step * d.world + d.rank) * config.batch_size + b
@@ -107,21 +76,9 @@ def _batches(dataset: PatchDataset, start_step: int, steps: int, d: _Dist, confi
                       shuffle=False, drop_last=False)
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a search checkpoint (tensors and plain data only: ``weights_only=True``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SearchError(f"cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:120]})", source=str(path)) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SearchError("is not an scnas search checkpoint", source=str(path))
-    return state
+    return read_checkpoint(path, CHECKPOINT_FORMAT, SearchError)
 
 
 def _finite(loss: torch.Tensor) -> bool:
@@ -133,7 +90,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     """Run (or with ``resume`` continue) a search into ``run_dir``. ``stop_after_steps`` ends
     the run cleanly after that many steps in this call (for time-boxing and tests)."""
     run = Path(run_dir)
-    d = _setup(config.device)
+    d = setup_processes(config.device, SearchError)
     checkpoint_path = run / CHECKPOINT
     state: dict[str, Any] | None = None
     if resume:
@@ -149,7 +106,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
         raise SearchError("already holds a search; use --resume to continue it or another folder", source=str(run))
     if d.main:
         (run / "genotypes").mkdir(parents=True, exist_ok=True)
-    _barrier(d)
+    d.barrier()
     cache = resolve_cache(config, run, d)
     train_ids, _ = fold_cases(cache.splits, config.fold)
     weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed, architecture_share=config.architecture_share)
@@ -203,7 +160,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             return
         if not all(torch.isfinite(p).all() for p in list(net.parameters()) + list(arch.parameters())):
             return  # never replace a good checkpoint with a broken state
-        _save_checkpoint(checkpoint_path, {
+        save_checkpoint(checkpoint_path, {
             "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch_,
             "step": step_, "net": net.state_dict(), "arch": arch.state_dict(), "theta_opt": theta_opt.state_dict(),
             "alpha_opt": alpha_opt.state_dict(), "scheduler": scheduler.state_dict(),
@@ -211,7 +168,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             "history": history, "skipped": skipped, "streak": streak})
 
     steps_this_call = 0
-    bar = _Bar(progress and d.main, config.steps_per_epoch)
+    bar = StepBar(progress and d.main, config.steps_per_epoch)
     try:
         while epoch < config.epochs:
             tau = config.tau(epoch)
@@ -307,7 +264,7 @@ def _result(run: Path, epoch: int, history: list, skipped: int) -> SearchResult:
 
 @torch.no_grad()
 def _end_epoch(config: SearchConfig, epoch: int, tau: float, sums: dict, net: SuperNet, arch: Architecture,
-               val_data: PatchDataset, d: _Dist, num_classes: int, skipped: int, seconds: float, theta_opt, autocast
+               val_data: PatchDataset, d: Processes, num_classes: int, skipped: int, seconds: float, theta_opt, autocast
                ) -> dict[str, Any]:
     """The epoch's record: losses, Dice of the currently derived cells on the architecture set, tau, entropy."""
     argmax = {name: torch.nn.functional.one_hot(alpha.argmax(-1), alpha.shape[-1]).float()
@@ -347,31 +304,3 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int
     write_plots(run, history, arch, config)
 
 
-class _Bar:
-    """A rich progress bar over the steps of an epoch, showing the loss and tau (stderr, terminals only)."""
-
-    def __init__(self, show: bool, total: int):
-        self.show, self.total, self.bar = show, total, None
-
-    def start(self, epoch: int, epochs: int, done: int) -> None:
-        if not self.show:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        self.bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task("steps", total=self.total, completed=done, info="")
-
-    def advance(self, loss: float, tau: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=f"loss {loss:.4f}  tau {tau:.3f}")
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None

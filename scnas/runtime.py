@@ -1,0 +1,98 @@
+"""Runtime helpers shared by search and training: processes (torchrun/DDP), atomic
+checkpoints, and a progress bar over the steps of an epoch."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scnas.errors import ScnasError
+from scnas.fileio import atomic_write_bytes
+
+
+@dataclass
+class Processes:
+    """This process's place among the processes of a (torchrun) run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_processes(device: str, error: type[ScnasError] = ScnasError) -> Processes:
+    """Read torchrun's environment, pick the device (auto: CUDA when available), and join the
+    process group (NCCL on CUDA, gloo on CPU) when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    target = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(rank, world, target)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (tensors and plain data only, so it loads with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and check its format tag."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:120]})", source=str(path)) from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        raise error(f"is not a {expected_format} file", source=str(path))
+    return state
+
+
+class StepBar:
+    """A rich progress bar over the steps of an epoch, showing the loss and tau (stderr, terminals only)."""
+
+    def __init__(self, show: bool, total: int):
+        self.show, self.total, self.bar = show, total, None
+
+    def start(self, epoch: int, epochs: int, done: int) -> None:
+        if not self.show:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("steps", total=self.total, completed=done, info="")
+
+    def advance(self, loss: float, tau: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=f"loss {loss:.4f}  tau {tau:.3f}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
