@@ -69,12 +69,12 @@ def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -
 
 
 class StepBar:
-    """A rich progress bar over the steps of an epoch, showing the loss and tau (stderr, terminals only)."""
+    """A rich progress bar (stderr, terminals only) over ``total`` steps with a free info text."""
 
     def __init__(self, show: bool, total: int):
         self.show, self.total, self.bar = show, total, None
 
-    def start(self, epoch: int, epochs: int, done: int) -> None:
+    def start(self, label: str, done: int = 0) -> None:
         if not self.show:
             return
         from rich.console import Console
@@ -83,14 +83,14 @@ class StepBar:
         console = Console(stderr=True)
         if not console.is_terminal:
             return
-        self.bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=console, transient=True)
         self.bar.start()
         self.task = self.bar.add_task("steps", total=self.total, completed=done, info="")
 
-    def advance(self, loss: float, tau: float) -> None:
+    def advance(self, info: str = "") -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=f"loss {loss:.4f}  tau {tau:.3f}")
+            self.bar.update(self.task, advance=1, info=info)
 
     def stop(self) -> None:
         if self.bar is not None:

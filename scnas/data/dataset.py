@@ -204,7 +204,7 @@ def load_case(dataset: Dataset, case: Case, with_label: bool = True) -> LoadedCa
             raise DatasetError(f"case {case.case_id}: channel files differ in shape or affine", source=str(path))
         channels += parts
     if len(channels) != dataset.num_channels:
-        raise DatasetError(f"case {case.case_id}: image has {len(channels)} channel(s), dataset.json declares "
+        raise DatasetError(f"case {case.case_id}: image has {len(channels)} channel(s), expected "
                            f"{dataset.num_channels} ({', '.join(dataset.channel_names)})", source=str(case.images[0]))
     image_array = np.stack(channels).astype(np.float32, copy=False)
     label_array = None

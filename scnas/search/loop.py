@@ -175,7 +175,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             for dataset in (weight_data, arch_data):
                 dataset.set_epoch(epoch)
             started = time.perf_counter()
-            bar.start(epoch, config.epochs, step_start)
+            bar.start(f"epoch {epoch + 1}/{config.epochs}", step_start)
             for step, ((xw, yw), (xa, ya)) in enumerate(
                     zip(_batches(weight_data, step_start, config.steps_per_epoch, d, config),
                         _batches(arch_data, step_start, config.steps_per_epoch, d, config)), start=step_start):
@@ -225,7 +225,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                         raise SearchError(f"{streak} non-finite losses or gradients in a row at epoch {epoch + 1}, step "
                                           f"{step + 1}; stopped. The last good checkpoint ({checkpoint_path.name}) is "
                                           "kept: lower --theta-lr or check the data", source=str(run))
-                bar.advance(float(theta_loss.detach()), tau)
+                bar.advance(f"loss {float(theta_loss.detach()):.4f}  tau {tau:.3f}")
                 steps_this_call += 1
                 done_epoch = step + 1 == config.steps_per_epoch
                 if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not done_epoch:

@@ -1,0 +1,122 @@
+"""``scnas train``, ``scnas predict``, ``scnas evaluate``: from a genotype to a segmentation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from scnas.cli.main import app, stdout
+
+
+@app.command()
+def train(
+    genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
+    data: str = typer.Option(..., "--data", help="Task folder (prepared into OUT/cache) or prepared cache."),
+    output: str = typer.Option(..., "-o", "--output", help="Run folder: models, metrics, plot, checkpoint."),
+    fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
+    stem: int = typer.Option(68, "--stem", min=1, help="Stem channels (paper: 68)."),
+    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch size D H W (multiples of 8)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step and process (paper: 8)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="At most this many epochs (paper: 500)."),
+    steps: int = typer.Option(250, "--steps-per-epoch", min=1),
+    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
+    spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing",
+                                                       help="Target spacing when --data is a task folder."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", min=0),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CUDA."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend)."),
+) -> None:
+    """Train the network of a genotype from scratch with the paper's retraining settings.
+
+    Input channels and classes follow the dataset, so a genotype found on one task transfers
+    to another. Writes model.safetensors (last) and model_best.safetensors (best validation
+    Dice), with the preprocessing inside, so 'scnas predict' needs nothing else.
+    """
+    from pydantic import ValidationError
+
+    from scnas.genotype import genotype_from_data, load_genotype
+    from scnas.train import TrainConfig, TrainError, run_training
+
+    run = Path(output)
+    try:
+        if resume:
+            saved = run / "config.json"
+            if not saved.exists():
+                raise TrainError("has no config.json: nothing to resume", source=str(run))
+            stored = json.loads(saved.read_text())
+            config = TrainConfig.model_validate({**stored["train"], **({"epochs": epochs} if epochs else {})})
+            genotype = genotype_from_data(stored["genotype"], source=str(saved))
+        else:
+            genotype = load_genotype(genotype_path)
+            config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
+                                 epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
+                                 workers=workers, device=device, amp=amp)
+    except ValidationError as exc:
+        raise TrainError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
+        f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"))
+    stdout.out(f"trained {result.epochs_done} epoch(s); best validation Dice {result.best_dice:.3f}; "
+               f"models: {run / 'model.safetensors'}, {run / 'model_best.safetensors'}")
+
+
+@app.command()
+def predict(
+    model_path: str = typer.Argument(..., metavar="MODEL", help="model.safetensors from 'scnas train', or its .onnx."),
+    inputs: str = typer.Option(..., "-i", "--input", help="A NIfTI image, or a folder of them (CASE_0000.nii.gz, "
+                                                          "CASE_0001.nii.gz, ... are the channels of one case)."),
+    output: str = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz)."),
+    backend: str = typer.Option("torch", "--backend", help="torch (.safetensors) or onnxruntime (.onnx)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per forward pass."),
+    validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
+                                                help="Only the validation cases of this training run (its fold), "
+                                                     "for cross-validation."),
+) -> None:
+    """Segment images: preprocessing from the model's metadata, sliding-window inference with
+    Gaussian weighting, labels mapped back to the original grid, the input's affine and header."""
+    from scnas.train import TrainError, predict_folder
+
+    only = None
+    if validation_of:
+        config = Path(validation_of) / "config.json"
+        if not config.exists():
+            raise TrainError("has no config.json (not a 'scnas train' run folder)", source=validation_of)
+        only = json.loads(config.read_text())["cases"]["validation"]
+    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only)
+    stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
+
+
+@app.command()
+def evaluate(
+    predictions: str = typer.Argument(..., metavar="PRED_FOLDER"),
+    truth: str = typer.Argument(..., metavar="GT_FOLDER"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label values (default: every "
+                                                                "nonzero value in the ground truth)."),
+    output: Optional[list[str]] = typer.Option(None, "-o", "--output", help="Also write .csv and/or .json."),
+) -> None:
+    """Dice per class and case, paired by file name, and the means.
+
+    A class absent from both prediction and truth of a case counts as undefined (NaN) and is
+    left out of the means (nnU-Net's convention); absent from one only, its Dice is 0.
+    """
+    from scnas.train import evaluate_folders, write_evaluation
+
+    wanted = [int(v) for v in labels.split(",")] if labels else None
+    result = evaluate_folders(predictions, truth, wanted)
+    table = Table("case", *[f"Dice {label}" for label in result.labels])
+    for case, scores in result.cases.items():
+        table.add_row(case, *[f"{scores[label]:.4f}" for label in result.labels])
+    table.add_row("mean", *[f"{value:.4f}" for value in result.mean().values()], style="bold")
+    stdout.print(table)
+    stdout.out(f"mean Dice over classes: {result.overall():.4f} ({len(result.cases)} cases)")
+    for path in output or []:
+        write_evaluation(result, path)
+        stdout.out(f"wrote {path}")

@@ -1,0 +1,248 @@
+"""Retraining a genotype from scratch (paper, Section 3): Adam lr 3e-4, betas (0.9, 0.999),
+batch 8, learning rate divided by 5 after 30 epochs without a lower training loss, stop at
+500 epochs or when the learning rate falls below 1e-7, soft Jaccard loss.
+
+Writes ``model.safetensors`` (last epoch) and ``model_best.safetensors`` (best validation
+Dice) with the genotype, build config and preprocessing inside, ``metrics.jsonl``, a plot,
+and a checkpoint every epoch from which ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, Subset
+
+from scnas import __version__
+from scnas.build import BuildConfig, build_network, save_model
+from scnas.build.losses import dice_per_class, soft_jaccard_loss
+from scnas.data import Cache, PrepareSettings, fold_cases, prepare_dataset
+from scnas.data.augment import default_augmentation
+from scnas.data.loader import PatchDataset
+from scnas.errors import ScnasError
+from scnas.fileio import atomic_write_text
+from scnas.genotype import Genotype
+from scnas.runtime import StepBar, read_checkpoint, save_checkpoint, setup_processes
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "scnas-train-checkpoint"
+
+
+class TrainError(ScnasError):
+    """A training run that cannot start or had to stop."""
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run (saved as ``config.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    spacing: tuple[float, float, float] = (0.7, 0.7, 0.7)
+    fold: int = Field(0, ge=0)
+    stem: int = Field(68, ge=1, description="paper: 68 for retraining")
+    depth: int = Field(3, ge=1, le=8)
+    patch: tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = Field(8, ge=1, description="per process (paper: 8)")
+    epochs: int = Field(500, ge=1, description="paper: at most 500")
+    steps_per_epoch: int = Field(250, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    plateau_patience: int = Field(30, ge=1)
+    plateau_factor: float = Field(0.2, gt=0, lt=1, description="divide by 5")
+    min_lr: float = Field(1e-7, gt=0, description="stop when the learning rate falls below this")
+    grad_clip: float = Field(12.0, gt=0)
+    foreground_share: float = Field(1 / 3, ge=0, le=1)
+    augment: bool = True
+    val_patches: int = Field(8, ge=1, description="validation patches per epoch (from the fold's validation cases)")
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    epochs_done: int
+    best_dice: float
+    history: list[dict[str, Any]]
+
+
+def resolve_training_cache(config: TrainConfig, run: Path, main: bool, barrier: Callable[[], None]) -> Cache:
+    data = Path(config.data)
+    if (data / "cache.json").exists():
+        return Cache(data)
+    if (data / "dataset.json").exists():
+        if main:
+            prepare_dataset(data, run / "cache", PrepareSettings(target_spacing=config.spacing), progress=False)
+        barrier()
+        return Cache(run / "cache")
+    raise TrainError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
+
+
+def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
+    """What a predictor must do to a new image, as stored in model files."""
+    return {**cache.settings, "patch_size": list(config.patch), "labels": cache.labels,
+            "channel_names": cache.channel_names}
+
+
+def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+                 progress: bool = True, stop_after_epochs: int | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train ``genotype`` from scratch on ``config.data`` (fold ``config.fold``) into ``run_dir``."""
+    run = Path(run_dir)
+    d = setup_processes(config.device, TrainError)
+    checkpoint_path = run / CHECKPOINT
+    state = None
+    if resume:
+        if not checkpoint_path.exists():
+            raise TrainError("has no checkpoint to resume from", source=str(run))
+        state = read_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, TrainError)
+        saved = TrainConfig.model_validate_json(state["config"])
+        differing = {k for k, v in config.model_dump().items() if k != "epochs" and saved.model_dump()[k] != v}
+        if differing:
+            raise TrainError(f"--resume with settings that differ from the run's ({', '.join(sorted(differing))})",
+                             source=str(run))
+    elif checkpoint_path.exists():
+        raise TrainError("already holds a training run; use --resume or another folder", source=str(run))
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    cache = resolve_training_cache(config, run, d.main, d.barrier)
+    train_ids, val_ids = fold_cases(cache.splits, config.fold)
+    build = BuildConfig(stem_channels=config.stem, in_channels=len(cache.channel_names),
+                        num_classes=len(cache.labels), depth=config.depth)
+    if any(p % build.divisor for p in config.patch):
+        raise TrainError(f"patch {config.patch} must be a multiple of 2**depth = {build.divisor} per axis")
+    preprocessing = preprocessing_metadata(cache, config)
+    if d.main:
+        atomic_write_text(run / "config.json", json.dumps({
+            "scnas_version": __version__, "train": config.model_dump(mode="json"), "build": build.model_dump(),
+            "genotype": genotype.to_dict(), "cases": {"train": train_ids, "validation": val_ids},
+            "preprocessing": preprocessing, "world_size": d.world}, indent=2) + "\n")
+    torch.manual_seed(config.seed)
+    net = build_network(genotype, build).to(d.device)
+    model: torch.nn.Module = net
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.device] if d.device.type == "cuda" else None)
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=config.plateau_factor,
+                                                           patience=config.plateau_patience)
+    epoch, history, best = 0, [], -1.0
+    if state is not None:
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        epoch, history, best = state["epoch"], list(state["history"]), state["best"]
+    samples = config.steps_per_epoch * config.batch_size * d.world
+    train_data = PatchDataset(cache, train_ids, config.patch, samples, config.seed, config.foreground_share,
+                              default_augmentation() if config.augment else None)
+    val_data = PatchDataset(cache, val_ids, config.patch, config.val_patches, config.seed + 3, 1 / 3, None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and d.device.type == "cuda")
+    bar = StepBar(progress and d.main, config.steps_per_epoch)
+    epochs_this_call = 0
+    while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
+        train_data.set_epoch(epoch)
+        indices = [(step * d.world + d.rank) * config.batch_size + b
+                   for step in range(config.steps_per_epoch) for b in range(config.batch_size)]
+        loader = DataLoader(Subset(train_data, indices), batch_size=config.batch_size, num_workers=config.workers)
+        started, losses, skipped = time.perf_counter(), [], 0
+        bar.start(f"epoch {epoch + 1}/{config.epochs}")
+        net.train()
+        for x, y in loader:
+            x, y = x.to(d.device), y.to(d.device)
+            with autocast:
+                loss = soft_jaccard_loss(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            loss.backward()
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)):
+                optimiser.step()
+                losses.append(float(loss.detach()))
+            else:
+                skipped += 1
+            bar.advance(f"loss {losses[-1] if losses else float('nan'):.4f}")
+        bar.stop()
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        if d.world > 1:
+            value = torch.tensor([train_loss], device=d.device)
+            dist.all_reduce(value)
+            train_loss = float(value) / d.world
+        dice = _validate(net, val_data, build.num_classes, d.device, autocast, config.batch_size)
+        scheduler.step(train_loss if math.isfinite(train_loss) else float("inf"))
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_dice": dice, "lr": optimiser.param_groups[0]["lr"],
+                  "skipped_steps": skipped, "seconds": time.perf_counter() - started}
+        history.append(record)
+        epoch += 1
+        improved = math.isfinite(dice) and dice > best
+        best = dice if improved else best
+        if d.main:
+            net.eval()
+            save_model(net, run / "model.safetensors", preprocessing)
+            if improved:
+                save_model(net, run / "model_best.safetensors", preprocessing, extra={"epoch": str(epoch)})
+            atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            _plot(run, history)
+            save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch,
+                "net": net.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "history": history, "best": best})
+        if on_epoch:
+            on_epoch(record)
+        epochs_this_call += 1
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            break
+    return TrainResult(run, epoch, best, history)
+
+
+@torch.no_grad()
+def _validate(net, val_data: PatchDataset, num_classes: int, device, autocast, batch_size: int) -> float:
+    """Mean foreground Dice over the fixed validation patches (nnU-Net's "pseudo Dice")."""
+    net.eval()
+    predictions, targets = [], []
+    for start in range(0, len(val_data), batch_size):
+        items = [val_data[i] for i in range(start, min(start + batch_size, len(val_data)))]
+        x = torch.stack([item[0] for item in items]).to(device)
+        with autocast:
+            predictions.append(net(x).argmax(1).cpu())
+        targets.append(torch.stack([item[1] for item in items]))
+    scores = dice_per_class(torch.cat(predictions), torch.cat(targets), num_classes)
+    finite = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _plot(run: Path, history: list[dict[str, Any]]) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scnas.fileio import atomic_write_bytes
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    epochs = [r["epoch"] for r in history]
+    left.plot(epochs, [r["train_loss"] for r in history], label="training loss (soft Jaccard)")
+    left.set_xlabel("epoch")
+    right = left.twinx()
+    right.plot(epochs, [r["val_dice"] for r in history], "k--", label="validation Dice")
+    figure.legend(loc="upper right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(run / "training.png", buffer.getvalue())

@@ -1,0 +1,193 @@
+"""Training, sliding-window prediction, evaluation: tiny end-to-end runs on phantoms."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scnas.build import BuildConfig, ModelFileError, build_network, read_model_info, save_model
+from scnas.data import DatasetError, write_phantom_dataset
+from scnas.genotype import builtin_genotype
+from scnas.train import (TrainConfig, evaluate_folders, gaussian_importance, load_predictor, predict_folder,
+                         run_training, sliding_window, window_starts)
+
+from conftest import ROOT
+
+
+def _config(data, **changes) -> TrainConfig:
+    values = dict(data=str(data), spacing=(1.0, 1.0, 1.0), stem=4, patch=(16, 16, 16), batch_size=2, epochs=2,
+                  steps_per_epoch=3, val_patches=2, device="cpu", seed=1)
+    return TrainConfig(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A phantom task at 1 mm (the model's spacing: no resampling) and a model trained on it briefly."""
+    root = tmp_path_factory.mktemp("train")
+    task = write_phantom_dataset(root / "task", cases=6, channels=2, classes=2, shape=(24, 24, 16),
+                                 spacing=(1.0, 1.0, 1.0), seed=4)
+    run_training(builtin_genotype("minimal"), _config(task), root / "run", progress=False)
+    return task, root / "run"
+
+
+def test_training_writes_models_metrics_and_plot(trained):
+    _, run = trained
+    for name in ("model.safetensors", "model_best.safetensors", "metrics.jsonl", "training.png", "config.json"):
+        assert (run / name).exists(), name
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    info = read_model_info(run / "model.safetensors")
+    assert info.preprocessing["target_spacing"] == [1.0, 1.0, 1.0] and info.preprocessing["patch_size"] == [16, 16, 16]
+    assert info.preprocessing["channel_names"] == ["FLAIR", "T1w"] and info.config.num_classes == 3
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["betas"] == [0.9, 0.999] and not set(config["cases"]["train"]) & set(config["cases"]["validation"])
+
+
+def test_prediction_keeps_the_input_grid(trained, tmp_path):
+    task, run = trained
+    written = predict_folder(run / "model.safetensors", task / "imagesTr", tmp_path / "pred", progress=False)
+    assert len(written) == 6
+    for path in written:
+        image = nib.load(str(task / "imagesTr" / path.name))
+        label = nib.load(str(path))
+        assert label.shape == image.shape[:3] and np.array_equal(label.affine, image.affine)
+        assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2}
+    result = evaluate_folders(tmp_path / "pred", task / "labelsTr")
+    assert result.labels == [1, 2] and len(result.cases) == 6 and 0.0 <= result.overall() <= 1.0
+
+
+def test_prediction_of_a_folds_validation_cases(trained, tmp_path, cli):
+    task, run = trained
+    result = cli("predict", run / "model.safetensors", "-i", task / "imagesTr", "-o", tmp_path / "cv",
+                 "--validation-of", run)
+    assert result.code == 0, result
+    expected = json.loads((run / "config.json").read_text())["cases"]["validation"]
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == sorted(f"{c}.nii.gz" for c in expected)
+
+
+def test_sliding_window_equals_one_pass_when_the_volume_fits_one_window():
+    net = build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=4, in_channels=1, num_classes=2)).eval()
+
+    def predict(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(batch)).numpy()
+    image = np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32)
+    whole = predict(image[None])[0]
+    windowed = sliding_window(image, predict, (16, 16, 16), 2)
+    np.testing.assert_allclose(windowed, whole, rtol=1e-5, atol=1e-5)
+    smaller = sliding_window(image[:, :12, :16, :10], predict, (16, 16, 16), 2)   # padded, cropped back
+    assert smaller.shape == (2, 12, 16, 10)
+    mirrored = sliding_window(image, predict, (16, 16, 16), 2, mirror=True)
+    assert mirrored.shape == whole.shape and not np.allclose(mirrored, whole)
+
+
+def test_windows_cover_the_volume_with_the_requested_overlap():
+    assert window_starts(16, 16, 0.5) == [0] and window_starts(10, 16, 0.5) == [0]
+    starts = window_starts(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 68 and max(np.diff(starts)) <= 16
+    weights = gaussian_importance((8, 8, 8))
+    assert weights.max() == 1.0 and weights.min() > 0 and weights[3, 3, 3] > weights[0, 0, 0]
+
+
+@pytest.mark.slow
+def test_onnx_backend_and_the_onnx_only_example_agree_with_torch(trained, tmp_path, cli):
+    task, run = trained
+    assert cli("export-onnx", run / "model.safetensors", "-o", tmp_path / "m.onnx").code == 0
+    predict_folder(run / "model.safetensors", task / "imagesTr", tmp_path / "torch", progress=False)
+    result = cli("predict", tmp_path / "m.onnx", "--backend", "onnxruntime", "-i", task / "imagesTr", "-o", tmp_path / "ort")
+    assert result.code == 0, result
+    for case in ("phantom_000", "phantom_003"):
+        by_torch = np.asarray(nib.load(str(tmp_path / "torch" / f"{case}.nii.gz")).dataobj)
+        by_ort = np.asarray(nib.load(str(tmp_path / "ort" / f"{case}.nii.gz")).dataobj)
+        assert (by_torch == by_ort).mean() >= 0.999      # float32 near-ties may flip a voxel
+        example = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_onnx_only.py"), str(tmp_path / "m.onnx"),
+                                  str(task / "imagesTr" / f"{case}.nii.gz"), str(tmp_path / f"{case}-example.nii.gz")],
+                                 capture_output=True, text=True)
+        assert example.returncode == 0, example.stderr
+        assert np.array_equal(np.asarray(nib.load(str(tmp_path / f"{case}-example.nii.gz")).dataobj), by_ort)
+    source = (ROOT / "examples" / "predict_onnx_only.py").read_text()
+    assert {line.split()[1] for line in source.splitlines() if line.startswith("import ")} <= {
+        "itertools", "json", "sys", "nibabel", "numpy", "onnxruntime"} and "from scnas" not in source
+
+
+@pytest.mark.slow
+def test_resumed_training_equals_an_uninterrupted_run(trained, tmp_path):
+    task, _ = trained
+    config = _config(task, epochs=2)
+    run_training(builtin_genotype("minimal"), config, tmp_path / "whole", progress=False)
+    run_training(builtin_genotype("minimal"), config, tmp_path / "parts", progress=False, stop_after_epochs=1)
+    run_training(builtin_genotype("minimal"), config, tmp_path / "parts", resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    whole, parts = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+def test_a_genotype_transfers_to_a_task_with_other_channels_and_classes(tmp_path):
+    task = write_phantom_dataset(tmp_path / "ct", cases=5, channels=1, classes=1, shape=(16, 16, 16), seed=2,
+                                 spacing=(1.0, 1.0, 1.0))
+    run_training(builtin_genotype("uresnet"), _config(task, epochs=1, steps_per_epoch=1), tmp_path / "run", progress=False)
+    info = read_model_info(tmp_path / "run" / "model.safetensors")
+    assert info.config.in_channels == 1 and info.config.num_classes == 2
+
+
+def test_bad_prediction_inputs(trained, tmp_path, cli):
+    task, run = trained
+    one_channel = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4)), str(one_channel))
+    result = cli("predict", run / "model.safetensors", "-i", one_channel, "-o", tmp_path / "out")
+    assert result.code == 1 and "image has 1 channel(s), expected 2 (FLAIR, T1w)" in result.err
+    (tmp_path / "bad.nii.gz").write_bytes(b"garbage" * 20)
+    result = cli("predict", run / "model.safetensors", "-i", tmp_path / "bad.nii.gz", "-o", tmp_path / "out")
+    assert result.code == 1 and "cannot read" in result.err and "Traceback" not in result.err
+    result = cli("predict", run / "model.safetensors", "-i", task / "imagesTr", "-o", "/proc/scnas-out")
+    assert result.code == 1 and "error:" in result.err
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, plain)
+    with pytest.raises(ModelFileError, match="has no scnas metadata"):
+        load_predictor(plain)
+    untrained = tmp_path / "untrained.safetensors"
+    save_model(build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=2, in_channels=2)), untrained)
+    with pytest.raises(ModelFileError, match="has no preprocessing settings"):
+        load_predictor(untrained)
+    assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+
+
+def test_evaluation_conventions_and_files(tmp_path, cli):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    truth = np.zeros((8, 8, 8), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1
+    prediction = np.zeros_like(truth)
+    prediction[2:6, 2:6, 3:6] = 1
+    for folder, array in (("gt", truth), ("pred", prediction)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(tmp_path / folder / "a.nii.gz"))
+        nib.save(nib.Nifti1Image(np.zeros_like(truth), np.eye(4)), str(tmp_path / folder / "empty.nii.gz"))
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+    assert result.cases["a"][1] == pytest.approx(2 * 48 / (48 + 64))
+    assert np.isnan(result.cases["empty"][1]) and result.mean()[1] == pytest.approx(2 * 48 / 112)  # NaN left out
+    out = cli("evaluate", tmp_path / "pred", tmp_path / "gt", "-o", tmp_path / "d.csv", "-o", tmp_path / "d.json")
+    assert out.code == 0 and "mean Dice over classes: 0.8571" in out.out
+    assert json.loads((tmp_path / "d.json").read_text())["mean"]["1"] == pytest.approx(0.857142857)
+    assert (tmp_path / "d.csv").read_text().splitlines()[0] == "case,dice_1"
+    (tmp_path / "pred" / "a.nii.gz").unlink()
+    with pytest.raises(DatasetError, match="no prediction for 1 ground-truth case"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "gt")
+
+
+def test_train_command_end_to_end(cli, tmp_path):
+    task = write_phantom_dataset(tmp_path / "task", cases=5, channels=1, classes=1, shape=(16, 16, 16), seed=3,
+                                 spacing=(1.0, 1.0, 1.0))
+    result = cli("train", "minimal", "--data", task, "-o", tmp_path / "run", "--stem", "2", "--patch", "16", "16", "16",
+                 "--batch-size", "1", "--epochs", "1", "--steps-per-epoch", "2", "--spacing", "1", "1", "1",
+                 "--device", "cpu")
+    assert result.code == 0, result
+    assert "epoch 1: training loss" in result.out and (tmp_path / "run" / "model_best.safetensors").exists()
+    again = cli("train", "minimal", "--data", task, "-o", tmp_path / "run", "--epochs", "1")
+    assert again.code == 1 and "already holds a training run" in again.err
