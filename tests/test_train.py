@@ -191,3 +191,23 @@ def test_train_command_end_to_end(cli, tmp_path):
     assert "epoch 1: training loss" in result.out and (tmp_path / "run" / "model_best.safetensors").exists()
     again = cli("train", "minimal", "--data", task, "-o", tmp_path / "run", "--epochs", "1")
     assert again.code == 1 and "already holds a training run" in again.err
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_training(trained, tmp_path):
+    import os
+    import socket
+
+    task, _ = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "scnas", "train", "minimal", "--data", str(task), "--stem", "2",
+               "--patch", "16", "16", "16", "--batch-size", "1", "--epochs", "1", "--steps-per-epoch", "2",
+               "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.stem_channels == 2
