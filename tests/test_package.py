@@ -18,7 +18,7 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     quickstart = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    commands = [line.strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", quickstart, re.S)
+    commands = [line.strip() for block in re.findall(r"```(?:bash|sh)\n(.*?)```", quickstart, re.S)
                 for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert commands, "README has no Quickstart commands"
     for command in commands:
