@@ -293,3 +293,13 @@ def test_phantom_and_prepare_commands(cli, tmp_path):
     assert result.code == 0 and "prepared 5 case(s)" in result.out
     assert (tmp_path / "c" / "splits_final.json").exists()
     assert "skipped 5" in cli("data", "prepare", tmp_path / "p", "-o", tmp_path / "c", "--spacing", "1", "1", "2").out
+
+
+def test_open_or_prepare_takes_a_cache_or_prepares_a_task(phantom, cache, tmp_path):
+    from scnas.data import open_or_prepare
+
+    assert open_or_prepare(cache.folder, tmp_path / "unused", (1.0, 1.0, 1.0)).folder == cache.folder
+    prepared = open_or_prepare(phantom, tmp_path / "new", (1.0, 1.0, 1.0))
+    assert prepared.folder == tmp_path / "new" and prepared.case_ids == cache.case_ids
+    with pytest.raises(DatasetError, match="neither a prepared cache .* nor a task folder"):
+        open_or_prepare(tmp_path, tmp_path / "x", (1.0, 1.0, 1.0))

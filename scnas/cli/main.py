@@ -29,6 +29,11 @@ stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def settings_error(exc, error: type[ScnasError]) -> ScnasError:
+    """A pydantic ValidationError of command settings as one ScnasError line per field."""
+    return error("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
+
+
 def _version(value: bool) -> None:
     if value:
         stdout.print(f"scnas {__version__}")

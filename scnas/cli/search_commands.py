@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from scnas.cli.main import app, stdout
+from scnas.cli.main import app, settings_error, stdout
 
 
 @app.command()
@@ -63,8 +63,7 @@ def search(
         try:
             return SearchConfig.model_validate(values)
         except ValidationError as exc:
-            raise SearchError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                                        for e in exc.errors())) from None
+            raise settings_error(exc, SearchError) from None
 
     if resume:
         saved = run / "config.json"

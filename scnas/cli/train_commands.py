@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from scnas.cli.main import app, stdout
+from scnas.cli.main import app, settings_error, stdout
 
 
 @app.command()
@@ -58,7 +58,7 @@ def train(
                                  epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
                                  workers=workers, device=device, amp=amp)
     except ValidationError as exc:
-        raise TrainError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"))
     stdout.out(f"trained {result.epochs_done} epoch(s); best validation Dice {result.best_dice:.3f}; "

@@ -15,6 +15,23 @@ from scnas.data.dataset import DatasetError
 from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION
 
 
+def open_or_prepare(data: str | os.PathLike, prepared: str | os.PathLike, spacing: tuple[float, float, float],
+                    prepare: bool = True, wait=lambda: None) -> "Cache":
+    """``data`` as a cache: a prepared cache folder itself, or a task folder prepared into
+    ``prepared`` (by this process when ``prepare``; ``wait`` lets other processes wait for it)."""
+    from scnas.data.preprocess import PrepareSettings, prepare_dataset
+
+    data = Path(data)
+    if (data / "cache.json").exists():
+        return Cache(data)
+    if (data / "dataset.json").exists():
+        if prepare:
+            prepare_dataset(data, prepared, PrepareSettings(target_spacing=spacing), progress=False)
+        wait()
+        return Cache(prepared)
+    raise DatasetError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
+
+
 @dataclass
 class CachedCase:
     case_id: str

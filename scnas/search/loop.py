@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from scnas import __version__
 from scnas.build import BuildConfig
 from scnas.build.losses import dice_per_class, soft_jaccard_loss
-from scnas.data import Cache, PrepareSettings, architecture_split, fold_cases, prepare_dataset
+from scnas.data import architecture_split, fold_cases, open_or_prepare
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
@@ -52,19 +52,6 @@ class SearchResult:
     genotype_path: Path
     history: list[dict[str, Any]]
     skipped_steps: int
-
-
-def resolve_cache(config: SearchConfig, run: Path, d: Processes) -> Cache:
-    """The cache to search on: ``config.data`` itself, or a task folder prepared into run/cache."""
-    data = Path(config.data)
-    if (data / "cache.json").exists():
-        return Cache(data)
-    if (data / "dataset.json").exists():
-        if d.main:
-            prepare_dataset(data, run / "cache", PrepareSettings(target_spacing=config.spacing), progress=False)
-        d.barrier()
-        return Cache(run / "cache")
-    raise SearchError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
 
 
 def _batches(dataset: PatchDataset, start_step: int, steps: int, d: Processes, config: SearchConfig) -> DataLoader:
@@ -107,7 +94,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     if d.main:
         (run / "genotypes").mkdir(parents=True, exist_ok=True)
     d.barrier()
-    cache = resolve_cache(config, run, d)
+    cache = open_or_prepare(config.data, run / "cache", config.spacing, d.main, d.barrier)
     train_ids, _ = fold_cases(cache.splits, config.fold)
     weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed, architecture_share=config.architecture_share)
     num_classes = len(cache.labels)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
 from scnas.build.losses import dice_per_class, soft_jaccard_loss
-from scnas.data import Cache, PrepareSettings, fold_cases, prepare_dataset
+from scnas.data import Cache, fold_cases, open_or_prepare
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
@@ -79,18 +79,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def resolve_training_cache(config: TrainConfig, run: Path, main: bool, barrier: Callable[[], None]) -> Cache:
-    data = Path(config.data)
-    if (data / "cache.json").exists():
-        return Cache(data)
-    if (data / "dataset.json").exists():
-        if main:
-            prepare_dataset(data, run / "cache", PrepareSettings(target_spacing=config.spacing), progress=False)
-        barrier()
-        return Cache(run / "cache")
-    raise TrainError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
-
-
 def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
     """What a predictor must do to a new image, as stored in model files."""
     return {**cache.settings, "patch_size": list(config.patch), "labels": cache.labels,
@@ -119,7 +107,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
     d.barrier()
-    cache = resolve_training_cache(config, run, d.main, d.barrier)
+    cache = open_or_prepare(config.data, run / "cache", config.spacing, d.main, d.barrier)
     train_ids, val_ids = fold_cases(cache.splits, config.fold)
     build = BuildConfig(stem_channels=config.stem, in_channels=len(cache.channel_names),
                         num_classes=len(cache.labels), depth=config.depth)
