@@ -68,6 +68,36 @@ def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -
     return state
 
 
+def rank_loader(dataset, start_step: int, steps: int, processes: Processes, batch_size: int, workers: int):
+    """This process's batches of steps ``start_step`` .. ``steps - 1``: item index
+    ``(step * world + rank) * batch + b``, so every rank sees different patches and a resumed
+    epoch starts exactly at ``start_step``."""
+    from torch.utils.data import DataLoader, Subset
+
+    indices = [(step * processes.world + processes.rank) * batch_size + b
+               for step in range(start_step, steps) for b in range(batch_size)]
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers, shuffle=False)
+
+
+def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
+    """Refuse to resume with settings other than the run's own (only ``epochs`` may change)."""
+    old, new = saved.model_dump(), current.model_dump()
+    differing = sorted(k for k, v in new.items() if k != "epochs" and old[k] != v)
+    if differing:
+        raise error(f"--resume with settings that differ from the run's ({', '.join(differing)}); resume with the "
+                    "run's own settings (only --epochs may change)", source=str(run))
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 class StepBar:
     """A rich progress bar (stderr, terminals only) over ``total`` steps with a free info text."""
 

@@ -20,7 +20,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
 
 from scnas import __version__
 from scnas.build import BuildConfig
@@ -35,7 +34,8 @@ from scnas.search.config import SearchConfig
 from scnas.search.derive import derive_genotype
 from scnas.search.sampling import SAMPLERS
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.runtime import Processes, StepBar, read_checkpoint, save_checkpoint, setup_processes
+from scnas.runtime import (Processes, StepBar, check_resume_settings, rank_loader, read_checkpoint, save_checkpoint,
+                           setup_processes)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-search-checkpoint"
@@ -52,15 +52,6 @@ class SearchResult:
     genotype_path: Path
     history: list[dict[str, Any]]
     skipped_steps: int
-
-
-def _batches(dataset: PatchDataset, start_step: int, steps: int, d: Processes, config: SearchConfig) -> DataLoader:
-    # Item index = (step * world + rank) * batch + b: every rank sees different patches, and a
-    # resumed epoch starts exactly at ``start_step``.
-    indices = [(step * d.world + d.rank) * config.batch_size + b
-               for step in range(start_step, steps) for b in range(config.batch_size)]
-    return DataLoader(Subset(dataset, indices), batch_size=config.batch_size, num_workers=config.workers,
-                      shuffle=False, drop_last=False)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -85,10 +76,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             raise SearchError("has no checkpoint to resume from", source=str(run))
         state = load_checkpoint(checkpoint_path)
         saved = SearchConfig.model_validate_json(state["config"])
-        differing = {k for k, v in config.model_dump().items() if k != "epochs" and saved.model_dump()[k] != v}
-        if differing:
-            raise SearchError(f"--resume with settings that differ from the run's ({', '.join(sorted(differing))}); "
-                              "resume with the run's own settings (only --epochs may change)", source=str(run))
+        check_resume_settings(saved, config, run, SearchError)
     elif checkpoint_path.exists():
         raise SearchError("already holds a search; use --resume to continue it or another folder", source=str(run))
     if d.main:
@@ -164,8 +152,9 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             started = time.perf_counter()
             bar.start(f"epoch {epoch + 1}/{config.epochs}", step_start)
             for step, ((xw, yw), (xa, ya)) in enumerate(
-                    zip(_batches(weight_data, step_start, config.steps_per_epoch, d, config),
-                        _batches(arch_data, step_start, config.steps_per_epoch, d, config)), start=step_start):
+                    zip(rank_loader(weight_data, step_start, config.steps_per_epoch, d, config.batch_size, config.workers),
+                        rank_loader(arch_data, step_start, config.steps_per_epoch, d, config.batch_size, config.workers)),
+                    start=step_start):
                 xw, yw, xa, ya = (t.to(d.device) for t in (xw, yw, xa, ya))
                 # Theta step on the weight set, alpha fixed.
                 with torch.no_grad():

@@ -15,7 +15,8 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scnas.fileio import atomic_write_bytes, atomic_write_text
+    from scnas.fileio import atomic_write_text
+    from scnas.runtime import save_figure
     from scnas.search.supernet import cell_edges
 
     folder = run / "plots"
@@ -27,12 +28,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config) -> None:
     atomic_write_text(track_path, json.dumps(track) + "\n")
 
     def save(figure, name: str) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-        plt.close(figure)
-        atomic_write_bytes(folder / name, buffer.getvalue())
+        save_figure(figure, folder / name)
 
     epochs = [r["epoch"] for r in history]
     figure, left = plt.subplots(figsize=(7, 4))

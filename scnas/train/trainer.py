@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.data import DataLoader, Subset
 
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
@@ -32,7 +31,8 @@ from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
-from scnas.runtime import StepBar, read_checkpoint, save_checkpoint, setup_processes
+from scnas.runtime import (StepBar, check_resume_settings, rank_loader, read_checkpoint, save_checkpoint, save_figure,
+                           setup_processes)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-train-checkpoint"
@@ -98,10 +98,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             raise TrainError("has no checkpoint to resume from", source=str(run))
         state = read_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, TrainError)
         saved = TrainConfig.model_validate_json(state["config"])
-        differing = {k for k, v in config.model_dump().items() if k != "epochs" and saved.model_dump()[k] != v}
-        if differing:
-            raise TrainError(f"--resume with settings that differ from the run's ({', '.join(sorted(differing))})",
-                             source=str(run))
+        check_resume_settings(saved, config, run, TrainError)
     elif checkpoint_path.exists():
         raise TrainError("already holds a training run; use --resume or another folder", source=str(run))
     if d.main:
@@ -143,9 +140,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     epochs_this_call = 0
     while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
         train_data.set_epoch(epoch)
-        indices = [(step * d.world + d.rank) * config.batch_size + b
-                   for step in range(config.steps_per_epoch) for b in range(config.batch_size)]
-        loader = DataLoader(Subset(train_data, indices), batch_size=config.batch_size, num_workers=config.workers)
+        loader = rank_loader(train_data, 0, config.steps_per_epoch, d, config.batch_size, config.workers)
         started, losses, skipped = time.perf_counter(), [], 0
         bar.start(f"epoch {epoch + 1}/{config.epochs}")
         net.train()
@@ -214,14 +209,10 @@ def _validate(net, val_data: PatchDataset, num_classes: int, device, autocast, b
 
 
 def _plot(run: Path, history: list[dict[str, Any]]) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from scnas.fileio import atomic_write_bytes
 
     figure, left = plt.subplots(figsize=(7, 4))
     epochs = [r["epoch"] for r in history]
@@ -230,7 +221,4 @@ def _plot(run: Path, history: list[dict[str, Any]]) -> None:
     right = left.twinx()
     right.plot(epochs, [r["val_dice"] for r in history], "k--", label="validation Dice")
     figure.legend(loc="upper right")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(run / "training.png", buffer.getvalue())
+    save_figure(figure, run / "training.png")
