@@ -287,3 +287,26 @@ def test_build_command_bad_patch_is_one_line(cli, tmp_path):
     result = cli("build", "uresnet", "--patch", "100", "128", "128", "-o", tmp_path / "n.safetensors")
     assert result.code == 1 and result.err.count("\n") == 1 and "D=100 is not a multiple of 2**depth = 8" in result.err
     assert not list(tmp_path.iterdir())
+
+
+def test_gradients_of_a_batch_are_the_sum_of_its_samples():
+    # Nothing in these networks mixes the samples of a batch, so the gradient of a batch is the
+    # sum of the per-sample gradients. (scnas 0.1 broke this at batch 1: its channels-last max
+    # pooling handed back a gradient layout that torch's CPU instance norm mishandled.)
+    import torch
+
+    from scnas.genotype import PAPER_OPS, random_genotype
+
+    torch.manual_seed(0)
+    genotype = random_genotype(seed=1, nodes=2, ops=list(PAPER_OPS))
+    assert "max_pool_3x3x3" in {edge.op for name in ("encoder_normal", "reduction", "decoder_normal", "expansion")
+                                for edge in genotype.cell(name).edges}
+    net = build_network(genotype, BuildConfig(stem_channels=4, in_channels=2, num_classes=3)).double()
+    x, weights = torch.randn(2, 2, 32, 32, 32).double(), torch.randn(2, 3, 32, 32, 32).double()
+    (net(x) * weights).sum().backward()
+    whole = {name: p.grad.clone() for name, p in net.named_parameters()}
+    net.zero_grad()
+    for i in range(2):
+        (net(x[i:i + 1]) * weights[i:i + 1]).sum().backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, whole[name], rtol=1e-9, atol=1e-12, msg=name)

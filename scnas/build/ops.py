@@ -78,16 +78,18 @@ class SeparableDilatedConv(nn.Sequential):
 class MaxPool3x3x3(nn.Module):
     """3x3x3 max pooling, padding 1; exactly ``nn.MaxPool3d(3, stride, 1)``.
 
-    Computed in the channels-last-3d layout, where torch's CPU kernel is 1.5-7x faster
-    (benchmarks/build_bench.py), and returned contiguous. In training at stride 2 the
-    backward of that layout is slower than the plain one, so it is used only without grad."""
+    Without gradients (inference) it is computed in the channels-last-3d layout, where torch's
+    CPU kernel is 1.5-7x faster (benchmarks/build_bench.py), and returned contiguous. Never
+    with gradients: the channels-last gradient it hands back made torch's CPU instance norm
+    compute wrong weight gradients at batch 1 (scnas 0.1 trained with them; see
+    tests/test_build.py::test_gradients_of_a_batch_are_the_sum_of_its_samples)."""
 
     def __init__(self, stride: int):
         super().__init__()
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.stride == 1 or not torch.is_grad_enabled()) and not _tracing():
+        if not torch.is_grad_enabled() and not _tracing():
             pooled = F.max_pool3d(x.contiguous(memory_format=torch.channels_last_3d), 3, self.stride, 1)
             return pooled.contiguous()
         return F.max_pool3d(x, 3, self.stride, 1)
