@@ -71,12 +71,48 @@ def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -
 def rank_loader(dataset, start_step: int, steps: int, processes: Processes, batch_size: int, workers: int):
     """This process's batches of steps ``start_step`` .. ``steps - 1``: item index
     ``(step * world + rank) * batch + b``, so every rank sees different patches and a resumed
-    epoch starts exactly at ``start_step``."""
+    epoch starts exactly at ``start_step``. ``batch_size`` is this process's share. On CUDA the
+    batches come in pinned memory, so that copies to the device need not wait."""
     from torch.utils.data import DataLoader, Subset
 
     indices = [(step * processes.world + processes.rank) * batch_size + b
                for step in range(start_step, steps) for b in range(batch_size)]
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers, shuffle=False)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers, shuffle=False,
+                      pin_memory=processes.device.type == "cuda")
+
+
+def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
+    """Create a run folder (and parents), or fail with a message naming it (a file in the way,
+    no permission, a read-only file system)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".scnas-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise error(f"cannot be used as a run folder: {exc.strerror or exc}", source=str(folder)) from None
+
+
+def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, poll_seconds: float = 5.0):
+    """``data`` as a prepared cache: a cache folder itself, or a task folder that the main
+    process prepares into ``prepared`` (under torchrun with one worker per core, since the
+    other processes are idle meanwhile). The other processes wait by watching the file
+    system rather than at a collective, which would time out (after 30 minutes by default)
+    on a task the size of BraTS."""
+    import time as _time
+
+    from scnas.data.cache import Cache, open_or_prepare as _open
+
+    if processes.world == 1 or processes.main or (Path(data) / "cache.json").exists():
+        workers = (os.cpu_count() or 1) if processes.world > 1 else 1
+        cache = _open(data, prepared, spacing, prepare=processes.main, workers=workers)
+    else:
+        marker = Path(prepared) / "cache.json"
+        while not marker.exists():
+            _time.sleep(poll_seconds)
+        cache = None
+    processes.barrier()   # every process past preparation (a failing main process ends the torchrun job)
+    return cache if cache is not None else Cache(prepared)
 
 
 def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
@@ -118,9 +154,13 @@ class StepBar:
         self.bar.start()
         self.task = self.bar.add_task("steps", total=self.total, completed=done, info="")
 
-    def advance(self, info: str = "") -> None:
+    def advance(self, info: str = "", steps: int | None = None) -> None:
+        """One step more, or ``steps`` done in all."""
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
+            if steps is None:
+                self.bar.update(self.task, advance=1, info=info)
+            else:
+                self.bar.update(self.task, completed=steps, info=info)
 
     def stop(self) -> None:
         if self.bar is not None:

@@ -19,7 +19,7 @@ def test_every_command_is_in_the_reference():
     text = render()
     for command in ("validate", "show", "diff", "convert", "schema", "genotype random", "build", "export-onnx", "info",
                     "draw", "data phantom", "data prepare", "data check", "search", "train", "predict", "evaluate",
-                    "demo"):
+                    "demo", "plan"):
         assert f"## `scnas {command}`" in text, command
 
 

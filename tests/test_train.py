@@ -204,10 +204,40 @@ def test_two_process_torchrun_training(trained, tmp_path):
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), "-m", "scnas", "train", "minimal", "--data", str(task), "--stem", "2",
-               "--patch", "16", "16", "16", "--batch-size", "1", "--epochs", "1", "--steps-per-epoch", "2",
+               "--patch", "16", "16", "16", "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "2",
                "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
     assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.stem_channels == 2
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_mixed_precision_training_and_prediction_run_on_the_cpu(trained, tmp_path, amp):
+    task, run = trained
+    result = run_training(builtin_genotype("minimal"), _config(task, amp=amp, epochs=1, steps_per_epoch=2,
+                                                                micro_batch=1, checkpoint="cells"),
+                          tmp_path / amp, progress=False)
+    assert result.plan.checkpoint == "cells" and result.plan.micro_batch == 1
+    assert np.isfinite(result.history[0]["train_loss"]) and result.history[0]["skipped_steps"] <= 2
+    recorded = json.loads((tmp_path / amp / "config.json").read_text())
+    assert recorded["amp"] == amp and recorded["memory_plan"]["checkpoint"] == "cells"
+    exact = predict_folder(run / "model.safetensors", task / "imagesTr", tmp_path / "exact", progress=False, amp="off")
+    mixed = predict_folder(run / "model.safetensors", task / "imagesTr", tmp_path / "mixed", progress=False, amp=amp)
+    agree = [np.mean(np.asarray(nib.load(str(a)).dataobj) == np.asarray(nib.load(str(b)).dataobj))
+             for a, b in zip(exact, mixed)]
+    assert min(agree) > 0.95
+
+
+def test_a_setting_that_cannot_fit_is_refused_before_the_first_step(trained, tmp_path, cli):
+    task, _ = trained
+    result = cli("train", "minimal", "--data", task, "--stem", "4", "--patch", "16", "16", "16", "--spacing", "1", "1",
+                 "1", "--epochs", "1", "--device", "cpu", "--gpu-memory", "520MiB", "--checkpoint", "off",
+                 "-o", tmp_path / "big")
+    assert result.code == 1 and "does not fit" in result.err and "needs about" in result.err, result
+    assert not (tmp_path / "big" / "checkpoint.pt").exists()
+    fits = cli("train", "minimal", "--data", task, "--stem", "4", "--patch", "16", "16", "16", "--spacing", "1", "1",
+               "1", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--gpu-memory", "4GiB",
+               "-o", tmp_path / "small")
+    assert fits.code == 0 and "checkpointing off, micro-batch 8; predicted peak" in fits.out, fits

@@ -10,16 +10,28 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Mean over classes (background included) of 1 - soft IoU, over the whole batch.
-
-    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
+def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sums the soft Jaccard loss is made of, per class: row 0 the soft intersection
+    sum(p * g), row 1 sum(p) + sum(g), over the batch and all voxels (float32, shape (2, K)).
+    Sums over several micro-batches or processes add up to the whole batch's."""
     probs = torch.softmax(logits.float(), dim=1)
     onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).float()
     dims = (0, 2, 3, 4)
     intersection = (probs * onehot).sum(dims)
-    union = probs.sum(dims) + onehot.sum(dims) - intersection
-    return (1.0 - (intersection + eps) / (union + eps)).mean()
+    return torch.stack([intersection, probs.sum(dims) + onehot.sum(dims)])
+
+
+def jaccard_from_statistics(statistics: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over classes (background included) of 1 - soft IoU, from :func:`jaccard_statistics`."""
+    intersection, total = statistics[0], statistics[1]
+    return (1.0 - (intersection + eps) / (total - intersection + eps)).mean()
+
+
+def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over classes (background included) of 1 - soft IoU, over the whole batch.
+
+    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
+    return jaccard_from_statistics(jaccard_statistics(logits, target), eps)
 
 
 def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from scnas.build.config import BuildConfig, BuildError
 from scnas.build.ops import ActConvNorm, Conv3d, make_op
-from scnas.genotype import NUM_INPUTS, Cell, Genotype
+from scnas.genotype import CELL_TYPES, NUM_INPUTS, Cell, Genotype
 
 
 @dataclass(frozen=True)
@@ -75,51 +77,99 @@ class Resample(nn.Module):
         if self.scale > 1:
             # Upsampling after the 1x1x1 conv equals upsampling before it (both are linear and
             # act on different axes), but convolves 8x fewer voxels and upsamples fewer channels.
-            x = F.interpolate(x, scale_factor=self.scale, mode="trilinear", align_corners=False)
+            x = _upsample(x, self.scale)
         return self.norm(x)
 
 
-class CellModule(nn.Module):
-    """One cell: two inputs resampled to the node width, nodes summing their incoming edges,
-    output the concatenation of the ``concat`` nodes (ascending). Dead nodes (valid but
-    unused) and unused inputs are not built, so every parameter takes part in the output."""
+def _upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Trilinear upsampling in ``x``'s own precision. CUDA autocast would run it in float32, and
+    everything after it up to the next convolution with it: about a fifth more memory and time
+    at 128^3 in fp16, for an interpolation that half precision represents well."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type) \
+            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False)
+    return F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False)
 
-    def __init__(self, cell: Cell, cell_type: str, level: int, inputs: tuple[tuple[int, int], tuple[int, int]],
-                 nodes: int, config: BuildConfig):
+
+EdgeFactory = Callable[[int, int, int, int], nn.Module]
+"""Builds the module of one edge: ``(source, target, node_width, stride) -> module``. The
+final network's factory makes the genotype's operation; the search supernet's makes a mixed
+edge over every candidate operation. Cells, widths and strides are the builder's either way."""
+
+
+@dataclass(frozen=True)
+class CellGraph:
+    """The wiring a cell module is built from: edges (source, target) in execution order
+    (targets ascending, then sources ascending) and the nodes concatenated into the output."""
+
+    edges: tuple[tuple[int, int], ...]
+    concat: tuple[int, ...]
+
+    @classmethod
+    def of(cls, cell: Cell, nodes: int) -> "CellGraph":
+        """A genotype cell without its dead nodes (valid, but unable to reach the output)."""
+        live = cell.live_nodes()
+        edges = tuple((edge.source, node) for node in range(NUM_INPUTS, NUM_INPUTS + nodes) if node in live
+                      for edge in cell.incoming(node))
+        return cls(edges, tuple(sorted(cell.concat)))
+
+    @classmethod
+    def complete(cls, nodes: int) -> "CellGraph":
+        """Every candidate edge i -> j (i < j, j an intermediate node), every node concatenated:
+        the cell of a search supernet."""
+        edges = tuple((source, target) for target in range(NUM_INPUTS, NUM_INPUTS + nodes) for source in range(target))
+        return cls(edges, tuple(range(NUM_INPUTS, NUM_INPUTS + nodes)))
+
+    @property
+    def used_inputs(self) -> set[int]:
+        """The cell inputs (0 = c_{k-2}, 1 = c_{k-1}) that some edge reads."""
+        return {source for source, _ in self.edges if source < NUM_INPUTS}
+
+
+class CellModule(nn.Module):
+    """One cell: its used inputs resampled to the node width, nodes summing their incoming
+    edges, output the concatenation of the ``concat`` nodes (ascending). Widths, strides and
+    input resampling are decided here for every kind of edge (see :data:`EdgeFactory`).
+
+    ``checkpoint_edges`` recomputes each edge's internals during backward instead of keeping
+    them (activation checkpointing inside the cell); results and gradients are unchanged."""
+
+    def __init__(self, graph: CellGraph, cell_type: str, level: int, inputs: tuple[tuple[int, int], tuple[int, int]],
+                 nodes: int, config: BuildConfig, make_edge: EdgeFactory):
         super().__init__()
+        self.graph = graph
         self.width = node_width(config, nodes, level)
         # Reduction cells work at the finer level and reduce on the edges leaving their inputs.
         work_level = level - 1 if cell_type == "reduction" else level
-        live = cell.live_nodes()
         self.preprocess = nn.ModuleDict()
         for index, (channels, input_level) in enumerate(inputs):
-            if index in live:
+            if index in graph.used_inputs:
                 self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config)
         self.edges = nn.ModuleDict()
-        self.plan: list[tuple[int, list[int]]] = []
-        for node in range(NUM_INPUTS, NUM_INPUTS + nodes):
-            if node not in live:
-                continue
-            sources = []
-            for edge in cell.incoming(node):
-                stride = 2 if cell_type == "reduction" and edge.source < NUM_INPUTS else 1
-                self.edges[f"{edge.source}_{node}"] = make_op(edge.op, self.width, self.width, stride,
-                                                              config.negative_slope)
-                sources.append(edge.source)
-            self.plan.append((node, sources))
-        self.concat = sorted(cell.concat)
+        for source, target in graph.edges:
+            stride = 2 if cell_type == "reduction" and source < NUM_INPUTS else 1
+            self.edges[f"{source}_{target}"] = make_edge(source, target, self.width, stride)
+        self.concat = list(graph.concat)
         self.out_channels = self.width * len(self.concat)
+        self.checkpoint_edges = False
 
-    def forward(self, s0: torch.Tensor | None, s1: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor | None, s1: torch.Tensor | None, choices: Sequence[Any] | None = None
+                ) -> torch.Tensor:
+        """``choices``: one argument per edge (in ``graph.edges`` order) passed to edge modules
+        that take one (the supernet's sampled operations); None for fixed operations."""
         states: dict[int, torch.Tensor] = {}
         for index, x in ((0, s0), (1, s1)):
             if str(index) in self.preprocess:
                 states[index] = self.preprocess[str(index)](x)
-        for node, sources in self.plan:
-            total = self.edges[f"{sources[0]}_{node}"](states[sources[0]])
-            for source in sources[1:]:
-                total = total + self.edges[f"{source}_{node}"](states[source])
-            states[node] = total
+        recompute = self.checkpoint_edges and torch.is_grad_enabled()
+        for position, (source, target) in enumerate(self.graph.edges):
+            edge = self.edges[f"{source}_{target}"]
+            args = (states[source],) if choices is None else (states[source], choices[position])
+            term = checkpoint(edge, *args, use_reentrant=False, preserve_rng_state=False) if recompute else edge(*args)
+            states[target] = states[target] + term if target in states else term
+        if len(self.concat) == 1:
+            return states[self.concat[0]]
         return torch.cat([states[n] for n in self.concat], dim=1)
 
 
@@ -144,7 +194,7 @@ def macro_wiring(layout: list[CellSlot]) -> list[Wiring]:
     return wiring
 
 
-def live_cells(genotype: Genotype, layout: list[CellSlot], wiring: list[Wiring]) -> set[int]:
+def live_cells(graphs: Mapping[str, CellGraph], layout: list[CellSlot], wiring: list[Wiring]) -> set[int]:
     """Indices of the cells whose output reaches the network output. A genotype whose cells
     ignore an input can leave whole cells unused (e.g. a decoder cell that only reads
     c_{k-2} never sees the expansion cell before it); those are not built."""
@@ -152,7 +202,7 @@ def live_cells(genotype: Genotype, layout: list[CellSlot], wiring: list[Wiring])
     for k in range(len(layout) - 1, -1, -1):
         if k + 1 not in needed:
             continue
-        uses = genotype.cell(layout[k].cell_type).live_nodes()
+        uses = graphs[layout[k].cell_type].used_inputs
         for index in (0, 1):
             if index in uses:
                 needed.add(wiring[k].inputs[index])
@@ -161,19 +211,30 @@ def live_cells(genotype: Genotype, layout: list[CellSlot], wiring: list[Wiring])
     return {k for k in range(len(layout)) if k + 1 in needed}
 
 
-class SCNASUNet(nn.Module):
-    """A 3D U-Net whose cells follow a genotype. Input (B, in_channels, D, H, W) with D, H, W
-    multiples of 2**depth; output logits (B, num_classes, D, H, W).
+def genotype_graphs(genotype: Genotype) -> dict[str, CellGraph]:
+    """The wiring of each cell type of ``genotype`` (dead nodes left out)."""
+    return {name: CellGraph.of(genotype.cell(name), genotype.nodes) for name in CELL_TYPES}
 
-    ``cells`` maps slot names (``reduction_1``, ``inter``, ...) to cell modules; slots whose
-    output cannot reach the network output are absent."""
 
-    def __init__(self, genotype: Genotype, config: BuildConfig):
+CHECKPOINT_MODES = ("off", "cells", "edges")
+"""Activation checkpointing: ``off`` keeps every activation for backward; ``cells`` keeps only
+the cell boundaries and recomputes one cell at a time during backward; ``edges`` also
+recomputes each edge inside the recomputed cell (least memory, one more forward)."""
+
+
+class MacroUNet(nn.Module):
+    """The macro layout (stem, cells, encoder skips, output head) for cells of any kind: the one
+    place that knows widths, skips and projections. ``graphs`` gives each cell type's wiring and
+    ``edge_factory(cell_type)`` its edges. Slots whose output cannot reach the network output
+    are absent from ``cells``."""
+
+    def __init__(self, config: BuildConfig, nodes: int, graphs: Mapping[str, CellGraph],
+                 edge_factory: Callable[[str], EdgeFactory]):
         super().__init__()
-        self.genotype, self.config = genotype, config
+        self.config, self.nodes = config, nodes
         self.layout = macro_layout(config.depth)
         self.wiring = macro_wiring(self.layout)
-        live = live_cells(genotype, self.layout, self.wiring)
+        live = live_cells(graphs, self.layout, self.wiring)
         slope = config.negative_slope
         self.stem = nn.Sequential(Conv3d(config.in_channels, config.stem_channels, 3, padding=1, bias=False),
                                   nn.InstanceNorm3d(config.stem_channels, affine=True))
@@ -182,13 +243,12 @@ class SCNASUNet(nn.Module):
         self.skips = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for k, (slot, wiring) in enumerate(zip(self.layout, self.wiring)):
-            cell_genotype = genotype.cell(slot.cell_type)
-            width = node_width(config, genotype.nodes, slot.level)
-            shapes.append((width * len(cell_genotype.concat), slot.level))
+            graph = graphs[slot.cell_type]
+            shapes.append((node_width(config, nodes, slot.level) * len(graph.concat), slot.level))
             if k not in live:
                 continue
             inputs = (shapes[wiring.inputs[0]], shapes[wiring.inputs[1]])
-            cell = CellModule(cell_genotype, slot.cell_type, slot.level, inputs, genotype.nodes, config)
+            cell = CellModule(graph, slot.cell_type, slot.level, inputs, nodes, config, edge_factory(slot.cell_type))
             self.cells[slot.name] = cell
             if wiring.skip is not None and "1" in cell.preprocess:
                 skip_channels, current_channels = shapes[wiring.skip][0], inputs[1][0]
@@ -198,6 +258,16 @@ class SCNASUNet(nn.Module):
                 self.heads[slot.name] = nn.Conv3d(cell.out_channels, config.num_classes, 1)
         self.out_channels = [channels for channels, _ in shapes[1:]]
         self.out = nn.Conv3d(shapes[-1][0], config.num_classes, 1)
+        self.checkpointing = "off"
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Choose activation checkpointing (:data:`CHECKPOINT_MODES`); applies to training only
+        (with gradients enabled), so inference and export are unaffected."""
+        if mode not in CHECKPOINT_MODES:
+            raise BuildError(f"checkpointing {mode!r}: expected one of {', '.join(CHECKPOINT_MODES)}")
+        self.checkpointing = mode
+        for cell in self.cells.values():
+            cell.checkpoint_edges = mode == "edges"
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``BuildError`` for an input this network cannot take."""
@@ -208,21 +278,33 @@ class SCNASUNet(nn.Module):
                              f"{self.config.in_channels} (in_channels)")
         check_spatial_size(tuple(x.shape[2:]), self.config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def _cell_step(self, name: str, previous: torch.Tensor | None, current: torch.Tensor | None,
+                   skip: torch.Tensor | None, choices: Sequence[Any] | None) -> torch.Tensor:
+        if skip is not None:
+            current = current + (self.skips[name](skip) if name in self.skips else skip)
+        return self.cells[name](previous, current, choices)
+
+    def run_cells(self, x: torch.Tensor, choices: Mapping[str, Sequence[Any]] | None = None
+                  ) -> torch.Tensor | list[torch.Tensor]:
+        """Logits for ``x``; ``choices`` maps a cell type to its edges' arguments (supernets)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input(x)
+        recompute = self.checkpointing != "off" and torch.is_grad_enabled()
         outputs: list[torch.Tensor | None] = [self.stem(x)]
         auxiliary = []
         for slot, wiring in zip(self.layout, self.wiring):
             if slot.name not in self.cells:
                 outputs.append(None)
                 continue
-            cell = self.cells[slot.name]
             previous, current = outputs[wiring.inputs[0]], outputs[wiring.inputs[1]]
-            if wiring.skip is not None and "1" in cell.preprocess:
-                skip = outputs[wiring.skip]
-                current = current + (self.skips[slot.name](skip) if slot.name in self.skips else skip)
-            output = cell(previous, current)
+            skip = outputs[wiring.skip] if wiring.skip is not None and "1" in self.cells[slot.name].preprocess else None
+            cell_choices = None if choices is None else choices[slot.cell_type]
+            if recompute:
+                # The skip sum happens inside, so only tensors that exist anyway are kept.
+                output = checkpoint(self._cell_step, slot.name, previous, current, skip, cell_choices,
+                                    use_reentrant=False, preserve_rng_state=False)
+            else:
+                output = self._cell_step(slot.name, previous, current, skip, cell_choices)
             outputs.append(output)
             if slot.name in self.heads and self.training:
                 auxiliary.append(self.heads[slot.name](output))
@@ -230,6 +312,28 @@ class SCNASUNet(nn.Module):
         if auxiliary:
             return [logits, *reversed(auxiliary)]
         return logits
+
+
+class SCNASUNet(MacroUNet):
+    """A 3D U-Net whose cells follow a genotype. Input (B, in_channels, D, H, W) with D, H, W
+    multiples of 2**depth; output logits (B, num_classes, D, H, W).
+
+    ``cells`` maps slot names (``reduction_1``, ``inter``, ...) to cell modules; slots whose
+    output cannot reach the network output are absent."""
+
+    def __init__(self, genotype: Genotype, config: BuildConfig):
+        graphs = genotype_graphs(genotype)
+
+        def edge_factory(cell_type: str) -> EdgeFactory:
+            ops = {(edge.source, edge.target): edge.op for edge in genotype.cell(cell_type).edges}
+            return lambda source, target, width, stride: make_op(ops[source, target], width, width, stride,
+                                                                 config.negative_slope)
+
+        super().__init__(config, genotype.nodes, graphs, edge_factory)
+        self.genotype = genotype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.run_cells(x)
 
 
 def check_spatial_size(size: tuple[int, ...], config: BuildConfig) -> None:

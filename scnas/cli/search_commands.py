@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from scnas.cli import options
 from scnas.cli.main import app, settings_error, stdout
 
 
@@ -22,7 +23,11 @@ def search(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs (default and paper: 200; with "
                                                                         "--resume: extend the run to this many)."),
     steps: int = typer.Option(250, "--steps-per-epoch", min=1, help="Theta/alpha step pairs per epoch."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step and process."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step over all processes (the paper: 4 "
+                                                                   "on 4 GPUs); a multiple of the process count."),
+    micro_batch: Optional[int] = options.MICRO_BATCH,
+    checkpoint: str = options.CHECKPOINT,
+    gpu_memory: Optional[str] = options.GPU_MEMORY,
     sampling: str = typer.Option("pair", "--sampling", help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary (default: the paper's eight)."),
     nodes: int = typer.Option(4, "--nodes", min=1, help="Intermediate nodes per cell."),
@@ -36,7 +41,7 @@ def search(
     workers: int = typer.Option(0, "--workers", min=0, help="Data loader processes."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CUDA."),
+    amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
                                                         "settings; --epochs may extend it)."),
     demo: bool = typer.Option(False, "--demo", help="Make a phantom dataset in OUT/phantoms and run a small search "
@@ -50,6 +55,10 @@ def search(
     the Theta learning rate is divided by 10 after 20 epochs without a lower training loss;
     soft Jaccard loss. A genotype is derived every epoch (genotypes/, genotype.yaml). Runs
     under torchrun (DistributedDataParallel) on several GPUs or processes.
+
+    Before the first step the memory of a step is predicted (see 'scnas plan --search'):
+    checkpointing and micro-batch are chosen to fit the GPU, or the setting is refused with
+    one that fits.
     Example: scnas search --data Task01_BrainTumour --fold 0 --stem 48 -o runs/brats-f0
     """
     from pydantic import ValidationError
@@ -86,10 +95,11 @@ def search(
             "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
             "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
             "tau_schedule": tau_schedule, "top_k": top_k, "spacing": spacing, "seed": seed, "workers": workers,
-            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp,
+            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "checkpoint": checkpoint,
+            "micro_batch": micro_batch, "gpu_memory": gpu_memory,
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
     result = run_search(config, run, resume=resume, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: theta loss {r['theta_loss']:.4f}, alpha loss {r['alpha_loss']:.4f}, "
         f"Dice (derived cells, architecture set) {r['architecture_dice']:.3f}, tau {r['tau']:.3f}"))
-    stdout.out(f"searched {result.epochs_done} epoch(s); genotype: {result.genotype_path} "
+    stdout.out(f"searched {result.epochs_done} epoch(s) ({result.plan.describe()}); genotype: {result.genotype_path} "
                f"(skipped steps: {result.skipped_steps}); run folder: {run}")

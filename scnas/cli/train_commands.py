@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from scnas.cli import options
 from scnas.cli.main import app, settings_error, stdout
 
 
@@ -20,7 +21,11 @@ def train(
     fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
     stem: int = typer.Option(68, "--stem", min=1, help="Stem channels (paper: 68)."),
     patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch size D H W (multiples of 8)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step and process (paper: 8)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step over all processes (paper: 8); a "
+                                                                   "multiple of the process count."),
+    micro_batch: Optional[int] = options.MICRO_BATCH,
+    checkpoint: str = options.CHECKPOINT,
+    gpu_memory: Optional[str] = options.GPU_MEMORY,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="At most this many epochs (paper: 500)."),
     steps: int = typer.Option(250, "--steps-per-epoch", min=1),
     lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
@@ -29,7 +34,7 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast on CUDA."),
+    amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend)."),
 ) -> None:
     """Train the network of a genotype from scratch with the paper's retraining settings.
@@ -37,6 +42,11 @@ def train(
     Input channels and classes follow the dataset, so a genotype found on one task transfers
     to another. Writes model.safetensors (last) and model_best.safetensors (best validation
     Dice), with the preprocessing inside, so 'scnas predict' needs nothing else.
+
+    Before the first step the memory of a step is predicted (see 'scnas plan'): checkpointing
+    and micro-batch are chosen to fit the GPU, or the setting is refused with one that fits.
+    Example, the paper's retraining on one 24 GiB GPU:
+    scnas train found.yaml --data Task01_BrainTumour --batch-size 8 --stem 68 -o runs/f0
     """
     from pydantic import ValidationError
 
@@ -56,12 +66,14 @@ def train(
             genotype = load_genotype(genotype_path)
             config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
                                  epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
-                                 workers=workers, device=device, amp=amp)
+                                 workers=workers, device=device, amp=amp, checkpoint=checkpoint, micro_batch=micro_batch,
+                                 gpu_memory=gpu_memory)
     except ValidationError as exc:
         raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"))
-    stdout.out(f"trained {result.epochs_done} epoch(s); best validation Dice {result.best_dice:.3f}; "
+    stdout.out(f"trained {result.epochs_done} epoch(s) ({result.plan.describe()}); best validation Dice "
+               f"{result.best_dice:.3f}; "
                f"models: {run / 'model.safetensors'}, {run / 'model_best.safetensors'}")
 
 
@@ -76,6 +88,8 @@ def predict(
     overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per forward pass."),
+    amp: str = typer.Option("auto", "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
+                                                  "fp16 on CUDA, off on CPU."),
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
                                                 help="Only the validation cases of this training run (its fold), "
                                                      "for cross-validation."),
@@ -90,7 +104,7 @@ def predict(
         if not config.exists():
             raise TrainError("has no config.json (not a 'scnas train' run folder)", source=validation_of)
         only = json.loads(config.read_text())["cases"]["validation"]
-    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only)
+    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp)
     stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
 
 

@@ -16,9 +16,10 @@ from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION
 
 
 def open_or_prepare(data: str | os.PathLike, prepared: str | os.PathLike, spacing: tuple[float, float, float],
-                    prepare: bool = True, wait=lambda: None) -> "Cache":
+                    prepare: bool = True, wait=lambda: None, workers: int = 1) -> "Cache":
     """``data`` as a cache: a prepared cache folder itself, or a task folder prepared into
-    ``prepared`` (by this process when ``prepare``; ``wait`` lets other processes wait for it)."""
+    ``prepared`` (by this process when ``prepare``, with ``workers`` processes; ``wait`` lets
+    other processes wait for it)."""
     from scnas.data.preprocess import PrepareSettings, prepare_dataset
 
     data = Path(data)
@@ -26,7 +27,7 @@ def open_or_prepare(data: str | os.PathLike, prepared: str | os.PathLike, spacin
         return Cache(data)
     if (data / "dataset.json").exists():
         if prepare:
-            prepare_dataset(data, prepared, PrepareSettings(target_spacing=spacing), progress=False)
+            prepare_dataset(data, prepared, PrepareSettings(target_spacing=spacing), workers=workers, progress=False)
         wait()
         return Cache(prepared)
     raise DatasetError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))

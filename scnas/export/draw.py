@@ -109,11 +109,11 @@ def cells_graph(genotype: Genotype, cells: list[str] | None = None, alpha: bool 
 def network_graph(genotype: Genotype, config) -> graphviz.Digraph:
     """Figure-1-style drawing of the whole U-Net of ``build_network(genotype, config)``:
     stem, cells by type and level with their output widths, used inputs, skip sums, out."""
-    from scnas.build.network import live_cells, macro_layout, macro_wiring, node_width
+    from scnas.build.network import genotype_graphs, live_cells, macro_layout, macro_wiring, node_width
 
     layout = macro_layout(config.depth)
     wiring = macro_wiring(layout)
-    live = live_cells(genotype, layout, wiring)
+    live = live_cells(genotype_graphs(genotype), layout, wiring)
     colours = {"encoder_normal": "#c6dbef", "reduction": "#fdd0a2", "decoder_normal": "#c7e9c0", "expansion": "#dadaeb"}
     graph = graphviz.Digraph(name="scnas_network")
     # One row per level (the U of Figure 1): the encoder goes down on the left, the decoder up on the right.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scnas.genotype import OPS, PAPER_OPS
 
@@ -23,7 +23,13 @@ class SearchConfig(BaseModel):
     depth: int = Field(3, ge=1, le=8)
     ops: list[str] = Field(default_factory=lambda: list(PAPER_OPS), min_length=2)
     patch: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = Field(1, ge=1, description="per process (the paper: 4 over 4 GPUs)")
+    batch_size: int = Field(1, ge=1, description="patches per step over all processes (the paper: 4, one on each "
+                                                 "of 4 GPUs); a multiple of the number of processes")
+    micro_batch: int | None = Field(None, ge=1, description="patches per forward pass (gradients accumulate over a "
+                                                            "process's share); None: the largest that fits")
+    checkpoint: Literal["auto", "off", "cells", "edges"] = Field(
+        "auto", description="activation checkpointing: off, cells (recompute each cell in backward), edges (also "
+                            "each edge inside); auto: the cheapest that fits the memory budget")
     epochs: int = Field(200, ge=1)
     steps_per_epoch: int = Field(250, ge=1, description="Theta/alpha step pairs per epoch")
     sampling: Literal["pair", "one", "full"] = "pair"
@@ -51,7 +57,17 @@ class SearchConfig(BaseModel):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+    amp: Literal["auto", "off", "fp16", "bf16"] = Field(
+        "auto", description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
+    gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
+                                                     "memory; nothing is planned on the CPU unless given)")
+    log_every_steps: int = Field(10, ge=1, description="read losses and the non-finite count back every N steps")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value):
+        # Runs before version 0.2 stored amp as a bool meaning bfloat16 autocast.
+        return {True: "bf16", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":
@@ -60,6 +76,10 @@ class SearchConfig(BaseModel):
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(OPS)}")
         if self.tau_min > self.tau_max:
             raise ValueError("tau_min must not exceed tau_max")
+        if self.gpu_memory is not None:
+            from scnas.build.memory import parse_bytes
+
+            parse_bytes(self.gpu_memory)
         return self
 
     def tau(self, epoch: int) -> float:

@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from scnas import __version__
 from scnas.build import BuildConfig
-from scnas.build.losses import dice_per_class, soft_jaccard_loss
-from scnas.data import architecture_split, fold_cases, open_or_prepare
+from scnas.build.losses import dice_per_class
+from scnas.build.memory import MemoryPlan, MemoryPlanError, device_memory, parse_bytes
+from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
@@ -32,13 +33,17 @@ from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
 from scnas.search.config import SearchConfig
 from scnas.search.derive import derive_genotype
-from scnas.search.sampling import SAMPLERS
+from scnas.search.memory import plan_search_step
+from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.runtime import (Processes, StepBar, check_resume_settings, rank_loader, read_checkpoint, save_checkpoint,
-                           setup_processes)
+from scnas.runtime import (Processes, StepBar, check_resume_settings, ensure_run_folder, open_or_prepare, rank_loader,
+                           read_checkpoint, save_checkpoint, setup_processes)
+from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
+                         read_checked, resolve_amp, split_batch)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-search-checkpoint"
+CHECKPOINT_VERSION = 2   # 2: the supernet is the builder's U-Net (module names changed), gradient scalers
 
 
 class SearchError(ScnasError):
@@ -52,15 +57,29 @@ class SearchResult:
     genotype_path: Path
     history: list[dict[str, Any]]
     skipped_steps: int
+    plan: MemoryPlan | None = None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a search checkpoint (tensors and plain data only: ``weights_only=True``)."""
-    return read_checkpoint(path, CHECKPOINT_FORMAT, SearchError)
+    state = read_checkpoint(path, CHECKPOINT_FORMAT, SearchError)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise SearchError(f"is a version-{state.get('version')} search checkpoint from an older scnas; this one resumes "
+                          f"version {CHECKPOINT_VERSION} only: start a new search (its genotypes stay valid)",
+                          source=str(path))
+    return state
 
 
-def _finite(loss: torch.Tensor) -> bool:
-    return bool(torch.isfinite(loss).item())
+def plan_search(config: SearchConfig, build: BuildConfig, world: int, device: torch.device) -> MemoryPlan:
+    """Checkpointing and micro-batch for this search on ``device``; refuses a setting that cannot
+    fit (the budget: ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
+    available = parse_bytes(config.gpu_memory) if config.gpu_memory else device_memory(device)
+    amp = resolve_amp(config.amp, device)
+    try:
+        return plan_search_step(build, config.nodes, config.ops, config.sampling, amp, config.patch,
+                                config.batch_size // world, config.checkpoint, config.micro_batch, available)
+    except MemoryPlanError as exc:
+        raise SearchError(f"does not fit: {exc}") from None
 
 
 def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
@@ -69,6 +88,9 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     the run cleanly after that many steps in this call (for time-boxing and tests)."""
     run = Path(run_dir)
     d = setup_processes(config.device, SearchError)
+    if config.batch_size % d.world:
+        raise SearchError(f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+                          f"{d.world} processes (e.g. {d.world * max(1, config.batch_size // d.world)})")
     checkpoint_path = run / CHECKPOINT
     state: dict[str, Any] | None = None
     if resume:
@@ -80,9 +102,9 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     elif checkpoint_path.exists():
         raise SearchError("already holds a search; use --resume to continue it or another folder", source=str(run))
     if d.main:
-        (run / "genotypes").mkdir(parents=True, exist_ok=True)
+        ensure_run_folder(run / "genotypes", SearchError)
     d.barrier()
-    cache = open_or_prepare(config.data, run / "cache", config.spacing, d.main, d.barrier)
+    cache = open_or_prepare(config.data, run / "cache", config.spacing, d)
     train_ids, _ = fold_cases(cache.splits, config.fold)
     weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed, architecture_share=config.architecture_share)
     num_classes = len(cache.labels)
@@ -90,57 +112,77 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                         depth=config.depth)
     if any(p % build.divisor for p in config.patch):
         raise SearchError(f"patch {config.patch} must be a multiple of 2**depth = {build.divisor} per axis")
+    plan = plan_search(config, build, d.world, d.device)
+    share = config.batch_size // d.world
     if d.main:
         atomic_write_text(run / "config.json", json.dumps({
             "scnas_version": __version__, "search": config.model_dump(mode="json"), "build": build.model_dump(),
             "tau_per_epoch": [config.tau(e) for e in range(config.epochs)], "world_size": d.world,
+            "memory_plan": plan.to_dict(), "amp": resolve_amp(config.amp, d.device),
             "cases": {"weight": weight_ids, "architecture": arch_ids, "fold": config.fold}}, indent=2) + "\n")
 
     torch.manual_seed(config.seed)
     net = SuperNet(build, config.nodes, config.ops).to(d.device)
+    net.set_checkpointing(plan.checkpoint)
     arch = Architecture(config.nodes, config.ops, torch.Generator().manual_seed(config.seed)).to(d.device)
     model: torch.nn.Module = net
     if d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True,
+        model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True, gradient_as_bucket_view=True,
                                                           device_ids=[d.device] if d.device.type == "cuda" else None)
-    theta_opt = torch.optim.Adam(net.parameters(), lr=config.theta_lr, betas=config.theta_betas)
-    alpha_opt = torch.optim.Adam(arch.parameters(), lr=config.alpha_lr, betas=config.alpha_betas,
-                                 weight_decay=config.alpha_weight_decay)
+    fused = fused_if_available(d.device)
+    theta_params = list(net.parameters())
+    alphas = list(arch.alphas.values())
+    theta_opt = torch.optim.Adam(theta_params, lr=config.theta_lr, betas=config.theta_betas, **fused)
+    alpha_opt = torch.optim.Adam(alphas, lr=config.alpha_lr, betas=config.alpha_betas,
+                                 weight_decay=config.alpha_weight_decay, **fused)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(theta_opt, factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
+    theta_precision, alpha_precision = Precision(config.amp, d.device), Precision(config.amp, d.device)
     sampler_rng = torch.Generator().manual_seed(config.seed + 1)  # same draws on every rank
-    epoch, step_start, sums, history, skipped, streak = 0, 0, {"theta": 0.0, "alpha": 0.0, "n": 0}, [], 0, 0
+    epoch, step_start, sums, history = 0, 0, {"theta": 0.0, "alpha": 0.0, "n": 0}, []
+    counters = {"skipped": 0, "streak": 0}
     if state is not None:
         net.load_state_dict(state["net"])
         arch.load_state_dict(state["arch"])
         theta_opt.load_state_dict(state["theta_opt"])
         alpha_opt.load_state_dict(state["alpha_opt"])
         scheduler.load_state_dict(state["scheduler"])
+        theta_precision.scaler.load_state_dict(state["theta_scaler"])
+        alpha_precision.scaler.load_state_dict(state["alpha_scaler"])
         torch.set_rng_state(state["torch_rng"])
         sampler_rng.set_state(state["sampler_rng"])
-        epoch, step_start, sums = state["epoch"], state["step"], dict(state["sums"])
-        history, skipped, streak = list(state["history"]), state["skipped"], state["streak"]
+        epoch, step_start, sums, history = state["epoch"], state["step"], dict(state["sums"]), list(state["history"])
+        counters = {"skipped": state["skipped"], "streak": state["streak"]}
 
     augmentation = default_augmentation() if config.augment else None
-    samples = config.steps_per_epoch * config.batch_size * d.world
+    samples = config.steps_per_epoch * config.batch_size
     weight_data = PatchDataset(cache, weight_ids, config.patch, samples, config.seed, config.foreground_share, augmentation)
     arch_data = PatchDataset(cache, arch_ids, config.patch, samples, config.seed + 1, config.foreground_share, augmentation)
-    val_data = PatchDataset(cache, arch_ids, config.patch, config.val_batches * config.batch_size, config.seed + 2,
+    val_data = PatchDataset(cache, arch_ids, config.patch, config.val_batches * share, config.seed + 2,
                             config.foreground_share, None)
-    sample = SAMPLERS[config.sampling]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and d.device.type == "cuda")
+    no_sync = model.no_sync if d.world > 1 else None
+    cuda = d.device.type == "cuda"
 
-    def save(epoch_: int, step_: int) -> None:
+    def save(epoch_: int, step_: int, meter: StepMeter) -> None:
         if not d.main:
             return
-        if not all(torch.isfinite(p).all() for p in list(net.parameters()) + list(arch.parameters())):
+        if not all(torch.isfinite(p).all() for p in theta_params + alphas):
             return  # never replace a good checkpoint with a broken state
+        numbers = meter.read()
         save_checkpoint(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch_,
-            "step": step_, "net": net.state_dict(), "arch": arch.state_dict(), "theta_opt": theta_opt.state_dict(),
-            "alpha_opt": alpha_opt.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "sampler_rng": sampler_rng.get_state(), "sums": dict(sums),
-            "history": history, "skipped": skipped, "streak": streak})
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.model_dump_json(),
+            "epoch": epoch_, "step": step_, "net": net.state_dict(), "arch": arch.state_dict(),
+            "theta_opt": theta_opt.state_dict(), "alpha_opt": alpha_opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "theta_scaler": theta_precision.scaler.state_dict(), "alpha_scaler": alpha_precision.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "sampler_rng": sampler_rng.get_state(),
+            "sums": {"theta": numbers["theta"], "alpha": numbers["alpha"], "n": numbers["n"]}, "history": history,
+            "skipped": numbers["skipped"], "streak": numbers["streak"]})
+
+    def check(meter: StepMeter, step: int) -> dict[str, Any]:
+        return read_checked(meter, config.max_nonfinite, SearchError, epoch, step, checkpoint_path, "--theta-lr")
+
+    def alpha_gradients(draws) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: net(x, choices_from(arch.alphas, draws, tau))
 
     steps_this_call = 0
     bar = StepBar(progress and d.main, config.steps_per_epoch)
@@ -150,68 +192,71 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             for dataset in (weight_data, arch_data):
                 dataset.set_epoch(epoch)
             started = time.perf_counter()
+            meter = StepMeter(d.device, ["theta", "alpha"], {**sums, **counters})
             bar.start(f"epoch {epoch + 1}/{config.epochs}", step_start)
-            for step, ((xw, yw), (xa, ya)) in enumerate(
-                    zip(rank_loader(weight_data, step_start, config.steps_per_epoch, d, config.batch_size, config.workers),
-                        rank_loader(arch_data, step_start, config.steps_per_epoch, d, config.batch_size, config.workers)),
-                    start=step_start):
-                xw, yw, xa, ya = (t.to(d.device) for t in (xw, yw, xa, ya))
+            loaders = (rank_loader(weight_data, step_start, config.steps_per_epoch, d, share, config.workers),
+                       rank_loader(arch_data, step_start, config.steps_per_epoch, d, share, config.workers))
+            for step, ((xw, yw), (xa, ya)) in enumerate(zip(*loaders), start=step_start):
+                xw, yw, xa, ya = (t.to(d.device, non_blocking=cuda) for t in (xw, yw, xa, ya))
+                # One copy of alpha to the host decides both steps' operations (alpha is
+                # unchanged by the Theta step); every rank draws the same.
+                alpha_host = host_copy(arch.alphas)
+                theta_draws = draw_all(alpha_host, config.sampling, tau, sampler_rng)
+                alpha_draws = draw_all(alpha_host, config.sampling, tau, sampler_rng)
                 # Theta step on the weight set, alpha fixed.
                 with torch.no_grad():
-                    weights = {name: sample(alpha, tau, sampler_rng) for name, alpha in arch.alphas.items()}
-                with autocast:
-                    theta_loss = soft_jaccard_loss(model(xw, weights), yw)
+                    theta_choices = choices_from(arch.alphas, theta_draws, tau)
                 theta_opt.zero_grad(set_to_none=True)
-                ok = _finite(theta_loss)
-                if ok:
-                    theta_loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-                    ok = bool(torch.isfinite(norm))
-                    if ok:
-                        theta_opt.step()
-                # alpha step on the architecture set, Theta fixed (first-order).
-                # Through the plain module, and only alpha's gradients (autograd.grad): Theta's
-                # gradient nodes never run, so DDP's hooks on Theta stay out of this step;
+                theta_loss = accumulate_exact(lambda x: model(x, theta_choices), split_batch(xw, yw, plan.micro_batch),
+                                              theta_precision.backward, theta_precision, d.world, no_sync)
+                theta_skipped = guarded_step(theta_opt, theta_params, theta_precision, theta_loss, config.grad_clip)
+                theta_opt.zero_grad(set_to_none=True)   # free Theta's gradients before the alpha step
+                # alpha step on the architecture set, Theta fixed (first-order), through the plain
+                # module and for alpha only (autograd.grad): DDP's hooks on Theta stay out of it;
                 # alpha's gradients are averaged over the ranks by hand.
-                weights = {name: sample(alpha, tau, sampler_rng) for name, alpha in arch.alphas.items()}
-                with autocast:
-                    alpha_loss = soft_jaccard_loss(net(xa, weights), ya)
+                totals: list[torch.Tensor] = []
+
+                def alpha_backward(surrogate: torch.Tensor) -> None:
+                    grads = alpha_precision.gradients(surrogate, alphas)
+                    if totals:
+                        for total, grad in zip(totals, grads):
+                            total += grad
+                    else:
+                        totals.extend(grads)
+
+                alpha_loss = accumulate_exact(alpha_gradients(alpha_draws), split_batch(xa, ya, plan.micro_batch),
+                                              alpha_backward, alpha_precision, d.world)
+                if d.world > 1:
+                    flat = torch.cat([t.flatten() for t in totals])
+                    dist.all_reduce(flat)
+                    totals = list((flat / d.world).split([a.numel() for a in alphas]))
+                for alpha, grad in zip(alphas, totals):
+                    alpha.grad = grad.view_as(alpha)
+                alpha_skipped = guarded_step(alpha_opt, alphas, alpha_precision, alpha_loss)
                 alpha_opt.zero_grad(set_to_none=True)
-                alpha_ok = _finite(alpha_loss)
-                if alpha_ok:
-                    alphas = list(arch.alphas.values())
-                    for alpha, grad in zip(alphas, torch.autograd.grad(alpha_loss, alphas)):
-                        alpha.grad = grad
-                    if d.world > 1:
-                        for alpha in alphas:
-                            dist.all_reduce(alpha.grad)
-                            alpha.grad /= d.world
-                    alpha_ok = all(torch.isfinite(a.grad).all() for a in alphas)
-                    if alpha_ok:
-                        alpha_opt.step()
-                if ok and alpha_ok:
-                    streak = 0
-                    sums["theta"] += float(theta_loss.detach())
-                    sums["alpha"] += float(alpha_loss.detach())
-                    sums["n"] += 1
-                else:
-                    skipped += 1
-                    streak += 1
-                    if streak >= config.max_nonfinite:
-                        raise SearchError(f"{streak} non-finite losses or gradients in a row at epoch {epoch + 1}, step "
-                                          f"{step + 1}; stopped. The last good checkpoint ({checkpoint_path.name}) is "
-                                          "kept: lower --theta-lr or check the data", source=str(run))
-                bar.advance(f"loss {float(theta_loss.detach()):.4f}  tau {tau:.3f}")
+                losses_finite = torch.isfinite(theta_loss) & torch.isfinite(alpha_loss)
+                skipped = theta_skipped | alpha_skipped
+                meter.record([theta_loss, alpha_loss], skipped,
+                             ~losses_finite if theta_precision.scaler.is_enabled() else skipped)
                 steps_this_call += 1
                 done_epoch = step + 1 == config.steps_per_epoch
+                if (step + 1) % config.log_every_steps == 0 or done_epoch:
+                    numbers = check(meter, step)
+                    bar.advance(f"loss {numbers['theta'] / max(numbers['n'], 1):.4f}  tau {tau:.3f}",
+                                steps=step + 1)
                 if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0 and not done_epoch:
-                    save(epoch, step + 1)
+                    check(meter, step)
+                    save(epoch, step + 1, meter)
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps and not done_epoch:
-                    save(epoch, step + 1)
-                    return _result(run, epoch, history, skipped)
+                    check(meter, step)
+                    save(epoch, step + 1, meter)
+                    return _result(run, epoch, history, meter.read()["skipped"], plan)
             bar.stop()
-            record = _end_epoch(config, epoch, tau, sums, net, arch, val_data, d, num_classes, skipped,
-                                time.perf_counter() - started, theta_opt, autocast)
+            numbers = check(meter, config.steps_per_epoch - 1)
+            sums = {"theta": numbers["theta"], "alpha": numbers["alpha"], "n": numbers["n"]}
+            counters = {"skipped": numbers["skipped"], "streak": numbers["streak"]}
+            record = _end_epoch(EpochEnd(config, epoch, tau, sums, counters["skipped"], time.perf_counter() - started),
+                                net, arch, val_data, d, num_classes, theta_opt, theta_precision, share)
             scheduler.step(record["theta_loss"] if math.isfinite(record["theta_loss"]) else float("inf"))
             history.append(record)
             if d.main:
@@ -219,9 +264,11 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             if on_epoch:
                 on_epoch(record)
             epoch, step_start, sums = epoch + 1, 0, {"theta": 0.0, "alpha": 0.0, "n": 0}
-            save(epoch, 0)
+            save(epoch, 0, StepMeter(d.device, ["theta", "alpha"], {**sums, **counters}))
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                 break
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(SearchError, epoch, plan.describe(), checkpoint_path, "scnas plan --search") from None
     finally:
         bar.stop()
     if d.world > 1:
@@ -231,34 +278,45 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
         if d.main:
             identical = all(torch.equal(gathered[0], g) for g in gathered)
             atomic_write_text(run / "ranks.json", json.dumps({"world_size": d.world, "alpha_identical": identical}) + "\n")
-    return _result(run, epoch, history, skipped)
+    return _result(run, epoch, history, counters["skipped"], plan)
 
 
-def _result(run: Path, epoch: int, history: list, skipped: int) -> SearchResult:
-    return SearchResult(run, epoch, run / "genotype.yaml", history, skipped)
+def _result(run: Path, epoch: int, history: list, skipped: int, plan: MemoryPlan | None = None) -> SearchResult:
+    return SearchResult(run, epoch, run / "genotype.yaml", history, skipped, plan)
+
+
+@dataclass
+class EpochEnd:
+    """What an epoch's record is made of besides the networks."""
+
+    config: SearchConfig
+    epoch: int
+    tau: float
+    sums: dict
+    skipped: int
+    seconds: float
 
 
 @torch.no_grad()
-def _end_epoch(config: SearchConfig, epoch: int, tau: float, sums: dict, net: SuperNet, arch: Architecture,
-               val_data: PatchDataset, d: Processes, num_classes: int, skipped: int, seconds: float, theta_opt, autocast
-               ) -> dict[str, Any]:
+def _end_epoch(end: EpochEnd, net: SuperNet, arch: Architecture, val_data: PatchDataset, d: Processes, num_classes: int,
+               theta_opt, precision: Precision, share: int) -> dict[str, Any]:
     """The epoch's record: losses, Dice of the currently derived cells on the architecture set, tau, entropy."""
-    argmax = {name: torch.nn.functional.one_hot(alpha.argmax(-1), alpha.shape[-1]).float()
-              for name, alpha in arch.alphas.items()}
+    config, sums = end.config, end.sums
+    argmax = argmax_choices(arch.alphas)
     scores = []
     for index in range(config.val_batches):
-        items = [val_data[index * config.batch_size + b] for b in range(config.batch_size)]
+        items = [val_data[index * share + b] for b in range(share)]
         x = torch.stack([item[0] for item in items]).to(d.device)
-        y = torch.stack([item[1] for item in items]).to(d.device)
-        with autocast:
+        y = torch.stack([item[1] for item in items])
+        with precision.autocast():
             prediction = net(x, argmax).argmax(1)
-        scores.append(dice_per_class(prediction.cpu(), y.cpu(), num_classes))
+        scores.append(dice_per_class(prediction.cpu(), y, num_classes))
     dice = float(np.nanmean(np.array(scores, dtype=float))) if np.isfinite(np.array(scores, dtype=float)).any() else float("nan")
     n = max(sums["n"], 1)
-    return {"epoch": epoch + 1, "theta_loss": sums["theta"] / n if sums["n"] else float("nan"),
-            "alpha_loss": sums["alpha"] / n if sums["n"] else float("nan"), "architecture_dice": dice, "tau": tau,
-            "theta_lr": theta_opt.param_groups[0]["lr"], "alpha_entropy": arch.entropy(), "skipped_steps": skipped,
-            "seconds": seconds}
+    return {"epoch": end.epoch + 1, "theta_loss": sums["theta"] / n if sums["n"] else float("nan"),
+            "alpha_loss": sums["alpha"] / n if sums["n"] else float("nan"), "architecture_dice": dice, "tau": end.tau,
+            "theta_lr": theta_opt.param_groups[0]["lr"], "alpha_entropy": arch.entropy(), "skipped_steps": end.skipped,
+            "seconds": end.seconds}
 
 
 def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int, history: list, record: dict,

@@ -39,8 +39,10 @@ class Predictor:
     backend: str
 
 
-def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = "cpu") -> Predictor:
-    """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction."""
+def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = "cpu",
+                   amp: str = "auto") -> Predictor:
+    """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction. ``amp`` (torch
+    backend): fp16 or bf16 autocast, off for exact float32; auto: fp16 on CUDA, off on CPU."""
     from scnas.export import read_any_model_info
 
     info = read_any_model_info(model_path)
@@ -70,10 +72,15 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
 
         from scnas.build import load_model
 
+        from scnas.steps import Precision
+
+        if amp not in ("auto", "off", "fp16", "bf16"):
+            raise ModelFileError(f"--amp must be auto, off, fp16 or bf16, not {amp!r}")
         model = load_model(model_path, device)
+        precision = Precision(amp, torch.device(device))
 
         def run(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
+            with torch.inference_mode(), precision.autocast():
                 return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
     else:
         raise ModelFileError(f"unknown backend {backend!r}: torch or onnxruntime")
@@ -150,7 +157,8 @@ def write_label(label: np.ndarray, reference, path: Path) -> None:
 
 def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, output: str | os.PathLike,
                    backend: str = "torch", device: str = "cpu", overlap: float = 0.5, tta: bool = False,
-                   batch_size: int = 2, progress: bool = True, only: list[str] | None = None) -> list[Path]:
+                   batch_size: int = 2, progress: bool = True, only: list[str] | None = None,
+                   amp: str = "auto") -> list[Path]:
     """Predict every case of ``inputs`` (or those in ``only``) into the folder ``output``."""
     out = Path(output)
     try:
@@ -158,7 +166,7 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", source=str(out)) from None
     ensure_writable(out / "probe.nii.gz")
-    predictor = load_predictor(model_path, backend, device)
+    predictor = load_predictor(model_path, backend, device, amp)
     cases = find_cases(inputs)
     if only is not None:
         missing = sorted(set(only) - {case.case_id for case in cases})

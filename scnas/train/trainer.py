@@ -19,20 +19,22 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
-from scnas.build.losses import dice_per_class, soft_jaccard_loss
-from scnas.data import Cache, fold_cases, open_or_prepare
+from scnas.build.losses import dice_per_class
+from scnas.build.memory import MemoryPlan, MemoryPlanError, device_memory, parse_bytes, plan_training_step
+from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
-from scnas.runtime import (StepBar, check_resume_settings, rank_loader, read_checkpoint, save_checkpoint, save_figure,
-                           setup_processes)
+from scnas.runtime import (StepBar, check_resume_settings, ensure_run_folder, open_or_prepare, rank_loader,
+                           read_checkpoint, save_checkpoint, save_figure, setup_processes)
+from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
+                         read_checked, resolve_amp, split_batch)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-train-checkpoint"
@@ -53,7 +55,12 @@ class TrainConfig(BaseModel):
     stem: int = Field(68, ge=1, description="paper: 68 for retraining")
     depth: int = Field(3, ge=1, le=8)
     patch: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = Field(8, ge=1, description="per process (paper: 8)")
+    batch_size: int = Field(8, ge=1, description="patches per step over all processes (paper: 8); a multiple of "
+                                                 "the number of processes")
+    micro_batch: int | None = Field(None, ge=1, description="patches per forward pass (gradients accumulate exactly "
+                                                            "over a process's share); None: the largest that fits")
+    checkpoint: Literal["auto", "off", "cells", "edges"] = Field(
+        "auto", description="activation checkpointing: off, cells, edges; auto: the cheapest that fits")
     epochs: int = Field(500, ge=1, description="paper: at most 500")
     steps_per_epoch: int = Field(250, ge=1)
     lr: float = Field(3e-4, gt=0)
@@ -68,7 +75,25 @@ class TrainConfig(BaseModel):
     seed: int = 0
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = False
+    amp: Literal["auto", "off", "fp16", "bf16"] = Field(
+        "auto", description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
+    gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
+                                                     "memory; nothing is planned on the CPU unless given)")
+    log_every_steps: int = Field(10, ge=1, description="read losses back every N steps")
+    max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, value):
+        # Runs before version 0.2 stored amp as a bool meaning bfloat16 autocast.
+        return {True: "bf16", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _memory(cls, value):
+        if value is not None:
+            parse_bytes(value)
+        return value
 
 
 @dataclass
@@ -77,6 +102,7 @@ class TrainResult:
     epochs_done: int
     best_dice: float
     history: list[dict[str, Any]]
+    plan: MemoryPlan | None = None
 
 
 def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
@@ -85,12 +111,27 @@ def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
             "channel_names": cache.channel_names}
 
 
+def plan_training(genotype: Genotype, config: TrainConfig, build: BuildConfig, world: int,
+                  device: torch.device) -> MemoryPlan:
+    """Checkpointing and micro-batch for this run on ``device``; refuses a setting that cannot fit
+    (the budget: ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
+    available = parse_bytes(config.gpu_memory) if config.gpu_memory else device_memory(device)
+    try:
+        return plan_training_step(genotype, build, resolve_amp(config.amp, device), config.patch,
+                                  config.batch_size // world, config.checkpoint, config.micro_batch, available)
+    except MemoryPlanError as exc:
+        raise TrainError(f"does not fit: {exc}") from None
+
+
 def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                  progress: bool = True, stop_after_epochs: int | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``genotype`` from scratch on ``config.data`` (fold ``config.fold``) into ``run_dir``."""
     run = Path(run_dir)
     d = setup_processes(config.device, TrainError)
+    if config.batch_size % d.world:
+        raise TrainError(f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+                         f"{d.world} processes (e.g. {d.world * max(1, config.batch_size // d.world)})")
     checkpoint_path = run / CHECKPOINT
     state = None
     if resume:
@@ -102,105 +143,118 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     elif checkpoint_path.exists():
         raise TrainError("already holds a training run; use --resume or another folder", source=str(run))
     if d.main:
-        run.mkdir(parents=True, exist_ok=True)
+        ensure_run_folder(run, TrainError)
     d.barrier()
-    cache = open_or_prepare(config.data, run / "cache", config.spacing, d.main, d.barrier)
+    cache = open_or_prepare(config.data, run / "cache", config.spacing, d)
     train_ids, val_ids = fold_cases(cache.splits, config.fold)
     build = BuildConfig(stem_channels=config.stem, in_channels=len(cache.channel_names),
                         num_classes=len(cache.labels), depth=config.depth)
     if any(p % build.divisor for p in config.patch):
         raise TrainError(f"patch {config.patch} must be a multiple of 2**depth = {build.divisor} per axis")
+    plan = plan_training(genotype, config, build, d.world, d.device)
+    share = config.batch_size // d.world
     preprocessing = preprocessing_metadata(cache, config)
     if d.main:
         atomic_write_text(run / "config.json", json.dumps({
             "scnas_version": __version__, "train": config.model_dump(mode="json"), "build": build.model_dump(),
             "genotype": genotype.to_dict(), "cases": {"train": train_ids, "validation": val_ids},
-            "preprocessing": preprocessing, "world_size": d.world}, indent=2) + "\n")
+            "preprocessing": preprocessing, "world_size": d.world, "memory_plan": plan.to_dict(),
+            "amp": resolve_amp(config.amp, d.device)}, indent=2) + "\n")
     torch.manual_seed(config.seed)
     net = build_network(genotype, build).to(d.device)
+    net.set_checkpointing(plan.checkpoint)
     model: torch.nn.Module = net
     if d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.device] if d.device.type == "cuda" else None)
-    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas)
+        model = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True,
+                                                          device_ids=[d.device] if d.device.type == "cuda" else None)
+    params = list(net.parameters())
+    optimiser = torch.optim.Adam(params, lr=config.lr, betas=config.betas, **fused_if_available(d.device))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
+    precision = Precision(config.amp, d.device)
     epoch, history, best = 0, [], -1.0
     if state is not None:
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            precision.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         epoch, history, best = state["epoch"], list(state["history"]), state["best"]
-    samples = config.steps_per_epoch * config.batch_size * d.world
+    samples = config.steps_per_epoch * config.batch_size
     train_data = PatchDataset(cache, train_ids, config.patch, samples, config.seed, config.foreground_share,
                               default_augmentation() if config.augment else None)
     val_data = PatchDataset(cache, val_ids, config.patch, config.val_patches, config.seed + 3, 1 / 3, None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and d.device.type == "cuda")
+    no_sync = model.no_sync if d.world > 1 else None
+    cuda = d.device.type == "cuda"
     bar = StepBar(progress and d.main, config.steps_per_epoch)
     epochs_this_call = 0
-    while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
-        train_data.set_epoch(epoch)
-        loader = rank_loader(train_data, 0, config.steps_per_epoch, d, config.batch_size, config.workers)
-        started, losses, skipped = time.perf_counter(), [], 0
-        bar.start(f"epoch {epoch + 1}/{config.epochs}")
-        net.train()
-        for x, y in loader:
-            x, y = x.to(d.device), y.to(d.device)
-            with autocast:
-                loss = soft_jaccard_loss(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                skipped += 1
-                continue
-            loss.backward()
-            if torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)):
-                optimiser.step()
-                losses.append(float(loss.detach()))
-            else:
-                skipped += 1
-            bar.advance(f"loss {losses[-1] if losses else float('nan'):.4f}")
+    try:
+        while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
+            train_data.set_epoch(epoch)
+            loader = rank_loader(train_data, 0, config.steps_per_epoch, d, share, config.workers)
+            started = time.perf_counter()
+            meter = StepMeter(d.device, ["loss"])
+            bar.start(f"epoch {epoch + 1}/{config.epochs}")
+            net.train()
+            for step, (x, y) in enumerate(loader):
+                x, y = x.to(d.device, non_blocking=cuda), y.to(d.device, non_blocking=cuda)
+                optimiser.zero_grad(set_to_none=True)
+                loss = accumulate_exact(model, split_batch(x, y, plan.micro_batch), precision.backward, precision,
+                                        d.world, no_sync)
+                skipped = guarded_step(optimiser, params, precision, loss, config.grad_clip)
+                meter.record([loss], skipped, ~torch.isfinite(loss) if precision.scaler.is_enabled() else skipped)
+                if (step + 1) % config.log_every_steps == 0 or step + 1 == config.steps_per_epoch:
+                    numbers = read_checked(meter, config.max_nonfinite, TrainError, epoch, step, checkpoint_path,
+                                           "--lr")
+                    bar.advance(f"loss {numbers['loss'] / max(numbers['n'], 1):.4f}", steps=step + 1)
+            bar.stop()
+            numbers = read_checked(meter, config.max_nonfinite, TrainError, epoch, config.steps_per_epoch - 1,
+                                   checkpoint_path, "--lr")
+            # Every rank holds the same loss (the global batch's) and skipped the same steps.
+            train_loss = numbers["loss"] / numbers["n"] if numbers["n"] else float("nan")
+            dice = _validate(net, val_data, build.num_classes, d.device, precision, share)
+            scheduler.step(train_loss if math.isfinite(train_loss) else float("inf"))
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_dice": dice,
+                      "lr": optimiser.param_groups[0]["lr"], "skipped_steps": numbers["skipped"],
+                      "seconds": time.perf_counter() - started}
+            history.append(record)
+            epoch += 1
+            improved = math.isfinite(dice) and dice > best
+            best = dice if improved else best
+            if d.main:
+                net.eval()
+                save_model(net, run / "model.safetensors", preprocessing)
+                if improved:
+                    save_model(net, run / "model_best.safetensors", preprocessing, extra={"epoch": str(epoch)})
+                atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+                _plot(run, history)
+                save_checkpoint(checkpoint_path, {
+                    "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch,
+                    "net": net.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": precision.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+                    "best": best})
+            if on_epoch:
+                on_epoch(record)
+            epochs_this_call += 1
+            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+                break
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(TrainError, epoch, plan.describe(), checkpoint_path, "scnas plan") from None
+    finally:
         bar.stop()
-        train_loss = float(np.mean(losses)) if losses else float("nan")
-        if d.world > 1:
-            value = torch.tensor([train_loss], device=d.device)
-            dist.all_reduce(value)
-            train_loss = float(value) / d.world
-        dice = _validate(net, val_data, build.num_classes, d.device, autocast, config.batch_size)
-        scheduler.step(train_loss if math.isfinite(train_loss) else float("inf"))
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_dice": dice, "lr": optimiser.param_groups[0]["lr"],
-                  "skipped_steps": skipped, "seconds": time.perf_counter() - started}
-        history.append(record)
-        epoch += 1
-        improved = math.isfinite(dice) and dice > best
-        best = dice if improved else best
-        if d.main:
-            net.eval()
-            save_model(net, run / "model.safetensors", preprocessing)
-            if improved:
-                save_model(net, run / "model_best.safetensors", preprocessing, extra={"epoch": str(epoch)})
-            atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            _plot(run, history)
-            save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch,
-                "net": net.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best": best})
-        if on_epoch:
-            on_epoch(record)
-        epochs_this_call += 1
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            break
-    return TrainResult(run, epoch, best, history)
+    return TrainResult(run, epoch, best, history, plan)
 
 
 @torch.no_grad()
-def _validate(net, val_data: PatchDataset, num_classes: int, device, autocast, batch_size: int) -> float:
+def _validate(net, val_data: PatchDataset, num_classes: int, device, precision: Precision, batch_size: int) -> float:
     """Mean foreground Dice over the fixed validation patches (nnU-Net's "pseudo Dice")."""
     net.eval()
     predictions, targets = [], []
     for start in range(0, len(val_data), batch_size):
         items = [val_data[i] for i in range(start, min(start + batch_size, len(val_data)))]
         x = torch.stack([item[0] for item in items]).to(device)
-        with autocast:
+        with precision.autocast():
             predictions.append(net(x).argmax(1).cpu())
         targets.append(torch.stack([item[1] for item in items]))
     scores = dice_per_class(torch.cat(predictions), torch.cat(targets), num_classes)

@@ -1,0 +1,482 @@
+"""Predicting the peak memory of a training or search step without running it at full size.
+
+A step (forward, loss, backward) is run under a dispatch mode that records the bytes of
+every tensor storage from the moment an operation creates it until its last reference dies:
+what a caching allocator's ``max_memory_allocated`` counts. Activation checkpointing,
+in-place operations, what autograd saves for backward and when it frees it are therefore
+accounted for by PyTorch itself rather than modelled here.
+
+The step runs for real on the CPU, twice, at two tiny sizes. Every tensor of these networks
+either scales with batch x voxels (activations and their gradients) or does not depend on
+them (weights, gradients of weights), and the sequence of allocations does not depend on
+the size, so the live bytes after the i-th allocation are an affine function of batch x
+voxels: two runs give it exactly, and the peak at any batch and patch is the largest of
+those functions there (:class:`StepProfile`). This takes about a second where running the
+step on the ``meta`` device at full size takes ten to twenty (its shape functions are
+Python); on the networks of the GPU measurements in docs/benchmarks.md both give the same
+figures.
+
+Mixed precision is emulated with CUDA autocast's rule for the operations these networks use
+(:func:`emulate_autocast`). Not simulated: cuDNN workspaces and allocator rounding and
+fragmentation, covered by :data:`WORKSPACE_BYTES` and the ``headroom`` of :func:`fits`.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+WORKSPACE_BYTES = 512 * 2**20
+"""Added to every prediction for convolution workspaces (cuDNN picks them per algorithm; a few
+hundred MiB for 3D convolutions of these sizes) and the CUDA allocator's rounding."""
+
+
+class PeakTracker(TorchDispatchMode):
+    """Live bytes of the tensor storages created while the mode is active, recorded after
+    every allocation (``timeline``), and their peak."""
+
+    active: "PeakTracker | None" = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.paused = 0
+        self.timeline: list[int] = []
+        self._seen: set[int] = set()
+
+    def __enter__(self):
+        PeakTracker.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        PeakTracker.active = None
+        return super().__exit__(*exc)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s storage from now until it dies (once per storage)."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        nbytes = storage.nbytes()
+        self._seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        self.timeline.append(self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if key in self._seen:
+            self._seen.discard(key)
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor):
+                    self.add(value)
+        return out
+
+
+class _Untracked:
+    """Work the tracker must not see (the float32 arithmetic behind an emulated half-precision
+    convolution); tensors it produces can be counted afterwards with ``PeakTracker.add``."""
+
+    def __enter__(self):
+        if PeakTracker.active is not None:
+            PeakTracker.active.paused += 1
+
+    def __exit__(self, *exc):
+        if PeakTracker.active is not None:
+            PeakTracker.active.paused -= 1
+
+
+def _counted(*tensors: torch.Tensor | None) -> None:
+    if PeakTracker.active is not None:
+        for tensor in tensors:
+            if tensor is not None:
+                PeakTracker.active.add(tensor)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if id(storage) not in seen:
+            seen.add(id(storage))
+            total += storage.nbytes()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def emulate_autocast(model: nn.Module, amp: str) -> None:
+    """Make ``model``'s convolutions behave as under CUDA autocast with ``amp`` (fp16/bf16),
+    on the CPU: input, weight and bias are cast to the low precision above autograd, so
+    backward keeps the low-precision copies, as with autocast. Every other operation of
+    these networks follows its inputs under autocast (instance norm, activations, pooling,
+    additions; scnas keeps its trilinear upsampling in the input's precision), so nothing else
+    changes, except that average pooling, which the CPU lacks in half precision, is computed
+    as a depthwise convolution that keeps the same tensors. For simulations only: it rebinds
+    ``forward`` of modules of ``model``."""
+    from scnas.build.ops import AvgPool3x3x3
+
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            module.forward = _low_precision_conv(module, dtype)
+        elif isinstance(module, nn.ConvTranspose3d):
+            module.forward = _low_precision_transposed(module, dtype)
+        elif isinstance(module, AvgPool3x3x3):
+            module.forward = _box_mean_as_conv(module)
+
+
+class _LowPrecisionConv(torch.autograd.Function):
+    """A convolution with the tensors of a half-precision one (inputs and weights kept for
+    backward in ``x.dtype``, outputs and input gradients in ``x.dtype``), computed in float32:
+    CPUs without half-precision units run 3D convolutions 100x slower in half precision."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transposed, stride, padding, dilation, output_padding, groups):
+        with _Untracked():
+            y = torch.ops.aten.convolution(x.float(), weight.float(), None if bias is None else bias.float(), stride,
+                                           padding, dilation, transposed, output_padding, groups).to(x.dtype)
+        _counted(y)
+        ctx.save_for_backward(x, weight)
+        ctx.settings = (bias is not None, stride, padding, dilation, transposed, output_padding, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        has_bias, stride, padding, dilation, transposed, output_padding, groups = ctx.settings
+        with _Untracked():
+            bias_sizes = [weight.shape[1] * groups if transposed else weight.shape[0]] if has_bias else None
+            grads = torch.ops.aten.convolution_backward(
+                grad.float(), x.float(), weight.float(), bias_sizes, stride, padding, dilation, transposed,
+                output_padding, groups, [True, True, has_bias])
+            grad_x, grad_w, grad_b = (None if g is None else g.to(x.dtype) for g in grads)
+        _counted(grad_x, grad_w, grad_b)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _low_precision_conv(module: nn.Conv3d, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = None if module.bias is None else module.bias.to(dtype)
+        return _LowPrecisionConv.apply(x.to(dtype), module.weight.to(dtype), bias, False, list(module.stride),
+                                       list(module.padding), list(module.dilation), [0, 0, 0], module.groups)
+    return forward
+
+
+def _low_precision_transposed(module: nn.ConvTranspose3d, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = None if module.bias is None else module.bias.to(dtype)
+        return _LowPrecisionConv.apply(x.to(dtype), module.weight.to(dtype), bias, True, list(module.stride),
+                                       list(module.padding), list(module.dilation), list(module.output_padding),
+                                       module.groups)
+    return forward
+
+
+def _box_mean_as_conv(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    # Same tensors as AvgPool3x3x3.forward: the padded input (kept for backward), the output,
+    # and the one-channel count of real voxels.
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        kernel = torch.full((channels, 1, 3, 3, 3), 1 / 27, dtype=x.dtype, device=x.device)
+        stride = [module.stride] * 3
+        box_mean = _LowPrecisionConv.apply(F.pad(x, (1, 1, 1, 1, 1, 1)), kernel, None, False, stride, [0, 0, 0],
+                                           [1, 1, 1], [0, 0, 0], channels)
+        ones = F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1))
+        real = _LowPrecisionConv.apply(ones, kernel[:1], None, False, stride, [0, 0, 0], [1, 1, 1], [0, 0, 0], 1)
+        return box_mean / real
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles and estimates
+
+SMALL_SIZES = ((2, 2, 2), (3, 2, 2))
+"""The two small patches a step is run at, in units of 2**depth voxels per axis (instance norm
+needs more than one voxel at the deepest level)."""
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Live bytes after every allocation of one step, as an affine function of batch x voxels:
+    ``base[i] + slope[i] * batch * voxels``; plus the bytes held across steps (``persistent``:
+    weights, optimiser state). Exact for the ``batch`` it was measured at; for other batches
+    an approximation (within a few percent with activation checkpointing)."""
+
+    base: tuple[float, ...]
+    slope: tuple[float, ...]
+    persistent: int
+    batch: int
+
+    def transient(self, batch: int, patch: Sequence[int]) -> int:
+        """Peak bytes of the step's own tensors at ``batch`` x ``patch``."""
+        units = batch * math.prod(patch)
+        return int(max(b + s * units for b, s in zip(self.base, self.slope)))
+
+    def estimate(self, batch: int, patch: Sequence[int]) -> "MemoryEstimate":
+        return estimate(self.persistent, self.transient(batch, patch))
+
+
+def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor: int, persistent: int,
+                 batch: int = 1) -> StepProfile:
+    """Run ``run_step(batch, patch)`` at two small patches under the tracker and fit the affine
+    profile. ``run_step`` must allocate its inputs itself and take the same path at any size."""
+    timelines, units = [], []
+    for size in SMALL_SIZES:
+        patch = tuple(n * divisor for n in size)
+        tracker = PeakTracker()
+        with torch.random.fork_rng(devices=[]), tracker:
+            run_step(batch, patch)  # type: ignore[arg-type]
+        timelines.append(tracker.timeline)
+        units.append(batch * math.prod(patch))
+    small, large = timelines
+    if len(small) != len(large):
+        raise RuntimeError(f"the simulated step allocated differently at two sizes ({len(small)} vs {len(large)} "
+                           "allocations); its memory cannot be extrapolated")
+    slope = tuple((b - a) / (units[1] - units[0]) for a, b in zip(small, large))
+    base = tuple(a - s * units[0] for a, s in zip(small, slope))
+    return StepProfile(base, slope, persistent, batch)
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of one step, in bytes."""
+
+    peak: int                # everything: what the device must hold
+    persistent: int          # weights, optimiser state (held across steps)
+    transient: int           # the step's own peak on top (inputs, activations, gradients, workspaces)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / 2**30
+
+
+def estimate(persistent: int, transient: int) -> MemoryEstimate:
+    return MemoryEstimate(persistent + transient + WORKSPACE_BYTES, persistent, transient + WORKSPACE_BYTES)
+
+
+HEADROOM = 0.9
+"""Share of a device's memory a plan may fill; the rest is for the allocator's fragmentation,
+the CUDA context and what the simulation does not see."""
+
+
+def fits(estimate_: MemoryEstimate, available: int, headroom: float = HEADROOM) -> bool:
+    """Whether a predicted peak fits into ``available`` bytes."""
+    return estimate_.peak <= available * headroom
+
+
+def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, limit: int = 4096,
+                  headroom: float = HEADROOM) -> int:
+    """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``."""
+    if not fits(profile.estimate(1, patch), available, headroom):
+        return 0
+    low, high = 1, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(profile.estimate(middle, patch), available, headroom):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def largest_cubic_patch(profile: StepProfile, batch: int, available: int, divisor: int, limit: int = 1024,
+                        headroom: float = HEADROOM) -> int:
+    """The largest edge n (a multiple of ``divisor``, 0 if none) such that a step on
+    batch x n^3 patches fits into ``available`` bytes."""
+    best = 0
+    for n in range(divisor, limit + 1, divisor):
+        if not fits(profile.estimate(batch, (n, n, n)), available, headroom):
+            break
+        best = n
+    return best
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '12G', '800MiB', '1.5TiB' or a plain number of bytes -> bytes.
+    Decimal units (GB) are powers of 1000, binary ones (GiB, and the bare letter G) of 1024."""
+    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
+             "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abgikmt")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a memory size (examples: 24GiB, 16GB, 800MiB)") from None
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a memory size (examples: 24GiB, 16GB, 800MiB)")
+    return int(value * units[unit])
+
+
+def format_bytes(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+class _Simulation:
+    """Settings that make a simulated step take the same path at every size (no batch-1 CPU
+    routing) and leave the caller's random state alone."""
+
+    def __enter__(self):
+        from scnas.build import ops
+
+        self._ops, self._route = ops, ops.ROUTE_BATCH1_TO_ONEDNN
+        ops.ROUTE_BATCH1_TO_ONEDNN = False
+        self._rng = torch.random.fork_rng(devices=[])
+        self._rng.__enter__()
+        torch.manual_seed(0)
+        return self
+
+    def __exit__(self, *exc):
+        self._ops.ROUTE_BATCH1_TO_ONEDNN = self._route
+        self._rng.__exit__(*exc)
+
+
+def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1) -> StepProfile:
+    """The memory profile of one training step of ``build_network(genotype, config)``: forward,
+    soft Jaccard loss, backward into existing gradients (the steady state of gradient
+    accumulation), with Adam's two moments held beside the weights."""
+    from scnas.build.losses import soft_jaccard_loss
+    from scnas.build.network import build_network
+
+    with _Simulation():
+        net = build_network(genotype, config)
+        net.train()
+        net.set_checkpointing(checkpoint)
+        emulate_autocast(net, amp)
+        params = list(net.parameters())
+
+        def run_step(batch: int, patch: tuple[int, int, int]) -> None:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            x = torch.randn(batch, config.in_channels, *patch)
+            y = torch.randint(0, config.num_classes, (batch, *patch))
+            out = net(x)
+            soft_jaccard_loss(out[0] if isinstance(out, list) else out, y).backward()
+            for p in params:
+                p.grad = None
+
+        return profile_step(run_step, config.divisor, 3 * storage_bytes(params), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+class MemoryPlanError(ValueError):
+    """No setting of checkpointing and micro-batch fits; the message says what would."""
+
+
+@dataclass
+class MemoryPlan:
+    """How a step will run: activation checkpointing, patches per forward pass, and (when a
+    memory budget is known) the predicted peak against it."""
+
+    checkpoint: str
+    micro_batch: int
+    estimate: MemoryEstimate | None = None
+    available: int | None = None
+
+    def describe(self) -> str:
+        text = f"checkpointing {self.checkpoint}, micro-batch {self.micro_batch}"
+        if self.estimate is not None and self.available is not None:
+            text += (f"; predicted peak {format_bytes(self.estimate.peak)} of {format_bytes(self.available)} "
+                     f"(plans fill at most {HEADROOM:.0%})")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "micro_batch": self.micro_batch,
+                "predicted_peak_bytes": None if self.estimate is None else self.estimate.peak,
+                "available_bytes": self.available}
+
+
+def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[int], share: int, checkpoint: str,
+                micro_batch: int | None, available: int | None, divisor: int) -> MemoryPlan:
+    """The cheapest way to run a step of ``share`` patches per process within ``available``
+    bytes. ``checkpoint`` ``auto`` tries off, cells, edges in that order; ``micro_batch`` None
+    takes the largest micro-batch that fits. Without ``available`` (no budget known) nothing
+    is checked: auto means off and the micro-batch is the share.
+
+    Gradient accumulation is preferred to checkpointing: with the exact batch loss it costs
+    one gradient-free forward pass per further micro-batch, checkpointing one forward pass
+    per micro-batch."""
+    from scnas.build.network import CHECKPOINT_MODES
+
+    modes = list(CHECKPOINT_MODES) if checkpoint == "auto" else [checkpoint]
+    if available is None:
+        return MemoryPlan(modes[0], min(micro_batch or share, share))
+    last: tuple[str, StepProfile] | None = None
+    for mode in modes:
+        if micro_batch is not None:
+            size = min(micro_batch, share)
+            profile = profile_of(mode, size)
+            if fits(profile.estimate(size, patch), available):
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+            last = (mode, profile)
+            continue
+        single = profile_of(mode, 1)
+        last = (mode, single)
+        size = min(share, largest_batch(single, patch, available))
+        while size >= 1:
+            profile = single if size == 1 else profile_of(mode, size)
+            if fits(profile.estimate(size, patch), available):
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+            size -= 1
+    assert last is not None
+    mode, profile = last
+    size = micro_batch or 1
+    needed = profile.estimate(size, patch).peak
+    edge = largest_cubic_patch(profile, size, available, divisor)
+    hint = (f"a patch of {edge}x{edge}x{edge} fits with checkpointing {mode}" if edge
+            else "no patch fits: use a smaller --stem, or a GPU with more memory")
+    raise MemoryPlanError(
+        f"one step at patch {'x'.join(map(str, patch))}, micro-batch {size}, checkpointing {mode} needs about "
+        f"{format_bytes(needed)}; {format_bytes(available)} are available (plans fill at most {HEADROOM:.0%}). "
+        f"{hint[0].upper() + hint[1:]}; 'scnas plan' shows the options")
+
+
+def plan_training_step(genotype, config, amp: str, patch: Sequence[int], share: int, checkpoint: str,
+                       micro_batch: int | None, available: int | None) -> MemoryPlan:
+    """The :class:`MemoryPlan` of retraining ``genotype`` (see :func:`choose_plan`)."""
+    cache: dict[tuple[str, int], StepProfile] = {}
+
+    def profile_of(mode: str, batch: int) -> StepProfile:
+        if (mode, batch) not in cache:
+            cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch)
+        return cache[mode, batch]
+
+    return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device``: CUDA's free memory plus what this process's allocator
+    already holds; None on the CPU (no budget is enforced there unless one is given)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device))

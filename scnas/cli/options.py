@@ -1,0 +1,19 @@
+"""Options that several commands share, declared once."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+MICRO_BATCH: Optional[int] = typer.Option(
+    None, "--micro-batch", min=1, help="Patches per forward pass; gradients accumulate exactly over a process's share "
+                                       "(default: the largest that fits).")
+CHECKPOINT: str = typer.Option(
+    "auto", "--checkpoint", help="Activation checkpointing: off, cells, edges (least memory, most recomputation), or "
+                                 "auto: the cheapest that fits the GPU.")
+GPU_MEMORY: Optional[str] = typer.Option(
+    None, "--gpu-memory", help="Memory to plan for, e.g. 24GiB (default: the CUDA device's free memory). A setting "
+                               "that cannot fit is refused before the first step.")
+AMP: str = typer.Option("auto", "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
+                                              "on CUDA, off on CPU.")

@@ -1,0 +1,100 @@
+"""The memory profile of one search step (a Theta step and an alpha step), for the planner.
+
+Which operations run depends on the sampling, so two draws are profiled: ``bound`` runs on
+every edge the operations that keep the most memory (the two heaviest for ``pair``, the
+heaviest for ``one``, all for ``full``) and is what plans are made with: no later draw can
+need more. ``typical`` is one seeded draw at uniform alpha, what the first epochs look like.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from scnas.build import BuildConfig
+from scnas.build.losses import soft_jaccard_loss
+from scnas.build.memory import PeakTracker, StepProfile, _Simulation, emulate_autocast, profile_step, storage_bytes
+from scnas.build.ops import make_op
+from scnas.genotype import CELL_TYPES
+from scnas.search.sampling import Draw, edge_weights, draw
+from scnas.search.supernet import EdgeChoice, SuperNet, cell_edges
+
+
+def op_memory_ranking(ops: list[str], amp: str = "off") -> list[int]:
+    """Indices of ``ops`` from the one that keeps the most memory for backward (per voxel and
+    channel, weighted as in a mixed edge) to the least."""
+    kept = []
+    with _Simulation():
+        for name in ops:
+            module = make_op(name, 4, 4, 1, 0.01)
+            emulate_autocast(module, amp)
+            x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
+            weight = torch.tensor(0.5, requires_grad=True)
+            tracker = PeakTracker()
+            with tracker:
+                out = weight * module(x)
+            kept.append(tracker.live)
+            del out
+    return sorted(range(len(ops)), key=lambda i: -kept[i])
+
+
+def _choices(alphas: dict[str, torch.Tensor], active: torch.Tensor, tau: float) -> dict[str, list[EdgeChoice]]:
+    choices = {}
+    for name, alpha in alphas.items():
+        weights = edge_weights(alpha, Draw("pair", torch.zeros(active.shape), active), tau)
+        choices[name] = [EdgeChoice(weights[i], tuple(row.nonzero().flatten().tolist())) for i, row in enumerate(active)]
+    return choices
+
+
+def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], sampling: str = "pair", amp: str = "off",
+                        checkpoint: str = "off", batch: int = 1,
+                        draw_kind: Literal["bound", "typical"] = "bound") -> StepProfile:
+    """The memory profile of one search step at ``batch`` patches per process: a Theta step
+    (forward, loss, backward into new gradients of Theta), then an alpha step (forward, loss,
+    gradients of alpha only), with Adam's two moments beside Theta.
+
+    Only the alpha step is run: the Theta step keeps a subset of its tensors (the sampled
+    weights need no gradient, so the operations' outputs are not kept for them) plus the
+    gradients of Theta, so the alpha step's profile with those gradients added bounds both."""
+    edges = len(cell_edges(nodes))
+    if sampling == "full":
+        active = torch.ones(edges, len(ops), dtype=torch.bool)
+    elif draw_kind == "bound":
+        heaviest = op_memory_ranking(ops, amp)[: 2 if sampling == "pair" else 1]
+        active = torch.zeros(edges, len(ops), dtype=torch.bool)
+        active[:, heaviest] = True
+    else:
+        uniform = torch.zeros(edges, len(ops))
+        active = draw(uniform, sampling, 1.0, torch.Generator().manual_seed(0)).active
+    with _Simulation():
+        net = SuperNet(config, nodes, ops)
+        net.train()
+        net.set_checkpointing(checkpoint)
+        emulate_autocast(net, amp)
+        params = list(net.parameters())
+        alphas = {name: torch.zeros(edges, len(ops), requires_grad=True) for name in CELL_TYPES}
+
+        def run_step(batch_: int, patch: tuple[int, int, int]) -> None:
+            x = torch.randn(batch_, config.in_channels, *patch)
+            y = torch.randint(0, config.num_classes, (batch_, *patch))
+            choices = _choices(alphas, active, 1.0)
+            torch.autograd.grad(soft_jaccard_loss(net(x, choices), y), list(alphas.values()))
+
+        # weights, their gradients (held through the Theta step) and Adam's two moments
+        return profile_step(run_step, config.divisor, 4 * storage_bytes(params), batch)
+
+
+def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], sampling: str, amp: str, patch,
+                     share: int, checkpoint: str, micro_batch: int | None, available: int | None):
+    """The :class:`~scnas.build.memory.MemoryPlan` of a search (planned with the ``bound`` draw)."""
+    from scnas.build.memory import choose_plan
+
+    cache: dict[tuple[str, int], StepProfile] = {}
+
+    def profile_of(mode: str, batch: int) -> StepProfile:
+        if (mode, batch) not in cache:
+            cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound")
+        return cache[mode, batch]
+
+    return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
