@@ -225,15 +225,25 @@ def test_plan_command(cli, tmp_path):
     assert "not a memory size" in cli("plan", "minimal", "--gpu-memory", "huge").err
 
 
-def test_memory_report_compares_every_mode_and_finds_the_largest_stem():
+def test_memory_report_compares_every_mode():
     from scnas.genotype import builtin_genotype
     from scnas.planning import memory_report
 
     report = memory_report(BuildConfig(stem_channels=4, in_channels=1, num_classes=2), (16, 16, 16), 2, "off",
-                           available=600 * 2**20, genotype=builtin_genotype("uresnet"))
+                           available=2**30, genotype=builtin_genotype("uresnet"), find_stem=False)
     assert [row.checkpoint for row in report.rows] == ["off", "cells", "edges"]
     assert report.rows[0].transient > report.rows[1].transient > report.rows[2].transient
-    assert report.plan["checkpoint"] == "off" and report.largest_stem > 4
+    assert report.plan["checkpoint"] == "off" and report.rows[0].largest_micro_batch > 2
+
+
+def test_largest_stem_is_the_last_that_fits():
+    from scnas.planning import _largest_stem
+
+    def profile_for(config):   # transient memory grows with the square of the stem
+        return lambda mode, batch: _linear_profile(config.stem_channels ** 2 * 2**20 / 8**3)
+
+    # fits while 512 MiB + stem^2 MiB <= 0.9 x 2 GiB = 1843.2 MiB, so up to stem 36
+    assert _largest_stem(BuildConfig(stem_channels=10), profile_for, (8, 8, 8), "off", 1, 2 * 2**30) == 36
 
 
 def test_old_settings_with_amp_as_a_bool_still_load():

@@ -19,7 +19,7 @@ from scnas.genotype import PAPER_OPS, read_genotype
 from scnas.search import (Architecture, SearchConfig, SearchError, SuperNet, cell_edges, load_checkpoint, run_search,
                           sample_choices, sample_full, sample_one, sample_pair)
 from scnas.search import sampling as sampling_module
-from scnas.search.sampling import draw
+from scnas.search.sampling import choices_from, draw, draw_all, host_copy
 
 N_OPS = len(PAPER_OPS)
 
@@ -102,11 +102,14 @@ def test_supernet_runs_only_the_sampled_ops():
 def test_supernet_takes_every_stem_and_node_count_the_builder_takes(stem, nodes):
     # Before the supernet used the builder's cells it crashed whenever stem % nodes != 0
     # (the level-0 skip was added without the builder's projection).
+    # On the meta device: shapes are checked as on the CPU, without the arithmetic.
     config = BuildConfig(stem_channels=stem, in_channels=2, num_classes=3)
-    net = SuperNet(config, nodes, list(PAPER_OPS))
     arch = Architecture(nodes, list(PAPER_OPS), torch.Generator().manual_seed(0))
-    choices = sample_choices(dict(arch.alphas), "pair", 1.0, torch.Generator().manual_seed(0))
-    out = net(torch.randn(1, 2, 16, 16, 16), choices)
+    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 1.0, torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        net = SuperNet(config, nodes, list(PAPER_OPS))
+        alphas = {name: torch.zeros(a.shape) for name, a in arch.alphas.items()}
+        out = net(torch.empty(1, 2, 16, 16, 16), choices_from(alphas, draws, 1.0))
     assert out.shape == (1, 3, 16, 16, 16)
     assert ("decoder_normal_0" in net.skips) == (stem % nodes != 0)
 
