@@ -101,8 +101,8 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
                                  "sampling": sampling if genotype is None else None},
                           rows, available)
     if genotype is None:
-        report.notes.append("search peaks are planned with the heaviest operations on every edge ('bound'); "
-                            "'typical' is one draw at uniform alpha, as in the first epochs")
+        report.notes.append("search peaks are planned with the larger of a draw of the heaviest operations on every "
+                            "edge and the 'typical' one, a draw at uniform alpha as in the first epochs")
     if available is None:
         return report
     try:

@@ -220,7 +220,7 @@ def test_plan_command(cli, tmp_path):
     small = cli("plan", "--search", "--stem", "4", "--nodes", "1", "--patch", "16", "16", "16", "--gpu-memory", "300MiB",
                 "--checkpoint", "off", "--no-largest-stem")
     assert small.code == 1 and "does not fit" in small.out and "needs about" in small.out
-    assert "'typical' is one draw at uniform alpha" in small.out
+    assert "the 'typical' one, a draw at uniform alpha" in small.out
     assert cli("plan", "minimal", "--search").code == 1
     assert "not a memory size" in cli("plan", "minimal", "--gpu-memory", "huge").err
 
@@ -253,3 +253,28 @@ def test_old_settings_with_amp_as_a_bool_still_load():
     assert SearchConfig(data="x", amp=True).amp == "bf16" and TrainConfig(data="x", amp=False).amp == "off"
     with pytest.raises(ValueError):
         TrainConfig(data="x", gpu_memory="lots")
+
+
+@pytest.mark.slow
+def test_a_non_finite_patch_on_one_process_makes_every_process_skip_the_step(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(ROOT / "tests" / "ddp_nonfinite_step.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert [s["skipped"] for s in report["steps"]] == [False, True, False]
+        assert [s["unchanged"] for s in report["steps"]] == [False, True, False]
+        assert report["same_weights"]

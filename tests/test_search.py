@@ -236,7 +236,7 @@ def test_two_process_torchrun_keeps_alpha_identical_on_every_rank(search_cache, 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "scnas", "search", "--data", str(search_cache), "--stem", "4",
                "--patch", "16", "16", "16", "--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu",
-               "--batch-size", "2", "-o", str(tmp_path / "ddp")]
+               "--batch-size", "2", "--checkpoint", "cells", "-o", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "ranks.json").read_text()) == {"world_size": 2, "alpha_identical": True}

@@ -204,12 +204,13 @@ def test_two_process_torchrun_training(trained, tmp_path):
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), "-m", "scnas", "train", "minimal", "--data", str(task), "--stem", "2",
-               "--patch", "16", "16", "16", "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "2",
-               "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
+               "--patch", "16", "16", "16", "--batch-size", "4", "--micro-batch", "1", "--epochs", "1",
+               "--steps-per-epoch", "2", "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+    recorded = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert recorded["world_size"] == 2 and recorded["memory_plan"]["micro_batch"] == 1
     assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.stem_channels == 2
 
 

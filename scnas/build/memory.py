@@ -238,6 +238,13 @@ class StepProfile:
         return estimate(self.persistent, self.transient(batch, patch))
 
 
+def larger(first: StepProfile, second: StepProfile) -> StepProfile:
+    """A profile whose peak is the larger of two profiles' at every size (their allocation
+    sequences side by side: the peak is a maximum over allocations)."""
+    return StepProfile(first.base + second.base, first.slope + second.slope,
+                       max(first.persistent, second.persistent), first.batch)
+
+
 def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor: int, persistent: int,
                  batch: int = 1) -> StepProfile:
     """Run ``run_step(batch, patch)`` at two small patches under the tracker and fit the affine
