@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import measure_steps, rss_bytes
 
 
 def predict(mode: str, patch: int, stem: int, device: str, amp: str, checkpoint: str) -> float:
@@ -53,7 +53,7 @@ def measure(mode: str, patch: int, stem: int, steps: int, device: str, amp: str,
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
     torch.manual_seed(0)
     dev = torch.device(device)
-    before = _rss_bytes()
+    before = rss_bytes()
     net = SuperNet(config, 4, ops).to(dev)
     net.set_checkpointing(checkpoint)
     arch = Architecture(4, ops, torch.Generator().manual_seed(0)).to(dev)
@@ -83,29 +83,10 @@ def measure(mode: str, patch: int, stem: int, steps: int, device: str, amp: str,
             alpha.grad = grad
         guarded_step(alpha_opt, alphas, alpha_precision, loss)
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    peak, seconds = measure_steps(step, steps, device, before)
     return {"mode": mode, "patch": patch, "stem": stem, "device": device, "amp": amp, "checkpoint": checkpoint,
-            "peak_mib": peak / 2**20, "step_s": sorted(times)[len(times) // 2]}
+            "peak_mib": peak, "step_s": seconds}
 
-
-def _rss_bytes() -> int:
-    """The process's resident memory now (the peak, ru_maxrss, only ever grows)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

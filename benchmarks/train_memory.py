@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import measure_steps, rss_bytes
 
 GENOTYPES = {"uresnet": "uresnet", "found": "docs/images/found-genotype.yaml"}
 
@@ -47,7 +47,7 @@ def measure(genotype: str, stem: int, patch: int, batch: int, micro: int, steps:
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    before = _rss_bytes()
+    before = rss_bytes()
     net = build_network(load_genotype(GENOTYPES[genotype]), BuildConfig(stem_channels=stem, in_channels=4,
                                                                         num_classes=3)).to(dev)
     net.set_checkpointing(checkpoint)
@@ -62,28 +62,10 @@ def measure(genotype: str, stem: int, patch: int, batch: int, micro: int, steps:
         loss = accumulate_exact(net, split_batch(x, y, micro), precision.backward, precision)
         guarded_step(optimiser, params, precision, loss, 12.0)
 
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    peak, seconds = measure_steps(step, steps, device, before)
     return {"genotype": genotype, "stem": stem, "patch": patch, "batch": batch, "micro_batch": micro, "device": device,
-            "amp": amp, "checkpoint": checkpoint, "peak_mib": peak / 2**20, "step_s": sorted(times)[len(times) // 2]}
+            "amp": amp, "checkpoint": checkpoint, "peak_mib": peak, "step_s": seconds}
 
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
