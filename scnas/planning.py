@@ -70,9 +70,10 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
             if (mode, batch) not in cache:
                 progress(f"simulating a {kind} step: stem {config.stem_channels}, checkpointing {mode}, micro-batch {batch}")
                 if genotype is not None:
-                    cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch)
+                    cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch, share)
                 else:
-                    cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound")
+                    cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound",
+                                                             share)
             return cache[mode, batch]
         return profile_of
 
@@ -84,7 +85,7 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
         estimate = profile.estimate(size, patch)
         row = ModeRow(mode, size, estimate.peak, estimate.persistent, estimate.transient)
         if genotype is None:
-            typical = search_step_profile(build, nodes, ops, sampling, amp, mode, size, "typical")
+            typical = search_step_profile(build, nodes, ops, sampling, amp, mode, size, "typical", share)
             row.typical_peak = typical.estimate(size, patch).peak
         if available is not None:
             from scnas.build.memory import fits

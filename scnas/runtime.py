@@ -50,6 +50,21 @@ def setup_processes(device: str, error: type[ScnasError] = ScnasError) -> Proces
     return Processes(rank, world, target)
 
 
+def memory_budget(gpu_memory: str | None, processes: Processes) -> int | None:
+    """Bytes a step may use on each process: ``gpu_memory`` when given, else the CUDA device's
+    free memory (None on the CPU: nothing is planned). Under torchrun the smallest over all
+    processes, so that every process makes the same plan (or refuses the same way)."""
+    from scnas.build.memory import device_memory, parse_bytes
+
+    available = parse_bytes(gpu_memory) if gpu_memory else device_memory(processes.device)
+    if processes.world > 1:
+        value = torch.tensor([float("inf") if available is None else float(available)], dtype=torch.float64,
+                             device=processes.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        available = None if value.item() == float("inf") else int(value.item())
+    return available
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically (tensors and plain data only, so it loads with weights_only)."""
     buffer = io.BytesIO()
@@ -93,7 +108,8 @@ def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
         raise error(f"cannot be used as a run folder: {exc.strerror or exc}", source=str(folder)) from None
 
 
-def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, poll_seconds: float = 5.0):
+def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, poll_seconds: float = 5.0,
+                    start_timeout: float = 600.0):
     """``data`` as a prepared cache: a cache folder itself, or a task folder that the main
     process prepares into ``prepared`` (under torchrun with one worker per core, since the
     other processes are idle meanwhile). The other processes wait by watching the file
@@ -107,21 +123,42 @@ def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, po
         workers = (os.cpu_count() or 1) if processes.world > 1 else 1
         cache = _open(data, prepared, spacing, prepare=processes.main, workers=workers)
     else:
-        marker = Path(prepared) / "cache.json"
+        # prepare_dataset writes settings.json before the first case: if it never appears, rank 0
+        # writes to a file system this process does not see (several machines, local disks).
+        started, marker, begun = _time.monotonic(), Path(prepared) / "cache.json", Path(prepared) / "settings.json"
         while not marker.exists():
+            if not begun.exists() and _time.monotonic() - started > start_timeout:
+                raise ScnasError(f"rank {processes.rank} waited {start_timeout:.0f} s for rank 0 to start preparing "
+                                 f"{data} into {prepared} and saw nothing: on several machines without a shared file "
+                                 "system, run 'scnas data prepare' first and pass the cache folder as --data",
+                                 source=str(prepared))
             _time.sleep(poll_seconds)
         cache = None
     processes.barrier()   # every process past preparation (a failing main process ends the torchrun job)
     return cache if cache is not None else Cache(prepared)
 
 
+RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers")
+"""Settings a resumed run may change: how long it runs, and how a step is fitted into memory
+(which changes no result beyond rounding)."""
+
+
 def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
-    """Refuse to resume with settings other than the run's own (only ``epochs`` may change)."""
+    """Refuse to resume with settings other than the run's own, except :data:`RESUMABLE_CHANGES`."""
     old, new = saved.model_dump(), current.model_dump()
-    differing = sorted(k for k, v in new.items() if k != "epochs" and old[k] != v)
+    differing = sorted(k for k, v in new.items() if k not in RESUMABLE_CHANGES and old[k] != v)
     if differing:
         raise error(f"--resume with settings that differ from the run's ({', '.join(differing)}); resume with the "
-                    "run's own settings (only --epochs may change)", source=str(run))
+                    f"run's own settings (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES)} "
+                    "may change)", source=str(run))
+
+
+def check_resume_precision(saved: str | None, now: str, run: Path, error: type[ScnasError]) -> None:
+    """Refuse to continue a run at another precision than it started with (``--amp auto``
+    means fp16 on CUDA and off on the CPU, so moving a run between them would change it)."""
+    if saved is not None and saved != now:
+        raise error(f"this run computed with amp {saved}; here it would compute with amp {now} (--amp auto follows "
+                    f"the device): resume it on the same kind of device", source=str(run))
 
 
 def save_figure(figure, path: Path) -> None:

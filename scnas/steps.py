@@ -49,6 +49,11 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def load_scaler(self, state: dict | None) -> None:
+        """Restore the gradient scaler from a checkpoint (a disabled scaler saved an empty state)."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
@@ -143,19 +148,27 @@ def fused_if_available(device: torch.device) -> dict[str, bool]:
     return {"fused": True}
 
 
+SCALER_SKIP_LIMIT = 32
+"""Steps in a row a run may skip for non-finite gradients while its loss is finite: the fp16
+gradient scaler halves its scale at each, and finds a working one within ~16 from 65536."""
+
+
 class StepMeter:
-    """Per-step bookkeeping kept on the device and read back every ``every`` steps: sums of
-    the finite losses, skipped steps, and the longest run of steps whose loss (or, without a
-    scaler, whose gradients) were not finite."""
+    """Per-step bookkeeping kept on the device and read back every few steps: sums of the
+    finite losses, skipped steps, the current and longest run of steps whose loss (or, without
+    a scaler, whose gradients) were not finite (``streak``), and of skipped steps (``skips``)."""
 
     def __init__(self, device: torch.device, names: Sequence[str], state: dict | None = None):
         self.device, self.names = device, list(names)
         state = state or {}
+
+        def number(key: str) -> torch.Tensor:
+            return torch.tensor(float(state.get(key, 0)), dtype=torch.float64, device=device)
+
         self.sums = torch.tensor([float(state.get(n, 0.0)) for n in self.names], dtype=torch.float64, device=device)
-        self.count = torch.tensor(float(state.get("n", 0)), dtype=torch.float64, device=device)
-        self.skipped = torch.tensor(float(state.get("skipped", 0)), dtype=torch.float64, device=device)
-        self.streak = torch.tensor(float(state.get("streak", 0)), dtype=torch.float64, device=device)
-        self.longest = self.streak.clone()
+        self.count, self.skipped = number("n"), number("skipped")
+        self.streak, self.skips = number("streak"), number("skips")
+        self.longest, self.longest_skips = self.streak.clone(), self.skips.clone()
 
     def record(self, losses: Sequence[torch.Tensor], skipped: torch.Tensor, failed: torch.Tensor) -> None:
         """``skipped``: some optimiser step was skipped; ``failed``: the step counts towards
@@ -166,14 +179,23 @@ class StepMeter:
         self.count += ok.double()
         self.skipped += skipped.double()
         self.streak = (self.streak + 1) * failed.double()
+        self.skips = (self.skips + 1) * skipped.double()
         self.longest = torch.maximum(self.longest, self.streak)
+        self.longest_skips = torch.maximum(self.longest_skips, self.skips)
 
     def read(self) -> dict:
         """Everything as host numbers (one synchronisation)."""
-        values = torch.cat([self.sums, torch.stack([self.count, self.skipped, self.streak, self.longest])]).cpu().tolist()
+        extra = ("n", "skipped", "streak", "skips", "longest", "longest_skips")
+        counters = torch.stack([self.count, self.skipped, self.streak, self.skips, self.longest, self.longest_skips])
+        values = torch.cat([self.sums, counters]).cpu().tolist()
         result = dict(zip(self.names, values[: len(self.names)]))
-        result.update(n=int(values[-4]), skipped=int(values[-3]), streak=int(values[-2]), longest=int(values[-1]))
+        result.update({key: int(value) for key, value in zip(extra, values[len(self.names):])})
         return result
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to continue the counts (reads the device back)."""
+        numbers = self.read()
+        return {key: numbers[key] for key in (*self.names, "n", "skipped", "streak", "skips")}
 
 
 def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], epoch: int, step: int, checkpoint: Path,
@@ -185,11 +207,17 @@ def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], epoch: i
         raise error(f"{numbers['longest']} non-finite losses or gradients in a row by epoch {epoch + 1}, step "
                     f"{step + 1}; stopped. The last good checkpoint ({checkpoint.name}) is kept: lower {rate_option} "
                     "or check the data", source=str(checkpoint.parent))
+    if numbers["longest_skips"] >= SCALER_SKIP_LIMIT:
+        raise error(f"{numbers['longest_skips']} steps in a row skipped for non-finite gradients by epoch {epoch + 1}, "
+                    f"step {step + 1}, though the loss was finite: the fp16 gradient scaler found no scale that works; "
+                    f"stopped. The last good checkpoint ({checkpoint.name}) is kept: try --amp bf16 or off, or lower "
+                    f"{rate_option}", source=str(checkpoint.parent))
     return numbers
 
 
 def out_of_memory(error: type[ScnasError], epoch: int, plan_text: str, checkpoint: Path, plan_command: str) -> ScnasError:
     """The error for a step that ran out of device memory despite the plan."""
     return error(f"ran out of device memory at epoch {epoch + 1} ({plan_text}). The last checkpoint ({checkpoint.name}) "
-                 "is kept; resume with --checkpoint edges, a smaller --micro-batch, --amp fp16 or a smaller --patch "
-                 f"('{plan_command}' shows what fits)", source=str(checkpoint.parent))
+                 "is kept: --resume with --checkpoint edges or a smaller --micro-batch (or --gpu-memory below this "
+                 f"device's, so that the plan leaves more room); '{plan_command}' shows what fits",
+                 source=str(checkpoint.parent))

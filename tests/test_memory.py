@@ -136,7 +136,20 @@ def test_step_meter_counts_the_longest_non_finite_streak():
         bad = ~torch.isfinite(loss)
         meter.record([loss], bad, bad)
     numbers = meter.read()
-    assert numbers == {"loss": 0.75, "n": 2, "skipped": 3, "streak": 1, "longest": 2}
+    assert numbers == {"loss": 0.75, "n": 2, "skipped": 3, "streak": 1, "skips": 1, "longest": 2, "longest_skips": 2}
+
+
+def test_a_scaler_that_finds_no_scale_stops_the_run(tmp_path):
+    from scnas.errors import ScnasError
+    from scnas.steps import SCALER_SKIP_LIMIT, read_checked
+
+    meter = StepMeter(torch.device("cpu"), ["loss"])
+    finite = torch.tensor(0.5)
+    for _ in range(SCALER_SKIP_LIMIT):     # fp16: the loss is finite, the gradients never are
+        meter.record([finite], torch.tensor(True), torch.tensor(False))
+    assert meter.read()["longest"] == 0
+    with pytest.raises(ScnasError, match="32 steps in a row skipped .* no scale that works"):
+        read_checked(meter, 5, ScnasError, 0, 31, tmp_path / "checkpoint.pt", "--lr")
 
 
 def test_profile_extrapolates_exactly_to_other_patches():

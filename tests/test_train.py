@@ -242,3 +242,24 @@ def test_a_setting_that_cannot_fit_is_refused_before_the_first_step(trained, tmp
                "1", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--gpu-memory", "4GiB",
                "-o", tmp_path / "small")
     assert fits.code == 0 and "checkpointing off, micro-batch 8; predicted peak" in fits.out, fits
+
+
+def test_resume_may_change_how_a_step_fits_but_not_the_precision_or_an_old_format(trained, tmp_path, cli):
+    import torch
+
+    task, _ = trained
+    args = ["--data", task, "--stem", "2", "--patch", "16", "16", "16", "--spacing", "1", "1", "1", "--batch-size", "2",
+            "--steps-per-epoch", "1", "--device", "cpu", "-o", tmp_path / "run"]
+    assert cli("train", "minimal", *args, "--epochs", "1").code == 0
+    resumed = cli("train", "minimal", "--resume", "-o", tmp_path / "run", "--epochs", "2", "--checkpoint", "cells",
+                  "--micro-batch", "1")
+    assert resumed.code == 0 and "checkpointing cells, micro-batch 1" in resumed.out, resumed
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 2 and state["amp"] == "off"
+    torch.save({**state, "amp": "fp16"}, checkpoint)
+    other = cli("train", "minimal", "--resume", "-o", tmp_path / "run", "--epochs", "3")
+    assert other.code == 1 and "computed with amp fp16; here it would compute with amp off" in other.err
+    torch.save({**state, "version": 1}, checkpoint)
+    old = cli("train", "minimal", "--resume", "-o", tmp_path / "run", "--epochs", "3")
+    assert old.code == 1 and "from an older scnas" in old.err and "per process" in old.err

@@ -24,6 +24,7 @@ fragmentation, covered by :data:`WORKSPACE_BYTES` and the ``headroom`` of :func:
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -56,11 +57,11 @@ class PeakTracker(TorchDispatchMode):
         self._seen: set[int] = set()
 
     def __enter__(self):
-        PeakTracker.active = self
+        self._previous, PeakTracker.active = PeakTracker.active, self
         return super().__enter__()
 
     def __exit__(self, *exc):
-        PeakTracker.active = None
+        PeakTracker.active = self._previous
         return super().__exit__(*exc)
 
     def add(self, tensor: torch.Tensor) -> None:
@@ -345,29 +346,40 @@ def format_bytes(nbytes: float) -> str:
 # Steps
 
 
+_SIMULATIONS = threading.RLock()
+
+
 class _Simulation:
     """Settings that make a simulated step take the same path at every size (no batch-1 CPU
-    routing) and leave the caller's random state alone."""
+    routing) and leave the caller's random state alone. One simulation at a time: the routing
+    switch is global (another thread's CPU convolutions meanwhile take torch's own, equal but
+    slower, path) and so is :attr:`PeakTracker.active`."""
 
     def __enter__(self):
         from scnas.build import ops
 
+        _SIMULATIONS.acquire()
         self._ops, self._route = ops, ops.ROUTE_BATCH1_TO_ONEDNN
         ops.ROUTE_BATCH1_TO_ONEDNN = False
         self._rng = torch.random.fork_rng(devices=[])
         self._rng.__enter__()
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)
         return self
 
     def __exit__(self, *exc):
-        self._ops.ROUTE_BATCH1_TO_ONEDNN = self._route
-        self._rng.__exit__(*exc)
+        try:
+            self._ops.ROUTE_BATCH1_TO_ONEDNN = self._route
+            self._rng.__exit__(*exc)
+        finally:
+            _SIMULATIONS.release()
 
 
-def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1) -> StepProfile:
-    """The memory profile of one training step of ``build_network(genotype, config)``: forward,
-    soft Jaccard loss, backward into existing gradients (the steady state of gradient
-    accumulation), with Adam's two moments held beside the weights."""
+def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1,
+                          share: int | None = None) -> StepProfile:
+    """The memory profile of one training step of ``build_network(genotype, config)`` on a
+    micro-batch of ``batch`` patches: forward, soft Jaccard loss, backward into existing
+    gradients (the steady state of gradient accumulation), with Adam's two moments held beside
+    the weights and the process's whole ``share`` of patches (default: ``batch``) on the device."""
     from scnas.build.losses import soft_jaccard_loss
     from scnas.build.network import build_network
 
@@ -381,10 +393,11 @@ def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = 
         def run_step(batch: int, patch: tuple[int, int, int]) -> None:
             for p in params:
                 p.grad = torch.zeros_like(p)
-            x = torch.randn(batch, config.in_channels, *patch)
-            y = torch.randint(0, config.num_classes, (batch, *patch))
-            out = net(x)
-            soft_jaccard_loss(out[0] if isinstance(out, list) else out, y).backward()
+            whole = max(share or batch, batch)
+            x = torch.randn(whole, config.in_channels, *patch)
+            y = torch.randint(0, config.num_classes, (whole, *patch))
+            out = net(x[:batch])
+            soft_jaccard_loss(out[0] if isinstance(out, list) else out, y[:batch]).backward()
             for p in params:
                 p.grad = None
 
@@ -474,7 +487,7 @@ def plan_training_step(genotype, config, amp: str, patch: Sequence[int], share: 
 
     def profile_of(mode: str, batch: int) -> StepProfile:
         if (mode, batch) not in cache:
-            cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch)
+            cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch, share)
         return cache[mode, batch]
 
     return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)

@@ -26,7 +26,7 @@ def search(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step over all processes (the paper: 4 "
                                                                    "on 4 GPUs); a multiple of the process count."),
     micro_batch: Optional[int] = options.MICRO_BATCH,
-    checkpoint: str = options.CHECKPOINT,
+    checkpoint: Optional[str] = options.CHECKPOINT,
     gpu_memory: Optional[str] = options.GPU_MEMORY,
     sampling: str = typer.Option("pair", "--sampling", help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary (default: the paper's eight)."),
@@ -43,7 +43,8 @@ def search(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
-                                                        "settings; --epochs may extend it)."),
+                                                        "settings; --epochs may extend it, and --checkpoint, "
+                                                        "--micro-batch, --gpu-memory may change)."),
     demo: bool = typer.Option(False, "--demo", help="Make a phantom dataset in OUT/phantoms and run a small search "
                                                     "(a few minutes on 2 CPU cores)."),
 ) -> None:
@@ -79,7 +80,8 @@ def search(
         if not saved.exists():
             raise SearchError("has no config.json: nothing to resume", source=str(run))
         values = json.loads(saved.read_text())["search"]
-        config = make_config({**values, **({"epochs": epochs} if epochs else {})})
+        config = make_config({**values, **({"epochs": epochs} if epochs else {}),
+                              **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
     else:
         if demo:
             from scnas.data import write_phantom_dataset
@@ -95,8 +97,8 @@ def search(
             "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
             "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
             "tau_schedule": tau_schedule, "top_k": top_k, "spacing": spacing, "seed": seed, "workers": workers,
-            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "checkpoint": checkpoint,
-            "micro_batch": micro_batch, "gpu_memory": gpu_memory,
+            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp,
+            **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
     result = run_search(config, run, resume=resume, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: theta loss {r['theta_loss']:.4f}, alpha loss {r['alpha_loss']:.4f}, "

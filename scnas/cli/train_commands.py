@@ -16,7 +16,8 @@ from scnas.cli.main import app, settings_error, stdout
 @app.command()
 def train(
     genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
-    data: str = typer.Option(..., "--data", help="Task folder (prepared into OUT/cache) or prepared cache."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared into OUT/cache) or prepared cache "
+                                                            "(not needed with --resume)."),
     output: str = typer.Option(..., "-o", "--output", help="Run folder: models, metrics, plot, checkpoint."),
     fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
     stem: int = typer.Option(68, "--stem", min=1, help="Stem channels (paper: 68)."),
@@ -24,7 +25,7 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step over all processes (paper: 8); a "
                                                                    "multiple of the process count."),
     micro_batch: Optional[int] = options.MICRO_BATCH,
-    checkpoint: str = options.CHECKPOINT,
+    checkpoint: Optional[str] = options.CHECKPOINT,
     gpu_memory: Optional[str] = options.GPU_MEMORY,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="At most this many epochs (paper: 500)."),
     steps: int = typer.Option(250, "--steps-per-epoch", min=1),
@@ -35,7 +36,8 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend, "
+                                                        "--checkpoint, --micro-batch, --gpu-memory may change)."),
 ) -> None:
     """Train the network of a genotype from scratch with the paper's retraining settings.
 
@@ -60,14 +62,17 @@ def train(
             if not saved.exists():
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
             stored = json.loads(saved.read_text())
-            config = TrainConfig.model_validate({**stored["train"], **({"epochs": epochs} if epochs else {})})
+            config = TrainConfig.model_validate({**stored["train"], **({"epochs": epochs} if epochs else {}),
+                                                 **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
             genotype = genotype_from_data(stored["genotype"], source=str(saved))
         else:
+            if data is None:
+                raise TrainError("--data is required (a task folder or a prepared cache)")
             genotype = load_genotype(genotype_path)
             config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
                                  epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
-                                 workers=workers, device=device, amp=amp, checkpoint=checkpoint, micro_batch=micro_batch,
-                                 gpu_memory=gpu_memory)
+                                 workers=workers, device=device, amp=amp,
+                                 **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
     except ValidationError as exc:
         raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from scnas import __version__
 from scnas.build import BuildConfig
 from scnas.build.losses import dice_per_class
-from scnas.build.memory import MemoryPlan, MemoryPlanError, device_memory, parse_bytes
+from scnas.build.memory import MemoryPlan, MemoryPlanError
 from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
@@ -36,8 +36,9 @@ from scnas.search.derive import derive_genotype
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.runtime import (Processes, StepBar, check_resume_settings, ensure_run_folder, open_or_prepare, rank_loader,
-                           read_checkpoint, save_checkpoint, setup_processes)
+from scnas.runtime import (Processes, StepBar, check_resume_precision, check_resume_settings, ensure_run_folder,
+                           memory_budget, open_or_prepare, rank_loader, read_checkpoint, save_checkpoint,
+                           setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 
@@ -70,14 +71,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def plan_search(config: SearchConfig, build: BuildConfig, world: int, device: torch.device) -> MemoryPlan:
-    """Checkpointing and micro-batch for this search on ``device``; refuses a setting that cannot
-    fit (the budget: ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
-    available = parse_bytes(config.gpu_memory) if config.gpu_memory else device_memory(device)
-    amp = resolve_amp(config.amp, device)
+def plan_search(config: SearchConfig, build: BuildConfig, d: Processes) -> MemoryPlan:
+    """Checkpointing and micro-batch for this search; refuses a setting that cannot fit (the
+    budget: ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
+    available = memory_budget(config.gpu_memory, d)
     try:
-        return plan_search_step(build, config.nodes, config.ops, config.sampling, amp, config.patch,
-                                config.batch_size // world, config.checkpoint, config.micro_batch, available)
+        return plan_search_step(build, config.nodes, config.ops, config.sampling, resolve_amp(config.amp, d.device),
+                                config.patch, config.batch_size // d.world, config.checkpoint, config.micro_batch,
+                                available)
     except MemoryPlanError as exc:
         raise SearchError(f"does not fit: {exc}") from None
 
@@ -112,7 +113,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                         depth=config.depth)
     if any(p % build.divisor for p in config.patch):
         raise SearchError(f"patch {config.patch} must be a multiple of 2**depth = {build.divisor} per axis")
-    plan = plan_search(config, build, d.world, d.device)
+    plan = plan_search(config, build, d)
     share = config.batch_size // d.world
     if d.main:
         atomic_write_text(run / "config.json", json.dumps({
@@ -140,19 +141,20 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     theta_precision, alpha_precision = Precision(config.amp, d.device), Precision(config.amp, d.device)
     sampler_rng = torch.Generator().manual_seed(config.seed + 1)  # same draws on every rank
     epoch, step_start, sums, history = 0, 0, {"theta": 0.0, "alpha": 0.0, "n": 0}, []
-    counters = {"skipped": 0, "streak": 0}
+    counters = {"skipped": 0, "streak": 0, "skips": 0}
     if state is not None:
         net.load_state_dict(state["net"])
         arch.load_state_dict(state["arch"])
         theta_opt.load_state_dict(state["theta_opt"])
         alpha_opt.load_state_dict(state["alpha_opt"])
         scheduler.load_state_dict(state["scheduler"])
-        theta_precision.scaler.load_state_dict(state["theta_scaler"])
-        alpha_precision.scaler.load_state_dict(state["alpha_scaler"])
+        check_resume_precision(state.get("amp"), theta_precision.amp, run, SearchError)
+        theta_precision.load_scaler(state["theta_scaler"])
+        alpha_precision.load_scaler(state["alpha_scaler"])
         torch.set_rng_state(state["torch_rng"])
         sampler_rng.set_state(state["sampler_rng"])
         epoch, step_start, sums, history = state["epoch"], state["step"], dict(state["sums"]), list(state["history"])
-        counters = {"skipped": state["skipped"], "streak": state["streak"]}
+        counters = {"skipped": state["skipped"], "streak": state["streak"], "skips": state.get("skips", 0)}
 
     augmentation = default_augmentation() if config.augment else None
     samples = config.steps_per_epoch * config.batch_size
@@ -173,10 +175,11 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.model_dump_json(),
             "epoch": epoch_, "step": step_, "net": net.state_dict(), "arch": arch.state_dict(),
             "theta_opt": theta_opt.state_dict(), "alpha_opt": alpha_opt.state_dict(), "scheduler": scheduler.state_dict(),
-            "theta_scaler": theta_precision.scaler.state_dict(), "alpha_scaler": alpha_precision.scaler.state_dict(),
+            "amp": theta_precision.amp, "theta_scaler": theta_precision.scaler.state_dict(),
+            "alpha_scaler": alpha_precision.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(), "sampler_rng": sampler_rng.get_state(),
             "sums": {"theta": numbers["theta"], "alpha": numbers["alpha"], "n": numbers["n"]}, "history": history,
-            "skipped": numbers["skipped"], "streak": numbers["streak"]})
+            "skipped": numbers["skipped"], "streak": numbers["streak"], "skips": numbers["skips"]})
 
     def check(meter: StepMeter, step: int) -> dict[str, Any]:
         return read_checked(meter, config.max_nonfinite, SearchError, epoch, step, checkpoint_path, "--theta-lr")
@@ -184,7 +187,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     def alpha_gradients(draws) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: net(x, choices_from(arch.alphas, draws, tau))
 
-    steps_this_call = 0
+    steps_this_call, last_drawn = 0, time.monotonic()
     bar = StepBar(progress and d.main, config.steps_per_epoch)
     try:
         while epoch < config.epochs:
@@ -254,13 +257,15 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             bar.stop()
             numbers = check(meter, config.steps_per_epoch - 1)
             sums = {"theta": numbers["theta"], "alpha": numbers["alpha"], "n": numbers["n"]}
-            counters = {"skipped": numbers["skipped"], "streak": numbers["streak"]}
+            counters = {"skipped": numbers["skipped"], "streak": numbers["streak"], "skips": numbers["skips"]}
             record = _end_epoch(EpochEnd(config, epoch, tau, sums, counters["skipped"], time.perf_counter() - started),
                                 net, arch, val_data, d, num_classes, theta_opt, theta_precision, share)
             scheduler.step(record["theta_loss"] if math.isfinite(record["theta_loss"]) else float("inf"))
             history.append(record)
             if d.main:
-                _write_epoch(run, config, arch, epoch, history, record, d.world)
+                draw = epoch + 1 == config.epochs or time.monotonic() - last_drawn >= PLOT_EVERY_SECONDS
+                _write_epoch(run, config, arch, epoch, history, record, d.world, draw)
+                last_drawn = time.monotonic() if draw else last_drawn
             if on_epoch:
                 on_epoch(record)
             epoch, step_start, sums = epoch + 1, 0, {"theta": 0.0, "alpha": 0.0, "n": 0}
@@ -319,8 +324,14 @@ def _end_epoch(end: EpochEnd, net: SuperNet, arch: Architecture, val_data: Patch
             "seconds": end.seconds}
 
 
+PLOT_EVERY_SECONDS = 300.0
+"""The figures of a search are drawn after its last epoch and after any epoch that ends at
+least this long after they were last drawn (drawing them takes seconds, which would dominate
+short epochs); the data behind them are written every epoch."""
+
+
 def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int, history: list, record: dict,
-                 world: int) -> None:
+                 world: int, draw: bool = True) -> None:
     provenance = {"scnas_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": epoch + 1,
                   "search": {"data": config.data, "fold": config.fold, "seed": config.seed, "epochs": config.epochs,
                              "sampling": config.sampling, "stem": config.stem, "patch": list(config.patch),
@@ -335,6 +346,6 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int
     atomic_write_text(run / "metrics.jsonl", lines)   # rewritten from the checkpointed history: no duplicates
     from scnas.search.plots import write_plots
 
-    write_plots(run, history, arch, config)
+    write_plots(run, history, arch, config, draw)
 
 

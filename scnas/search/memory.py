@@ -26,20 +26,24 @@ from scnas.search.supernet import EdgeChoice, SuperNet, cell_edges
 
 
 def op_memory_ranking(ops: list[str], amp: str = "off") -> list[int]:
-    """Indices of ``ops`` from the one that keeps the most memory for backward (per voxel and
-    channel, weighted as in a mixed edge) to the least."""
+    """Indices of ``ops`` from the one that keeps the most memory for backward per voxel (as in a
+    mixed edge, output weighted) to the least: the growth of what stays alive after the
+    forward pass from 16^3 to 32^3, so that padded copies do not inflate small sizes."""
     kept = []
     with _Simulation():
         for name in ops:
             module = make_op(name, 4, 4, 1, 0.01)
             emulate_autocast(module, amp)
-            x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
-            weight = torch.tensor(0.5, requires_grad=True)
-            tracker = PeakTracker()
-            with tracker:
-                out = weight * module(x)
-            kept.append(tracker.live)
-            del out
+            sizes = []
+            for size in (16, 32):
+                x = torch.randn(1, 4, size, size, size, requires_grad=True)
+                weight = torch.tensor(0.5, requires_grad=True)
+                tracker = PeakTracker()
+                with tracker:
+                    out = weight * module(x)
+                sizes.append(tracker.live)
+                del out
+            kept.append(sizes[1] - sizes[0])
     return sorted(range(len(ops)), key=lambda i: -kept[i])
 
 
@@ -53,14 +57,16 @@ def _choices(alphas: dict[str, torch.Tensor], active: torch.Tensor, tau: float) 
 
 def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], sampling: str = "pair", amp: str = "off",
                         checkpoint: str = "off", batch: int = 1,
-                        draw_kind: Literal["bound", "typical"] = "bound") -> StepProfile:
+                        draw_kind: Literal["bound", "typical"] = "bound", share: int | None = None) -> StepProfile:
     """The memory profile of one search step at ``batch`` patches per process: a Theta step
     (forward, loss, backward into new gradients of Theta), then an alpha step (forward, loss,
     gradients of alpha only), with Adam's two moments beside Theta.
 
     Only the alpha step is run: the Theta step keeps a subset of its tensors (the sampled
     weights need no gradient, so the operations' outputs are not kept for them) plus the
-    gradients of Theta, so the alpha step's profile with those gradients added bounds both."""
+    gradients of Theta, so the alpha step's profile with those gradients added bounds both.
+    Both steps' batches of the process's ``share`` of patches (default: ``batch``) are on the
+    device meanwhile."""
     edges = len(cell_edges(nodes))
     if sampling == "full":
         active = torch.ones(edges, len(ops), dtype=torch.bool)
@@ -68,16 +74,16 @@ def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], samplin
         heaviest = op_memory_ranking(ops, amp)[: 2 if sampling == "pair" else 1]
         active = torch.zeros(edges, len(ops), dtype=torch.bool)
         active[:, heaviest] = True
-        typical = search_step_profile(config, nodes, ops, sampling, amp, checkpoint, batch, "typical")
-        return larger(_profile_draw(config, nodes, ops, amp, checkpoint, batch, active), typical)
+        typical = search_step_profile(config, nodes, ops, sampling, amp, checkpoint, batch, "typical", share)
+        return larger(_profile_draw(config, nodes, ops, amp, checkpoint, batch, active, share), typical)
     else:
         uniform = torch.zeros(edges, len(ops))
         active = draw(uniform, sampling, 1.0, torch.Generator().manual_seed(0)).active
-    return _profile_draw(config, nodes, ops, amp, checkpoint, batch, active)
+    return _profile_draw(config, nodes, ops, amp, checkpoint, batch, active, share)
 
 
 def _profile_draw(config: BuildConfig, nodes: int, ops: list[str], amp: str, checkpoint: str, batch: int,
-                  active: torch.Tensor) -> StepProfile:
+                  active: torch.Tensor, share: int | None) -> StepProfile:
     edges = active.shape[0]
     with _Simulation():
         net = SuperNet(config, nodes, ops)
@@ -88,10 +94,12 @@ def _profile_draw(config: BuildConfig, nodes: int, ops: list[str], amp: str, che
         alphas = {name: torch.zeros(edges, len(ops), requires_grad=True) for name in CELL_TYPES}
 
         def run_step(batch_: int, patch: tuple[int, int, int]) -> None:
-            x = torch.randn(batch_, config.in_channels, *patch)
-            y = torch.randint(0, config.num_classes, (batch_, *patch))
+            whole = max(share or batch_, batch_)
+            inputs = [(torch.randn(whole, config.in_channels, *patch),
+                       torch.randint(0, config.num_classes, (whole, *patch))) for _ in ("theta", "alpha")]
+            x, y = inputs[1]
             choices = _choices(alphas, active, 1.0)
-            torch.autograd.grad(soft_jaccard_loss(net(x, choices), y), list(alphas.values()))
+            torch.autograd.grad(soft_jaccard_loss(net(x[:batch_], choices), y[:batch_]), list(alphas.values()))
 
         # weights, their gradients (held through the Theta step) and Adam's two moments
         return profile_step(run_step, config.divisor, 4 * storage_bytes(params), batch)
@@ -106,7 +114,7 @@ def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], sampling: 
 
     def profile_of(mode: str, batch: int) -> StepProfile:
         if (mode, batch) not in cache:
-            cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound")
+            cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound", share)
         return cache[mode, batch]
 
     return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)

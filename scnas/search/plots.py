@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_plots(run: Path, history: list[dict[str, Any]], arch, config) -> None:
-    """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json)."""
+def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bool = True) -> None:
+    """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json,
+    updated every call; the figures only when ``draw``: drawing them takes seconds)."""
     import json
 
     import matplotlib
@@ -26,6 +27,8 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config) -> None:
     track = [t for t in track if t["epoch"] < history[-1]["epoch"]]
     track.append({"epoch": history[-1]["epoch"], "p": {n: p.cpu().tolist() for n, p in arch.probabilities().items()}})
     atomic_write_text(track_path, json.dumps(track) + "\n")
+    if not draw:
+        return
 
     def save(figure, name: str) -> None:
         save_figure(figure, folder / name)

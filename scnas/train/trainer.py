@@ -24,20 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
 from scnas.build.losses import dice_per_class
-from scnas.build.memory import MemoryPlan, MemoryPlanError, device_memory, parse_bytes, plan_training_step
+from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
-from scnas.runtime import (StepBar, check_resume_settings, ensure_run_folder, open_or_prepare, rank_loader,
-                           read_checkpoint, save_checkpoint, save_figure, setup_processes)
+from scnas.runtime import (Processes, StepBar, check_resume_precision, check_resume_settings, ensure_run_folder,
+                           memory_budget, open_or_prepare, rank_loader, read_checkpoint, save_checkpoint, save_figure,
+                           setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scnas-train-checkpoint"
+CHECKPOINT_VERSION = 2   # 2: --batch-size is the global batch; gradient scaler
 
 
 class TrainError(ScnasError):
@@ -111,14 +113,13 @@ def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
             "channel_names": cache.channel_names}
 
 
-def plan_training(genotype: Genotype, config: TrainConfig, build: BuildConfig, world: int,
-                  device: torch.device) -> MemoryPlan:
-    """Checkpointing and micro-batch for this run on ``device``; refuses a setting that cannot fit
-    (the budget: ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
-    available = parse_bytes(config.gpu_memory) if config.gpu_memory else device_memory(device)
+def plan_training(genotype: Genotype, config: TrainConfig, build: BuildConfig, d: Processes) -> MemoryPlan:
+    """Checkpointing and micro-batch for this run; refuses a setting that cannot fit (the budget:
+    ``config.gpu_memory``, else the CUDA device's free memory; none on the CPU)."""
+    available = memory_budget(config.gpu_memory, d)
     try:
-        return plan_training_step(genotype, build, resolve_amp(config.amp, device), config.patch,
-                                  config.batch_size // world, config.checkpoint, config.micro_batch, available)
+        return plan_training_step(genotype, build, resolve_amp(config.amp, d.device), config.patch,
+                                  config.batch_size // d.world, config.checkpoint, config.micro_batch, available)
     except MemoryPlanError as exc:
         raise TrainError(f"does not fit: {exc}") from None
 
@@ -138,6 +139,10 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
         if not checkpoint_path.exists():
             raise TrainError("has no checkpoint to resume from", source=str(run))
         state = read_checkpoint(checkpoint_path, CHECKPOINT_FORMAT, TrainError)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise TrainError(f"is a version-{state.get('version')} training checkpoint from an older scnas, whose "
+                             "--batch-size counted per process; start a new run (its models stay usable)",
+                             source=str(checkpoint_path))
         saved = TrainConfig.model_validate_json(state["config"])
         check_resume_settings(saved, config, run, TrainError)
     elif checkpoint_path.exists():
@@ -151,7 +156,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                         num_classes=len(cache.labels), depth=config.depth)
     if any(p % build.divisor for p in config.patch):
         raise TrainError(f"patch {config.patch} must be a multiple of 2**depth = {build.divisor} per axis")
-    plan = plan_training(genotype, config, build, d.world, d.device)
+    plan = plan_training(genotype, config, build, d)
     share = config.batch_size // d.world
     preprocessing = preprocessing_metadata(cache, config)
     if d.main:
@@ -172,15 +177,16 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
     precision = Precision(config.amp, d.device)
-    epoch, history, best = 0, [], -1.0
+    epoch, history, best, counters = 0, [], -1.0, {"streak": 0, "skips": 0}
     if state is not None:
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            precision.scaler.load_state_dict(state["scaler"])
+        check_resume_precision(state.get("amp"), precision.amp, run, TrainError)
+        precision.load_scaler(state.get("scaler"))
         torch.set_rng_state(state["torch_rng"])
         epoch, history, best = state["epoch"], list(state["history"]), state["best"]
+        counters = dict(state.get("counters", counters))
     samples = config.steps_per_epoch * config.batch_size
     train_data = PatchDataset(cache, train_ids, config.patch, samples, config.seed, config.foreground_share,
                               default_augmentation() if config.augment else None)
@@ -194,7 +200,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             train_data.set_epoch(epoch)
             loader = rank_loader(train_data, 0, config.steps_per_epoch, d, share, config.workers)
             started = time.perf_counter()
-            meter = StepMeter(d.device, ["loss"])
+            meter = StepMeter(d.device, ["loss"], counters)   # non-finite runs continue across epochs
             bar.start(f"epoch {epoch + 1}/{config.epochs}")
             net.train()
             for step, (x, y) in enumerate(loader):
@@ -211,6 +217,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             bar.stop()
             numbers = read_checked(meter, config.max_nonfinite, TrainError, epoch, config.steps_per_epoch - 1,
                                    checkpoint_path, "--lr")
+            counters = {"streak": numbers["streak"], "skips": numbers["skips"]}
             # Every rank holds the same loss (the global batch's) and skipped the same steps.
             train_loss = numbers["loss"] / numbers["n"] if numbers["n"] else float("nan")
             dice = _validate(net, val_data, build.num_classes, d.device, precision, share)
@@ -230,10 +237,11 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                 atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
                 _plot(run, history)
                 save_checkpoint(checkpoint_path, {
-                    "format": CHECKPOINT_FORMAT, "version": 1, "config": config.model_dump_json(), "epoch": epoch,
+                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.model_dump_json(),
+                    "epoch": epoch, "amp": precision.amp,
                     "net": net.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": precision.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "best": best})
+                    "best": best, "counters": counters})
             if on_epoch:
                 on_epoch(record)
             epochs_this_call += 1
