@@ -3,6 +3,7 @@ checkpoints, and a progress bar over the steps of an epoch."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 from dataclasses import dataclass
@@ -47,7 +48,16 @@ def setup_processes(device: str, error: type[ScnasError] = ScnasError) -> Proces
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        atexit.register(close_processes)
     return Processes(rank, world, target)
+
+
+def close_processes() -> None:
+    """Leave the process group. Registered at exit by :func:`setup_processes`: a process that
+    ends without it can abort (SIGABRT) while the interpreter shuts down, when gloo's worker
+    threads still hold tensors of the last collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def memory_budget(gpu_memory: str | None, processes: Processes) -> int | None:
@@ -138,7 +148,7 @@ def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, po
     return cache if cache is not None else Cache(prepared)
 
 
-RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers")
+RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots")
 """Settings a resumed run may change: how long it runs, and how a step is fitted into memory
 (which changes no result beyond rounding)."""
 

@@ -13,6 +13,13 @@ from scnas.genotype import builtin_genotype
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torchrun_report(result) -> str:
+    """What a failed torchrun printed, for an assertion message: the ranks' own errors come
+    first in stderr, torchrun's long summary of exit codes last."""
+    head = result.stderr[:4000]
+    return head + ("\n[...]\n" + result.stderr[-600:] if len(result.stderr) > 4600 else result.stderr[4000:])
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

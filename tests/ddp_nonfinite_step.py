@@ -8,7 +8,7 @@ import torch
 
 from scnas.build import BuildConfig, build_network
 from scnas.genotype import builtin_genotype
-from scnas.runtime import setup_processes
+from scnas.runtime import close_processes, setup_processes
 from scnas.steps import Precision, accumulate_exact, guarded_step, split_batch
 
 d = setup_processes("cpu")
@@ -35,3 +35,4 @@ torch.distributed.all_gather(gathered, weights)
 report = {"rank": d.rank, "steps": results, "same_weights": all(torch.equal(gathered[0], g) for g in gathered)}
 with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as handle:   # one file each: stdout lines would interleave
     json.dump(report, handle)
+close_processes()

@@ -275,7 +275,7 @@ def test_a_non_finite_patch_on_one_process_makes_every_process_skip_the_step(tmp
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, torchrun_report
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,7 +284,7 @@ def test_a_non_finite_patch_on_one_process_makes_every_process_skip_the_step(tmp
                "--master_port", str(port), str(ROOT / "tests" / "ddp_nonfinite_step.py"), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, torchrun_report(result)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for report in reports:

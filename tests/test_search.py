@@ -21,6 +21,8 @@ from scnas.search import (Architecture, SearchConfig, SearchError, SuperNet, cel
 from scnas.search import sampling as sampling_module
 from scnas.search.sampling import choices_from, draw, draw_all, host_copy
 
+from conftest import torchrun_report
+
 N_OPS = len(PAPER_OPS)
 
 
@@ -138,12 +140,12 @@ def search_cache(tmp_path_factory):
 
 def _config(cache, **changes) -> SearchConfig:
     values = dict(data=str(cache), stem=4, patch=(16, 16, 16), epochs=2, steps_per_epoch=3, tau_max=5.0, tau_min=1.0,
-                  val_batches=1, seed=5, device="cpu")
+                  val_batches=1, seed=5, device="cpu", plots=False)   # drawing takes seconds; one test draws
     return SearchConfig(**{**values, **changes})
 
 
 def test_tiny_search_writes_a_genotype_that_validates_and_builds(search_cache, tmp_path):
-    result = run_search(_config(search_cache), tmp_path / "run", progress=False)
+    result = run_search(_config(search_cache, plots=True), tmp_path / "run", progress=False)
     genotype = read_genotype(tmp_path / "run" / "genotype.yaml")
     assert result.epochs_done == 2 and len(result.history) == 2
     assert genotype.provenance.epoch == 2 and genotype.provenance.probabilities
@@ -215,7 +217,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(search
 
 def test_search_command_and_bad_settings(cli, search_cache, tmp_path):
     result = cli("search", "--data", search_cache, "--stem", "4", "--patch", "16", "16", "16", "--epochs", "1",
-                 "--steps-per-epoch", "2", "--sampling", "one", "-o", tmp_path / "run")
+                 "--steps-per-epoch", "2", "--sampling", "one", "--no-plots", "-o", tmp_path / "run")
     assert result.code == 0, result
     assert "epoch 1: theta loss" in result.out and (tmp_path / "run" / "genotype.yaml").exists()
     bad = cli("search", "--data", search_cache, "--sampling", "three", "-o", tmp_path / "bad")
@@ -236,9 +238,9 @@ def test_two_process_torchrun_keeps_alpha_identical_on_every_rank(search_cache, 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "scnas", "search", "--data", str(search_cache), "--stem", "4",
                "--patch", "16", "16", "16", "--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu",
-               "--batch-size", "2", "--checkpoint", "cells", "-o", str(tmp_path / "ddp")]
+               "--batch-size", "2", "--checkpoint", "cells", "--no-plots", "-o", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, torchrun_report(result)
     assert json.loads((tmp_path / "ddp" / "ranks.json").read_text()) == {"world_size": 2, "alpha_identical": True}
     assert read_genotype(tmp_path / "ddp" / "genotype.yaml").provenance.search["world_size"] == 2
 

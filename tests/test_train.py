@@ -18,7 +18,7 @@ from scnas.genotype import builtin_genotype
 from scnas.train import (TrainConfig, evaluate_folders, gaussian_importance, load_predictor, predict_folder,
                          run_training, sliding_window, window_starts)
 
-from conftest import ROOT
+from conftest import ROOT, torchrun_report
 
 
 def _config(data, **changes) -> TrainConfig:
@@ -208,7 +208,7 @@ def test_two_process_torchrun_training(trained, tmp_path):
                "--steps-per-epoch", "2", "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, torchrun_report(result)
     recorded = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert recorded["world_size"] == 2 and recorded["memory_plan"]["micro_batch"] == 1
     assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.stem_channels == 2

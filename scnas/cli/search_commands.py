@@ -40,6 +40,8 @@ def search(
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", min=0, help="Data loader processes."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw plots/*.png (losses, softmax(alpha)); their "
+                                                                "data are in metrics.jsonl and plots/alpha.json either way."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
@@ -97,7 +99,7 @@ def search(
             "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
             "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
             "tau_schedule": tau_schedule, "top_k": top_k, "spacing": spacing, "seed": seed, "workers": workers,
-            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp,
+            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "plots": plots,
             **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
     result = run_search(config, run, resume=resume, on_epoch=lambda r: stdout.out(

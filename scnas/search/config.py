@@ -62,6 +62,7 @@ class SearchConfig(BaseModel):
     gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
                                                      "memory; nothing is planned on the CPU unless given)")
     log_every_steps: int = Field(10, ge=1, description="read losses and the non-finite count back every N steps")
+    plots: bool = Field(True, description="draw plots/*.png (after the last epoch and at most every 5 minutes)")
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -263,7 +263,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             scheduler.step(record["theta_loss"] if math.isfinite(record["theta_loss"]) else float("inf"))
             history.append(record)
             if d.main:
-                draw = epoch + 1 == config.epochs or time.monotonic() - last_drawn >= PLOT_EVERY_SECONDS
+                draw = config.plots and (epoch + 1 == config.epochs
+                                         or time.monotonic() - last_drawn >= PLOT_EVERY_SECONDS)
                 _write_epoch(run, config, arch, epoch, history, record, d.world, draw)
                 last_drawn = time.monotonic() if draw else last_drawn
             if on_epoch:
