@@ -70,9 +70,10 @@ def split_batch(x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> list[tupl
 
 def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]],
                      backward: Callable[[torch.Tensor], None], precision: Precision, world: int = 1,
-                     no_sync: Callable[[], object] | None = None) -> torch.Tensor:
+                     no_sync: Callable[[], object] | None = None, foreground_only: bool = False) -> torch.Tensor:
     """Backpropagate the soft Jaccard loss of all ``batches`` of all ``world`` processes and
-    return that loss (a device scalar, no host synchronisation).
+    return that loss (a device scalar, no host synchronisation); ``foreground_only``: the
+    loss leaves the background class out (``--loss jaccard-fg``).
 
     ``backward(surrogate)`` backpropagates one micro-batch's share (scaled by the caller's
     scaler); ``no_sync`` (DistributedDataParallel's) keeps gradients local for every
@@ -89,7 +90,7 @@ def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor], batches:
         if world > 1:
             dist.all_reduce(total)
         point = total.requires_grad_(True)
-        loss = jaccard_from_statistics(point)
+        loss = jaccard_from_statistics(point, foreground_only=foreground_only)
         (slope,) = torch.autograd.grad(loss, point)
         # DistributedDataParallel averages gradients over processes: multiply by the world
         # so that the average is the gradient of the global batch's loss.

@@ -202,9 +202,9 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(search
     real = steps.jaccard_from_statistics
     calls = {"n": 0}
 
-    def flaky(statistics):
+    def flaky(statistics, **options):
         calls["n"] += 1
-        loss = real(statistics)
+        loss = real(statistics, **options)
         return loss * float("nan") if calls["n"] > 8 else loss   # two good epochs (2 steps x 2 losses), then NaN
     monkeypatch.setattr(steps, "jaccard_from_statistics", flaky)
     with pytest.raises(SearchError, match="[34] non-finite losses or gradients in a row .* last good checkpoint"):

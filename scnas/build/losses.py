@@ -21,17 +21,25 @@ def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.stack([intersection, probs.sum(dims) + onehot.sum(dims)])
 
 
-def jaccard_from_statistics(statistics: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Mean over classes (background included) of 1 - soft IoU, from :func:`jaccard_statistics`."""
+LOSSES = {"jaccard": False, "jaccard-fg": True}
+"""The loss settings (``--loss``) and whether each leaves the background class (0) out."""
+
+
+def jaccard_from_statistics(statistics: torch.Tensor, eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
+    """Mean over classes of 1 - soft IoU, from :func:`jaccard_statistics`: over all classes
+    (background included), or with ``foreground_only`` over classes 1 .. K-1."""
     intersection, total = statistics[0], statistics[1]
-    return (1.0 - (intersection + eps) / (total - intersection + eps)).mean()
+    distance = 1.0 - (intersection + eps) / (total - intersection + eps)
+    return distance[1:].mean() if foreground_only else distance.mean()
 
 
-def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Mean over classes (background included) of 1 - soft IoU, over the whole batch.
+def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
+                      foreground_only: bool = False) -> torch.Tensor:
+    """Mean over classes (background included unless ``foreground_only``) of 1 - soft IoU, over
+    the whole batch (the intersections and unions are sums over all patches and voxels).
 
     logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
-    return jaccard_from_statistics(jaccard_statistics(logits, target), eps)
+    return jaccard_from_statistics(jaccard_statistics(logits, target), eps, foreground_only)
 
 
 def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:

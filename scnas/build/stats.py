@@ -163,3 +163,85 @@ def _voxels(size: tuple[int, ...]) -> int:
     for n in size:
         total *= n
     return total
+
+
+_FLOP_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def network_flops(genotype: Genotype, config: BuildConfig, patch: tuple[int, int, int] = (128, 128, 128)) -> int:
+    """FLOPs of one forward pass at ``patch`` (batch 1), as :func:`network_stats` counts them.
+
+    Every counted convolution's cost is proportional to the voxels of its output, and every
+    level's size to the patch's, so the count at a small patch (2 * 2**depth per axis: instance
+    norm needs more than one voxel) times the voxel ratio is exact, and faster than at 128^3."""
+    check_spatial_size(tuple(patch), config)
+    small = (2 * config.divisor,) * 3
+    with torch.device("meta"):
+        model = build_network(genotype, config)
+    _without_norms(model)   # not counted, and their shape-only kernels are the slow part
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.empty(1, config.in_channels, *small, device="meta"))
+    return counter.get_total_flops() * _voxels(tuple(patch)) // _voxels(small)
+
+
+def _without_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            _without_norms(child)
+
+
+def parse_flops_reference(text: str, config: BuildConfig, patch: tuple[int, int, int]) -> tuple[int, str]:
+    """FLOPs of a reference: ``GENOTYPE@STEM`` (a genotype file or built-in name at that stem, with
+    ``config``'s other settings, at ``patch``) or a number like ``425G`` (units K, M, G, T).
+    Returns the FLOPs and a description."""
+    from scnas.build.network import BuildError
+    from scnas.genotype import load_genotype
+
+    text = text.strip()
+    if "@" in text:
+        name, _, stem = text.rpartition("@")
+        if not stem.isdigit() or int(stem) < 1:
+            raise BuildError(f"--match-flops {text!r}: the stem after '@' must be a positive whole number")
+        reference = load_genotype(name)
+        flops = network_flops(reference, config.model_copy(update={"stem_channels": int(stem)}), patch)
+        return flops, f"{name} at stem {stem}"
+    number, unit = text.rstrip("KMGTkmgt"), text[len(text.rstrip("KMGTkmgt")):].upper()
+    try:
+        value = float(number) * _FLOP_UNITS[unit]
+    except (ValueError, KeyError):
+        raise BuildError(f"--match-flops {text!r}: give a genotype at a stem (e.g. uresnet@68) or FLOPs "
+                         "(e.g. 425G)") from None
+    if value <= 0:
+        raise BuildError(f"--match-flops {text!r}: FLOPs must be positive")
+    return int(value), f"{text} FLOPs"
+
+
+def match_flops(genotype: Genotype, target: int, config: BuildConfig, patch: tuple[int, int, int] = (128, 128, 128),
+                max_stem: int = 4096) -> tuple[int, int]:
+    """The stem at which ``genotype``'s network has the FLOPs nearest to ``target`` (and those
+    FLOPs), with ``config``'s other settings. Every convolution's channels are linear in the
+    stem exactly at multiples of the node count (where no node width is rounded up), so there
+    the FLOPs are a quadratic in the stem: one through three such stems gives the estimate.
+    Between them rounding makes the FLOPs jump, not even monotonically (stem 47 may cost more
+    than 48), so a whole period of stems on each side of the estimate is counted exactly."""
+    import numpy as np
+
+    def at(stem: int) -> int:
+        return network_flops(genotype, config.model_copy(update={"stem_channels": stem}), patch)
+
+    probes = [genotype.nodes * k for k in (2, 4, 8)]
+    a, b, c = np.polyfit(probes, [at(s) for s in probes], 2)
+    roots = [r.real for r in np.roots([a, b, c - target]) if abs(r.imag) < 1e-9 and r.real > 0]
+    guess = int(round(max(roots))) if roots else 1
+    guess = min(max(guess, 1), max_stem)
+    period = genotype.nodes
+    counted = {s: at(s) for s in range(max(1, guess - period), min(max_stem, guess + period) + 1)}
+    while min(counted) > 1 and counted[min(counted)] > target:      # the estimate was too high: walk down
+        counted[min(counted) - 1] = at(min(counted) - 1)
+    while max(counted) < max_stem and counted[max(counted)] < target:   # ... or too low: walk up
+        counted[max(counted) + 1] = at(max(counted) + 1)
+    stem = min(counted, key=lambda s: (abs(counted[s] - target), s))
+    return stem, counted[stem]

@@ -31,11 +31,17 @@ def build(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "
                                                                       "freshly initialised weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables."),
+    match: Optional[str] = typer.Option(None, "--match-flops", metavar="REF",
+                                        help="Choose the stem (instead of --stem) whose FLOPs are nearest to REF's: "
+                                             "a genotype at a stem (uresnet@68; same channels, classes, depth and "
+                                             "patch) or FLOPs (425G). How the paper sized its cells against "
+                                             "U-ResNet."),
 ) -> None:
     """Build the 3D U-Net of a genotype and report parameters, MACs, FLOPs and activation memory.
 
     The figures come from a shape-only (meta device) pass, so they take seconds even at
     128^3. Example: scnas build uresnet --stem 68 --in-channels 4 --classes 3 --patch 128 128 128
+    To compare cells at equal cost: scnas build found.yaml --match-flops uresnet@68
     """
     from scnas.build import BuildConfig, BuildError, build_network, network_stats, save_model
 
@@ -44,12 +50,26 @@ def build(
     genotype = load_genotype(genotype_path)
     config = BuildConfig(stem_channels=stem, in_channels=in_channels, num_classes=classes, depth=depth,
                          upsampling=upsampling, deep_supervision=deep_supervision)
+    matched = None
+    if match:
+        from scnas.build.stats import match_flops, parse_flops_reference
+
+        target, described = parse_flops_reference(match, config, patch)
+        stem, flops = match_flops(genotype, target, config, patch)
+        config = config.model_copy(update={"stem_channels": stem})
+        matched = {"reference": described, "reference_flops": target, "stem": stem, "flops": flops,
+                   "difference": flops / target - 1}
     stats = network_stats(genotype, config, patch, batch)
     if output:
         save_model(build_network(genotype, config), output)
     if as_json:
-        stdout.out(json.dumps({"genotype": genotype_path, **stats.to_dict(), "model_file": output}, indent=2))
+        stdout.out(json.dumps({"genotype": genotype_path, **stats.to_dict(), "model_file": output,
+                               **({"match_flops": matched} if matched else {})}, indent=2))
         return
+    if matched:
+        stdout.out(f"--match-flops: stem {stem} gives {matched['flops'] / 1e9:.2f} GFLOPs, "
+                   f"{matched['difference']:+.1%} from {matched['reference']} ({matched['reference_flops'] / 1e9:.2f} "
+                   "GFLOPs); the nearest stem")
     stdout.print(f"[bold]{genotype_path}[/] (hash {short_hash(genotype)}, {genotype.nodes} nodes per cell), "
                  f"stem {stem}, in {in_channels}, classes {classes}, depth {depth}, {upsampling} upsampling")
     cells = Table("cell", "level", "node width", "out channels", "params", "GMACs", title="cells",

@@ -51,11 +51,14 @@ def export_onnx_command(
         if model_path.lower().endswith(".onnx"):
             from scnas.export import ExportError
             raise ExportError("is already an ONNX file; export from the .safetensors model file", source=model_path)
-        model, preprocessing = load_model(model_path), read_model_info(model_path).preprocessing
+        info = read_model_info(model_path)
+        model, preprocessing = load_model(model_path), info.preprocessing
+        carried = {key: info.metadata[key] for key in ("training",) if key in info.metadata}
     else:
         config = BuildConfig(stem_channels=stem, in_channels=in_channels, num_classes=classes, depth=depth)
-        model, preprocessing = build_network(load_genotype(model_path), config), None
-    report = export_onnx(model, output, preprocessing=preprocessing, fp16=fp16, verify=verify, provider=provider)
+        model, preprocessing, carried = build_network(load_genotype(model_path), config), None, {}
+    report = export_onnx(model, output, preprocessing=preprocessing, fp16=fp16, verify=verify, provider=provider,
+                         metadata=carried)
     if as_json:
         stdout.out(json.dumps(report.to_dict(), indent=2))
         return

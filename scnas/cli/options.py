@@ -18,6 +18,11 @@ GPU_MEMORY: Optional[str] = typer.Option(
 AMP: str = typer.Option("auto", "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
                                               "on CUDA, off on CPU.")
 
+LOSS: str = typer.Option("jaccard", "--loss", help="jaccard: soft Jaccard distance averaged over all classes, "
+                                                    "background included (the paper's loss as scnas reads it); "
+                                                    "jaccard-fg: over the foreground classes only (nnU-Net leaves "
+                                                    "background out of its Dice loss).")
+
 
 def fitting_overrides(checkpoint: Optional[str], micro_batch: Optional[int], gpu_memory: Optional[str]) -> dict:
     """The settings that fit a step into memory, as given on the command line (also on --resume)."""

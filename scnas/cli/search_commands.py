@@ -34,7 +34,12 @@ def search(
     tau_max: float = typer.Option(10.0, "--tau-max", help="Temperature at the first epoch."),
     tau_min: float = typer.Option(0.1, "--tau-min", help="Temperature at the last epoch."),
     tau_schedule: str = typer.Option("linear", "--tau-schedule", help="linear or exponential."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Derive DARTS-style: k strongest inputs per node."),
+    derive: str = typer.Option("top-k", "--derive", help="How cells are derived from alpha: top-k (DARTS: per node "
+                                                         "the --top-k strongest inputs, each with its best non-zero "
+                                                         "op) or argmax (per edge, zero = no edge). 'scnas derive' "
+                                                         "re-derives a finished run."),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+    loss: str = options.LOSS,
     spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target spacing when "
                                                                                           "--data is a task folder."),
     seed: int = typer.Option(0, "--seed"),
@@ -98,7 +103,7 @@ def search(
         config = make_config({
             "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
             "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
-            "tau_schedule": tau_schedule, "top_k": top_k, "spacing": spacing, "seed": seed, "workers": workers,
+            "tau_schedule": tau_schedule, "derive": derive, "top_k": top_k, "loss": loss, "spacing": spacing, "seed": seed, "workers": workers,
             "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "plots": plots,
             **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
@@ -107,3 +112,41 @@ def search(
         f"Dice (derived cells, architecture set) {r['architecture_dice']:.3f}, tau {r['tau']:.3f}"))
     stdout.out(f"searched {result.epochs_done} epoch(s) ({result.plan.describe()}); genotype: {result.genotype_path} "
                f"(skipped steps: {result.skipped_steps}); run folder: {run}")
+    from scnas.genotype import read_genotype
+    from scnas.search.derive import alpha_movement, describe_movement, recorded_probabilities
+
+    stdout.out(describe_movement(alpha_movement(recorded_probabilities(read_genotype(result.genotype_path)))))
+
+
+@app.command()
+def derive(
+    source: str = typer.Argument(..., metavar="RUN", help="A search run folder (its genotype.yaml) or a genotype file "
+                                                          "written by a search (genotypes/epoch_N.yaml)."),
+    output: str = typer.Option(..., "-o", "--output", help="Genotype file to write (.yaml or .json)."),
+    rule: str = typer.Option("top-k", "--derive", help="top-k: per node the --top-k strongest incoming edges, each "
+                                                       "with its best non-zero op (DARTS); argmax: per edge the most "
+                                                       "probable op, zero = no edge (denser cells)."),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+) -> None:
+    """Derive cells again from a finished search's softmax(alpha), without searching again.
+
+    The probabilities come from the genotype's provenance (every genotype a search writes
+    records them). Prints how far alpha moved from uniform: cells derived from an alpha that
+    barely moved are the initialisation plus noise, whatever rule derives them.
+    Example: scnas derive runs/brats-f0 --derive argmax -o brats-argmax.yaml
+    """
+    from scnas.genotype import CELL_TYPES, GenotypeError, read_genotype, short_hash, write_genotype
+    from scnas.search.derive import alpha_movement, describe_movement, recorded_probabilities, rederive
+
+    if rule not in ("top-k", "argmax"):
+        raise GenotypeError(f"--derive {rule!r}: use top-k or argmax")
+    path = Path(source) / "genotype.yaml" if Path(source).is_dir() else Path(source)
+    if not path.exists():
+        raise GenotypeError("does not exist" if not Path(source).is_dir() else "has no genotype.yaml (not a search "
+                            "run folder)", source=source)
+    genotype = read_genotype(path)
+    derived = rederive(genotype, rule, top_k, str(path))
+    write_genotype(derived, output)
+    edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}
+    stdout.out(f"{output}: hash {short_hash(derived)}, edges per cell {edges}")
+    stdout.out(describe_movement(alpha_movement(recorded_probabilities(genotype, str(path)))))

@@ -32,6 +32,7 @@ def train(
     lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
     spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing",
                                                        help="Target spacing when --data is a task folder."),
+    loss: str = options.LOSS,
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(0, "--workers", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -42,8 +43,10 @@ def train(
     """Train the network of a genotype from scratch with the paper's retraining settings.
 
     Input channels and classes follow the dataset, so a genotype found on one task transfers
-    to another. Writes model.safetensors (last) and model_best.safetensors (best validation
-    Dice), with the preprocessing inside, so 'scnas predict' needs nothing else.
+    to another. Writes model.safetensors (the last epoch's: the one to score on the fold's
+    validation cases) and model_best.safetensors (best validation Dice, so selected on those
+    cases: 'scnas predict --validation-of' refuses it), with the preprocessing inside, so
+    'scnas predict' needs nothing else.
 
     Before the first step the memory of a step is predicted (see 'scnas plan'): checkpointing
     and micro-batch are chosen to fit the GPU, or the setting is refused with one that fits.
@@ -71,15 +74,16 @@ def train(
             genotype = load_genotype(genotype_path)
             config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
                                  epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
-                                 workers=workers, device=device, amp=amp,
+                                 workers=workers, device=device, amp=amp, loss=loss,
                                  **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
     except ValidationError as exc:
         raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"))
-    stdout.out(f"trained {result.epochs_done} epoch(s) ({result.plan.describe()}); best validation Dice "
-               f"{result.best_dice:.3f}; "
-               f"models: {run / 'model.safetensors'}, {run / 'model_best.safetensors'}")
+    stdout.out(f"trained {result.epochs_done} epoch(s) ({result.plan.describe()}); validation Dice of the last "
+               f"epoch {result.history[-1]['val_dice'] if result.history else float('nan'):.3f} (best "
+               f"{result.best_dice:.3f}); model: {run / 'model.safetensors'} (last epoch; "
+               f"model_best.safetensors was selected on the validation cases: never score it on them)")
 
 
 @app.command()
@@ -97,18 +101,21 @@ def predict(
                                                   "fp16 on CUDA, off on CPU."),
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
                                                 help="Only the validation cases of this training run (its fold), "
-                                                     "for cross-validation."),
+                                                     "for cross-validation. MODEL must be that run's last-epoch "
+                                                     "model (model.safetensors or its ONNX export): a model "
+                                                     "selected on those cases, or trained on another fold, is "
+                                                     "refused."),
 ) -> None:
     """Segment images: preprocessing from the model's metadata, sliding-window inference with
     Gaussian weighting, labels mapped back to the original grid, the input's affine and header."""
-    from scnas.train import TrainError, predict_folder
+    from scnas.export import read_any_model_info
+    from scnas.train import predict_folder
+    from scnas.train.trainer import check_unselected
 
     only = None
     if validation_of:
-        config = Path(validation_of) / "config.json"
-        if not config.exists():
-            raise TrainError("has no config.json (not a 'scnas train' run folder)", source=validation_of)
-        only = json.loads(config.read_text())["cases"]["validation"]
+        only = _validation_cases(validation_of)
+        check_unselected(read_any_model_info(model_path).metadata, only, model_path)
     written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp)
     stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
 
@@ -120,6 +127,8 @@ def evaluate(
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label values (default: every "
                                                                 "nonzero value in the ground truth)."),
     output: Optional[list[str]] = typer.Option(None, "-o", "--output", help="Also write .csv and/or .json."),
+    validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
+                                                help="Only the validation cases of this training run (its fold)."),
 ) -> None:
     """Dice per class and case, paired by file name, and the means.
 
@@ -129,7 +138,7 @@ def evaluate(
     from scnas.train import evaluate_folders, write_evaluation
 
     wanted = [int(v) for v in labels.split(",")] if labels else None
-    result = evaluate_folders(predictions, truth, wanted)
+    result = evaluate_folders(predictions, truth, wanted, _validation_cases(validation_of) if validation_of else None)
     table = Table("case", *[f"Dice {label}" for label in result.labels])
     for case, scores in result.cases.items():
         table.add_row(case, *[f"{scores[label]:.4f}" for label in result.labels])
@@ -139,3 +148,16 @@ def evaluate(
     for path in output or []:
         write_evaluation(result, path)
         stdout.out(f"wrote {path}")
+
+
+def _validation_cases(run: str) -> list[str]:
+    """The validation cases of a 'scnas train' run folder."""
+    from scnas.train import TrainError
+
+    config = Path(run) / "config.json"
+    if not config.exists():
+        raise TrainError("has no config.json (not a 'scnas train' run folder)", source=run)
+    try:
+        return list(json.loads(config.read_text())["cases"]["validation"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise TrainError("has no list of validation cases (cases.validation)", source=str(config)) from None

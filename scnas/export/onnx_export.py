@@ -111,13 +111,15 @@ def _onnx_model(model: SCNASUNet, dtype: torch.dtype = torch.float32):
 
 def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dict[str, Any] | None = None,
                 fp16: bool = False, verify: bool = True, provider: str = "cpu",
-                check_shapes: list[tuple[int, ...]] | None = None) -> ExportReport:
+                check_shapes: list[tuple[int, ...]] | None = None,
+                metadata: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` to one ONNX file at ``path``.
 
     The float32 graph is checked with ``onnx.checker`` and, unless ``verify`` is False, run in
     onnxruntime on ``provider`` against PyTorch at two input shapes (:data:`TOLERANCE`). With
     ``fp16`` that verified graph is converted to float16 inside (inputs and outputs stay
-    float32) and checked for precision (:data:`FP16_MIN_LABEL_AGREEMENT`). Raises
+    float32) and checked for precision (:data:`FP16_MIN_LABEL_AGREEMENT`). ``metadata``: more
+    entries for ``metadata_props`` (e.g. a trained model's ``training``). Raises
     ``ExportError`` when a check fails; the file is written only when all pass."""
     import onnx
 
@@ -141,14 +143,15 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
             warnings.simplefilter("ignore", UserWarning)
             proto = float16.convert_float_to_float16(float32_proto, keep_io_types=True)
     seconds = time.perf_counter() - start
-    metadata = model_metadata(model, preprocessing, {"dtype": "float16" if fp16 else "float32", "io_dtype": "float32",
-                                                    "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-                                                    "spatial_multiple": str(model.config.divisor)})
+    properties = model_metadata(model, preprocessing, {**(metadata or {}), "dtype": "float16" if fp16 else "float32",
+                                                      "io_dtype": "float32", "input_name": INPUT_NAME,
+                                                      "output_name": OUTPUT_NAME,
+                                                      "spatial_multiple": str(model.config.divisor)})
     del proto.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in properties.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "scnas"
-    proto.doc_string = f"scnas network, genotype {metadata['genotype_hash'][:12]}; see metadata_props"
+    proto.doc_string = f"scnas network, genotype {properties['genotype_hash'][:12]}; see metadata_props"
     data = proto.SerializeToString()
     try:
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)

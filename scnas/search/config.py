@@ -50,8 +50,13 @@ class SearchConfig(BaseModel):
     foreground_share: float = Field(1 / 3, ge=0, le=1)
     augment: bool = True
     val_batches: int = Field(2, ge=1, description="architecture-set batches for the epoch's Dice")
-    top_k: int | None = Field(None, ge=1, description="derive DARTS-style (k strongest inputs per node) instead of "
-                                                      "argmax with zero = no edge")
+    derive: Literal["top-k", "argmax"] = Field(
+        "top-k", description="top-k: DARTS's rule, per node the top_k strongest incoming edges, each with its best "
+                             "non-zero op; argmax: per edge the most probable op, zero = no edge")
+    top_k: int = Field(2, ge=1, description="incoming edges per node with derive top-k (DARTS: 2)")
+    loss: Literal["jaccard", "jaccard-fg"] = Field(
+        "jaccard", description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
+                               "only (jaccard-fg)")
     seed: int = 0
     workers: int = Field(0, ge=0, description="data loader processes")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
@@ -69,6 +74,14 @@ class SearchConfig(BaseModel):
     def _amp_from_bool(cls, value):
         # Runs before version 0.2 stored amp as a bool meaning bfloat16 autocast.
         return {True: "bf16", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derivation_before_0_3(cls, values):
+        # Runs from before the derive setting stored top_k None for "argmax, zero = no edge".
+        if isinstance(values, dict) and "top_k" in values and values["top_k"] is None and "derive" not in values:
+            values = {**values, "derive": "argmax", "top_k": 2}
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> "SearchConfig":

@@ -67,3 +67,66 @@ def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: lis
             "cells": {name: _cell(probabilities[name], nodes, ops, top_k) for name in CELL_TYPES},
             "provenance": {**(provenance or {}), "probabilities": record}}
     return genotype_from_data(data, source="derived genotype")
+
+
+def derivation_name(derive: str, top_k: int) -> str:
+    """How a genotype was derived, as recorded in ``provenance.search.derivation``."""
+    return f"top-{top_k} incoming edges per node (DARTS)" if derive == "top-k" else "argmax per edge, zero = no edge"
+
+
+def recorded_probabilities(genotype: Genotype, source: str = "genotype") -> dict[str, torch.Tensor]:
+    """softmax(alpha) per cell type as (edges, ops) tensors, from ``provenance.probabilities``
+    of a genotype written by a search (edges in the supernet's order)."""
+    from scnas.genotype import GenotypeError
+
+    recorded = genotype.provenance.probabilities if genotype.provenance else None
+    if not recorded:
+        raise GenotypeError("has no provenance.probabilities (softmax(alpha) of a search): only a genotype written "
+                            "by 'scnas search' can be derived again", source=source)
+    pairs = cell_edges(genotype.nodes)
+    result = {}
+    for name in CELL_TYPES:
+        entries = {(e.source, e.target): e.p for e in recorded.get(name, [])}
+        missing = [pair for pair in pairs if pair not in entries]
+        if missing:
+            raise GenotypeError(f"provenance.probabilities.{name} lacks the edges {missing[:3]} of a "
+                                f"{genotype.nodes}-node cell", source=source)
+        try:
+            result[name] = torch.tensor([[float(entries[pair][op]) for op in genotype.ops] for pair in pairs])
+        except KeyError as exc:
+            raise GenotypeError(f"provenance.probabilities.{name} has no probability for op {exc}",
+                                source=source) from None
+    return result
+
+
+def alpha_movement(probabilities: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """How far softmax(alpha) moved from uniform, per cell type: the largest probability of any
+    op on any edge, the mean over edges of each edge's largest, both also as multiples of
+    uniform (1 / number of ops). A "found" cell whose numbers are near 1x is the initialisation."""
+    result = {}
+    for name, p in probabilities.items():
+        uniform = 1.0 / p.shape[-1]
+        largest, mean_largest = float(p.max()), float(p.max(-1).values.mean())
+        result[name] = {"largest": round(largest, 4), "mean_edge_largest": round(mean_largest, 4),
+                        "largest_x_uniform": round(largest / uniform, 2),
+                        "mean_edge_largest_x_uniform": round(mean_largest / uniform, 2)}
+    return result
+
+
+def describe_movement(movement: dict[str, dict[str, float]]) -> str:
+    """One line: per cell type the largest probability as a multiple of uniform."""
+    return "alpha moved (largest probability / uniform): " + ", ".join(
+        f"{name} {m['largest_x_uniform']:.2f}x (edge mean {m['mean_edge_largest_x_uniform']:.2f}x)"
+        for name, m in movement.items())
+
+
+def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, source: str = "genotype") -> Genotype:
+    """The genotype that ``genotype``'s recorded softmax(alpha) gives under another rule."""
+    probabilities = recorded_probabilities(genotype, source)
+    provenance = genotype.provenance.model_dump(by_alias=True, exclude_none=True)
+    provenance.pop("probabilities", None)
+    search = dict(provenance.get("search") or {})
+    search["derivation"] = derivation_name(derive, top_k)
+    provenance["search"] = search
+    return derive_genotype(probabilities, genotype.nodes, list(genotype.ops), top_k if derive == "top-k" else None,
+                           provenance)

@@ -32,7 +32,8 @@ from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
 from scnas.search.config import SearchConfig
-from scnas.search.derive import derive_genotype
+from scnas.build.losses import LOSSES
+from scnas.search.derive import alpha_movement, derivation_name, derive_genotype
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
@@ -211,7 +212,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                     theta_choices = choices_from(arch.alphas, theta_draws, tau)
                 theta_opt.zero_grad(set_to_none=True)
                 theta_loss = accumulate_exact(lambda x: model(x, theta_choices), split_batch(xw, yw, plan.micro_batch),
-                                              theta_precision.backward, theta_precision, d.world, no_sync)
+                                              theta_precision.backward, theta_precision, d.world, no_sync,
+                                              foreground_only=LOSSES[config.loss])
                 theta_skipped = guarded_step(theta_opt, theta_params, theta_precision, theta_loss, config.grad_clip)
                 theta_opt.zero_grad(set_to_none=True)   # free Theta's gradients before the alpha step
                 # alpha step on the architecture set, Theta fixed (first-order), through the plain
@@ -228,7 +230,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                         totals.extend(grads)
 
                 alpha_loss = accumulate_exact(alpha_gradients(alpha_draws), split_batch(xa, ya, plan.micro_batch),
-                                              alpha_backward, alpha_precision, d.world)
+                                              alpha_backward, alpha_precision, d.world,
+                                              foreground_only=LOSSES[config.loss])
                 if d.world > 1:
                     flat = torch.cat([t.flatten() for t in totals])
                     dist.all_reduce(flat)
@@ -321,8 +324,10 @@ def _end_epoch(end: EpochEnd, net: SuperNet, arch: Architecture, val_data: Patch
     n = max(sums["n"], 1)
     return {"epoch": end.epoch + 1, "theta_loss": sums["theta"] / n if sums["n"] else float("nan"),
             "alpha_loss": sums["alpha"] / n if sums["n"] else float("nan"), "architecture_dice": dice, "tau": end.tau,
-            "theta_lr": theta_opt.param_groups[0]["lr"], "alpha_entropy": arch.entropy(), "skipped_steps": end.skipped,
-            "seconds": end.seconds}
+            "theta_lr": theta_opt.param_groups[0]["lr"], "alpha_entropy": arch.entropy(),
+            "alpha_largest_x_uniform": {name: m["largest_x_uniform"]
+                                        for name, m in alpha_movement(arch.probabilities()).items()},
+            "skipped_steps": end.skipped, "seconds": end.seconds}
 
 
 PLOT_EVERY_SECONDS = 300.0
@@ -338,9 +343,10 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int
                              "sampling": config.sampling, "stem": config.stem, "patch": list(config.patch),
                              "temperature": {"schedule": config.tau_schedule, "max": config.tau_max,
                                              "min": config.tau_min, "at_epoch": record["tau"]},
-                             "derivation": f"top-{config.top_k}" if config.top_k else "argmax, zero = no edge",
+                             "derivation": derivation_name(config.derive, config.top_k), "loss": config.loss,
                              "world_size": world}}
-    genotype = derive_genotype(arch.probabilities(), config.nodes, config.ops, config.top_k, provenance)
+    genotype = derive_genotype(arch.probabilities(), config.nodes, config.ops,
+                               config.top_k if config.derive == "top-k" else None, provenance)
     write_genotype(genotype, run / "genotypes" / f"epoch_{epoch + 1:04d}.yaml")
     write_genotype(genotype, run / "genotype.yaml")
     lines = "".join(json.dumps(r) + "\n" for r in history)

@@ -70,11 +70,17 @@ class Evaluation:
 
 
 def evaluate_folders(predictions: str | os.PathLike, truth: str | os.PathLike,
-                     labels: list[int] | None = None) -> Evaluation:
-    """Pair NIfTI files by name and compute Dice per foreground class and case."""
+                     labels: list[int] | None = None, cases: list[str] | None = None) -> Evaluation:
+    """Pair NIfTI files by name and compute Dice per foreground class and case (of every
+    ground-truth case, or of ``cases`` only)."""
     import nibabel as nib
 
     predicted, expected = _case_files(Path(predictions)), _case_files(Path(truth))
+    if cases is not None:
+        absent = sorted(set(cases) - set(expected))
+        if absent:
+            raise DatasetError(f"no ground truth for case(s) {', '.join(absent[:5])}", source=str(truth))
+        expected = {case: expected[case] for case in cases}
     missing = sorted(set(expected) - set(predicted))
     if missing:
         raise DatasetError(f"no prediction for {len(missing)} ground-truth case(s): {', '.join(missing[:5])}",

@@ -2,13 +2,16 @@
 batch 8, learning rate divided by 5 after 30 epochs without a lower training loss, stop at
 500 epochs or when the learning rate falls below 1e-7, soft Jaccard loss.
 
-Writes ``model.safetensors`` (last epoch) and ``model_best.safetensors`` (best validation
-Dice) with the genotype, build config and preprocessing inside, ``metrics.jsonl``, a plot,
-and a checkpoint every epoch from which ``--resume`` continues exactly.
+Writes ``model.safetensors`` (last epoch: the model to score on the validation cases) and
+``model_best.safetensors`` (best validation Dice: selected on those cases, so never scored on
+them) with the genotype, build config, preprocessing and training facts inside,
+``metrics.jsonl``, a plot, and a checkpoint every epoch from which ``--resume`` continues
+exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
-from scnas.build.losses import dice_per_class
+from scnas.build.losses import LOSSES, dice_per_class
 from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
@@ -71,6 +74,9 @@ class TrainConfig(BaseModel):
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="divide by 5")
     min_lr: float = Field(1e-7, gt=0, description="stop when the learning rate falls below this")
     grad_clip: float = Field(12.0, gt=0)
+    loss: Literal["jaccard", "jaccard-fg"] = Field(
+        "jaccard", description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
+                               "only (jaccard-fg)")
     foreground_share: float = Field(1 / 3, ge=0, le=1)
     augment: bool = True
     val_patches: int = Field(8, ge=1, description="validation patches per epoch (from the fold's validation cases)")
@@ -105,6 +111,38 @@ class TrainResult:
     best_dice: float
     history: list[dict[str, Any]]
     plan: MemoryPlan | None = None
+
+
+LAST_EPOCH = "last epoch"
+BEST_DICE = "best validation Dice"
+
+
+def cases_digest(cases: list[str]) -> str:
+    """A short fingerprint of a set of case ids (order does not matter)."""
+    return hashlib.sha256("\n".join(sorted(cases)).encode()).hexdigest()[:16]
+
+
+def training_metadata(fold: int, validation: list[str], epoch: int, selection: str) -> dict[str, str]:
+    """What a trained model file says about its training, under the key ``training``: the
+    fold, the epoch, how the file was chosen, and a fingerprint of the validation cases (so
+    that a prediction of those cases can check the model never trained on them)."""
+    return {"training": json.dumps({"fold": fold, "epoch": epoch, "selection": selection,
+                                    "validation_cases": cases_digest(validation)}, sort_keys=True)}
+
+
+def check_unselected(metadata: dict[str, str], validation: list[str], source: str) -> None:
+    """Refuse to score ``validation`` cases with a model that was selected on them, or that
+    was trained with other cases held out (so possibly on these)."""
+    if "training" not in metadata:
+        raise TrainError("says nothing of its training (no 'training' metadata; written by an older scnas or "
+                         "not by 'scnas train'): cannot check it never saw these validation cases", source=source)
+    training = json.loads(metadata["training"])
+    if training.get("selection") != LAST_EPOCH:
+        raise TrainError(f"was selected by {training.get('selection')} on the very cases --validation-of would "
+                         "score: use the run's model.safetensors (the last epoch's)", source=source)
+    if training.get("validation_cases") != cases_digest(validation):
+        raise TrainError(f"was trained on fold {training.get('fold')} with other validation cases than this run's: "
+                         "it may have trained on the cases it would score", source=source)
 
 
 def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
@@ -207,7 +245,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                 x, y = x.to(d.device, non_blocking=cuda), y.to(d.device, non_blocking=cuda)
                 optimiser.zero_grad(set_to_none=True)
                 loss = accumulate_exact(model, split_batch(x, y, plan.micro_batch), precision.backward, precision,
-                                        d.world, no_sync)
+                                        d.world, no_sync, foreground_only=LOSSES[config.loss])
                 skipped = guarded_step(optimiser, params, precision, loss, config.grad_clip)
                 meter.record([loss], skipped, ~torch.isfinite(loss) if precision.scaler.is_enabled() else skipped)
                 if (step + 1) % config.log_every_steps == 0 or step + 1 == config.steps_per_epoch:
@@ -231,9 +269,11 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             best = dice if improved else best
             if d.main:
                 net.eval()
-                save_model(net, run / "model.safetensors", preprocessing)
+                save_model(net, run / "model.safetensors", preprocessing,
+                           extra=training_metadata(config.fold, val_ids, epoch, LAST_EPOCH))
                 if improved:
-                    save_model(net, run / "model_best.safetensors", preprocessing, extra={"epoch": str(epoch)})
+                    save_model(net, run / "model_best.safetensors", preprocessing,
+                               extra={"epoch": str(epoch), **training_metadata(config.fold, val_ids, epoch, BEST_DICE)})
                 atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
                 _plot(run, history)
                 save_checkpoint(checkpoint_path, {

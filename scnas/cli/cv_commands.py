@@ -1,0 +1,87 @@
+"""``scnas cv``: the paper's Table-1 protocol, with random genotypes of equal FLOPs beside."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from scnas.cli import options
+from scnas.cli.main import app, settings_error, stdout
+
+
+@app.command()
+def cv(
+    genotypes: Optional[list[str]] = typer.Argument(None, metavar="[GENOTYPE[@STEM]]...",
+                                                    help="Genotype files or built-in names, optionally at a stem "
+                                                         "(found.yaml uresnet@68); the first is the one compared "
+                                                         "with the others and the random ones. Leave out to "
+                                                         "continue the study in OUT."),
+    output: str = typer.Option(..., "-o", "--output", help="Study folder: plan, shared cache, one job per genotype "
+                                                           "and fold, results."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task folder (dataset.json; prepared once into "
+                                                            "OUT/cache), or a prepared cache of one."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: every fold of the "
+                                                              "splits file, nnU-Net's 5)."),
+    random: int = typer.Option(0, "--random", min=0, help="Add N seeded random genotypes (2 inputs per node), each "
+                                                          "widened to the first genotype's FLOPs, and compare."),
+    random_seed: int = typer.Option(0, "--random-seed", help="Seed of the first random genotype (then +1, +2, ...)."),
+    stem: int = typer.Option(68, "--stem", min=1, help="Stem of genotypes given without @STEM (paper: 68)."),
+    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Training patch D H W."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step (paper: 8)."),
+    epochs: int = typer.Option(500, "--epochs", min=1, help="At most this many epochs per job (paper: 500)."),
+    steps: int = typer.Option(250, "--steps-per-epoch", min=1),
+    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4)."),
+    loss: str = options.LOSS,
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Target spacing for "
+                                                                                        "preparing (default 0.7 mm)."),
+    seed: int = typer.Option(0, "--seed", help="Training seed (the same for every job)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: str = options.AMP,
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="i/n", help="Run only jobs i, i+n, ... of the "
+                                                                             "study (1-based), e.g. one shard per "
+                                                                             "GPU or machine sharing OUT."),
+    report: bool = typer.Option(False, "--report", help="Only gather the finished jobs into the results (refused "
+                                                        "while a job is missing)."),
+) -> None:
+    """Cross-validate genotypes as in the paper's Table 1, and against random genotypes.
+
+    Every genotype is retrained on every fold; the LAST epoch's model (never one selected on
+    validation Dice) predicts the fold's validation cases on their original grid; Dice per
+    class is averaged over the fold's cases. The results give mean +- sd over folds per
+    genotype and class, the per-fold values (results.md, .csv, .json, .png), and with
+    --random N a closing line: did the first genotype beat random genotypes of equal FLOPs,
+    on how many folds, and how sure (paired t-test over folds).
+
+    Finished jobs are skipped and a killed one resumes, so the same command continues a
+    study. Example: scnas cv found.yaml uresnet --data Task01_BrainTumour --random 5 -o runs/cv
+    On 4 GPUs: CUDA_VISIBLE_DEVICES=i scnas cv ... --shard i+1/4, then scnas cv -o runs/cv --report
+    """
+    from pydantic import ValidationError
+
+    from scnas.train import TrainConfig
+    from scnas.train.cv import CVError, parse_shard, run_study, write_report
+
+    if report:
+        write_report(output, say=stdout.out)
+        return
+    parse_shard(shard)
+    request = None
+    if genotypes:
+        if data is None:
+            raise CVError("--data is required to start a study (a task folder or a prepared cache)")
+        try:
+            chosen = sorted({int(f) for f in folds.split(",")}) if folds else None
+        except ValueError:
+            raise CVError(f"--folds {folds!r}: give comma-separated fold numbers, e.g. 0,1,2,3,4") from None
+        try:
+            train = TrainConfig(data=data, patch=patch, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
+                                lr=lr, loss=loss, seed=seed, device=device, amp=amp)
+        except ValidationError as exc:
+            raise settings_error(exc, CVError) from None
+        settings = train.model_dump(mode="json", exclude={"data", "fold", "stem", "spacing"})
+        request = {"genotypes": list(genotypes), "data": data, "spacing": list(spacing) if spacing else None,
+                   "folds": chosen, "random": random, "random_seed": random_seed, "stem": stem, "train": settings}
+    elif data is not None:
+        raise CVError("give the genotypes to cross-validate (or leave --data out to continue the study in OUT)")
+    run_study(output, request, shard, progress=False, say=stdout.out)

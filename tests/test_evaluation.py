@@ -1,0 +1,221 @@
+"""Honest evaluation: derivation rules, the loss choice, FLOP matching, model selection, and
+the cross-validation study with random baselines (``scnas cv``)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scnas.build import BuildConfig, network_stats
+from scnas.build.losses import dice_per_class, soft_jaccard_loss
+from scnas.build.stats import match_flops, network_flops, parse_flops_reference
+from scnas.data import write_phantom_dataset
+from scnas.genotype import NUM_INPUTS, PAPER_OPS, builtin_genotype, random_genotype, read_genotype, write_genotype
+from scnas.search import cell_edges, derive_genotype
+from scnas.search.derive import alpha_movement, recorded_probabilities, rederive
+from scnas.train import TrainError, run_training
+from scnas.train.cv import CVError, compare, parse_shard, run_study, verdict, write_report
+from scnas.train.trainer import TrainConfig, check_unselected
+
+CELLS = ("encoder_normal", "reduction", "decoder_normal", "expansion")
+
+
+def _probabilities(nodes: int, favour: dict[tuple[int, int], tuple[str, float]]) -> dict[str, torch.Tensor]:
+    """Uniform softmax(alpha) on every edge, except ``favour``: (from, to) -> (op, its probability)."""
+    pairs = cell_edges(nodes)
+    n = len(PAPER_OPS)
+    table = torch.full((len(pairs), n), 1.0 / n)
+    for (source, target), (op, p) in favour.items():
+        row = pairs.index((source, target))
+        table[row] = (1.0 - p) / (n - 1)
+        table[row, PAPER_OPS.index(op)] = p
+    return {name: table.clone() for name in CELLS}
+
+
+def test_top2_keeps_the_two_strongest_inputs_of_each_node_with_their_best_nonzero_op():
+    favour = {(0, 2): ("conv_3x3x3", 0.5), (1, 2): ("zero", 0.9),   # node 2 has only two inputs: both stay
+              (2, 3): ("sep_dil2_conv_3x3x3", 0.4), (0, 3): ("identity", 0.3), (1, 3): ("max_pool_3x3x3", 0.2),
+              (3, 4): ("conv_3x3x3", 0.6), (2, 4): ("avg_pool_3x3x3", 0.25)}
+    genotype = derive_genotype(_probabilities(3, favour), 3, list(PAPER_OPS), top_k=2)
+    cell = getattr(genotype.cells, "encoder_normal")
+    incoming = {t: sorted((e.source, e.op) for e in cell.edges if e.target == t) for t in range(NUM_INPUTS, 5)}
+    assert incoming[2][0] == (0, "conv_3x3x3") and incoming[2][1][0] == 1 and incoming[2][1][1] != "zero"
+    assert incoming[3] == [(0, "identity"), (2, "sep_dil2_conv_3x3x3")]
+    assert incoming[4] == [(2, "avg_pool_3x3x3"), (3, "conv_3x3x3")]
+    assert all(len(v) == 2 for v in incoming.values()) and cell.concat == [2, 3, 4]
+
+
+def test_argmax_drops_edges_whose_strongest_op_is_zero_and_nodes_left_without_inputs():
+    pairs = cell_edges(2)
+    favour = {pair: ("zero", 0.6) for pair in pairs}
+    favour[(0, 2)] = ("conv_3x3x3", 0.6)
+    favour[(2, 3)] = ("conv_3x3x3", 0.6)    # node 3 fed only from node 2, which is fed
+    genotype = derive_genotype(_probabilities(2, favour), 2, list(PAPER_OPS), top_k=None)
+    cell = getattr(genotype.cells, "reduction")
+    assert [(e.source, e.target, e.op) for e in cell.edges] == [(0, 2, "conv_3x3x3"), (2, 3, "conv_3x3x3")]
+    favour[(0, 2)] = ("zero", 0.6)          # now node 2 gets nothing: its edge to 3 goes too
+    genotype = derive_genotype(_probabilities(2, favour), 2, list(PAPER_OPS), top_k=None)
+    edges = getattr(genotype.cells, "reduction").edges
+    assert len(edges) == 1 and edges[0].target == 2 and edges[0].op != "zero"   # the strongest non-zero into 2
+
+
+def test_derive_again_from_a_genotype_and_how_far_alpha_moved(tmp_path, cli):
+    favour = {(0, 2): ("conv_3x3x3", 0.5)}
+    searched = derive_genotype(_probabilities(4, favour), 4, list(PAPER_OPS), top_k=None,
+                               provenance={"search": {"derivation": "argmax"}})
+    write_genotype(searched, tmp_path / "g.yaml")
+    probabilities = recorded_probabilities(read_genotype(tmp_path / "g.yaml"))
+    assert torch.allclose(probabilities["expansion"], _probabilities(4, favour)["expansion"], atol=1e-6)
+    movement = alpha_movement(probabilities)
+    assert movement["encoder_normal"]["largest_x_uniform"] == pytest.approx(4.0)
+    again = rederive(searched, "top-k", 2)
+    assert all(len(getattr(again.cells, n).edges) == 8 for n in CELLS)   # 4 nodes x 2 inputs (node 2: its 2)
+    assert again.provenance.search["derivation"].startswith("top-2")
+    result = cli("derive", tmp_path / "g.yaml", "-o", tmp_path / "top2.yaml")
+    assert result.code == 0, result
+    assert "4.00x" in result.out and read_genotype(tmp_path / "top2.yaml").cells == again.cells
+    bad = cli("derive", "uresnet", "-o", tmp_path / "x.yaml")       # no recorded probabilities
+    assert bad.code == 1 and "does not exist" in bad.err
+    write_genotype(builtin_genotype("uresnet"), tmp_path / "plain.yaml")
+    bad = cli("derive", tmp_path / "plain.yaml", "-o", tmp_path / "x.yaml")
+    assert bad.code == 1 and "provenance.probabilities" in bad.err and not (tmp_path / "x.yaml").exists()
+
+
+def test_jaccard_losses_on_a_hand_computed_case():
+    # 2 voxels, 2 classes, certain predictions: voxel 0 predicted 1 (truth 1), voxel 1 predicted 1 (truth 0).
+    logits = torch.tensor([[-50.0, 50.0], [-50.0, 50.0]]).T.reshape(1, 2, 2, 1, 1)
+    target = torch.tensor([1, 0]).reshape(1, 2, 1, 1)
+    # class 1: intersection 1, union 2 -> distance 0.5; class 0: intersection 0, union 1 -> distance 1.
+    assert float(soft_jaccard_loss(logits, target, eps=0)) == pytest.approx(0.75)
+    assert float(soft_jaccard_loss(logits, target, eps=0, foreground_only=True)) == pytest.approx(0.5)
+    prediction, truth = torch.tensor([1, 1, 0, 2]), torch.tensor([1, 0, 0, 0])
+    scores = dice_per_class(prediction, truth, 3)
+    assert scores[0] == pytest.approx(2 / 3) and scores[1] == 0.0
+    assert math.isnan(dice_per_class(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2)[0])
+
+
+def test_flops_matching_widens_a_genotype_to_within_five_percent():
+    config = BuildConfig(stem_channels=68, in_channels=4, num_classes=4)
+    assert network_flops(builtin_genotype("uresnet"), config, (64, 64, 32)) == \
+        network_stats(builtin_genotype("uresnet"), config, (64, 64, 32)).flops
+    target, described = parse_flops_reference("uresnet@32", config, (128, 128, 128))
+    assert described == "uresnet at stem 32"
+    genotype = random_genotype(3)
+    stem, flops = match_flops(genotype, target, config)
+    assert abs(flops / target - 1) <= 0.05
+    for neighbour in range(stem - 4, stem + 5):   # the nearest stem (FLOPs are not monotonic in it)
+        other = network_flops(genotype, config.model_copy(update={"stem_channels": neighbour}))
+        assert abs(other - target) >= abs(flops - target)
+    assert parse_flops_reference("425G", config, (128, 128, 128))[0] == 425_000_000_000
+    from scnas.build import BuildError
+
+    for bad in ("uresnet@x", "12x", "-3G"):
+        with pytest.raises(BuildError, match="--match-flops"):
+            parse_flops_reference(bad, config, (128, 128, 128))
+
+
+def test_build_match_flops_command(cli):
+    result = cli("build", "minimal", "--match-flops", "uresnet@68", "--json")
+    assert result.code == 0, result
+    matched = json.loads(result.out)["match_flops"]
+    assert abs(matched["difference"]) <= 0.05 and json.loads(result.out)["config"]["stem_channels"] == matched["stem"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    return write_phantom_dataset(root / "task", cases=6, channels=1, classes=1, shape=(24, 24, 16),
+                                 spacing=(1.0, 1.0, 1.0), seed=2)
+
+
+def test_only_a_last_epoch_model_of_the_same_fold_may_score_its_validation_cases(task, tmp_path, cli):
+    config = TrainConfig(data=str(task), spacing=(1.0, 1.0, 1.0), stem=2, patch=(16, 16, 16), batch_size=1, epochs=1,
+                         steps_per_epoch=1, val_patches=1, device="cpu")
+    run_training(builtin_genotype("minimal"), config, tmp_path / "run", progress=False)
+    from scnas.build import read_model_info
+
+    validation = json.loads((tmp_path / "run" / "config.json").read_text())["cases"]["validation"]
+    check_unselected(read_model_info(tmp_path / "run" / "model.safetensors").metadata, validation, "m")
+    best = read_model_info(tmp_path / "run" / "model_best.safetensors").metadata
+    with pytest.raises(TrainError, match="selected by best validation Dice"):
+        check_unselected(best, validation, "m")
+    with pytest.raises(TrainError, match="other validation cases"):
+        check_unselected(read_model_info(tmp_path / "run" / "model.safetensors").metadata, validation[:-1], "m")
+    with pytest.raises(TrainError, match="says nothing of its training"):
+        check_unselected({}, validation, "m")
+    refused = cli("predict", tmp_path / "run" / "model_best.safetensors", "-i", task / "imagesTr", "-o",
+                  tmp_path / "pred", "--validation-of", tmp_path / "run")
+    assert refused.code == 1 and "model.safetensors" in refused.err and not (tmp_path / "pred").exists()
+    accepted = cli("predict", tmp_path / "run" / "model.safetensors", "-i", task / "imagesTr", "-o", tmp_path / "pred",
+                   "--validation-of", tmp_path / "run")
+    assert accepted.code == 0, accepted
+    scored = cli("evaluate", tmp_path / "pred", task / "labelsTr", "--validation-of", tmp_path / "run")
+    assert scored.code == 0 and f"({len(validation)} cases)" in scored.out, scored
+
+
+def _request(task, **changes):
+    train = TrainConfig(data=str(task), patch=(16, 16, 16), batch_size=1, epochs=2, steps_per_epoch=1, val_patches=1,
+                        device="cpu", lr=1e-3).model_dump(mode="json", exclude={"data", "fold", "stem", "spacing"})
+    return {"genotypes": ["minimal"], "data": str(task), "spacing": [1.0, 1.0, 1.0], "folds": [0, 1], "random": 1,
+            "random_seed": 0, "stem": 2, "train": train, **changes}
+
+
+def test_cv_study_scores_last_epoch_models_resumes_shards_and_compares_with_random(task, tmp_path):
+    out = tmp_path / "study"
+    said: list[str] = []
+    assert run_study(out, _request(task), shard="1/2", say=said.append) is None    # jobs 1 and 3 of 4
+    assert "2 of 4 jobs done" in said[-1]
+    with pytest.raises(CVError, match="2 of 4 jobs are not done"):
+        write_report(out)
+    with pytest.raises(CVError, match="other settings \\(random\\)"):
+        run_study(out, _request(task, random=2), say=said.append)
+    report = run_study(out, None, shard="2/2", say=said.append)              # continues the stored study
+    plan = json.loads((out / "cv.json").read_text())
+    assert [g["kind"] for g in plan["genotypes"]] == ["given", "random"]
+    random_entry = plan["genotypes"][1]
+    assert abs(random_entry["flops"] / plan["genotypes"][0]["flops"] - 1) <= 0.25   # tiny stems: coarse steps
+    for name in ("minimal", random_entry["name"]):
+        for fold in (0, 1):
+            job = out / "jobs" / name / f"fold_{fold}"
+            record = json.loads((job / "evaluation.json").read_text())
+            assert record["model_selection"] == "last epoch" and record["model_epoch"] == 2 == record["epochs_done"]
+            assert sorted(record["cases"]) == sorted(plan["validation"][str(fold)])
+            last = [json.loads(line) for line in (job / "train" / "metrics.jsonl").read_text().splitlines()][-1]
+            assert last["epoch"] == 2
+    assert report is not None and report["folds"] == [0, 1]
+    assert report["versus_random"]["folds"] == 2 and report["conclusion"]
+    for suffix in ("md", "csv", "json", "png"):
+        assert (out / f"results.{suffix}").exists()
+    said.clear()
+    run_study(out, _request(task), say=said.append)                          # everything done: skipped
+    assert sum("done before, skipped" in line for line in said) == 4
+
+
+def test_cv_bad_input(task, tmp_path, cli):
+    for shard in ("3/2", "0/2", "a/b", "1"):
+        with pytest.raises(CVError, match="--shard"):
+            parse_shard(shard)
+    with pytest.raises(CVError, match="folds 0..4"):
+        run_study(tmp_path / "a", _request(task, folds=[0, 7]), say=lambda _: None)
+    assert not (tmp_path / "a" / "cv.json").exists()
+    with pytest.raises(CVError, match="holds no study"):
+        run_study(tmp_path / "b", None, say=lambda _: None)
+    result = cli("cv", "nosuch.yaml", "--data", task, "-o", tmp_path / "c")
+    assert result.code == 1 and "nosuch.yaml" in result.err
+    result = cli("cv", "minimal", "--data", task, "--shard", "3/2", "-o", tmp_path / "d")
+    assert result.code == 1 and "--shard '3/2'" in result.err
+    result = cli("cv", "-o", tmp_path / "e", "--report")
+    assert result.code == 1 and "no cv.json" in result.err
+
+
+def test_the_verdict_says_which_way_and_how_sure():
+    better = compare([0.80, 0.82, 0.81, 0.83, 0.80], [[0.70, 0.71, 0.72, 0.70, 0.69], [0.72, 0.70, 0.71, 0.73, 0.70]])
+    assert better["folds_better"] == 5 and better["others_below"] == 2 and better["paired_t_test_p"] < 0.05
+    assert verdict("found", better, "random").startswith("found beat the random genotypes")
+    unclear = compare([0.80, 0.70, 0.81, 0.69, 0.80], [[0.75, 0.76, 0.74, 0.75, 0.76]])
+    assert unclear["paired_t_test_p"] > 0.05 and verdict("found", unclear, "random").startswith("no evidence")
+    one_fold = compare([0.8], [[0.7]])
+    assert one_fold["paired_t_test_p"] is None and "no conclusion" in verdict("found", one_fold, "random")
