@@ -148,6 +148,11 @@ def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, po
     return cache if cache is not None else Cache(prepared)
 
 
+PLOT_EVERY_SECONDS = 300.0
+"""The figures of a search or training are drawn after its last epoch and after any epoch that
+ends at least this long after they were last drawn (drawing takes seconds, which would dominate
+short epochs); the data behind them are written every epoch."""
+
 RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots")
 """Settings a resumed run may change: how long it runs, and how a step is fitted into memory
 (which changes no result beyond rounding)."""

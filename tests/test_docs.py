@@ -19,7 +19,7 @@ def test_every_command_is_in_the_reference():
     text = render()
     for command in ("validate", "show", "diff", "convert", "schema", "genotype random", "build", "export-onnx", "info",
                     "draw", "data phantom", "data prepare", "data check", "search", "train", "predict", "evaluate",
-                    "demo", "plan"):
+                    "demo", "plan", "cv", "derive"):
         assert f"## `scnas {command}`" in text, command
 
 
@@ -29,7 +29,7 @@ def test_quick_demo_runs_the_whole_chain(cli, tmp_path):
     assert result.code == 0, result
     assert "[9/9] evaluate" in result.out and "done in" in result.out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert 0.0 <= summary["test_dice_mean"] <= 1.0 and summary["held_out_cases"]
+    assert 0.0 <= summary["validation_dice_mean"] <= 1.0 and summary["validation_cases"]
     for key in ("cells", "model", "onnx", "dice"):
         assert (tmp_path / "demo" / summary["files"][key].split("/demo/", 1)[1]).exists() or \
             __import__("pathlib").Path(summary["files"][key]).exists()

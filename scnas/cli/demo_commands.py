@@ -13,7 +13,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="The smallest settings (a smoke test: about a minute)."),
 ) -> None:
     """Generate phantoms, search cells, draw them, build the stem-68 network, retrain a small
-    one, export and verify ONNX, predict held-out cases with onnxruntime, evaluate Dice.
+    one, export and verify ONNX, predict fold 0's validation cases with onnxruntime, evaluate Dice.
 
     Needs no network and no GPU. Every step prints where its output lies; summary.json holds
     the results.
@@ -21,10 +21,12 @@ def demo(
     from scnas.demo import run_demo
 
     summary = run_demo(output, quick, say=stdout.out)
-    dice = ", ".join(f"class {k}: {v:.3f}" for k, v in summary["test_dice_per_class"].items())
+    dice = ", ".join(f"class {k}: {v:.3f}" for k, v in summary["validation_dice_per_class"].items())
+    moved = ", ".join(f"{name} {m['largest_x_uniform']:.1f}x" for name, m in summary["alpha_moved"].items())
     stdout.out(f"\ndone in {summary['seconds']:.0f} s. Found genotype {summary['genotype_hash']} "
-               f"({summary['genotype']}); Dice on {len(summary['held_out_cases'])} held-out cases: {dice} "
-               f"(mean {summary['test_dice_mean']:.3f}).")
+               f"({summary['genotype']}; largest alpha probability over uniform: {moved}); Dice of the last "
+               f"epoch's model on fold 0's {len(summary['validation_cases'])} validation cases: {dice} "
+               f"(mean {summary['validation_dice_mean']:.3f}).")
     stdout.out(f"files: cells {summary['files']['cells']}, model {summary['files']['model']}, ONNX "
                f"{summary['files']['onnx']}, predictions {summary['files']['predictions']}, Dice "
                f"{summary['files']['dice']}, summary {output}/summary.json")

@@ -34,6 +34,9 @@ def search(
     tau_max: float = typer.Option(10.0, "--tau-max", help="Temperature at the first epoch."),
     tau_min: float = typer.Option(0.1, "--tau-min", help="Temperature at the last epoch."),
     tau_schedule: str = typer.Option("linear", "--tau-schedule", help="linear or exponential."),
+    alpha_lr: float = typer.Option(0.003, "--alpha-lr", min=0.0, help="Adam learning rate of alpha (paper: 0.003, "
+                                                                      "sized for 200 x 250 steps; a short search "
+                                                                      "needs more, e.g. 0.1 for ~40 steps)."),
     derive: str = typer.Option("top-k", "--derive", help="How cells are derived from alpha: top-k (DARTS: per node "
                                                          "the --top-k strongest inputs, each with its best non-zero "
                                                          "op) or argmax (per edge, zero = no edge). 'scnas derive' "
@@ -97,13 +100,14 @@ def search(
             data = str(write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
                                              spacing=(1.0, 1.0, 2.0), seed=seed, force=True))
             overrides = {"stem": 4, "patch": (32, 32, 32), "epochs": 3, "steps_per_epoch": 8, "spacing": (1.0, 1.0, 1.0),
-                         "tau_max": 5.0, "tau_min": 0.5, "val_batches": 2}
+                         "tau_max": 5.0, "tau_min": 0.5, "val_batches": 2, "alpha_lr": 0.1}
         if data is None:
             raise SearchError("--data is required (a task folder or a prepared cache), or use --demo")
         config = make_config({
             "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
             "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
-            "tau_schedule": tau_schedule, "derive": derive, "top_k": top_k, "loss": loss, "spacing": spacing, "seed": seed, "workers": workers,
+            "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
+            "spacing": spacing, "seed": seed, "workers": workers,
             "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "plots": plots,
             **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})

@@ -37,9 +37,9 @@ from scnas.search.derive import alpha_movement, derivation_name, derive_genotype
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.runtime import (Processes, StepBar, check_resume_precision, check_resume_settings, ensure_run_folder,
-                           memory_budget, open_or_prepare, rank_loader, read_checkpoint, save_checkpoint,
-                           setup_processes)
+from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
+                           ensure_run_folder, memory_budget, open_or_prepare, rank_loader, read_checkpoint,
+                           save_checkpoint, setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 
@@ -330,10 +330,6 @@ def _end_epoch(end: EpochEnd, net: SuperNet, arch: Architecture, val_data: Patch
             "skipped_steps": end.skipped, "seconds": end.seconds}
 
 
-PLOT_EVERY_SECONDS = 300.0
-"""The figures of a search are drawn after its last epoch and after any epoch that ends at
-least this long after they were last drawn (drawing them takes seconds, which would dominate
-short epochs); the data behind them are written every epoch."""
 
 
 def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, epoch: int, history: list, record: dict,

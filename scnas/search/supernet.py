@@ -7,6 +7,14 @@ Cells, widths, input resampling, skips and projections are the builder's
 :func:`cell_edges`; every intermediate node is concatenated into the output. A mixed edge
 runs only the operations that the step's sampling chose (:class:`EdgeChoice`), which the
 sampler decides on the host: the forward pass never reads a device tensor back.
+
+As in DARTS's search network (BatchNorm with affine=False after its pooling operations), a
+mixed edge normalises the output of its parameter-free pooling operations (InstanceNorm
+without affine parameters, the builder's norm): the convolutions end in a norm, so their
+outputs have zero mean and unit variance, while max pooling's have a mean of about 1.2 and
+average pooling's a standard deviation of about 0.55. Unnormalised, the weights of the
+edge would compare outputs of different scales rather than operations. Only the search
+network does this; networks built from a genotype run the plain operations.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from scnas.build.network import CellGraph, EdgeFactory, MacroUNet
 from scnas.build.ops import make_op
 from scnas.genotype import CELL_TYPES
 from scnas.genotype.ops import ZERO
+
+NORMALISED_IN_SEARCH = ("max_pool_3x3x3", "avg_pool_3x3x3")
+"""Parameter-free operations that a mixed edge follows by an affine-free InstanceNorm
+(DARTS: BatchNorm(affine=False) after pooling). Identity stays plain, as in DARTS."""
 
 
 def cell_edges(nodes: int) -> list[tuple[int, int]]:
@@ -39,20 +51,30 @@ class EdgeChoice:
 
 
 class MixedEdge(nn.Module):
-    """All candidate operations of one edge."""
+    """All candidate operations of one edge. With ``normalise_pooling``, the parameter-free
+    operations of :data:`NORMALISED_IN_SEARCH` are followed by an affine-free InstanceNorm
+    (no parameters, no buffers: the state dict is the same either way)."""
 
-    def __init__(self, ops: list[str], channels: int, stride: int, negative_slope: float):
+    def __init__(self, ops: list[str], channels: int, stride: int, negative_slope: float,
+                 normalise_pooling: bool = True):
         super().__init__()
         self.names = list(ops)
         self.ops = nn.ModuleList(make_op(name, channels, channels, stride, negative_slope) for name in ops)
         self.zero_index = self.names.index(ZERO) if ZERO in self.names else None
+        self.norms = nn.ModuleDict({
+            str(index): nn.InstanceNorm3d(channels, affine=False, track_running_stats=False)
+            for index, (name, op) in enumerate(zip(self.names, self.ops))
+            if normalise_pooling and name in NORMALISED_IN_SEARCH and not any(True for _ in op.parameters())})
 
     def forward(self, x: torch.Tensor, choice: EdgeChoice) -> torch.Tensor:
         total = None
         for index in choice.active:
             if index == self.zero_index:
                 continue  # contributes nothing; its weight still shapes the others'
-            term = choice.weights[index] * self.ops[index](x)
+            out = self.ops[index](x)
+            if str(index) in self.norms:
+                out = self.norms[str(index)](out)
+            term = choice.weights[index] * out
             total = term if total is None else total + term
         if total is None:  # only 'zero' was chosen: a zero tensor of the right shape
             total = self.ops[self.zero_index](x) * choice.weights[self.zero_index]
@@ -63,14 +85,15 @@ class SuperNet(MacroUNet):
     """The weight-sharing network of the search (parameters: Theta). Alpha lives in
     :class:`Architecture`, so that the two are optimised separately. ``forward(x, choices)``
     takes the step's sampled operations: for each cell type, one :class:`EdgeChoice` per edge
-    (see :func:`scnas.search.sampling.sample_choices`)."""
+    (see :func:`scnas.search.sampling.sample_choices`). ``normalise_pooling``: see
+    :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations)."""
 
-    def __init__(self, config: BuildConfig, nodes: int, ops: list[str]):
+    def __init__(self, config: BuildConfig, nodes: int, ops: list[str], normalise_pooling: bool = True):
         graph = CellGraph.complete(nodes)
         slope = config.negative_slope
 
         def edge_factory(cell_type: str) -> EdgeFactory:
-            return lambda source, target, width, stride: MixedEdge(ops, width, stride, slope)
+            return lambda source, target, width, stride: MixedEdge(ops, width, stride, slope, normalise_pooling)
 
         super().__init__(config, nodes, {name: graph for name in CELL_TYPES}, edge_factory)
         self.ops = list(ops)

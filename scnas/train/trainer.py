@@ -34,9 +34,9 @@ from scnas.data.loader import PatchDataset
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
-from scnas.runtime import (Processes, StepBar, check_resume_precision, check_resume_settings, ensure_run_folder,
-                           memory_budget, open_or_prepare, rank_loader, read_checkpoint, save_checkpoint, save_figure,
-                           setup_processes)
+from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
+                           ensure_run_folder, memory_budget, open_or_prepare, rank_loader, read_checkpoint,
+                           save_checkpoint, save_figure, setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 
@@ -89,6 +89,8 @@ class TrainConfig(BaseModel):
                                                      "memory; nothing is planned on the CPU unless given)")
     log_every_steps: int = Field(10, ge=1, description="read losses back every N steps")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    plots: bool = Field(True, description="draw training.png (after the last epoch and at most every 5 minutes; "
+                                          "the numbers are in metrics.jsonl either way)")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -232,7 +234,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     no_sync = model.no_sync if d.world > 1 else None
     cuda = d.device.type == "cuda"
     bar = StepBar(progress and d.main, config.steps_per_epoch)
-    epochs_this_call = 0
+    epochs_this_call, last_drawn = 0, time.monotonic()
     try:
         while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
             train_data.set_epoch(epoch)
@@ -275,7 +277,9 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                     save_model(net, run / "model_best.safetensors", preprocessing,
                                extra={"epoch": str(epoch), **training_metadata(config.fold, val_ids, epoch, BEST_DICE)})
                 atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-                _plot(run, history)
+                if config.plots and (epoch == config.epochs or time.monotonic() - last_drawn >= PLOT_EVERY_SECONDS):
+                    _plot(run, history)   # seconds per figure: after the last epoch and every few minutes
+                    last_drawn = time.monotonic()
                 save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.model_dump_json(),
                     "epoch": epoch, "amp": precision.amp,
