@@ -24,8 +24,8 @@ GiB = 2**30
 MEASURED_H200 = [
     ("training step, batch 2", "uresnet", 68, 2, "off", "off", 25.5),
     ("training step, batch 2", "uresnet", 68, 2, "fp16", "off", 15.0),
-    ("training step, batch 2", "docs/images/found-genotype.yaml", 68, 2, "off", "off", 50.5),
-    ("training step, batch 2", "docs/images/found-genotype.yaml", 68, 2, "fp16", "off", 31.9),
+    ("training step, batch 2", "docs/images/dense-genotype.yaml", 68, 2, "off", "off", 50.5),
+    ("training step, batch 2", "docs/images/dense-genotype.yaml", 68, 2, "fp16", "off", 31.9),
     ("search step (pair), batch 1", None, 48, 1, "off", "off", 34.6),
     ("search step (pair), batch 1", None, 48, 1, "off", "cells", 11.7),
     ("search step (pair), batch 1", None, 48, 1, "bf16", "off", 21.3),
@@ -105,7 +105,7 @@ def main() -> None:
                   title="what scnas would run with at the paper's settings (128^3; retraining batch 8, search batch 1)")
     plan_rows = []
     settings = [("retrain uresnet, stem 68, fp16", "uresnet"), ("retrain found cells, stem 68, fp16",
-                                                                "docs/images/found-genotype.yaml")]
+                                                                "docs/images/dense-genotype.yaml")]
     for budget in (24, 16, 12):
         for label, genotype in settings:
             try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import measure_steps, rss_bytes
 
-GENOTYPES = {"uresnet": "uresnet", "found": "docs/images/found-genotype.yaml"}
+GENOTYPES = {"uresnet": "uresnet", "dense": "docs/images/dense-genotype.yaml"}
 
 
 def predict(genotype: str, stem: int, patch: int, micro: int, device: str, amp: str, checkpoint: str) -> float:
