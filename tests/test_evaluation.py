@@ -204,6 +204,12 @@ def test_cv_bad_input(task, tmp_path, cli):
     assert not (tmp_path / "a" / "cv.json").exists()
     with pytest.raises(CVError, match="holds no study"):
         run_study(tmp_path / "b", None, say=lambda _: None)
+    from scnas.data import PrepareSettings, prepare_dataset
+
+    prepare_dataset(task, tmp_path / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), progress=False)
+    with pytest.raises(CVError, match="prepared at spacing \\[1.0, 1.0, 1.0\\], not the --spacing \\[2.0, 2.0, 2.0\\]"):
+        run_study(tmp_path / "f", _request(task, data=str(tmp_path / "cache"), spacing=[2.0, 2.0, 2.0]),
+                  say=lambda _: None)
     result = cli("cv", "nosuch.yaml", "--data", task, "-o", tmp_path / "c")
     assert result.code == 1 and "nosuch.yaml" in result.err
     result = cli("cv", "minimal", "--data", task, "--shard", "3/2", "-o", tmp_path / "d")
@@ -215,7 +221,7 @@ def test_cv_bad_input(task, tmp_path, cli):
 def test_the_verdict_says_which_way_and_how_sure():
     better = compare([0.80, 0.82, 0.81, 0.83, 0.80], [[0.70, 0.71, 0.72, 0.70, 0.69], [0.72, 0.70, 0.71, 0.73, 0.70]])
     assert better["folds_better"] == 5 and better["others_below"] == 2 and better["paired_t_test_p"] < 0.05
-    assert verdict("found", better, "random").startswith("found beat the random genotypes")
+    assert verdict("found", better, "the random ones").startswith("found beat the random ones")
     unclear = compare([0.80, 0.70, 0.81, 0.69, 0.80], [[0.75, 0.76, 0.74, 0.75, 0.76]])
     assert unclear["paired_t_test_p"] > 0.05 and verdict("found", unclear, "random").startswith("no evidence")
     one_fold = compare([0.8], [[0.7]])

@@ -337,22 +337,23 @@ def compare(first: list[float], others: list[list[float]]) -> dict[str, Any]:
     return result
 
 
-def verdict(first: str, comparison: dict[str, Any], against: str) -> str:
-    """The closing line: which way the answer went and how sure it is."""
+def verdict(first: str, comparison: dict[str, Any], them: str) -> str:
+    """The closing line: which way the answer went and how sure it is. ``them``: what the first
+    genotype is compared with ("the 5 random genotypes' mean", "uresnet")."""
     d, p = comparison["mean_difference"], comparison["paired_t_test_p"]
     won = f"better on {comparison['folds_better']} of {comparison['folds']} fold(s)"
-    ranked = (f"above {comparison['others_below']} of {comparison['others']} {against} genotype(s) in mean Dice"
+    ranked = (f"above {comparison['others_below']} of the {comparison['others']} in mean Dice"
               if comparison["others"] > 1 else "")
     detail = "; ".join(x for x in (won, ranked) if x)
     if p is None:
-        return (f"{first} vs {against} genotypes: mean Dice difference {d:+.4f} ({detail}); too few folds (or "
-                "identical differences) for a test: no conclusion")
+        return (f"{first} vs {them}: mean Dice difference {d:+.4f} ({detail}); too few folds (or identical "
+                "differences) for a test: no conclusion")
     if p < 0.05:
-        side = f"{first} beat the {against} genotypes" if d > 0 else f"the {against} genotypes beat {first}"
+        side = f"{first} beat {them}" if d > 0 else f"{them} beat {first}"
         return f"{side}: mean Dice difference {d:+.4f} ({detail}); paired t-test over folds p = {p:.3g} (< 0.05)"
-    return (f"no evidence that {first} differs from the {against} genotypes: mean Dice difference {d:+.4f} "
-            f"({detail}); paired t-test over folds p = {p:.3g} (not below 0.05). More folds, longer training or "
-            "more random genotypes would tell")
+    return (f"no evidence that {first} differs from {them}: mean Dice difference {d:+.4f} ({detail}); paired "
+            f"t-test over folds p = {p:.3g} (not below 0.05). More folds, longer training or more random genotypes "
+            "would tell")
 
 
 def write_report(out: str | os.PathLike, plan: dict[str, Any] | None = None,
@@ -395,12 +396,12 @@ def write_report(out: str | os.PathLike, plan: dict[str, Any] | None = None,
     if randoms:
         comparison = compare(first["dice"]["mean"]["per_fold"], [r["dice"]["mean"]["per_fold"] for r in randoms])
         report["versus_random"] = {"genotype": first["name"], **comparison}
-        lines.append(verdict(first["name"], comparison, "random"))
+        lines.append(verdict(first["name"], comparison, f"the mean of the {len(randoms)} random genotype(s) of "
+                                                        "equal FLOPs"))
     for other in given[1:]:
         comparison = compare(first["dice"]["mean"]["per_fold"], [other["dice"]["mean"]["per_fold"]])
         report.setdefault("versus_given", {})[other["name"]] = comparison
-        lines.append(verdict(first["name"], comparison, other["name"]).replace(f"{other['name']} genotypes",
-                                                                                other["name"]))
+        lines.append(verdict(first["name"], comparison, other["name"]))
     report["conclusion"] = lines
     atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "results.csv", _csv(rows, classes, folds))
