@@ -4,7 +4,8 @@ for the paper's search and retraining settings. Runs on the CPU in a few minutes
 
 The measured figures are constants copied from the issue, not measured here. One difference
 between that code and this one is emulated for the comparison: under CUDA autocast, that code
-upsampled in float32 (this one keeps half precision). Not emulated: the issue's checkpointing
+upsampled in float32 (this one keeps half precision), every edge computed its own LeakyReLU (this
+one shares it per state) and average pooling always padded explicitly. Not emulated: the issue's checkpointing
 experiment kept the skip sum outside the checkpointed cell (one level-0 tensor more), and its
 random draws are not the planner's "typical" one.
 
@@ -36,19 +37,21 @@ MEASURED_H200 = [
 
 
 @contextlib.contextmanager
-def float32_upsampling():
-    """The code the issue measured: CUDA autocast ran trilinear upsampling in float32."""
+def measured_code():
+    """The code the issue measured: CUDA autocast ran trilinear upsampling in float32, every edge
+    computed its own pre-activation, and average pooling always padded explicitly."""
     import torch.nn.functional as F
 
-    from scnas.build import network
+    from scnas.build import network, ops
 
-    original = network._upsample
+    saved = network._upsample, network.SHARE_PREACTIVATION, ops.TORCH_AVG_POOL
     network._upsample = lambda x, scale: F.interpolate(x.float(), scale_factor=scale, mode="trilinear",
                                                        align_corners=False)
+    network.SHARE_PREACTIVATION = ops.TORCH_AVG_POOL = False
     try:
         yield
     finally:
-        network._upsample = original
+        network._upsample, network.SHARE_PREACTIVATION, ops.TORCH_AVG_POOL = saved
 
 
 def predict(genotype: str | None, stem: int, batch: int, amp: str, checkpoint: str, draw: str = "typical") -> float:
@@ -80,9 +83,9 @@ def main() -> None:
     console = Console()
     rows = []
     table = Table("step", "network", "stem", "amp", "checkpointing", "H200 GiB", "planner GiB", "planner / H200",
-                  title="planner vs the H200 measurements of issue 11 (128^3; old code's float32 upsampling emulated)")
+                  title="planner vs the H200 measurements of issue 11 (128^3; the measured code emulated)")
     for what, genotype, stem, batch, amp, checkpoint, measured in MEASURED_H200:
-        with float32_upsampling():
+        with measured_code():
             predicted = predict(genotype, stem, batch, amp, checkpoint)
         rows.append({"what": what, "genotype": genotype or "supernet", "stem": stem, "batch": batch, "amp": amp,
                      "checkpoint": checkpoint, "measured_gib": measured, "predicted_gib": predicted})

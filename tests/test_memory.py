@@ -56,8 +56,11 @@ def test_checkpointed_supernet_has_the_gradients_of_the_unchecked_one_for_theta_
         soft_jaccard_loss(net(x, choices_from(dict(arch.alphas), draws, 2.0)), y).backward()
         results[checkpointing] = {**_gradients(net), **_gradients(arch)}
     assert any(name.startswith("alphas.") for name in results["off"])
+    # Edge checkpointing does not share the pre-activations (scnas.build.network.SHARE_PREACTIVATION),
+    # so gradients reach a state in another order of summation: float32 rounding, up to ~4e-5 of a
+    # tensor's largest entry here (tests/test_fast_ops.py checks the sharing itself in float64).
     for name, grad in results["off"].items():
-        torch.testing.assert_close(results[mode][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(results[mode][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()), msg=name)
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch():

@@ -196,12 +196,17 @@ def _low_precision_transposed(module: nn.ConvTranspose3d, dtype: torch.dtype) ->
 
 
 def _box_mean_as_conv(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    # Same tensors as AvgPool3x3x3.forward: the padded input (kept for backward), the output,
-    # and the one-channel count of real voxels.
+    from scnas.build import ops
+
+    # Same tensors as AvgPool3x3x3.forward: torch's avg_pool3d where every axis has >= 3 voxels
+    # (it keeps its input, alive anyway, and makes the output); otherwise the explicit form's
+    # padded input (kept for backward), output, and one-channel count of real voxels.
     def forward(x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         kernel = torch.full((channels, 1, 3, 3, 3), 1 / 27, dtype=x.dtype, device=x.device)
         stride = [module.stride] * 3
+        if ops.TORCH_AVG_POOL and min(x.shape[2:]) >= 3:
+            return _LowPrecisionConv.apply(x, kernel, None, False, stride, [1, 1, 1], [1, 1, 1], [0, 0, 0], channels)
         box_mean = _LowPrecisionConv.apply(F.pad(x, (1, 1, 1, 1, 1, 1)), kernel, None, False, stride, [0, 0, 0],
                                            [1, 1, 1], [0, 0, 0], channels)
         ones = F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1))

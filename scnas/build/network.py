@@ -73,7 +73,11 @@ class Resample(nn.Module):
         self.norm = nn.InstanceNorm3d(c_out, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(self.act(x))
+        return self.forward_activated(self.act(x))
+
+    def forward_activated(self, activated: torch.Tensor) -> torch.Tensor:
+        """The output for an input whose LeakyReLU (``self.act``) is ``activated``."""
+        x = self.conv(activated)
         if self.scale > 1:
             # Upsampling after the 1x1x1 conv equals upsampling before it (both are linear and
             # act on different axes), but convolves 8x fewer voxels and upsamples fewer channels.
@@ -90,6 +94,12 @@ def _upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False)
     return F.interpolate(x, scale_factor=scale, mode="trilinear", align_corners=False)
+
+
+SHARE_PREACTIVATION = True
+"""Compute LeakyReLU(state) once per cell state for all the edges that begin with it (see
+:meth:`CellModule.forward`). Same outputs, gradients equal to float rounding; a switch so
+that tests and benchmarks can compare with every edge computing its own."""
 
 
 EdgeFactory = Callable[[int, int, int, int], nn.Module]
@@ -150,6 +160,7 @@ class CellModule(nn.Module):
         for source, target in graph.edges:
             stride = 2 if cell_type == "reduction" and source < NUM_INPUTS else 1
             self.edges[f"{source}_{target}"] = make_edge(source, target, self.width, stride)
+        self._last_reader = {source: position for position, (source, _) in enumerate(graph.edges)}
         self.concat = list(graph.concat)
         self.out_channels = self.width * len(self.concat)
         self.checkpoint_edges = False
@@ -157,17 +168,48 @@ class CellModule(nn.Module):
     def forward(self, s0: torch.Tensor | None, s1: torch.Tensor | None, choices: Sequence[Any] | None = None
                 ) -> torch.Tensor:
         """``choices``: one argument per edge (in ``graph.edges`` order) passed to edge modules
-        that take one (the supernet's sampled operations); None for fixed operations."""
+        that take one (the supernet's sampled operations); None for fixed operations.
+
+        With :data:`SHARE_PREACTIVATION`, LeakyReLU(state) is computed once per state (and slope)
+        and handed to every edge that begins with it (edge modules whose ``shares_activation``
+        is true take it as ``activated=``, e.g. :class:`scnas.build.ops.ActivationFirst`); the two input resamplings share
+        theirs when both read the same tensor (the first reduction cell reads the stem twice).
+        Not while edges are checkpointed with gradients: the shared activation would be kept
+        for backward, which is what edge checkpointing saves."""
+        share = SHARE_PREACTIVATION and not (self.checkpoint_edges and torch.is_grad_enabled())
         states: dict[int, torch.Tensor] = {}
-        for index, x in ((0, s0), (1, s1)):
-            if str(index) in self.preprocess:
-                states[index] = self.preprocess[str(index)](x)
+        if share and s0 is s1 and len(self.preprocess) == 2 \
+                and self.preprocess["0"].act.negative_slope == self.preprocess["1"].act.negative_slope:
+            activated_input = self.preprocess["0"].act(s0)
+            for index in (0, 1):
+                states[index] = self.preprocess[str(index)].forward_activated(activated_input)
+        else:
+            for index, x in ((0, s0), (1, s1)):
+                if str(index) in self.preprocess:
+                    states[index] = self.preprocess[str(index)](x)
+        activated: dict[tuple[int, float], torch.Tensor] = {}
+
+        def activation_of(source: int) -> Callable[[float], torch.Tensor]:
+            def get(slope: float) -> torch.Tensor:
+                if (source, slope) not in activated:
+                    activated[source, slope] = F.leaky_relu(states[source], slope)
+                return activated[source, slope]
+            return get
+
         recompute = self.checkpoint_edges and torch.is_grad_enabled()
         for position, (source, target) in enumerate(self.graph.edges):
             edge = self.edges[f"{source}_{target}"]
             args = (states[source],) if choices is None else (states[source], choices[position])
-            term = checkpoint(edge, *args, use_reentrant=False, preserve_rng_state=False) if recompute else edge(*args)
+            if share and getattr(edge, "shares_activation", False):
+                term = edge(*args, activated=activation_of(source))
+            elif recompute:
+                term = checkpoint(edge, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                term = edge(*args)
             states[target] = states[target] + term if target in states else term
+            if position == self._last_reader[source]:  # free it as soon as no edge needs it
+                for slope in [key[1] for key in activated if key[0] == source]:
+                    del activated[source, slope]
         if len(self.concat) == 1:
             return states[self.concat[0]]
         return torch.cat([states[n] for n in self.concat], dim=1)

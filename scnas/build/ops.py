@@ -52,7 +52,28 @@ def _norm(channels: int) -> nn.Module:
     return nn.InstanceNorm3d(channels, affine=True)
 
 
-class ActConvNorm(nn.Sequential):
+class ActivationFirst(nn.Sequential):
+    """An ``nn.Sequential`` whose module 0 is a ``nn.LeakyReLU``, whose activation can be shared
+    by every module reading the same tensor (see ``scnas.build.network.CellModule``). The
+    modules stay where they are: state-dict keys do not change."""
+
+    shares_activation = True
+    """Takes ``activated=`` (see :meth:`forward`)."""
+
+    def forward(self, x: torch.Tensor, activated: Callable[[float], torch.Tensor] | None = None) -> torch.Tensor:
+        """Modules 0, 1, 2, ... on ``x``; with ``activated``, LeakyReLU(x) (module 0) is taken
+        from ``activated(negative_slope)`` (computed once by the caller for every module that
+        reads ``x``) instead of being computed again."""
+        if activated is None:
+            return super().forward(x)
+        out = activated(self[0].negative_slope)
+        for index, module in enumerate(self):
+            if index:
+                out = module(out)
+        return out
+
+
+class ActConvNorm(ActivationFirst):
     """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, negative_slope: float, dilation: int = 1):
@@ -63,7 +84,7 @@ class ActConvNorm(nn.Sequential):
         )
 
 
-class SeparableDilatedConv(nn.Sequential):
+class SeparableDilatedConv(ActivationFirst):
     """LeakyReLU, depthwise dilated 3x3x3 conv, pointwise 1x1x1 conv, InstanceNorm."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, negative_slope: float, dilation: int):
@@ -78,10 +99,12 @@ class SeparableDilatedConv(nn.Sequential):
 class MaxPool3x3x3(nn.Module):
     """3x3x3 max pooling, padding 1; exactly ``nn.MaxPool3d(3, stride, 1)``.
 
-    Without gradients (inference) it is computed in the channels-last-3d layout, where torch's
-    CPU kernel is 1.5-7x faster (benchmarks/build_bench.py), and returned contiguous. Never
-    with gradients: the channels-last gradient it hands back made torch's CPU instance norm
-    compute wrong weight gradients at batch 1 (scnas 0.1 trained with them; see
+    On the CPU without gradients (inference) it is computed in the channels-last-3d layout,
+    where torch's CPU kernel was measured 1.5-7x faster (benchmarks/build_bench.py), and
+    returned contiguous. Not on other devices (on CUDA the two layout copies are pure cost),
+    not while exporting, tracing or compiling, and never with gradients: the channels-last
+    gradient it hands back made torch's CPU instance norm compute wrong weight gradients at
+    batch 1 (scnas 0.1 trained with them; see
     tests/test_build.py::test_gradients_of_a_batch_are_the_sum_of_its_samples)."""
 
     def __init__(self, stride: int):
@@ -89,27 +112,41 @@ class MaxPool3x3x3(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not _tracing():
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not _tracing():
             pooled = F.max_pool3d(x.contiguous(memory_format=torch.channels_last_3d), 3, self.stride, 1)
             return pooled.contiguous()
         return F.max_pool3d(x, 3, self.stride, 1)
+
+
+TORCH_AVG_POOL = True
+"""Let :class:`AvgPool3x3x3` use torch's avg_pool3d where torch takes the input (else always the
+explicit form, as scnas 0.2 did): a switch for benchmarks that compare with the old code."""
 
 
 class AvgPool3x3x3(nn.Module):
     """3x3x3 average pooling, padding 1, padding not counted; equal (to float rounding) to
     ``nn.AvgPool3d(3, stride, 1, count_include_pad=False)``.
 
-    Pads with zeros explicitly and divides by the share of real voxels, because torch's
-    avg_pool3d refuses inputs smaller than the kernel (a 2-voxel axis at the deepest level)
-    even when the padding would cover them."""
+    torch's avg_pool3d refuses inputs with a spatial axis shorter than the kernel (1 or 2
+    voxels, e.g. the deepest level of a 16^3 patch) even where the padding would cover them.
+    Only for those inputs, and always while exporting, tracing or compiling (an exported graph
+    has dynamic spatial sizes, which may be 1 or 2 at the deepest level), it pads with zeros
+    explicitly and divides by the share of real voxels; otherwise it is torch's op."""
 
     def __init__(self, stride: int):
         super().__init__()
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        box_mean = F.avg_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1)), 3, self.stride)
-        real = F.avg_pool3d(F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1)), 3, self.stride)
+        if not TORCH_AVG_POOL or _tracing() or x.dim() != 5 or min(x.shape[2:]) < 3:
+            return self.explicit(x, self.stride)
+        return F.avg_pool3d(x, 3, self.stride, 1, count_include_pad=False)
+
+    @staticmethod
+    def explicit(x: torch.Tensor, stride: int) -> torch.Tensor:
+        """The form valid for every size: zero padding, box mean, divided by the real share."""
+        box_mean = F.avg_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1)), 3, stride)
+        real = F.avg_pool3d(F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1)), 3, stride)
         return box_mean / real
 
 

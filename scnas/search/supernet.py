@@ -20,6 +20,7 @@ network does this; networks built from a genotype run the plain operations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,12 +67,21 @@ class MixedEdge(nn.Module):
             for index, (name, op) in enumerate(zip(self.names, self.ops))
             if normalise_pooling and name in NORMALISED_IN_SEARCH and not any(True for _ in op.parameters())})
 
-    def forward(self, x: torch.Tensor, choice: EdgeChoice) -> torch.Tensor:
+    shares_activation = True
+    """Takes ``activated=`` (see :meth:`forward`)."""
+
+    def forward(self, x: torch.Tensor, choice: EdgeChoice,
+                activated: Callable[[float], torch.Tensor] | None = None) -> torch.Tensor:
+        """The edge's output for ``choice``. ``activated``: where given, the operations that
+        begin with a LeakyReLU take LeakyReLU(x) from it (computed once per cell state, see
+        ``scnas.build.network.CellModule.forward``)."""
         total = None
         for index in choice.active:
             if index == self.zero_index:
                 continue  # contributes nothing; its weight still shapes the others'
-            out = self.ops[index](x)
+            op = self.ops[index]
+            out = op(x, activated=activated) if activated is not None and getattr(op, "shares_activation", False) \
+                else op(x)
             if str(index) in self.norms:
                 out = self.norms[str(index)](out)
             term = choice.weights[index] * out
