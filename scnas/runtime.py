@@ -34,15 +34,26 @@ class Processes:
             dist.barrier()
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str, error: type[ScnasError] = ScnasError) -> torch.device:
+    """``auto``: CUDA when a device is available, else the CPU. ``cuda`` without one, or a name
+    other than auto, cpu and cuda, is refused with a message that says what to use."""
+    if device not in DEVICE_CHOICES:
+        raise error(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def setup_processes(device: str, error: type[ScnasError] = ScnasError) -> Processes:
     """Read torchrun's environment, pick the device (auto: CUDA when available), and join the
     process group (NCCL on CUDA, gloo on CPU) when there are several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device, error).type == "cuda"
     target = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(target)
@@ -153,7 +164,8 @@ PLOT_EVERY_SECONDS = 300.0
 ends at least this long after they were last drawn (drawing takes seconds, which would dominate
 short epochs); the data behind them are written every epoch."""
 
-RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots")
+RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots",
+                     "compile")
 """Settings a resumed run may change: how long it runs, and how a step is fitted into memory
 (which changes no result beyond rounding)."""
 

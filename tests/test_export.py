@@ -152,3 +152,22 @@ def test_reading_metadata_of_foreign_or_broken_onnx(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\xff\x00junk" * 20)
     with pytest.raises(ModelFileError, match="not an ONNX file"):
         read_onnx_info(tmp_path / "junk.onnx")
+
+
+CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not CUDA_EP, reason="needs onnxruntime-gpu (scnas's gpu extra) and a CUDA device; the cpu extra "
+                                        "is installed here")
+def test_cuda_execution_provider_agrees_with_torch_in_float32_and_float16(exported_uresnet, tmp_path):
+    net, _, _ = exported_uresnet
+    for fp16 in (False, True):
+        report = export_onnx(net, tmp_path / f"cuda-{fp16}.onnx", preprocessing=PREPROCESSING, provider="cuda", fp16=fp16)
+        assert report.passed and report.provider == "cuda"
+        session = ort.InferenceSession(str(tmp_path / f"cuda-{fp16}.onnx"), providers=["CUDAExecutionProvider"])
+        assert session.get_providers()[0] == "CUDAExecutionProvider"
+        x = torch.randn(2, 2, 32, 24, 16)
+        with torch.inference_mode():
+            expected = net(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.dtype == np.float32 and (got.argmax(1) == expected.argmax(1)).mean() >= (0.95 if fp16 else 0.999)

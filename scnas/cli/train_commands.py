@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from scnas.cli import options
-from scnas.cli.main import app, settings_error, stdout
+from scnas.cli.main import app, settings_error, stderr, stdout
 
 
 @app.command()
@@ -37,6 +37,7 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
+    compile: bool = options.COMPILE,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend, "
                                                         "--checkpoint, --micro-batch, --gpu-memory may change)."),
 ) -> None:
@@ -66,6 +67,7 @@ def train(
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
             stored = json.loads(saved.read_text())
             config = TrainConfig.model_validate({**stored["train"], **({"epochs": epochs} if epochs else {}),
+                                                 **({"compile": True} if compile else {}),
                                                  **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
             genotype = genotype_from_data(stored["genotype"], source=str(saved))
         else:
@@ -74,12 +76,13 @@ def train(
             genotype = load_genotype(genotype_path)
             config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
                                  epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
-                                 workers=workers, device=device, amp=amp, loss=loss,
+                                 workers=workers, device=device, amp=amp, loss=loss, compile=compile,
                                  **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
     except ValidationError as exc:
         raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
-        f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"))
+        f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, validation Dice {r['val_dice']:.3f}, lr {r['lr']:.2g}"),
+        say=stderr.out)
     stdout.out(f"trained {result.epochs_done} epoch(s) ({result.plan.describe()}); validation Dice of the last "
                f"epoch {result.history[-1]['val_dice'] if result.history else float('nan'):.3f} (best "
                f"{result.best_dice:.3f}); model: {run / 'model.safetensors'} (last epoch; "
@@ -93,12 +96,14 @@ def predict(
                                                           "CASE_0001.nii.gz, ... are the channels of one case)."),
     output: str = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz)."),
     backend: str = typer.Option("torch", "--backend", help="torch (.safetensors) or onnxruntime (.onnx)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda. On a GPU windows "
+                                                        "are cut, mirrored, predicted and blended on the device."),
     overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per forward pass."),
     amp: str = typer.Option("auto", "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
-                                                  "fp16 on CUDA, off on CPU."),
+                                                  "fp16 on CUDA, off on CPU (fp16 runs there too, emulated and slower)."),
+    compile: bool = options.COMPILE,
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
                                                 help="Only the validation cases of this training run (its fold), "
                                                      "for cross-validation. MODEL must be that run's last-epoch "
@@ -116,7 +121,8 @@ def predict(
     if validation_of:
         only = _validation_cases(validation_of)
         check_unselected(read_any_model_info(model_path).metadata, only, model_path)
-    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp)
+    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp,
+                             compile=compile, say=stderr.out)
     stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
 
 

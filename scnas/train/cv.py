@@ -256,9 +256,9 @@ def run_job(out: Path, plan: dict[str, Any], job: Job, progress: bool = False,
 
 
 def _device(device: str) -> str:
-    import torch
+    from scnas.runtime import resolve_device
 
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    return resolve_device(device, CVError).type
 
 
 def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str | None = None,

@@ -8,83 +8,182 @@ header and named like the input case (so prediction and ground-truth folders pai
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
 import tempfile
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from scnas.build.model_file import ModelFileError
+from scnas.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, load_case
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
-from scnas.errors import OutputError
+from scnas.errors import OutputError, Problem, ScnasError
 from scnas.fileio import ensure_writable
-from scnas.train.inference import PredictFn, sliding_window
+from scnas.train.inference import TensorPredictFn, sliding_window_logits
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 
 
+class PredictError(ScnasError):
+    """A prediction that cannot run as asked (device, precision, memory, unreadable cases)."""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+DEVICE_SHARE = 0.5
+"""Accumulate on the GPU only when image, logit sums, weights and the label map take at most
+this share of its free memory (the rest is the network's working set); otherwise in CPU memory."""
+
+
+def accumulation_bytes(shape: tuple[int, ...], num_classes: int) -> int:
+    """Device bytes of :func:`sliding_window_logits` with ``accumulate="device"`` for an image of
+    ``shape`` (C, X, Y, Z): the image, K logit sums and the weight sum in float32, and argmax's
+    int64 label map."""
+    voxels = math.prod(shape[1:])
+    return voxels * (4 * (shape[0] + num_classes + 1) + 8)
+
+
 @dataclass
 class Predictor:
-    """A model ready to predict: its preprocessing, patch, classes and a batch function."""
+    """A model ready to predict: its preprocessing, patch and classes, and ``run``, which maps a
+    batch of windows on ``device`` to logits on ``device``."""
 
-    predict: PredictFn
+    run: TensorPredictFn
     preprocessing: dict[str, Any]
     patch: tuple[int, int, int]
     num_classes: int
     in_channels: int
     backend: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "off"
+    say: Callable[[str], None] = _say
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a numpy batch (B, C, *patch), float32 numpy."""
+        with torch.inference_mode():
+            return self.run(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def logits(self, image: np.ndarray | torch.Tensor, overlap: float = 0.5, batch_size: int = 2, mirror: bool = False,
+               accumulate: str = "device") -> torch.Tensor:
+        """Sliding-window logits (K, X, Y, Z) of a preprocessed image (C, X, Y, Z), float32, on
+        the device (``accumulate="device"``) or in CPU memory (``"host"``)."""
+        tensor = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
+        return sliding_window_logits(tensor, self.run, self.patch, self.num_classes, overlap, batch_size,
+                                     mirror=mirror, device=self.device, accumulate=accumulate)
+
+    def segment(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 2, mirror: bool = False) -> np.ndarray:
+        """The label map (int16, X, Y, Z) of a preprocessed image (C, X, Y, Z). On a GPU the
+        whole volume stays on the device when it fits (:data:`DEVICE_SHARE`); otherwise, or
+        when the device runs out of memory, the sums are kept in CPU memory, with a notice."""
+        accumulate = "device"
+        if self.device.type == "cuda":
+            need = accumulation_bytes(image.shape, self.num_classes)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > DEVICE_SHARE * free:
+                accumulate = "host"
+                self.say(f"note: a volume of {'x'.join(map(str, image.shape))} voxels needs {need / 2**30:.1f} GiB "
+                         f"to blend on the GPU ({free / 2**30:.1f} GiB free): blending in CPU memory (slower)")
+        for attempt in ("first", "fallback"):
+            try:
+                with torch.inference_mode():
+                    return self.logits(image, overlap, batch_size, mirror, accumulate).argmax(0).to(torch.int16).cpu().numpy()
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if accumulate == "host" or attempt == "fallback":
+                    raise PredictError(f"out of {self.device.type} memory while predicting a batch of {batch_size} "
+                                       f"window(s) of {'x'.join(map(str, self.patch))}: use a smaller --batch-size "
+                                       f"(or --amp fp16 on a GPU)") from None
+                accumulate = "host"
+                self.say("note: the GPU ran out of memory blending this volume: blending in CPU memory (slower)")
+        raise AssertionError("unreachable")
 
 
-def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = "cpu",
-                   amp: str = "auto") -> Predictor:
-    """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction. ``amp`` (torch
-    backend): fp16 or bf16 autocast, off for exact float32; auto: fp16 on CUDA, off on CPU."""
+def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = "auto",
+                   amp: str = "auto", compile: bool = False, say: Callable[[str], None] = _say) -> Predictor:
+    """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction.
+
+    ``device``: auto (CUDA when available), cpu or cuda. ``amp`` (torch backend): fp16 or bf16
+    autocast, off for exact float32; auto: fp16 on CUDA, off on the CPU (where fp16 runs, but
+    emulated and slower than float32). ``compile``: ``torch.compile`` the network (torch
+    backend); the first batch pays the compilation (printed), a failed compilation falls back
+    to eager with a notice. On CUDA, ``cudnn.benchmark`` is switched on (windows all have the
+    patch's shape, so the fastest convolution algorithms are searched once)."""
     from scnas.export import read_any_model_info
+    from scnas.runtime import resolve_device
+    from scnas.steps import AMP_CHOICES, resolve_amp
 
+    target = resolve_device(device, PredictError)
     info = read_any_model_info(model_path)
     if not info.preprocessing or "target_spacing" not in info.preprocessing or "patch_size" not in info.preprocessing:
         raise ModelFileError("has no preprocessing settings (target_spacing, patch_size) in its metadata; models "
                              "written by 'scnas train' have them", source=str(model_path))
+    if amp not in AMP_CHOICES:
+        raise PredictError(f"--amp must be auto, off, fp16 or bf16, not {amp!r}")
     patch = tuple(int(p) for p in info.preprocessing["patch_size"])
     onnx_file = str(model_path).lower().endswith(".onnx")
+    common = dict(preprocessing=info.preprocessing, patch=patch, num_classes=info.config.num_classes,
+                  in_channels=info.config.in_channels, backend=backend, say=say)
     if backend == "onnxruntime":
-        path = model_path
         if not onnx_file:
             raise ModelFileError("--backend onnxruntime needs an .onnx file (make one with 'scnas export-onnx')",
                                  source=str(model_path))
-        import onnxruntime as ort
+        if compile:
+            raise PredictError("--compile applies to the torch backend only (onnxruntime optimises the graph itself)")
+        if amp not in ("auto", "off"):
+            raise PredictError(f"--amp {amp} applies to the torch backend; for half precision in onnxruntime export "
+                               "with 'scnas export-onnx --fp16'")
+        return Predictor(_onnx_runner(model_path, target, say), device=torch.device("cpu"), amp="off", **common)
+    if backend != "torch":
+        raise PredictError(f"unknown backend {backend!r}: torch or onnxruntime")
+    if onnx_file:
+        raise ModelFileError("--backend torch needs the .safetensors model file (or use --backend onnxruntime)",
+                             source=str(model_path))
+    from scnas.build import load_model
+    from scnas.steps import Precision
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), providers=providers)
-        name = session.get_inputs()[0].name
+    model = load_model(model_path, str(target))
+    precision = Precision(amp, target)
+    if target.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    network = compiled_for_inference(model, say) if compile else model
 
-        def run(batch: np.ndarray) -> np.ndarray:
-            return session.run(None, {name: batch.astype(np.float32)})[0].astype(np.float32)
-    elif backend == "torch":
-        if onnx_file:
-            raise ModelFileError("--backend torch needs the .safetensors model file (or use --backend onnxruntime)",
-                                 source=str(model_path))
-        import torch
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with precision.autocast():
+            return network(batch)
 
-        from scnas.build import load_model
+    return Predictor(run, device=target, amp=resolve_amp(amp, target), **common)
 
-        from scnas.steps import Precision
 
-        if amp not in ("auto", "off", "fp16", "bf16"):
-            raise ModelFileError(f"--amp must be auto, off, fp16 or bf16, not {amp!r}")
-        model = load_model(model_path, device)
-        precision = Precision(amp, torch.device(device))
+def _onnx_runner(model_path, target: torch.device, say: Callable[[str], None]) -> TensorPredictFn:
+    import onnxruntime as ort
 
-        def run(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode(), precision.autocast():
-                return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-    else:
-        raise ModelFileError(f"unknown backend {backend!r}: torch or onnxruntime")
-    return Predictor(run, info.preprocessing, patch, info.config.num_classes, info.config.in_channels, backend)
+    providers = ["CPUExecutionProvider"]
+    if target.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            say("note: this onnxruntime has no CUDA execution provider (install scnas's gpu extra instead of the "
+                "cpu one): running the ONNX model on the CPU")
+    session = ort.InferenceSession(str(model_path), providers=providers)
+    name = session.get_inputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        output = session.run(None, {name: batch.cpu().numpy().astype(np.float32, copy=False)})[0]
+        return torch.from_numpy(np.asarray(output, dtype=np.float32))
+
+    return run
 
 
 def find_cases(path: str | os.PathLike) -> list[Case]:
@@ -118,9 +217,9 @@ def _case_name(filename: str) -> str:
     return filename
 
 
-def predict_case(predictor: Predictor, case: Case, overlap: float = 0.5, tta: bool = False, batch_size: int = 2
-                 ) -> tuple[np.ndarray, Any]:
-    """(label map on the original grid, the NIfTI image of the first channel file)."""
+def read_case(predictor: Predictor, case: Case) -> tuple[dict[str, Any], Any]:
+    """(the case preprocessed as the model's metadata says, the NIfTI image of its first
+    channel file, whose grid, affine and header the prediction gets)."""
     import nibabel as nib
 
     preprocessing = predictor.preprocessing
@@ -128,11 +227,15 @@ def predict_case(predictor: Predictor, case: Case, overlap: float = 0.5, tta: bo
     dataset = Dataset(case.images[0].parent, "input", "input", list(channels), dict(preprocessing.get("labels", {})))
     loaded = load_case(dataset, case, with_label=False)
     settings = PrepareSettings(target_spacing=tuple(preprocessing["target_spacing"]))
-    prepared = preprocess_case(loaded, settings)
-    logits = sliding_window(prepared["image"], predictor.predict, predictor.patch, predictor.num_classes, overlap,
-                            batch_size, mirror=tta)
-    label = logits.argmax(0).astype(np.int16)
-    return label_to_original(label, prepared["record"]), nib.load(str(case.images[0]))
+    return preprocess_case(loaded, settings), nib.load(str(case.images[0]))
+
+
+def predict_case(predictor: Predictor, case: Case, overlap: float = 0.5, tta: bool = False, batch_size: int = 2
+                 ) -> tuple[np.ndarray, Any]:
+    """(label map on the original grid, the NIfTI image of the first channel file)."""
+    prepared, reference = read_case(predictor, case)
+    label = predictor.segment(prepared["image"], overlap, batch_size, mirror=tta)
+    return label_to_original(label, prepared["record"]), reference
 
 
 def write_label(label: np.ndarray, reference, path: Path) -> None:
@@ -156,35 +259,104 @@ def write_label(label: np.ndarray, reference, path: Path) -> None:
 
 
 def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, output: str | os.PathLike,
-                   backend: str = "torch", device: str = "cpu", overlap: float = 0.5, tta: bool = False,
+                   backend: str = "torch", device: str = "auto", overlap: float = 0.5, tta: bool = False,
                    batch_size: int = 2, progress: bool = True, only: list[str] | None = None,
-                   amp: str = "auto") -> list[Path]:
-    """Predict every case of ``inputs`` (or those in ``only``) into the folder ``output``."""
+                   amp: str = "auto", compile: bool = False, prefetch: bool | None = None,
+                   say: Callable[[str], None] = _say) -> list[Path]:
+    """Predict every case of ``inputs`` (or those in ``only``) into the folder ``output``.
+
+    ``prefetch`` (default: on when predicting on a GPU) reads and preprocesses the next case
+    and writes the previous one in background threads while the current one is predicted, so
+    the device does not wait for NIfTI I/O and resampling. A case that cannot be read is
+    skipped: the others are predicted and written, then a :class:`PredictError` lists the
+    skipped ones."""
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", source=str(out)) from None
     ensure_writable(out / "probe.nii.gz")
-    predictor = load_predictor(model_path, backend, device, amp)
+    predictor = load_predictor(model_path, backend, device, amp, compile, say)
     cases = find_cases(inputs)
     if only is not None:
         missing = sorted(set(only) - {case.case_id for case in cases})
         if missing:
             raise DatasetError(f"no image for case(s) {', '.join(missing[:5])}", source=str(inputs))
         cases = [case for case in cases if case.case_id in set(only)]
-    written = []
+    if prefetch is None:
+        prefetch = predictor.device.type == "cuda"
     from scnas.runtime import StepBar
 
+    written: list[Path] = []
+    failed: list[Problem] = []
     bar = StepBar(progress, len(cases))
-    bar.start("predicting")
-    try:
-        for case in cases:
-            label, reference = predict_case(predictor, case, overlap, tta, batch_size)
-            target = out / f"{case.case_id}.nii.gz"
-            write_label(label, reference, target)
+    reader, writer = (ThreadPoolExecutor(1, "scnas-read"), ThreadPoolExecutor(1, "scnas-write")) if prefetch \
+        else (_Inline(), _Inline())
+    writes: deque[tuple[Case, Path, Future]] = deque()
+
+    def finish(case: Case, target: Path, label: np.ndarray, record: dict[str, Any], reference) -> None:
+        write_label(label_to_original(label, record), reference, target)
+
+    def drain(keep: int) -> None:
+        while len(writes) > keep:
+            case, target, future = writes.popleft()
+            future.result()
             written.append(target)
             bar.advance(case.case_id)
+
+    bar.start("predicting")
+    try:
+        queue = deque(cases)
+        reading = deque([(queue.popleft(), None)]) if queue else deque()
+        while reading:
+            case, future = reading.popleft()
+            future = future or reader.submit(read_case, predictor, case)
+            if prefetch and queue:  # read the next case while this one is predicted
+                following = queue.popleft()
+                reading.append((following, reader.submit(read_case, predictor, following)))
+            elif queue:
+                reading.append((queue.popleft(), None))
+            try:
+                prepared, reference = future.result()
+            except (ScnasError, MemoryError) as exc:
+                failed.append(Problem("", _reason(exc)))
+                bar.advance(case.case_id)
+                continue
+            try:
+                label = predictor.segment(prepared["image"], overlap, batch_size, mirror=tta)
+            except ScnasError as exc:
+                raise exc.with_source(f"case {case.case_id}") from None
+            target = out / f"{case.case_id}.nii.gz"
+            writes.append((case, target, writer.submit(finish, case, target, label, prepared["record"], reference)))
+            del prepared
+            drain(keep=1)
+        drain(keep=0)
     finally:
         bar.stop()
+        for pool in (reader, writer):
+            pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        raise PredictError(problems=[Problem("", f"wrote {len(written)} of {len(cases)} segmentation(s) of {inputs} "
+                                                 f"to {out}; {len(failed)} case(s) could not be read:")] + failed)
     return written
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ScnasError):
+        return "; ".join(exc.lines())
+    return f"{type(exc).__name__}: {str(exc)[:160] or 'out of memory'}"
+
+
+class _Inline:
+    """The executor interface, running each call at once in the calling thread."""
+
+    def submit(self, function: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the result, as a pool would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass

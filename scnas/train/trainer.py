@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
 from scnas.build.losses import LOSSES, dice_per_class
+from scnas.compiling import compile_for_training
 from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
@@ -89,6 +90,8 @@ class TrainConfig(BaseModel):
                                                      "memory; nothing is planned on the CPU unless given)")
     log_every_steps: int = Field(10, ge=1, description="read losses back every N steps")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    compile: bool = Field(False, description="torch.compile the network (forward and backward), compiled before the "
+                                             "first step with the time printed; eager where compiling fails")
     plots: bool = Field(True, description="draw training.png (after the last epoch and at most every 5 minutes; "
                                           "the numbers are in metrics.jsonl either way)")
 
@@ -166,8 +169,10 @@ def plan_training(genotype: Genotype, config: TrainConfig, build: BuildConfig, d
 
 def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                  progress: bool = True, stop_after_epochs: int | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train ``genotype`` from scratch on ``config.data`` (fold ``config.fold``) into ``run_dir``."""
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 say: Callable[[str], None] = print) -> TrainResult:
+    """Train ``genotype`` from scratch on ``config.data`` (fold ``config.fold``) into ``run_dir``.
+    ``say`` receives notices (the compile time, a compile failure)."""
     run = Path(run_dir)
     d = setup_processes(config.device, TrainError)
     if config.batch_size % d.world:
@@ -231,6 +236,9 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     train_data = PatchDataset(cache, train_ids, config.patch, samples, config.seed, config.foreground_share,
                               default_augmentation() if config.augment else None)
     val_data = PatchDataset(cache, val_ids, config.patch, config.val_patches, config.seed + 3, 1 / 3, None)
+    if config.compile:
+        example = torch.zeros((plan.micro_batch or share, build.in_channels, *config.patch), device=d.device)
+        compile_for_training(net, example, precision.autocast, say if d.main else (lambda _: None))
     no_sync = model.no_sync if d.world > 1 else None
     cuda = d.device.type == "cuda"
     bar = StepBar(progress and d.main, config.steps_per_epoch)
