@@ -294,7 +294,7 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
         else (_Inline(), _Inline())
     writes: deque[tuple[Case, Path, Future]] = deque()
 
-    def finish(case: Case, target: Path, label: np.ndarray, record: dict[str, Any], reference) -> None:
+    def finish(target: Path, label: np.ndarray, record: dict[str, Any], reference) -> None:
         write_label(label_to_original(label, record), reference, target)
 
     def drain(keep: int) -> None:
@@ -327,7 +327,7 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
             except ScnasError as exc:
                 raise exc.with_source(f"case {case.case_id}") from None
             target = out / f"{case.case_id}.nii.gz"
-            writes.append((case, target, writer.submit(finish, case, target, label, prepared["record"], reference)))
+            writes.append((case, target, writer.submit(finish, target, label, prepared["record"], reference)))
             del prepared
             drain(keep=1)
         drain(keep=0)
