@@ -104,19 +104,6 @@ def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -
     return state
 
 
-def rank_loader(dataset, start_step: int, steps: int, processes: Processes, batch_size: int, workers: int):
-    """This process's batches of steps ``start_step`` .. ``steps - 1``: item index
-    ``(step * world + rank) * batch + b``, so every rank sees different patches and a resumed
-    epoch starts exactly at ``start_step``. ``batch_size`` is this process's share. On CUDA the
-    batches come in pinned memory, so that copies to the device need not wait."""
-    from torch.utils.data import DataLoader, Subset
-
-    indices = [(step * processes.world + processes.rank) * batch_size + b
-               for step in range(start_step, steps) for b in range(batch_size)]
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers, shuffle=False,
-                      pin_memory=processes.device.type == "cuda")
-
-
 def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
     """Create a run folder (and parents), or fail with a message naming it (a file in the way,
     no permission, a read-only file system)."""
@@ -129,30 +116,32 @@ def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
         raise error(f"cannot be used as a run folder: {exc.strerror or exc}", source=str(folder)) from None
 
 
-def open_or_prepare(data: str, prepared: Path, spacing, processes: Processes, poll_seconds: float = 5.0,
+def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: None, poll_seconds: float = 5.0,
                     start_timeout: float = 600.0):
     """``data`` as a prepared cache: a cache folder itself, or a task folder that the main
-    process prepares into ``prepared`` (under torchrun with one worker per core, since the
-    other processes are idle meanwhile). The other processes wait by watching the file
-    system rather than at a collective, which would time out (after 30 minutes by default)
-    on a task the size of BraTS."""
+    process prepares into its shared cache (``scnas.data.cache.shared_cache_folder``) with
+    one worker per usable core, alone or under torchrun. The other processes wait by
+    watching the file system rather than at a collective, which would time out (after 30
+    minutes by default) on a task the size of BraTS."""
     import time as _time
 
-    from scnas.data.cache import Cache, open_or_prepare as _open
+    from scnas.data.cache import Cache, open_or_prepare as _open, shared_cache_folder
+    from scnas.data.preprocess import PrepareSettings
 
     if processes.world == 1 or processes.main or (Path(data) / "cache.json").exists():
-        workers = (os.cpu_count() or 1) if processes.world > 1 else 1
-        cache = _open(data, prepared, spacing, prepare=processes.main, workers=workers)
+        cache = _open(data, spacing, prepare=processes.main, workers="auto", say=say if processes.main else
+                      (lambda line: None))
     else:
         # prepare_dataset writes settings.json before the first case: if it never appears, rank 0
         # writes to a file system this process does not see (several machines, local disks).
-        started, marker, begun = _time.monotonic(), Path(prepared) / "cache.json", Path(prepared) / "settings.json"
+        prepared = shared_cache_folder(data, PrepareSettings(target_spacing=spacing))
+        started, marker, begun = _time.monotonic(), prepared / "cache.json", prepared / "settings.json"
         while not marker.exists():
             if not begun.exists() and _time.monotonic() - started > start_timeout:
                 raise ScnasError(f"rank {processes.rank} waited {start_timeout:.0f} s for rank 0 to start preparing "
                                  f"{data} into {prepared} and saw nothing: on several machines without a shared file "
-                                 "system, run 'scnas data prepare' first and pass the cache folder as --data",
-                                 source=str(prepared))
+                                 "system, run 'scnas data prepare' first and pass the cache folder as --data (or "
+                                 "set SCNAS_CACHE to a shared folder)", source=str(prepared))
             _time.sleep(poll_seconds)
         cache = None
     processes.barrier()   # every process past preparation (a failing main process ends the torchrun job)

@@ -13,6 +13,21 @@ from scnas.genotype import builtin_genotype
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _shared_caches_in_a_temporary_folder(tmp_path_factory):
+    """Task folders given as --data are prepared into $SCNAS_CACHE: never the user's own."""
+    import os
+
+    folder = tmp_path_factory.mktemp("scnas-cache")
+    previous = os.environ.get("SCNAS_CACHE")
+    os.environ["SCNAS_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("SCNAS_CACHE", None)
+    else:
+        os.environ["SCNAS_CACHE"] = previous
+
+
 def torchrun_report(result) -> str:
     """What a failed torchrun printed, for an assertion message: the ranks' own errors come
     first in stderr, torchrun's long summary of exit codes last."""

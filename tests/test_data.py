@@ -13,7 +13,8 @@ import torch
 from scnas.data import (Cache, DatasetError, PrepareSettings, architecture_split, check_dataset, fold_cases,
                         kfold_splits, load_case, prepare_dataset, read_dataset, read_splits, write_phantom_dataset,
                         write_splits)
-from scnas.data.augment import Compose, GaussianNoise, Gamma, IntensityScaleShift, RandomAffine, RandomFlip, default_augmentation
+from scnas.data.augment import (Augmentation, Compose, GaussianNoise, Gamma, IntensityScaleShift, RandomFlip,
+                                SpatialTransform, default_augmentation)
 from scnas.data.loader import PatchDataset, make_loader
 from scnas.data.patches import PatchSampler, extract_patch
 from scnas.data.preprocess import label_to_original, resampled_shape
@@ -83,7 +84,8 @@ def test_prepare_shapes_spacing_and_crop_box(phantom, cache):
         assert record["shape"] == list(resampled_shape(cropped.shape[1:], (1.0, 1.0, 2.0), (1.0, 1.0, 1.0)))
         assert record["shape"][2] == 2 * record["cropped_shape"][2]  # 2 mm -> 1 mm doubles the z axis
         stored = cache.load(case.case_id)
-        assert stored.image.shape == (2, *record["shape"]) and isinstance(stored.image, np.memmap)
+        assert stored.image.shape == (2, *record["shape"]) and stored.image.dtype == np.float16   # the default
+        assert (cache.folder / f"{case.case_id}.b2nd").exists() and stored.label.dtype == np.int16
 
 
 def test_labels_map_back_to_the_original_grid(phantom, cache):
@@ -191,16 +193,61 @@ def test_patches_are_padded_where_a_case_is_smaller(cache):
 
 def test_augmentation_is_seeded_and_keeps_image_and_label_aligned(cache):
     case = cache.load(cache.case_ids[0])
-    image, label = extract_patch(case.image, case.label, (0, 0, 0), (16, 16, 16))
-    pipeline = Compose([RandomAffine(p=1.0), RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0),
-                        GaussianNoise(p=1.0)])
-    a = pipeline(image, label, np.random.default_rng(7))
-    b = pipeline(image, label, np.random.default_rng(7))
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert a[0].shape == image.shape and set(np.unique(a[1])) <= set(np.unique(label))
+    image, label = (torch.from_numpy(a) for a in extract_patch(case.image, case.label, (0, 0, 0), (16, 16, 16)))
+    pipeline = Compose([RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0), GaussianNoise(p=1.0)])
+    a = pipeline(image.clone(), label.clone(), np.random.default_rng(7))
+    b = pipeline(image.clone(), label.clone(), np.random.default_rng(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], image)
+    assert a[0].shape == image.shape and set(a[1].unique().tolist()) <= set(label.unique().tolist())
     flipped_image, flipped_label = RandomFlip(p=1.0)(image, label, np.random.default_rng(0))
-    assert np.array_equal(flipped_label, label[::-1, ::-1, ::-1])
-    assert np.array_equal(flipped_image, image[:, ::-1, ::-1, ::-1])
+    assert torch.equal(flipped_label, label.flip(0, 1, 2)) and torch.equal(flipped_image, image.flip(1, 2, 3))
+
+
+def _rotation_case(size=(24, 20, 16)):
+    """A volume whose image channel 0 is its label (a few boxes) and channel 1 a linear ramp."""
+    label = np.zeros(size, np.int16)
+    label[4:12, 5:15, 3:9], label[14:20, 2:8, 8:14], label[8:11, 12:18, 10:15] = 1, 2, 3
+    ramp = np.broadcast_to(np.arange(size[0], dtype=np.float32)[:, None, None], size)
+    return np.stack([label.astype(np.float32), ramp]), label
+
+
+def test_spatial_transform_of_identity_reads_the_plain_patch():
+    image, label = _rotation_case()
+    size = (8, 8, 8)
+    margin = SpatialTransform.margin(np.eye(3), size)
+    assert margin == (1, 1, 1)
+    start = (6, 5, 4)
+    region = tuple(slice(s - m, s + p + m) for s, p, m in zip(start, size, margin))
+    out_image, out_label = SpatialTransform.apply(torch.from_numpy(image[(slice(None), *region)].copy()),
+                                                  torch.from_numpy(label[region].copy()), np.eye(3), size)
+    inner = tuple(slice(s, s + p) for s, p in zip(start, size))
+    assert torch.allclose(out_image, torch.from_numpy(image[(slice(None), *inner)]), atol=1e-5)
+    assert torch.equal(out_label, torch.from_numpy(label[inner]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rotated_label_stays_on_the_rotated_image(seed):
+    """Under a random rotation and scaling the label is sampled where the image is: channel 0
+    (the label as intensities, trilinear) agrees with the label (nearest) away from edges, the
+    region read covers every sampled point (no zeros inside the volume) and the ramp channel
+    moves as the matrix says."""
+    image, label = _rotation_case((40, 40, 40))
+    spatial = SpatialTransform(p=1.0, rotation=30.0, scale=(0.8, 1.25))
+    matrix = spatial.draw(np.random.default_rng(seed))
+    size = (16, 16, 16)
+    margin = SpatialTransform.margin(matrix, size)
+    start = tuple(12 - m for m in margin)
+    assert all(s >= 0 and s + p + 2 * m <= 40 for s, p, m in zip(start, size, margin))  # fits in the volume
+    region = tuple(slice(s, s + p + 2 * m) for s, p, m in zip(start, size, margin))
+    out_image, out_label = SpatialTransform.apply(torch.from_numpy(image[(slice(None), *region)].copy()),
+                                                  torch.from_numpy(label[region].copy()), matrix, size)
+    agree = (out_image[0].round().to(torch.int16) == out_label).float().mean()
+    assert agree > 0.9                     # differs only where trilinear blends two labels
+    # The ramp (value = x index) at output voxel o equals x of centre + M (o - centre).
+    centre_in = np.array([12 + 7.5] * 3)
+    offsets = np.stack(np.meshgrid(*[np.arange(16) - 7.5] * 3, indexing="ij"), -1)
+    expected = centre_in[0] + offsets @ matrix[0]
+    assert np.allclose(out_image[1].numpy(), expected, atol=1e-3)
 
 
 def test_loader_is_deterministic_whatever_the_workers(cache):
@@ -210,8 +257,27 @@ def test_loader_is_deterministic_whatever_the_workers(cache):
         dataset.set_epoch(2)
         return [(x.clone(), y.clone()) for x, y in make_loader(dataset, batch_size=4, workers=workers)]
     plain, parallel = batches(0), batches(2)
-    assert len(plain) == 2 and plain[0][0].shape == (4, 2, 8, 8, 8) and plain[0][1].dtype == torch.int64
+    assert len(plain) == len(parallel) == 2 and plain[0][0].shape == (4, 2, 8, 8, 8) and plain[0][1].dtype == torch.int64
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, parallel))
+
+
+def test_persistent_workers_follow_the_epoch_and_the_resume_step(cache):
+    """One loader for a whole run: its persistent workers draw epoch e's patches when asked for
+    epoch e (not the epoch they were started in), and a range of steps equals the same steps of
+    the whole epoch (a resumed epoch starts where it stopped)."""
+    from scnas.data.loader import PatchLoader
+
+    dataset = PatchDataset(cache, cache.case_ids, (8, 8, 8), samples_per_epoch=8, seed=3,
+                           augmentation=default_augmentation())
+    loader = PatchLoader(dataset, batch_size=2, workers=2)
+    first = [x.clone() for x, _ in loader.epoch(0)]
+    second = [x.clone() for x, _ in loader.epoch(1)]
+    tail = [x.clone() for x, _ in loader.epoch(1, start=2)]
+    assert len(first) == len(second) == 4 and len(tail) == 2
+    assert not torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(second[2:], tail))
+    dataset.set_epoch(1)
+    assert torch.equal(second[0][0], dataset[0][0])     # the same draw in the main process
 
 
 # ------------------------------------------------------------------ bad input
@@ -276,6 +342,88 @@ def test_prepare_names_the_failing_cases_and_keeps_the_good_ones(cli, broken, tm
         Cache(tmp_path / "cache")
 
 
+def test_a_full_disk_stops_preparation_naming_the_case_and_keeps_finished_cases(phantom, tmp_path, monkeypatch):
+    import errno
+
+    import scnas.data.arrays as arrays
+
+    real, writes = arrays.write_array, []
+
+    def fill_up(path, array):
+        if len(writes) == 4:     # case 0's image and label, case 1's image and label; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(path)
+        real(path, array)
+
+    monkeypatch.setattr(arrays, "write_array", fill_up)
+    with pytest.raises(DatasetError) as caught:
+        prepare_dataset(phantom, tmp_path / "c", SETTINGS, workers=1, progress=False)
+    message = str(caught.value)
+    assert "case phantom_002: cannot write to the cache: No space left on device" in message
+    assert "3 case(s) not started after that failure" in message
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.json")) == ["phantom_000.json", "phantom_001.json",
+                                                                       "settings.json"]
+    assert not list((tmp_path / "c").glob(".*.preparing")) and not list((tmp_path / "c").glob(".*.partial.b2nd"))
+    monkeypatch.setattr(arrays, "write_array", real)
+    report = prepare_dataset(phantom, tmp_path / "c", SETTINGS, workers=1, progress=False)
+    assert report.skipped == ["phantom_000", "phantom_001"] and len(report.prepared) == 4
+
+
+def test_a_dying_worker_is_named_by_its_case(phantom, tmp_path, monkeypatch):
+    import os
+
+    import scnas.data.preprocess as preprocess
+
+    real = preprocess.preprocess_case
+
+    def crash_on_three(case, settings, seed=0):
+        if case.case_id == "phantom_003":
+            os._exit(9)          # as the out-of-memory killer would end it
+        return real(case, settings, seed)
+
+    monkeypatch.setattr(preprocess, "preprocess_case", crash_on_three)   # the forked workers inherit it
+    with pytest.raises(DatasetError, match=r"a preparation worker died .* preparing (one of )?[a-z_0-9, ]*phantom_003"):
+        prepare_dataset(phantom, tmp_path / "c", SETTINGS, workers=2, progress=False)
+    assert not list((tmp_path / "c").glob(".*.preparing"))
+
+
+def test_a_version_1_cache_is_read_as_it_is_and_not_written_over(cache, tmp_path, phantom):
+    """A cache written by scnas 0.13 (float32 .npy files) still reads; preparing into it says what to do."""
+    old = tmp_path / "old"
+    old.mkdir()
+    header = json.loads((cache.folder / "cache.json").read_text())
+    for case_id in cache.case_ids:
+        stored = cache.load(case_id)
+        np.save(old / f"{case_id}.npy", np.asarray(stored.image[:]).astype(np.float32))
+        np.save(old / f"{case_id}_seg.npy", np.asarray(stored.label[:]))
+        np.save(old / f"{case_id}_fg.npy", stored.foreground)
+    (old / "cache.json").write_text(json.dumps({**header, "version": 1, "scnas_version": "0.13.0"}))
+    (old / "splits_final.json").write_bytes((cache.folder / "splits_final.json").read_bytes())
+    legacy = Cache(old)
+    case = legacy.load(cache.case_ids[0])
+    assert isinstance(case.image, np.memmap) and case.image.dtype == np.float32
+    patch, _, _ = PatchSampler(legacy, legacy.case_ids, (8, 8, 8)).sample(np.random.default_rng(0))
+    assert patch.shape == (2, 8, 8, 8)
+    with pytest.raises(DatasetError, match=r"format v1 \(written by scnas 0.13.0\).*--force"):
+        prepare_dataset(phantom, old, SETTINGS, progress=False)
+    (old / "cache.json").write_text(json.dumps({**header, "version": 7}))
+    with pytest.raises(DatasetError, match="v7 is not scnas-cache v1, v2; prepare it again"):
+        Cache(old)
+
+
+def test_float32_storage_is_lossless_and_float16_close(phantom, cache, tmp_path):
+    exact = tmp_path / "f32"
+    prepare_dataset(phantom, exact, PrepareSettings(target_spacing=(1.0, 1.0, 1.0), image_dtype="float32"),
+                    progress=False)
+    lossless = Cache(exact)
+    for case_id in cache.case_ids:
+        full = np.asarray(lossless.load(case_id).image[:])
+        half = np.asarray(cache.load(case_id).image[:]).astype(np.float32)
+        assert full.dtype == np.float32
+        assert np.abs(full - half).max() <= 2.0 ** -11 * np.abs(full).max() + 1e-7   # float16 rounding only
+        assert np.array_equal(full == 0, half == 0)                                     # the mask survives
+
+
 @pytest.mark.parametrize("content, words", [(None, "dataset.json: no such file"), ("{", "not valid JSON"),
                                             ('{"name": "x"}', "neither 'modality'"),
                                             ('{"channel_names": {"0": "CT"}, "labels": {"tumour": [1, 2]}}', "region")])
@@ -295,11 +443,23 @@ def test_phantom_and_prepare_commands(cli, tmp_path):
     assert "skipped 5" in cli("data", "prepare", tmp_path / "p", "-o", tmp_path / "c", "--spacing", "1", "1", "2").out
 
 
-def test_open_or_prepare_takes_a_cache_or_prepares_a_task(phantom, cache, tmp_path):
+def test_open_or_prepare_takes_a_cache_or_prepares_a_task_once(phantom, cache, tmp_path, monkeypatch):
     from scnas.data import open_or_prepare
+    from scnas.data.cache import shared_cache_folder
 
-    assert open_or_prepare(cache.folder, tmp_path / "unused", (1.0, 1.0, 1.0)).folder == cache.folder
-    prepared = open_or_prepare(phantom, tmp_path / "new", (1.0, 1.0, 1.0))
-    assert prepared.folder == tmp_path / "new" and prepared.case_ids == cache.case_ids
+    monkeypatch.setenv("SCNAS_CACHE", str(tmp_path / "shared"))
+    assert open_or_prepare(cache.folder, (1.0, 1.0, 1.0)).folder == cache.folder
+    assert open_or_prepare(phantom, (1.0, 1.0, 1.0), tmp_path / "new").folder == tmp_path / "new"
+    notices = []
+    prepared = open_or_prepare(phantom, (1.0, 1.0, 1.0), say=notices.append)
+    assert prepared.folder == shared_cache_folder(phantom, SETTINGS) and prepared.folder.parent == tmp_path / "shared"
+    assert prepared.case_ids == cache.case_ids and "preparing" in notices[0]
+    stamps = {p.name: p.stat().st_mtime_ns for p in prepared.folder.glob("*.b2nd")}
+    # a second command, other folds, a study: the same folder, nothing written again
+    assert open_or_prepare(phantom, (1.0, 1.0, 1.0), say=notices.append).folder == prepared.folder
+    assert {p.name: p.stat().st_mtime_ns for p in prepared.folder.glob("*.b2nd")} == stamps and len(notices) == 1
+    assert len(list((tmp_path / "shared").iterdir())) == 1
+    other = open_or_prepare(phantom, (2.0, 2.0, 2.0))         # other settings: another cache
+    assert other.folder != prepared.folder and len(list((tmp_path / "shared").iterdir())) == 2
     with pytest.raises(DatasetError, match="neither a prepared cache .* nor a task folder"):
-        open_or_prepare(tmp_path, tmp_path / "x", (1.0, 1.0, 1.0))
+        open_or_prepare(tmp_path, (1.0, 1.0, 1.0))

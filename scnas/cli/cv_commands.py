@@ -17,10 +17,10 @@ def cv(
                                                          "(found.yaml uresnet@68); the first is the one compared "
                                                          "with the others and the random ones. Leave out to "
                                                          "continue the study in OUT."),
-    output: str = typer.Option(..., "-o", "--output", help="Study folder: plan, shared cache, one job per genotype "
+    output: str = typer.Option(..., "-o", "--output", help="Study folder: plan, one job per genotype "
                                                            "and fold, results."),
     data: Optional[str] = typer.Option(None, "--data", help="Task folder (dataset.json; prepared once into "
-                                                            "OUT/cache), or a prepared cache of one."),
+                                                            "its shared cache, $SCNAS_CACHE), or a prepared cache of one."),
     folds: Optional[str] = typer.Option(None, "--folds", help="Comma-separated folds (default: every fold of the "
                                                               "splits file, nnU-Net's 5)."),
     random: int = typer.Option(0, "--random", min=0, help="Add N seeded random genotypes (2 inputs per node), each "

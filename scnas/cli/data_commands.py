@@ -36,23 +36,36 @@ def phantom(
 @data_app.command("prepare")
 def prepare(
     dataset: str = typer.Argument(..., metavar="DATASET", help="Task folder with dataset.json (MSD or nnU-Net v2)."),
-    output: str = typer.Option(..., "-o", "--output", help="Cache folder to write."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Cache folder to write (default: the task's "
+                                                                     "shared cache under $SCNAS_CACHE or ~/.cache/scnas, "
+                                                                     "which search, train and cv find by themselves)."),
     spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target voxel size in mm "
                                                                                           "(paper: 0.7 isotropic)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Processes preparing cases in parallel."),
+    workers: str = typer.Option("auto", "--workers", help="Processes preparing cases in parallel: a number, or auto "
+                                                          "(one per usable core; each needs about 3x a prepared "
+                                                          "case's float32 size in memory: 0.8 GB for BraTS at 0.7 mm)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Image storage: float16 (half the bytes, ~3 significant "
+                                                         "digits of the z-scores) or float32 (lossless)."),
     force: bool = typer.Option(False, "--force", help="Prepare every case again (and replace other settings)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="A splits_final.json to use instead of nnU-Net's "
                                                                 "5 folds (seed 12345 over the sorted case IDs)."),
 ) -> None:
     """Crop to the nonzero region, resample (cubic; labels per-label linear), z-normalise per
-    channel; store memory-mappable arrays and the records needed to map predictions back.
+    channel; store compressed chunked arrays (Blosc2, read a patch at a time) and the records
+    needed to map predictions back.
 
     Cases already prepared with the same settings are skipped; a cache made with other
     settings is refused. Writes splits_final.json beside the cases, as nnU-Net does.
     """
-    from scnas.data import PrepareSettings, prepare_dataset
+    from scnas.data import DatasetError, PrepareSettings, prepare_dataset
+    from scnas.data.cache import shared_cache_folder
+    from scnas.data.preprocess import resolve_workers
 
-    report = prepare_dataset(dataset, output, PrepareSettings(target_spacing=spacing), workers, force, splits)
+    if dtype not in ("float16", "float32"):
+        raise DatasetError(f"--dtype must be float16 or float32, not {dtype!r}")
+    settings = PrepareSettings(target_spacing=spacing, image_dtype=dtype)
+    target = output or shared_cache_folder(dataset, settings)
+    report = prepare_dataset(dataset, target, settings, resolve_workers(workers), force, splits)
     rate = len(report.prepared) / report.seconds if report.seconds > 0 and report.prepared else 0.0
     stdout.out(f"prepared {len(report.prepared)} case(s), skipped {len(report.skipped)} already prepared, in "
                f"{report.seconds:.1f} s ({rate:.2f} cases/s, {report.input_bytes / 2**20 / max(report.seconds, 1e-9):.1f} "

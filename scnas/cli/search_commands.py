@@ -9,13 +9,13 @@ from typing import Optional
 import typer
 
 from scnas.cli import options
-from scnas.cli.main import app, settings_error, stdout
+from scnas.cli.main import app, settings_error, stderr, stdout
 
 
 @app.command()
 def search(
     output: str = typer.Option(..., "-o", "--output", help="Run folder: config, metrics, genotypes, plots, checkpoint."),
-    data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared into OUT/cache) or prepared cache."),
+    data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache."),
     fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold; its training cases are split 4:1 into "
                                                       "weight and architecture sets."),
     stem: int = typer.Option(48, "--stem", min=1, help="Stem channels of the supernet (paper: 48)."),
@@ -46,7 +46,9 @@ def search(
     spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target spacing when "
                                                                                           "--data is a task folder."),
     seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(0, "--workers", min=0, help="Data loader processes."),
+    workers: str = typer.Option("auto", "--workers", help="Data loader processes per loader (weights, architecture "
+                                                          "set): a number, or auto (on CUDA the cores but one, "
+                                                          "split between the two; on the CPU none)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw plots/*.png (losses, softmax(alpha)); their "
                                                                 "data are in metrics.jsonl and plots/alpha.json either way."),
@@ -94,11 +96,14 @@ def search(
                               **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
     else:
         if demo:
-            from scnas.data import write_phantom_dataset
+            from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
 
             run.mkdir(parents=True, exist_ok=True)
-            data = str(write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
-                                             spacing=(1.0, 1.0, 2.0), seed=seed, force=True))
+            phantoms = write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
+                                             spacing=(1.0, 1.0, 2.0), seed=seed, force=True)
+            # the demo keeps its cache in its own folder (a real task's goes to the shared one)
+            data = str(prepare_dataset(phantoms, run / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
+                                       progress=False).cache)
             overrides = {"stem": 4, "patch": (32, 32, 32), "epochs": 3, "steps_per_epoch": 8, "spacing": (1.0, 1.0, 1.0),
                          "tau_max": 5.0, "tau_min": 0.5, "val_batches": 2, "alpha_lr": 0.1}
         if data is None:
@@ -111,7 +116,7 @@ def search(
             "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "plots": plots,
             **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
             **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
-    result = run_search(config, run, resume=resume, on_epoch=lambda r: stdout.out(
+    result = run_search(config, run, resume=resume, say=stderr.out, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: theta loss {r['theta_loss']:.4f}, alpha loss {r['alpha_loss']:.4f}, "
         f"Dice (derived cells, architecture set) {r['architecture_dice']:.3f}, tau {r['tau']:.3f}"))
     stdout.out(f"searched {result.epochs_done} epoch(s) ({result.plan.describe()}); genotype: {result.genotype_path} "

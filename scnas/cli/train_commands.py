@@ -16,7 +16,7 @@ from scnas.cli.main import app, settings_error, stderr, stdout
 @app.command()
 def train(
     genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
-    data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared into OUT/cache) or prepared cache "
+    data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache "
                                                             "(not needed with --resume)."),
     output: str = typer.Option(..., "-o", "--output", help="Run folder: models, metrics, plot, checkpoint."),
     fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
@@ -34,7 +34,8 @@ def train(
                                                        help="Target spacing when --data is a task folder."),
     loss: str = options.LOSS,
     seed: int = typer.Option(0, "--seed"),
-    workers: int = typer.Option(0, "--workers", min=0),
+    workers: str = typer.Option("auto", "--workers", help="Data loader processes: a number, or auto (on CUDA one "
+                                                          "per core, one core left for training; on the CPU none)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     compile: bool = options.COMPILE,

@@ -1,4 +1,5 @@
-"""Reading a prepared cache: memory-mapped case arrays and their records."""
+"""Reading a prepared cache: case arrays (compressed, read a patch at a time) and their records;
+where a task folder's shared cache lives."""
 
 from __future__ import annotations
 
@@ -12,32 +13,61 @@ from typing import Any
 import numpy as np
 
 from scnas.data.dataset import DatasetError
-from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION
+from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS
 
 
-def open_or_prepare(data: str | os.PathLike, prepared: str | os.PathLike, spacing: tuple[float, float, float],
-                    prepare: bool = True, wait=lambda: None, workers: int = 1) -> "Cache":
-    """``data`` as a cache: a prepared cache folder itself, or a task folder prepared into
-    ``prepared`` (by this process when ``prepare``, with ``workers`` processes; ``wait`` lets
-    other processes wait for it)."""
+CACHE_ENV = "SCNAS_CACHE"
+"""Environment variable naming the folder where task folders' caches are prepared."""
+
+
+def cache_root() -> Path:
+    """Where shared caches live: ``$SCNAS_CACHE``, else ``$XDG_CACHE_HOME/scnas``, else
+    ``~/.cache/scnas``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "scnas"
+
+
+def shared_cache_folder(task: str | os.PathLike, settings) -> Path:
+    """The one cache of ``task`` prepared with ``settings`` (a ``PrepareSettings``): every fold,
+    search, training and study that names the task folder uses it, so it is prepared once.
+    ``cache_root()/NAME-KEY``, where KEY hashes the task folder's absolute path, the settings
+    and the cache format version."""
+    import hashlib
+
+    task = Path(task).resolve()
+    identity = {"source": str(task), "settings": settings.model_dump(mode="json"), "version": CACHE_VERSION}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / f"{task.name}-{key}"
+
+
+def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float], prepared: str | os.PathLike | None = None,
+                    prepare: bool = True, workers: int | str = "auto", say=lambda line: None) -> "Cache":
+    """``data`` as a cache: a prepared cache folder itself, or a task folder prepared (by this
+    process when ``prepare``, with ``workers`` processes) into ``prepared``, by default its
+    shared cache (:func:`shared_cache_folder`); finished cases are never prepared twice."""
     from scnas.data.preprocess import PrepareSettings, prepare_dataset
 
     data = Path(data)
     if (data / "cache.json").exists():
         return Cache(data)
     if (data / "dataset.json").exists():
+        settings = PrepareSettings(target_spacing=spacing)
+        target = Path(prepared) if prepared is not None else shared_cache_folder(data, settings)
         if prepare:
-            prepare_dataset(data, prepared, PrepareSettings(target_spacing=spacing), workers=workers, progress=False)
-        wait()
-        return Cache(prepared)
+            if not (target / "cache.json").exists():
+                say(f"preparing {data} into {target} (set {CACHE_ENV} to keep caches elsewhere)")
+            prepare_dataset(data, target, settings, workers=workers, progress=False)
+        return Cache(target)
     raise DatasetError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
 
 
 @dataclass
 class CachedCase:
     case_id: str
-    image: np.ndarray          # (C, X, Y, Z) float32, memory-mapped
-    label: np.ndarray | None   # (X, Y, Z) int16, memory-mapped
+    image: Any                 # (C, X, Y, Z): a blosc2 NDArray (v2) or a float32 memmap (v1); slices are numpy
+    label: Any | None          # (X, Y, Z) int16, likewise
     foreground: np.ndarray     # (N, 4) rows of label, x, y, z
     record: dict[str, Any]
 
@@ -53,9 +83,11 @@ class Cache:
                 self.folder / "settings.json").exists() else " (prepare one with 'scnas data prepare')"
             raise DatasetError(f"is not a finished scnas cache{hint}", source=str(self.folder))
         self.header = json.loads(marker.read_text())
-        if self.header.get("format") != CACHE_FORMAT or self.header.get("version") != CACHE_VERSION:
+        if self.header.get("format") != CACHE_FORMAT or self.header.get("version") not in READABLE_VERSIONS:
             raise DatasetError(f"cache format {self.header.get('format')} v{self.header.get('version')} is not "
-                               f"{CACHE_FORMAT} v{CACHE_VERSION}; prepare it again", source=str(marker))
+                               f"{CACHE_FORMAT} v{', v'.join(map(str, READABLE_VERSIONS))}; prepare it again with "
+                               "this scnas ('scnas data prepare TASK FOLDER')", source=str(marker))
+        self.version = int(self.header["version"])
         self.case_ids: list[str] = list(self.header["cases"])
         self.records = {r["case_id"]: r for r in self.header["records"]}
 
@@ -83,8 +115,15 @@ class Cache:
     def load(self, case_id: str) -> CachedCase:
         if case_id not in self.records:
             raise DatasetError(f"no case {case_id!r} in this cache", source=str(self.folder))
-        image = np.load(self.folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
-        seg_path = self.folder / f"{case_id}_seg.npy"
-        label = np.load(seg_path, mmap_mode="r", allow_pickle=False) if seg_path.exists() else None
+        if self.version == 1:   # float32 .npy files, memory-mapped
+            image = np.load(self.folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
+            seg_path = self.folder / f"{case_id}_seg.npy"
+            label = np.load(seg_path, mmap_mode="r", allow_pickle=False) if seg_path.exists() else None
+        else:
+            from scnas.data.arrays import SUFFIX, open_array
+
+            image = open_array(self.folder / f"{case_id}{SUFFIX}")
+            seg_path = self.folder / f"{case_id}_seg{SUFFIX}"
+            label = open_array(seg_path) if seg_path.exists() else None
         foreground = np.load(self.folder / f"{case_id}_fg.npy", allow_pickle=False)
         return CachedCase(case_id, image, label, foreground, self.records[case_id])

@@ -1,45 +1,127 @@
-"""A torch ``Dataset`` of random patches, deterministic for a seed whatever the workers.
+"""Random training patches as a torch ``Dataset``, and the one loader that search, training and
+the benchmarks use.
 
-Each item ``i`` of epoch ``e`` draws from ``numpy.random.default_rng([seed, e, i])``, so the
-batches do not depend on how many worker processes load them or in which order.
+Item ``i`` of epoch ``e`` draws from ``numpy.random.default_rng([seed, e, i])``, so the batches
+do not depend on how many worker processes load them, in which order, or whether the run was
+resumed. The loader's sampler runs in the main process and hands the workers ``(epoch, i)``
+pairs, which is what lets the workers persist across epochs (a ``set_epoch`` on the dataset
+would not reach worker copies).
+
+On CUDA the batches arrive in pinned memory, so ``tensor.to(device, non_blocking=True)``
+overlaps the copy with computation, and each worker keeps ``prefetch`` batches ready.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Iterator
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from scnas.data.augment import Compose
+from scnas.data.augment import Augmentation
 from scnas.data.cache import Cache
 from scnas.data.patches import PatchSampler
 
+MAX_AUTO_WORKERS = 16
+"""``auto`` never starts more loader processes than this per training process."""
+
 
 class PatchDataset(Dataset):
-    """``samples_per_epoch`` random patches (image float32 (C, *patch), label int64 (*patch))."""
+    """``samples_per_epoch`` random patches (image float32 (C, *patch), label int64 (*patch)).
+
+    Indexed by ``i`` (of the epoch chosen with :meth:`set_epoch`) or by an ``(epoch, i)`` pair."""
 
     def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int], samples_per_epoch: int,
-                 seed: int = 0, foreground_share: float = 1 / 3, augmentation: Compose | None = None):
+                 seed: int = 0, foreground_share: float = 1 / 3, augmentation: Augmentation | None = None):
         self.sampler = PatchSampler(cache, case_ids, patch_size, foreground_share)
         self.samples_per_epoch, self.seed, self.augmentation = samples_per_epoch, seed, augmentation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose patches to draw (call before creating the epoch's iterator)."""
+        """Select the epoch whose patches plain integer indices draw."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, label, _ = self.sampler.sample(rng)
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, item = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, item])
+        spatial = self.augmentation.spatial if self.augmentation is not None else None
+        matrix = spatial.draw(rng) if spatial is not None else None
+        margin = spatial.margin(matrix, self.sampler.patch_size) if spatial is not None else (0, 0, 0)
+        image, label, _ = self.sampler.sample(rng, margin)
+        image, label = torch.from_numpy(image), torch.from_numpy(label)
+        if matrix is not None:
+            image, label = spatial.apply(image, label, matrix, self.sampler.patch_size)
         if self.augmentation is not None:
-            image, label = self.augmentation(image, label, rng)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)).long()
+            image, label = self.augmentation.transforms(image, label, rng)
+        return image.contiguous(), label.long()
 
 
-def make_loader(dataset: PatchDataset, batch_size: int, workers: int = 0, shuffle: bool = False) -> DataLoader:
-    """A DataLoader over ``dataset`` (items are already random: no shuffling needed)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=shuffle, drop_last=True,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+class StepSampler(Sampler):
+    """The ``(epoch, item)`` indices of one process's share of steps ``start .. stop - 1``:
+    item ``(step * world + rank) * batch + b``, so every rank sees different patches and a
+    resumed epoch starts exactly where it stopped."""
+
+    def __init__(self, batch_size: int, world: int = 1, rank: int = 0):
+        self.batch_size, self.world, self.rank = batch_size, world, rank
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def select(self, epoch: int, start: int, stop: int) -> None:
+        self.epoch, self.start, self.stop = epoch, start, stop
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for step in range(self.start, self.stop):
+            for b in range(self.batch_size):
+                yield self.epoch, (step * self.world + self.rank) * self.batch_size + b
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.batch_size
+
+
+def resolve_loader_workers(workers: int | str, device: torch.device, loaders: int = 1) -> int:
+    """Loader processes for one of ``loaders`` loaders of one training process: a number as
+    given, or ``auto``: on CUDA the cores this process may use, shared among the processes on the
+    machine (torchrun's ``LOCAL_WORLD_SIZE``) and its loaders, one left for the main process (at
+    most ``MAX_AUTO_WORKERS``); on
+    the CPU 0, since the network's step takes every core and seconds, against a fraction of a
+    second to read a patch."""
+    if workers != "auto":
+        return int(workers)
+    if device.type != "cuda":
+        return 0
+    from scnas.data.preprocess import usable_cores
+
+    share = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1
+    return int(max(1, min(MAX_AUTO_WORKERS, share // max(1, loaders))))
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)   # one core per worker, as nnU-Net's loaders use
+
+
+class PatchLoader:
+    """A DataLoader over a :class:`PatchDataset` whose workers live as long as the loader
+    (``persistent_workers``); :meth:`epoch` gives the batches of a range of steps."""
+
+    def __init__(self, dataset: PatchDataset, batch_size: int, workers: int = 0, world: int = 1, rank: int = 0,
+                 pin_memory: bool = False, prefetch: int = 2):
+        self.sampler = StepSampler(batch_size, world, rank)
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch, "worker_init_fn": _init_worker} \
+            if workers > 0 else {}
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 drop_last=False, pin_memory=pin_memory, **extra)
+
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> DataLoader:
+        """The batches of steps ``start .. stop - 1`` of ``epoch`` (iterate it once)."""
+        total = len(self.loader.dataset) // (self.sampler.batch_size * self.sampler.world)
+        self.sampler.select(epoch, start, total if stop is None else stop)
+        return self.loader
+
+
+def make_loader(dataset: PatchDataset, batch_size: int, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The batches of one epoch of ``dataset`` (the one chosen with ``set_epoch``)."""
+    return PatchLoader(dataset, batch_size, workers, pin_memory=pin_memory).epoch(dataset.epoch)

@@ -9,18 +9,26 @@ from scnas.data.cache import Cache, CachedCase
 from scnas.data.dataset import DatasetError
 
 
-def extract_patch(image: np.ndarray, label: np.ndarray | None, start: tuple[int, ...],
-                  size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The (C, *size) image and (*size) label patch whose corner is ``start`` (may lie outside
-    the volume: outside voxels are 0, i.e. the normalised background, and label 0)."""
+def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The (C, *size) float32 image and (*size) int16 label patch whose corner is ``start`` (may
+    lie outside the volume: outside voxels are 0, i.e. the normalised background, and label 0).
+    ``image``/``label`` are anything numpy-sliceable: cached arrays (float16 or float32) or arrays."""
+    import torch
+
     spatial = image.shape[1:]
     src, dst = [], []
     for s, n, p in zip(start, spatial, size):
         lo, hi = max(s, 0), min(s + p, n)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
-    patch = np.zeros((image.shape[0], *size), np.float32)
-    patch[(slice(None), *dst)] = image[(slice(None), *src)]
+    inside = all(d.start == 0 and d.stop == p for d, p in zip(dst, size))
+    read = np.asarray(image[(slice(None), *src)])
+    if inside and read.dtype == np.float32:
+        patch = np.ascontiguousarray(read)
+    else:
+        patch = (np.empty if inside else np.zeros)((image.shape[0], *size), np.float32)
+        if read.size:   # torch converts half floats several times faster than numpy
+            torch.from_numpy(patch[(slice(None), *dst)]).copy_(torch.from_numpy(np.ascontiguousarray(read)))
     seg = np.zeros(size, np.int16)
     if label is not None:
         seg[tuple(dst)] = label[tuple(src)]
@@ -64,8 +72,8 @@ class PatchSampler:
             self._cases[case_id] = self.cache.load(case_id)
         return self._cases[case_id]
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(image (C, *patch), label (*patch), whether foreground was forced)."""
+    def choose(self, rng: np.random.Generator) -> tuple[CachedCase, tuple[int, ...], bool]:
+        """(case, patch corner, whether foreground was forced) for one patch."""
         case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
         spatial = case.image.shape[1:]
         forced = bool(rng.random() < self.foreground_share) and len(case.foreground) > 0
@@ -75,6 +83,12 @@ class PatchSampler:
             value = values[int(rng.integers(len(values)))]
             rows = case.foreground[case.foreground[:, 0] == value]
             centre = tuple(int(v) for v in rows[int(rng.integers(len(rows)))][1:])
-        start = patch_start(rng, spatial, self.patch_size, centre)
-        image, label = extract_patch(case.image, case.label, start, self.patch_size)
+        return case, patch_start(rng, spatial, self.patch_size, centre), forced
+
+    def sample(self, rng: np.random.Generator, margin: tuple[int, ...] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(image (C, *region), label (*region), whether foreground was forced): the patch, with
+        ``margin`` more voxels on each side of each axis (for a spatial transform)."""
+        case, start, forced = self.choose(rng)
+        region = tuple(p + 2 * m for p, m in zip(self.patch_size, margin))
+        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), region)
         return image, label, forced

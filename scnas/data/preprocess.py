@@ -4,11 +4,13 @@ Per case: crop to the nonzero region of all channels; resample to the target spa
 (images: cubic spline, ``scipy.ndimage.zoom(order=3)``; labels: nnU-Net's per-label linear
 interpolation of each label's mask, threshold 0.5; the nonzero mask: linear, threshold 0.5);
 z-normalise each channel with the mean and standard deviation of its nonzero-mask voxels,
-zero outside the mask. Stored as ``CASE.npy`` (C, X, Y, Z float32, memory-mappable),
-``CASE_seg.npy`` (X, Y, Z int16), ``CASE_fg.npy`` (sampled foreground voxels, rows of
-label, x, y, z) and ``CASE.json`` (original shape, spacing, affine, crop box, ...), written
-last, so that an existing ``CASE.json`` marks a finished case. ``cache.json`` records the
-settings and is written when every case is done; a cache made with other settings is refused.
+zero outside the mask. Stored (cache format v2) as ``CASE.b2nd`` (C, X, Y, Z, float16 by
+default, compressed in chunks: see ``scnas.data.arrays``), ``CASE_seg.b2nd`` (X, Y, Z int16),
+``CASE_fg.npy`` (sampled foreground voxels, rows of label, x, y, z) and ``CASE.json``
+(original shape, spacing, affine, crop box, ...), written last, so that an existing
+``CASE.json`` marks a finished case. ``cache.json`` records the settings and is written when
+every case is done; a cache made with other settings is refused. Format v1 caches (``.npy``
+float32, scnas <= 0.13) are still read as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,11 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from scnas import __version__
 from scnas.data.dataset import Case, Dataset, DatasetError, LoadedCase, load_case, read_dataset
 from scnas.data.splits import kfold_splits, read_splits, write_splits
-from scnas.errors import Problem
+from scnas.errors import OutputError, Problem
 from scnas.fileio import atomic_write_bytes, atomic_write_text
 
 CACHE_FORMAT = "scnas-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FOREGROUND_SAMPLES = 10_000
 """Foreground voxels remembered per label and case for the patch sampler (as nnU-Net does)."""
 
@@ -46,6 +49,9 @@ class PrepareSettings(BaseModel):
     label_interpolation: str = "per-label-linear"
     normalization: str = "zscore-nonzero"
     crop: str = "nonzero"
+    image_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="how images are stored: float16 (half the bytes; z-scores keep ~3 significant "
+                               "digits) or float32 (lossless)")
 
 
 def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
@@ -160,18 +166,39 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _prepare_one(args: tuple[Dataset, Case, Path, PrepareSettings, int]) -> tuple[str, dict | None, str | None]:
+PREPARING = ".preparing"
+"""Marker ``.CASE.preparing`` that a worker holds while it prepares CASE (names the case if the
+worker dies; removed when it finishes, and by the next preparation)."""
+
+
+def _prepare_one(args: tuple[Dataset, Case, Path, PrepareSettings, int]) -> tuple[str, dict | None, str | None, bool]:
+    """Prepare one case into the cache: (case id, record, error or None, whether the error
+    stops the whole preparation, e.g. a full disk)."""
+    from scnas.data.arrays import SUFFIX, write_array
+
     dataset, case, cache, settings, seed = args
+    marker = cache / f".{case.case_id}{PREPARING}"
+    marker.write_text(f"{os.getpid()}\n")
     try:
-        result = preprocess_case(load_case(dataset, case), settings, seed)
-    except DatasetError as exc:
-        return case.case_id, None, str(exc)
-    atomic_write_bytes(cache / f"{case.case_id}.npy", _npy_bytes(result["image"]))
-    if result["label"] is not None:
-        atomic_write_bytes(cache / f"{case.case_id}_seg.npy", _npy_bytes(result["label"]))
-    atomic_write_bytes(cache / f"{case.case_id}_fg.npy", _npy_bytes(result["foreground"]))
-    atomic_write_text(cache / f"{case.case_id}.json", json.dumps(result["record"], indent=1) + "\n")
-    return case.case_id, result["record"], None
+        try:
+            result = preprocess_case(load_case(dataset, case), settings, seed)
+        except DatasetError as exc:
+            return case.case_id, None, str(exc), False
+        except MemoryError:
+            return case.case_id, None, f"case {case.case_id}: does not fit in memory (its header's shape: see " \
+                                       "'scnas data check')", False
+        try:
+            write_array(cache / f"{case.case_id}{SUFFIX}", result["image"].astype(settings.image_dtype))
+            if result["label"] is not None:
+                write_array(cache / f"{case.case_id}_seg{SUFFIX}", result["label"])
+            atomic_write_bytes(cache / f"{case.case_id}_fg.npy", _npy_bytes(result["foreground"]))
+            atomic_write_text(cache / f"{case.case_id}.json", json.dumps(result["record"], indent=1) + "\n")
+        except (OSError, OutputError, RuntimeError) as exc:   # blosc2 reports a failed write as RuntimeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return case.case_id, None, f"case {case.case_id}: cannot write to the cache: {reason}", True
+        return case.case_id, result["record"], None, False
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 @dataclass
@@ -196,6 +223,11 @@ def _check_existing_cache(cache: Path, header: dict[str, Any]) -> None:
     for path in (marker, settings_file):
         if path.exists():
             existing = json.loads(path.read_text())
+            if existing.get("version") != CACHE_VERSION:
+                raise DatasetError(f"holds a cache in format v{existing.get('version')} (written by scnas "
+                                   f"{existing.get('scnas_version', '?')}); this scnas writes v{CACHE_VERSION}: use "
+                                   "another folder, or --force to rebuild it here (an existing v1 cache is still "
+                                   "read as it is: pass the cache folder itself as --data)", source=str(cache))
             if existing.get("settings") != header["settings"] or existing.get("dataset", {}).get("labels") != \
                     header["dataset"]["labels"] or existing.get("dataset", {}).get("channel_names") != \
                     header["dataset"]["channel_names"]:
@@ -205,11 +237,13 @@ def _check_existing_cache(cache: Path, header: dict[str, Any]) -> None:
 
 
 def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike,
-                    settings: PrepareSettings | None = None, workers: int = 1, force: bool = False,
+                    settings: PrepareSettings | None = None, workers: int | str = "auto", force: bool = False,
                     splits_file: str | os.PathLike | None = None, progress: bool = True) -> PrepareReport:
-    """Preprocess every case of a task folder into ``cache_dir`` (see the module docstring).
-    Finished cases are skipped unless ``force``; ``splits_final.json`` is written beside them
-    (nnU-Net's folds, or ``splits_file`` checked and copied)."""
+    """Preprocess every case of a task folder into ``cache_dir`` (see the module docstring), in
+    ``workers`` processes (``auto``: one per usable core). Finished cases are skipped unless
+    ``force``; ``splits_final.json`` is written beside them (nnU-Net's folds, or ``splits_file``
+    checked and copied). A bad case does not stop the others; a full disk stops the cases not
+    yet started; either way the finished cases are kept and the error names the case."""
     import time
 
     settings = settings or PrepareSettings()
@@ -222,49 +256,131 @@ def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike
     else:  # fewer than 5 cases: no cross-validation split to write (training will ask for one)
         splits = kfold_splits(case_ids) if len(case_ids) >= 5 else None
     cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    header = _cache_header(dataset, settings)
-    if force:
-        for path in cache.glob("*"):
-            if path.is_file() and (path.suffix in (".npy", ".json")):
-                path.unlink()
-    else:
-        _check_existing_cache(cache, header)
-    # Recorded before any case so that a half-finished cache still refuses other settings.
-    atomic_write_text(cache / "settings.json", json.dumps(header, indent=2) + "\n")
-    todo = [c for c in dataset.cases if force or not (cache / f"{c.case_id}.json").exists()]
-    skipped = sorted(set(case_ids) - {c.case_id for c in todo})
-    input_bytes = sum(p.stat().st_size for c in todo for p in c.images if p.exists())
-    start = time.perf_counter()
-    jobs = [(dataset, case, cache, settings, index) for index, case in enumerate(todo)]
-    errors, done = [], []
-    with _progress(progress, len(jobs)) as advance:
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(_prepare_one, jobs)
-                for result in results:
-                    _collect(result, done, errors)
-                    advance()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot be used as a cache folder: {exc.strerror or exc}", source=str(cache)) from None
+    with _exclusive(cache):   # a second preparation of the same cache waits, then finds it done
+        header = _cache_header(dataset, settings)
+        if force:
+            for path in cache.glob("*"):
+                if path.is_file() and (path.suffix in (".npy", ".json", ".b2nd")):
+                    path.unlink()
         else:
-            for job in jobs:
-                _collect(_prepare_one(job), done, errors)
+            _check_existing_cache(cache, header)
+        # Recorded before any case so that a half-finished cache still refuses other settings.
+        atomic_write_text(cache / "settings.json", json.dumps(header, indent=2) + "\n")
+        todo = [c for c in dataset.cases if force or not (cache / f"{c.case_id}.json").exists()]
+        skipped = sorted(set(case_ids) - {c.case_id for c in todo})
+        input_bytes = sum(p.stat().st_size for c in todo for p in c.images if p.exists())
+        start = time.perf_counter()
+        jobs = [(dataset, case, cache, settings, index) for index, case in enumerate(todo)]
+        errors, done = [], []
+        with _progress(progress, len(jobs)) as advance:
+            _run_jobs(jobs, resolve_workers(workers), cache, done, errors, advance)
+        if errors:  # finished cases stay in the cache; a rerun after the fix skips them
+            raise DatasetError(problems=[Problem("", error) for error in errors], source=str(dataset.root))
+        records = [json.loads((cache / f"{cid}.json").read_text()) for cid in sorted(case_ids)]
+        if splits is not None and (splits_file or force or not (cache / "splits_final.json").exists()):
+            write_splits(cache / "splits_final.json", splits)
+        atomic_write_text(cache / "cache.json", json.dumps({**header, "cases": sorted(case_ids),
+                                                            "records": records}, indent=1) + "\n")
+        return PrepareReport(cache, sorted(done), skipped, time.perf_counter() - start, input_bytes)
+
+
+class _exclusive:
+    """Hold an exclusive lock on ``CACHE/.lock`` (POSIX ``flock``; several folds or commands
+    preparing one cache at once take turns instead of writing the same files)."""
+
+    def __init__(self, cache: Path):
+        self.path = cache / ".lock"
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:   # not POSIX: no lock
+            self.handle = None
+            return self
+        try:
+            self.handle = open(self.path, "a")
+        except OSError as exc:
+            raise DatasetError(f"cannot write in the cache folder: {exc.strerror or exc}",
+                               source=str(self.path.parent)) from None
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()   # closing releases the lock
+        return False
+
+
+def resolve_workers(workers: int | str) -> int:
+    """A worker count: a positive number, or ``auto`` for the cores this process may use."""
+    if workers == "auto":
+        return usable_cores()
+    try:
+        count = int(workers)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise DatasetError(f"workers must be a positive number or 'auto', not {workers!r}")
+    return count
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; a container's limit where it sets one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_jobs(jobs: list, workers: int, cache: Path, done: list[str], errors: list[str], advance) -> None:
+    """Prepare ``jobs`` (in ``workers`` processes), collecting finished cases and errors. A
+    fatal error (full disk) stops the cases not yet started; a dead worker is named by case."""
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    for stale in cache.glob(f".*{PREPARING}"):   # left by a preparation that was killed
+        stale.unlink(missing_ok=True)
+    from scnas.data.arrays import remove_partial_files
+
+    remove_partial_files(cache)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            if _collect(_prepare_one(job), done, errors):
+                errors.append(f"{len(jobs) - len(done) - len(errors)} case(s) not started after that failure")
+                return
+            advance()
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        futures = [pool.submit(_prepare_one, job) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                if _collect(future.result(), done, errors):
+                    stopped = sum(f.cancel() for f in futures)
+                    errors.append(f"{stopped} case(s) not started after that failure")
+                    break
                 advance()
-    if errors:  # finished cases stay in the cache; a rerun after the fix skips them
-        raise DatasetError(problems=[Problem("", error) for error in errors], source=str(dataset.root))
-    records = [json.loads((cache / f"{cid}.json").read_text()) for cid in sorted(case_ids)]
-    if splits is not None and (splits_file or force or not (cache / "splits_final.json").exists()):
-        write_splits(cache / "splits_final.json", splits)
-    atomic_write_text(cache / "cache.json", json.dumps({**header, "cases": sorted(case_ids),
-                                                        "records": records}, indent=1) + "\n")
-    return PrepareReport(cache, sorted(done), skipped, time.perf_counter() - start, input_bytes)
+        except BrokenProcessPool:
+            dying = sorted(p.name[1:-len(PREPARING)] for p in cache.glob(f".*{PREPARING}"))
+            for marker in cache.glob(f".*{PREPARING}"):
+                marker.unlink(missing_ok=True)
+            errors.append(f"a preparation worker died (killed; out of memory?) while preparing "
+                          f"{'one of ' if len(dying) > 1 else ''}{', '.join(dying) or 'an unknown case'}; "
+                          f"the {len(done)} case(s) finished meanwhile are kept: prepare again to go on "
+                          "(with fewer --workers if memory ran out)")
 
 
-def _collect(result, done: list[str], errors: list[str]) -> None:
-    case_id, record, error = result
+def _collect(result, done: list[str], errors: list[str]) -> bool:
+    """Record one case's result; True when it must stop the preparation."""
+    case_id, record, error, fatal = result
     if error:
         errors.append(error)
     else:
         done.append(case_id)
+    return fatal
 
 
 class _progress:

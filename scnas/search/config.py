@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -58,7 +58,9 @@ class SearchConfig(BaseModel):
         "jaccard", description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
                                "only (jaccard-fg)")
     seed: int = 0
-    workers: int = Field(0, ge=0, description="data loader processes")
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="data loader processes per loader (weights and architecture set); auto: one per core on CUDA (shared with other processes on "
+                            "the machine), none on the CPU")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
     device: Literal["auto", "cpu", "cuda"] = "auto"

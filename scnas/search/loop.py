@@ -27,7 +27,7 @@ from scnas.build.losses import dice_per_class
 from scnas.build.memory import MemoryPlan, MemoryPlanError
 from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
-from scnas.data.loader import PatchDataset
+from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
@@ -38,7 +38,7 @@ from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
 from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
-                           ensure_run_folder, memory_budget, open_or_prepare, rank_loader, read_checkpoint,
+                           ensure_run_folder, memory_budget, open_or_prepare, read_checkpoint,
                            save_checkpoint, setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
@@ -85,9 +85,11 @@ def plan_search(config: SearchConfig, build: BuildConfig, d: Processes) -> Memor
 
 
 def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-               stop_after_steps: int | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+               stop_after_steps: int | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+               say: Callable[[str], None] = lambda line: None) -> SearchResult:
     """Run (or with ``resume`` continue) a search into ``run_dir``. ``stop_after_steps`` ends
-    the run cleanly after that many steps in this call (for time-boxing and tests)."""
+    the run cleanly after that many steps in this call (for time-boxing and tests); ``say``
+    receives notices (where a task folder is prepared)."""
     run = Path(run_dir)
     d = setup_processes(config.device, SearchError)
     if config.batch_size % d.world:
@@ -106,7 +108,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     if d.main:
         ensure_run_folder(run / "genotypes", SearchError)
     d.barrier()
-    cache = open_or_prepare(config.data, run / "cache", config.spacing, d)
+    cache = open_or_prepare(config.data, config.spacing, d, say)
     train_ids, _ = fold_cases(cache.splits, config.fold)
     weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed, architecture_share=config.architecture_share)
     num_classes = len(cache.labels)
@@ -165,6 +167,9 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
                             config.foreground_share, None)
     no_sync = model.no_sync if d.world > 1 else None
     cuda = d.device.type == "cuda"
+    workers = resolve_loader_workers(config.workers, d.device, loaders=2)
+    weight_loader, arch_loader = (PatchLoader(data, share, workers, d.world, d.rank, pin_memory=cuda)
+                                  for data in (weight_data, arch_data))
 
     def save(epoch_: int, step_: int, meter: StepMeter) -> None:
         if not d.main:
@@ -193,13 +198,11 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     try:
         while epoch < config.epochs:
             tau = config.tau(epoch)
-            for dataset in (weight_data, arch_data):
-                dataset.set_epoch(epoch)
             started = time.perf_counter()
             meter = StepMeter(d.device, ["theta", "alpha"], {**sums, **counters})
             bar.start(f"epoch {epoch + 1}/{config.epochs}", step_start)
-            loaders = (rank_loader(weight_data, step_start, config.steps_per_epoch, d, share, config.workers),
-                       rank_loader(arch_data, step_start, config.steps_per_epoch, d, share, config.workers))
+            loaders = (weight_loader.epoch(epoch, step_start, config.steps_per_epoch),
+                       arch_loader.epoch(epoch, step_start, config.steps_per_epoch))
             for step, ((xw, yw), (xa, ya)) in enumerate(zip(*loaders), start=step_start):
                 xw, yw, xa, ya = (t.to(d.device, non_blocking=cuda) for t in (xw, yw, xa, ya))
                 # One copy of alpha to the host decides both steps' operations (alpha is

@@ -10,10 +10,10 @@ per-fold values.
 widened to the FLOPs of the first genotype, and the report compares the first genotype with
 them fold by fold: the question "did the search beat random?".
 
-The study folder::
+A task folder given as data is prepared once into its shared cache (``$SCNAS_CACHE``, see
+``scnas.data.cache.shared_cache_folder``), which every fold and genotype reads. The study folder::
 
     OUT/cv.json                 the request and the plan (genotypes, stems, FLOPs, folds)
-    OUT/cache/                  the task prepared once, shared by every fold and genotype
     OUT/genotypes/NAME.yaml     every genotype of the study (random ones included)
     OUT/jobs/NAME/fold_K/       train/ (the run folder), predictions/, evaluation.json
     OUT/results.{md,csv,json,png}
@@ -117,7 +117,7 @@ def _task_folder(data: str, cache) -> Path:
     return source
 
 
-def _open_cache(data: str, out: Path, spacing: tuple[float, float, float] | None):
+def _open_cache(data: str, spacing: tuple[float, float, float] | None):
     from scnas.data.cache import Cache
     from scnas.data.preprocess import PrepareSettings, prepare_dataset
 
@@ -130,14 +130,9 @@ def _open_cache(data: str, out: Path, spacing: tuple[float, float, float] | None
         return cache
     if not (Path(data) / "dataset.json").exists():
         raise CVError("is neither a task folder (dataset.json) nor a prepared cache (cache.json)", source=data)
-    target = out / "cache"
-    if not (target / "cache.json").exists():
-        prepare_dataset(data, target, PrepareSettings(target_spacing=spacing or (0.7, 0.7, 0.7)), progress=False)
-    cache = Cache(target)
-    if spacing is not None and tuple(float(v) for v in cache.settings.get("target_spacing", ())) != tuple(spacing):
-        raise CVError(f"holds a cache prepared at spacing {cache.settings.get('target_spacing')}, not the --spacing "
-                      f"{list(spacing)} asked for; use another study folder", source=str(target))
-    return cache
+    from scnas.data.cache import open_or_prepare
+
+    return open_or_prepare(data, spacing or (0.7, 0.7, 0.7))   # the task's shared cache, prepared once
 
 
 def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -164,7 +159,7 @@ def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = 
             raise CVError("holds no study (no cv.json): give genotypes and --data to start one", source=str(out))
         if not request["genotypes"]:
             raise CVError("give at least one genotype (a file or a built-in name, optionally NAME@STEM)")
-        cache = _open_cache(request["data"], out, request["spacing"])
+        cache = _open_cache(request["data"], request["spacing"])
         task = _task_folder(request["data"], cache)
         folds = request["folds"] if request["folds"] is not None else list(range(len(cache.splits)))
         absent = [f for f in folds if not 0 <= f < len(cache.splits)]

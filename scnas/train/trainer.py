@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -31,12 +31,12 @@ from scnas.compiling import compile_for_training
 from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
-from scnas.data.loader import PatchDataset
+from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
 from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
-                           ensure_run_folder, memory_budget, open_or_prepare, rank_loader, read_checkpoint,
+                           ensure_run_folder, memory_budget, open_or_prepare, read_checkpoint,
                            save_checkpoint, save_figure, setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
@@ -82,7 +82,9 @@ class TrainConfig(BaseModel):
     augment: bool = True
     val_patches: int = Field(8, ge=1, description="validation patches per epoch (from the fold's validation cases)")
     seed: int = 0
-    workers: int = Field(0, ge=0)
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="data loader processes; auto: one per core on CUDA (shared with other processes on "
+                            "the machine), none on the CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "fp16", "bf16"] = Field(
         "auto", description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
@@ -195,7 +197,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     if d.main:
         ensure_run_folder(run, TrainError)
     d.barrier()
-    cache = open_or_prepare(config.data, run / "cache", config.spacing, d)
+    cache = open_or_prepare(config.data, config.spacing, d, say)
     train_ids, val_ids = fold_cases(cache.splits, config.fold)
     build = BuildConfig(stem_channels=config.stem, in_channels=len(cache.channel_names),
                         num_classes=len(cache.labels), depth=config.depth)
@@ -236,6 +238,8 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     train_data = PatchDataset(cache, train_ids, config.patch, samples, config.seed, config.foreground_share,
                               default_augmentation() if config.augment else None)
     val_data = PatchDataset(cache, val_ids, config.patch, config.val_patches, config.seed + 3, 1 / 3, None)
+    train_loader = PatchLoader(train_data, share, resolve_loader_workers(config.workers, d.device), d.world, d.rank,
+                               pin_memory=d.device.type == "cuda")
     if config.compile:
         example = torch.zeros((plan.micro_batch or share, build.in_channels, *config.patch), device=d.device)
         compile_for_training(net, example, precision.autocast, say if d.main else (lambda _: None))
@@ -245,8 +249,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
     epochs_this_call, last_drawn = 0, time.monotonic()
     try:
         while epoch < config.epochs and optimiser.param_groups[0]["lr"] >= config.min_lr:
-            train_data.set_epoch(epoch)
-            loader = rank_loader(train_data, 0, config.steps_per_epoch, d, share, config.workers)
+            loader = train_loader.epoch(epoch, 0, config.steps_per_epoch)
             started = time.perf_counter()
             meter = StepMeter(d.device, ["loss"], counters)   # non-finite runs continue across epochs
             bar.start(f"epoch {epoch + 1}/{config.epochs}")
