@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from scnas.data import Cache, PrepareSettings, prepare_dataset, write_phantom_dataset  # noqa: E402
 from scnas.data.augment import Augmentation, SpatialTransform, default_augmentation  # noqa: E402
-from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers  # noqa: E402
+from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device  # noqa: E402
 from scnas.data.patches import extract_patch  # noqa: E402
 from scnas.data.preprocess import usable_cores  # noqa: E402
 
@@ -113,10 +112,12 @@ def storage_variants(task: Path, patch: int, reads: int, folder: Path) -> list[d
     return rows
 
 
-def item_rate(cache: Cache, patch: int, augmentation, items: int) -> tuple[float, float]:
-    """(patches/s, mean s) drawing ``items`` patches in this process (one thread)."""
+def item_rate(cache: Cache, patch: int, augmentation, items: int, deferred: bool = False) -> tuple[float, float]:
+    """(patches/s, mean s) drawing ``items`` patches in this process (one thread); ``deferred``:
+    read and draw only, the augmentation left for the GPU (what a worker does for CUDA)."""
     dataset = PatchDataset(cache, cache.case_ids, (patch,) * 3, samples_per_epoch=items, seed=0,
                            augmentation=augmentation)
+    dataset.deferred = deferred
     dataset[0]
     began = time.perf_counter()
     for index in range(1, items + 1):
@@ -125,11 +126,12 @@ def item_rate(cache: Cache, patch: int, augmentation, items: int) -> tuple[float
     return items / seconds, seconds / items
 
 
-def loader_rate(cache: Cache, patch: int, workers: int, batches: int, pin: bool) -> float:
-    """Patches/s delivered by the loader (batch 2, full augmentation) after its first batch."""
+def loader_rate(cache: Cache, patch: int, workers: int, batches: int, device: torch.device) -> float:
+    """Patches/s delivered by the loader as it runs for CUDA (workers read, the augmentation is
+    left for the GPU; batch 2) after its first batch; pinned where CUDA is."""
     dataset = PatchDataset(cache, cache.case_ids, (patch,) * 3, samples_per_epoch=2 * (batches + 2), seed=0,
                            augmentation=default_augmentation())
-    loader = PatchLoader(dataset, batch_size=2, workers=workers, pin_memory=pin, prefetch=4)
+    loader = PatchLoader(dataset, batch_size=2, workers=workers, device=device, prefetch=4, augment_in_workers=False)
     iterator = iter(loader.epoch(0))
     next(iterator)
     began, count = time.perf_counter(), 0
@@ -176,15 +178,14 @@ def train_step_times(cache: Cache, patch: int, workers: int, steps: int, device:
     fixed = (time.perf_counter() - began) / steps
     dataset = PatchDataset(cache, cache.case_ids, (patch,) * 3, samples_per_epoch=2 * (steps + 3), seed=1,
                            augmentation=default_augmentation())
-    loader = PatchLoader(dataset, batch_size=2, workers=workers, pin_memory=cuda)
+    loader = PatchLoader(dataset, batch_size=2, workers=workers, device=device)
     iterator = iter(loader.epoch(0))
     for _ in range(3):
-        xb, yb = next(iterator)
-        step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+        step(*to_device(next(iterator), device, (patch,) * 3))
     synchronize(device)
     began = time.perf_counter()
-    for xb, yb in iterator:
-        step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+    for batch in iterator:
+        step(*to_device(batch, device, (patch,) * 3))
     synchronize(device)
     fed = (time.perf_counter() - began) / steps
     return {"fixed_batch_ms": 1e3 * fixed, "loader_fed_ms": 1e3 * fed}
@@ -264,9 +265,14 @@ def main() -> None:
             console.print(table)
 
         rows = []
-        for name, augmentation in (("none", None), ("default (nnU-Net's probabilities)", default_augmentation()),
-                                   ("spatial on every patch", Augmentation(spatial=SpatialTransform(p=1.0)))):
-            rate, seconds = item_rate(cache, patch, augmentation, items)
+        spatial_always = Augmentation(spatial=SpatialTransform(p=1.0))
+        for name, augmentation, deferred in (
+                ("none", None, False),
+                ("default, drawn and read; applied on the GPU (CUDA)", default_augmentation(), True),
+                ("spatial on every patch, read; applied on the GPU (CUDA)", spatial_always, True),
+                ("default, applied in the worker (CPU training)", default_augmentation(), False),
+                ("spatial on every patch, applied in the worker", spatial_always, False)):
+            rate, seconds = item_rate(cache, patch, augmentation, items, deferred)
             rows.append({"augmentation": name, "patches_per_s": rate, "ms_per_patch": 1e3 * seconds})
         result["per_worker"] = rows
         save()
@@ -278,7 +284,8 @@ def main() -> None:
 
         default_workers = resolve_loader_workers("auto", torch.device("cuda"))
         search_workers = resolve_loader_workers("auto", torch.device("cuda"), loaders=2)
-        delivered = loader_rate(cache, patch, default_workers, batches=max(8, 3 * default_workers), pin=cuda)
+        delivered = loader_rate(cache, patch, default_workers, max(8, 3 * default_workers),
+                                torch.device("cuda" if cuda else "cpu"))
         train_ms = args.train_step_ms
         search_ms = args.search_step_ms
         if cuda or args.quick:   # quick: the same code on the CPU, small, to check the script

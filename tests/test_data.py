@@ -13,8 +13,8 @@ import torch
 from scnas.data import (Cache, DatasetError, PrepareSettings, architecture_split, check_dataset, fold_cases,
                         kfold_splits, load_case, prepare_dataset, read_dataset, read_splits, write_phantom_dataset,
                         write_splits)
-from scnas.data.augment import (Augmentation, Compose, GaussianNoise, Gamma, IntensityScaleShift, RandomFlip,
-                                SpatialTransform, default_augmentation)
+from scnas.data.augment import (Augmentation, GaussianNoise, Gamma, IntensityScaleShift, RandomFlip, SpatialTransform,
+                                default_augmentation)
 from scnas.data.loader import PatchDataset, make_loader
 from scnas.data.patches import PatchSampler, extract_patch
 from scnas.data.preprocess import label_to_original, resampled_shape
@@ -194,13 +194,34 @@ def test_patches_are_padded_where_a_case_is_smaller(cache):
 def test_augmentation_is_seeded_and_keeps_image_and_label_aligned(cache):
     case = cache.load(cache.case_ids[0])
     image, label = (torch.from_numpy(a) for a in extract_patch(case.image, case.label, (0, 0, 0), (16, 16, 16)))
-    pipeline = Compose([RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0), GaussianNoise(p=1.0)])
-    a = pipeline(image.clone(), label.clone(), np.random.default_rng(7))
-    b = pipeline(image.clone(), label.clone(), np.random.default_rng(7))
+    pipeline = Augmentation(spatial=None, transforms=[RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0),
+                                                      GaussianNoise(p=1.0)])
+    recipe = pipeline.draw(np.random.default_rng(7), channels=2)
+    assert len(recipe.steps) >= 3 and recipe.matrix is None
+    a = pipeline.apply(image.clone(), label.clone(), recipe, (16, 16, 16))
+    b = pipeline.apply(image.clone(), label.clone(), pipeline.draw(np.random.default_rng(7), 2), (16, 16, 16))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], image)
     assert a[0].shape == image.shape and set(a[1].unique().tolist()) <= set(label.unique().tolist())
-    flipped_image, flipped_label = RandomFlip(p=1.0)(image, label, np.random.default_rng(0))
+    flipped_image, flipped_label = RandomFlip.apply(image, label, [0, 1, 2])
     assert torch.equal(flipped_label, label.flip(0, 1, 2)) and torch.equal(flipped_image, image.flip(1, 2, 3))
+    gamma_image, _ = Gamma.apply(image.clone(), label, np.array([1.0, 1.0]))
+    assert torch.allclose(gamma_image, image, atol=1e-5)                  # gamma 1 changes nothing
+
+
+def test_deferred_patches_finish_as_the_worker_would(cache):
+    """What a worker hands over for CUDA (the region as stored, the recipe) becomes, once
+    finished where the batch goes, exactly the patch a worker augmenting itself gives."""
+    from scnas.data.loader import RawBatch, RawPatch, to_device
+
+    spatial_often = Augmentation(spatial=SpatialTransform(p=0.5))
+    dataset = PatchDataset(cache, cache.case_ids, (8, 8, 8), samples_per_epoch=12, seed=5, augmentation=spatial_often)
+    ready = [dataset[(1, i)] for i in range(12)]
+    dataset.deferred = True
+    raw = [dataset[(1, i)] for i in range(12)]
+    assert all(isinstance(r, RawPatch) and r.image.dtype == torch.float16 for r in raw)   # as stored: half the bytes
+    assert any(r.image.shape[1:] != (8, 8, 8) for r in raw)                              # rotated: the larger region
+    x, y = to_device(RawBatch(raw), torch.device("cpu"), (8, 8, 8))
+    assert torch.equal(x, torch.stack([r[0] for r in ready])) and torch.equal(y, torch.stack([r[1] for r in ready]))
 
 
 def _rotation_case(size=(24, 20, 16)):

@@ -9,10 +9,12 @@ from scnas.data.cache import Cache, CachedCase
 from scnas.data.dataset import DatasetError
 
 
-def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The (C, *size) float32 image and (*size) int16 label patch whose corner is ``start`` (may
-    lie outside the volume: outside voxels are 0, i.e. the normalised background, and label 0).
-    ``image``/``label`` are anything numpy-sliceable: cached arrays (float16 or float32) or arrays."""
+def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...],
+                  dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The (C, *size) image (``dtype``; None: as stored) and (*size) int16 label patch whose
+    corner is ``start`` (may lie outside the volume: outside voxels are 0, i.e. the normalised
+    background, and label 0). ``image``/``label`` are anything numpy-sliceable: cached arrays
+    (float16 or float32) or arrays."""
     import torch
 
     spatial = image.shape[1:]
@@ -23,10 +25,11 @@ def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...]) -
         dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
     inside = all(d.start == 0 and d.stop == p for d, p in zip(dst, size))
     read = np.asarray(image[(slice(None), *src)])
-    if inside and read.dtype == np.float32:
+    dtype = np.dtype(image.dtype if dtype is None else dtype)
+    if inside and read.dtype == dtype:
         patch = np.ascontiguousarray(read)
     else:
-        patch = (np.empty if inside else np.zeros)((image.shape[0], *size), np.float32)
+        patch = (np.empty if inside else np.zeros)((image.shape[0], *size), dtype)
         if read.size:   # torch converts half floats several times faster than numpy
             torch.from_numpy(patch[(slice(None), *dst)]).copy_(torch.from_numpy(np.ascontiguousarray(read)))
     seg = np.zeros(size, np.int16)
@@ -85,10 +88,13 @@ class PatchSampler:
             centre = tuple(int(v) for v in rows[int(rng.integers(len(rows)))][1:])
         return case, patch_start(rng, spatial, self.patch_size, centre), forced
 
-    def sample(self, rng: np.random.Generator, margin: tuple[int, ...] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(image (C, *region), label (*region), whether foreground was forced): the patch, with
-        ``margin`` more voxels on each side of each axis (for a spatial transform)."""
+    def sample(self, rng: np.random.Generator, margin: tuple[int, ...] = (0, 0, 0),
+               dtype=np.float32) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(image (C, *region) of ``dtype`` (None: as stored), label (*region), whether
+        foreground was forced): the patch, with ``margin`` more voxels on each side of each
+        axis (for a spatial transform)."""
         case, start, forced = self.choose(rng)
         region = tuple(p + 2 * m for p, m in zip(self.patch_size, margin))
-        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), region)
+        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), region,
+                                     dtype)
         return image, label, forced

@@ -27,7 +27,7 @@ from scnas.build.losses import dice_per_class
 from scnas.build.memory import MemoryPlan, MemoryPlanError
 from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
-from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers
+from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
@@ -166,9 +166,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
     val_data = PatchDataset(cache, arch_ids, config.patch, config.val_batches * share, config.seed + 2,
                             config.foreground_share, None)
     no_sync = model.no_sync if d.world > 1 else None
-    cuda = d.device.type == "cuda"
     workers = resolve_loader_workers(config.workers, d.device, loaders=2)
-    weight_loader, arch_loader = (PatchLoader(data, share, workers, d.world, d.rank, pin_memory=cuda)
+    weight_loader, arch_loader = (PatchLoader(data, share, workers, d.world, d.rank, d.device)
                                   for data in (weight_data, arch_data))
 
     def save(epoch_: int, step_: int, meter: StepMeter) -> None:
@@ -203,8 +202,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             bar.start(f"epoch {epoch + 1}/{config.epochs}", step_start)
             loaders = (weight_loader.epoch(epoch, step_start, config.steps_per_epoch),
                        arch_loader.epoch(epoch, step_start, config.steps_per_epoch))
-            for step, ((xw, yw), (xa, ya)) in enumerate(zip(*loaders), start=step_start):
-                xw, yw, xa, ya = (t.to(d.device, non_blocking=cuda) for t in (xw, yw, xa, ya))
+            for step, (weight_batch, arch_batch) in enumerate(zip(*loaders), start=step_start):
+                (xw, yw), (xa, ya) = (to_device(b, d.device, config.patch) for b in (weight_batch, arch_batch))
                 # One copy of alpha to the host decides both steps' operations (alpha is
                 # unchanged by the Theta step); every rank draws the same.
                 alpha_host = host_copy(arch.alphas)

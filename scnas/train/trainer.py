@@ -31,7 +31,7 @@ from scnas.compiling import compile_for_training
 from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
-from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers
+from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
@@ -239,12 +239,11 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                               default_augmentation() if config.augment else None)
     val_data = PatchDataset(cache, val_ids, config.patch, config.val_patches, config.seed + 3, 1 / 3, None)
     train_loader = PatchLoader(train_data, share, resolve_loader_workers(config.workers, d.device), d.world, d.rank,
-                               pin_memory=d.device.type == "cuda")
+                               d.device)
     if config.compile:
         example = torch.zeros((plan.micro_batch or share, build.in_channels, *config.patch), device=d.device)
         compile_for_training(net, example, precision.autocast, say if d.main else (lambda _: None))
     no_sync = model.no_sync if d.world > 1 else None
-    cuda = d.device.type == "cuda"
     bar = StepBar(progress and d.main, config.steps_per_epoch)
     epochs_this_call, last_drawn = 0, time.monotonic()
     try:
@@ -254,8 +253,8 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             meter = StepMeter(d.device, ["loss"], counters)   # non-finite runs continue across epochs
             bar.start(f"epoch {epoch + 1}/{config.epochs}")
             net.train()
-            for step, (x, y) in enumerate(loader):
-                x, y = x.to(d.device, non_blocking=cuda), y.to(d.device, non_blocking=cuda)
+            for step, batch in enumerate(loader):
+                x, y = to_device(batch, d.device, config.patch)
                 optimiser.zero_grad(set_to_none=True)
                 loss = accumulate_exact(model, split_batch(x, y, plan.micro_batch), precision.backward, precision,
                                         d.world, no_sync, foreground_only=LOSSES[config.loss])
