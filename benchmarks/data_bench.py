@@ -23,6 +23,7 @@ Run: python benchmarks/data_bench.py [--quick] [--cases 8] [--device auto|cpu|cu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -135,8 +136,8 @@ def loader_rate(cache: Cache, patch: int, workers: int, batches: int, device: to
     iterator = iter(loader.epoch(0))
     next(iterator)
     began, count = time.perf_counter(), 0
-    for x, _ in iterator:
-        count += x.shape[0]
+    for batch in iterator:   # raw (not yet augmented) batches, as a CUDA run receives them
+        count += len(batch)
     return count / (time.perf_counter() - began)
 
 
@@ -203,6 +204,30 @@ def search_step_ms(patch: int) -> float | None:
     return None
 
 
+def prepare_and_report(task: Path, cache_folder: Path, cases: int, shape, result: dict) -> Cache:
+    """Prepare the task with every core; the figures go into ``result`` and a table."""
+    workers = usable_cores()
+    report = prepare_dataset(task, cache_folder, PrepareSettings(target_spacing=(0.7, 0.7, 0.7)),
+                             workers="auto", progress=False)
+    cache = Cache(cache_folder)
+    per_case = [case_bytes(cache, c) for c in cache.case_ids]
+    float32 = [4 * len(cache.channel_names) * int(np.prod(cache.records[c]["shape"])) for c in cache.case_ids]
+    result["prepare"] = {"workers": workers, "seconds": report.seconds, "cases_per_s": cases / report.seconds,
+                         "cases_per_s_per_worker": cases / report.seconds / min(workers, cases),
+                         "input_bytes_per_case": report.input_bytes / cases,
+                         "cache_bytes_per_case": float(np.mean(per_case)),
+                         "float32_bytes_per_case": float(np.mean(float32)),
+                         "ratio_to_float32": float(np.sum(per_case) / np.sum(float32))}
+    p = result["prepare"]
+    table = Table("workers", "cases/s", "per worker", "input MB/case", "float32 MB/case", "cache MB/case",
+                  "cache / float32", title=f"prepare {cases} cases of 4x{'x'.join(map(str, shape))} at 1 mm -> 0.7 mm")
+    table.add_row(str(workers), f"{p['cases_per_s']:.3f}", f"{p['cases_per_s_per_worker']:.3f}",
+                  f"{p['input_bytes_per_case'] / 1e6:.0f}", f"{p['float32_bytes_per_case'] / 1e6:.0f}",
+                  f"{p['cache_bytes_per_case'] / 1e6:.0f}", f"{p['ratio_to_float32']:.3f}")
+    console.print(table)
+    return cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 small cases, patch 32 (checks the script)")
@@ -212,6 +237,8 @@ def main() -> None:
                         help="retraining step (batch 2) to compare with, without CUDA (issue 13, H200 fp16)")
     parser.add_argument("--search-step-ms", type=float, default=None, help="search step to compare with, without CUDA")
     parser.add_argument("--no-variants", action="store_true", help="skip the storage variants")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the task and cache here; a rerun reuses them and skips the preparation figures")
     parser.add_argument("-o", "--output", default="benchmarks/results/data.json")
     args = parser.parse_args()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -226,32 +253,21 @@ def main() -> None:
     def save() -> None:   # after every part: a run cut short keeps what it measured
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        began = time.perf_counter()
-        task = write_phantom_dataset(folder / "task", cases=cases, channels=4, classes=3, shape=shape,
-                                     spacing=(1.0, 1.0, 1.0))
-        result["generate_s"] = time.perf_counter() - began
-        workers = usable_cores()
-        report = prepare_dataset(task, folder / "cache", PrepareSettings(target_spacing=(0.7, 0.7, 0.7)),
-                                 workers="auto", progress=False)
-        cache = Cache(folder / "cache")
-        per_case = [case_bytes(cache, c) for c in cache.case_ids]
-        float32 = [4 * len(cache.channel_names) * int(np.prod(cache.records[c]["shape"])) for c in cache.case_ids]
-        result["prepare"] = {"workers": workers, "seconds": report.seconds, "cases_per_s": cases / report.seconds,
-                             "cases_per_s_per_worker": cases / report.seconds / min(workers, cases),
-                             "input_bytes_per_case": report.input_bytes / cases,
-                             "cache_bytes_per_case": float(np.mean(per_case)),
-                             "float32_bytes_per_case": float(np.mean(float32)),
-                             "ratio_to_float32": float(np.sum(per_case) / np.sum(float32))}
-        p = result["prepare"]
-        table = Table("workers", "cases/s", "per worker", "input MB/case", "float32 MB/case", "cache MB/case",
-                      "cache / float32", title=f"prepare {cases} cases of 4x{'x'.join(map(str, shape))} at 1 mm -> 0.7 mm")
-        table.add_row(str(workers), f"{p['cases_per_s']:.3f}", f"{p['cases_per_s_per_worker']:.3f}",
-                      f"{p['input_bytes_per_case'] / 1e6:.0f}", f"{p['float32_bytes_per_case'] / 1e6:.0f}",
-                      f"{p['cache_bytes_per_case'] / 1e6:.0f}", f"{p['ratio_to_float32']:.3f}")
-        console.print(table)
-        save()
+    with contextlib.ExitStack() as stack:
+        folder = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        reuse = args.work is not None and (folder / "cache" / "cache.json").exists()
+        if reuse:
+            cache = Cache(folder / "cache")
+            console.print(f"reusing the task and cache in {folder}: no generation or preparation figures")
+            task = folder / "task"
+        else:
+            began = time.perf_counter()
+            task = write_phantom_dataset(folder / "task", cases=cases, channels=4, classes=3, shape=shape,
+                                         spacing=(1.0, 1.0, 1.0))
+            result["generate_s"] = time.perf_counter() - began
+            cache = prepare_and_report(task, folder / "cache", cases, shape, result)
+            save()
 
         warm(cache.folder.glob("*.b2nd"))
         case = cache.load(cache.case_ids[0])

@@ -5,8 +5,8 @@ mirroring 0.5 per axis). An :class:`Augmentation` first **draws** a :class:`Reci
 ``numpy.random.Generator`` of the patch (every random number, so the same generator state gives
 the same patch in any process), then **applies** it to torch tensors on any device: in the
 loader worker when training runs on the CPU, on the GPU after the copy when it runs on CUDA
-(``scnas.data.loader``), where the spatial transform takes ~1 ms instead of ~0.4 s of a CPU
-core.
+(``scnas.data.loader``), where the spatial transform is one ``grid_sample`` call on the device
+instead of ~0.4 s of a CPU core per patch (docs/benchmarks.md; its GPU time is not measured yet).
 
 **Spatial transform without artefacts.** Rotating or scaling an already cropped patch fills its
 corners with zeros that are not in the image (up to 20 % of a patch at 15 degrees). nnU-Net
