@@ -45,7 +45,7 @@ from scnas.data import Cache, PrepareSettings, prepare_dataset, write_phantom_da
 from scnas.data.augment import Augmentation, SpatialTransform, default_augmentation  # noqa: E402
 from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device  # noqa: E402
 from scnas.data.patches import extract_patch  # noqa: E402
-from scnas.data.preprocess import usable_cores  # noqa: E402
+from scnas.threads import usable_cores  # noqa: E402
 
 console = Console()
 

@@ -19,6 +19,10 @@ def _shared_caches_in_a_temporary_folder(tmp_path_factory):
     import os
 
     folder = tmp_path_factory.mktemp("scnas-cache")
+    # Every in-process CLI call sets torch's threads (scnas.threads): keep the test process's
+    # own count, whatever the load of the machine, so results do not change between calls.
+    import torch
+    os.environ.setdefault("SCNAS_THREADS", str(torch.get_num_threads()))
     previous = os.environ.get("SCNAS_CACHE")
     os.environ["SCNAS_CACHE"] = str(folder)
     yield folder

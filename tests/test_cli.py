@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from scnas.genotype import builtin_genotype, genotype_hash, read_genotype, short_hash
@@ -113,3 +114,41 @@ def test_usage_errors_exit_2(cli):
 def test_version(cli):
     result = cli("--version")
     assert result.code == 0 and result.out.startswith("scnas ")
+
+
+def test_threads_follow_the_option_then_omp_num_threads_then_the_load(monkeypatch):
+    from scnas import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "other_load", lambda: 2.6)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.choose_threads(3) == (3, "--threads")
+    assert threads.choose_threads()[0] == 5        # 8 cores less 3 taken by other jobs
+    monkeypatch.setattr(threads, "other_load", lambda: 40.0)
+    assert threads.choose_threads()[0] == 1        # never fewer than one
+    monkeypatch.setattr(threads, "other_load", lambda: 0.2)
+    assert threads.choose_threads() == (8, "8 cores")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.choose_threads() == (2, "OMP_NUM_THREADS")
+    with pytest.raises(ValueError, match="at least 1"):
+        threads.choose_threads(0)
+
+
+def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, monkeypatch):
+    import torch
+
+    from scnas import threads
+
+    before = torch.get_num_threads()
+    try:
+        result = cli("--threads", "1", "genotype", "list")
+        assert result.code == 0 and torch.get_num_threads() == 1 and "thread" not in result.err
+        monkeypatch.delenv("SCNAS_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+        monkeypatch.setattr(threads, "other_load", lambda: 1.2)
+        result = cli("genotype", "list")
+        assert result.code == 0 and torch.get_num_threads() == 1
+        assert "using 1 torch thread(s) (2 cores, load 1.2 from other processes); --threads N" in result.err
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@ usage errors exit 2; anything else is a bug and says so. Tracebacks only with ``
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -44,8 +45,18 @@ def _version(value: bool) -> None:
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="SCNAS_THREADS", min=1, metavar="N",
+        help="CPU threads for torch in this process. Default: OMP_NUM_THREADS if set, else the usable cores less "
+             "the load of other processes (a core taken by another job stalls all of torch's threads; "
+             "loader workers use one each)."),
 ) -> None:
     """Root options; the commands do the work."""
+    from scnas.threads import apply_threads
+
+    chosen, why = apply_threads(threads)
+    if "load" in why:   # fewer threads than cores because other jobs run: say so once
+        stderr.out(f"using {chosen} torch thread(s) ({why}); --threads N to choose")
 
 
 def _register_commands() -> None:

@@ -144,7 +144,7 @@ def resolve_loader_workers(workers: int | str, device: torch.device, loaders: in
         return int(workers)
     if device.type != "cuda":
         return 0
-    from scnas.data.preprocess import usable_cores
+    from scnas.threads import usable_cores
 
     share = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1
     return int(max(1, min(MAX_AUTO_WORKERS, share // max(1, loaders))))

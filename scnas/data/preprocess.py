@@ -31,6 +31,7 @@ from scnas.data.dataset import Case, Dataset, DatasetError, LoadedCase, load_cas
 from scnas.data.splits import kfold_splits, read_splits, write_splits
 from scnas.errors import OutputError, Problem
 from scnas.fileio import atomic_write_bytes, atomic_write_text
+from scnas.threads import usable_cores
 
 CACHE_FORMAT = "scnas-cache"
 CACHE_VERSION = 2
@@ -326,14 +327,6 @@ def resolve_workers(workers: int | str) -> int:
     if count < 1:
         raise DatasetError(f"workers must be a positive number or 'auto', not {workers!r}")
     return count
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity; a container's limit where it sets one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:   # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _run_jobs(jobs: list, workers: int, cache: Path, done: list[str], errors: list[str], advance) -> None:

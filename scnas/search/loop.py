@@ -122,7 +122,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
         atomic_write_text(run / "config.json", json.dumps({
             "scnas_version": __version__, "search": config.model_dump(mode="json"), "build": build.model_dump(),
             "tau_per_epoch": [config.tau(e) for e in range(config.epochs)], "world_size": d.world,
-            "memory_plan": plan.to_dict(), "amp": resolve_amp(config.amp, d.device),
+            "memory_plan": plan.to_dict(), "amp": resolve_amp(config.amp, d.device), "threads": torch.get_num_threads(),
             "cases": {"weight": weight_ids, "architecture": arch_ids, "fold": config.fold}}, indent=2) + "\n")
 
     torch.manual_seed(config.seed)

@@ -211,7 +211,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
             "scnas_version": __version__, "train": config.model_dump(mode="json"), "build": build.model_dump(),
             "genotype": genotype.to_dict(), "cases": {"train": train_ids, "validation": val_ids},
             "preprocessing": preprocessing, "world_size": d.world, "memory_plan": plan.to_dict(),
-            "amp": resolve_amp(config.amp, d.device)}, indent=2) + "\n")
+            "amp": resolve_amp(config.amp, d.device), "threads": torch.get_num_threads()}, indent=2) + "\n")
     torch.manual_seed(config.seed)
     net = build_network(genotype, build).to(d.device)
     net.set_checkpointing(plan.checkpoint)
