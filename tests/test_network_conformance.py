@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import network_reference as ref
 from scnas.build import load_model, network_stats, read_model_info
-from scnas.genotype import genotype_hash
+from scnas.genotype import genotype_from_data, genotype_hash
 
 SUITE = Path(__file__).parent / "conformance" / "network"
 MANIFEST = json.loads((SUITE / "manifest.json").read_text())
@@ -144,3 +144,19 @@ def test_the_suite_detects_rule_changes(rule, monkeypatch):
     case = next(c for c in CASES if c["name"] == name)
     got = ref.run_case(SUITE, case)
     assert got["max_abs_dev"] > 10 * _limit(case), (rule, got["max_abs_dev"])
+
+
+def test_the_files_are_what_generate_py_describes():
+    """The manifest lists generate.py's cases with their settings (edit the cases, then regenerate)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("network_suite_generate", SUITE / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert [c["name"] for c in CASES] == list(generate.CASES)
+    assert MANIFEST["tolerance"] == generate.TOLERANCE
+    for case in CASES:
+        document, settings, shape, description = generate.CASES[case["name"]]
+        assert case["input_shape"] == list(shape) and case["description"] == description
+        assert {k: case["build_config"][k] for k in settings} == settings
+        assert case["genotype_hash"] == genotype_hash(genotype_from_data(document))
