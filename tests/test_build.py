@@ -100,6 +100,15 @@ def test_spatial_size_must_be_divisible(uresnet):
         network_stats(uresnet, BuildConfig(), (16, 20, 16))
 
 
+def test_a_patch_whose_deepest_level_is_one_voxel_is_refused(uresnet, cli):
+    net = build_network(uresnet, BuildConfig(stem_channels=4, in_channels=1, num_classes=2))
+    with pytest.raises(BuildError, match=r"deepest level would be a single voxel .* at least 16 on one axis"):
+        net(torch.zeros(1, 1, 8, 8, 8))
+    assert net(torch.zeros(1, 1, 8, 8, 16)).shape == (1, 2, 8, 8, 16)   # 1x1x2 at the deepest level is fine
+    result = cli("build", "minimal", "--stem", "4", "--in-channels", "1", "--classes", "2", "--patch", "8", "8", "8")
+    assert result.code == 1 and "spatial size (8, 8, 8): the deepest level would be a single voxel" in result.err
+
+
 def test_transfer_to_other_input_channels_changes_only_the_stem(uresnet):
     four = build_network(uresnet, BuildConfig(stem_channels=8, in_channels=4)).state_dict()
     one = build_network(uresnet, BuildConfig(stem_channels=8, in_channels=1)).state_dict()

@@ -148,7 +148,9 @@ def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, mon
         monkeypatch.setattr(threads, "usable_cores", lambda: 2)
         monkeypatch.setattr(threads, "other_load", lambda: 1.2)
         result = cli("genotype", "list")
-        assert result.code == 0 and torch.get_num_threads() == 1
+        assert result.code == 0 and torch.get_num_threads() == 1 and result.err == ""   # nothing computed: quiet
+        result = cli("predict", "uresnet", "-i", "nowhere", "-o", "nowhere-out")
+        assert result.code != 0 and torch.get_num_threads() == 1
         assert "using 1 torch thread(s) (2 cores, load 1.2 from other processes); --threads N" in result.err
     finally:
         torch.set_num_threads(before)

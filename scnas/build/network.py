@@ -379,7 +379,8 @@ class SCNASUNet(MacroUNet):
 
 
 def check_spatial_size(size: tuple[int, ...], config: BuildConfig) -> None:
-    """Raise ``BuildError`` unless every spatial size is a positive multiple of 2**depth."""
+    """Raise ``BuildError`` unless every spatial size is a positive multiple of 2**depth and the
+    deepest level has more than one voxel."""
     if len(size) != 3:
         raise BuildError(f"a patch has three spatial sizes (D, H, W); got {len(size)}: {size}")
     divisor = config.divisor
@@ -388,6 +389,10 @@ def check_spatial_size(size: tuple[int, ...], config: BuildConfig) -> None:
             fit = max(divisor, round(n / divisor) * divisor)
             raise BuildError(f"spatial size {tuple(size)}: {axis}={n} is not a multiple of 2**depth = {divisor} "
                              f"(depth {config.depth}); pad or crop to a multiple, e.g. {fit}")
+    if all(n == divisor for n in size):   # instance normalisation of one voxel is undefined
+        raise BuildError(f"spatial size {tuple(size)}: the deepest level would be a single voxel (1x1x1 after "
+                         f"{config.depth} halvings), where instance normalisation is undefined; use at least "
+                         f"{2 * divisor} on one axis")
 
 
 def build_network(genotype: Genotype, config: BuildConfig | None = None) -> SCNASUNet:

@@ -41,8 +41,12 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+COMPUTING = {"search", "train", "predict", "cv", "demo", "export-onnx"}   # where threads matter enough to say
+
+
 @app.callback()
 def _root(
+    context: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     threads: Optional[int] = typer.Option(
@@ -55,7 +59,7 @@ def _root(
     from scnas.threads import apply_threads
 
     chosen, why = apply_threads(threads)
-    if "load" in why:   # fewer threads than cores because other jobs run: say so once
+    if "load" in why and context.invoked_subcommand in COMPUTING:   # fewer threads because of other jobs
         stderr.out(f"using {chosen} torch thread(s) ({why}); --threads N to choose")
 
 
