@@ -68,7 +68,7 @@ def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = 
         write_drawing(cells_graph(genotype), drawing)
     done(str(drawing))
 
-    done = step("build the found cells as the paper's stem-68 network at 4x128^3")
+    done = step("build the found cells as the paper's stem-68 network for BraTS (4 channels in, 4 classes out), 4x128^3")
     stats = network_stats(genotype, BuildConfig(stem_channels=68, in_channels=4, num_classes=4), (128, 128, 128))
     say(f"      {stats.params / 1e6:.2f} M parameters, {stats.macs / 1e9:.1f} GMACs = {stats.flops / 1e9:.1f} GFLOPs, "
         f"training activations ~{stats.train_activation_bytes / 2**30:.1f} GiB")
