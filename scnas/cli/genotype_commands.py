@@ -11,7 +11,7 @@ from rich.table import Table
 from scnas.cli.main import app, stdout
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
-from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,
+from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, MAX_NODES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,
                             random_genotype, short_hash, write_genotype)
 from scnas.genotype.convert import parse_cell_map, parse_op_map
 from scnas.genotype.io import FORMATS
@@ -138,7 +138,7 @@ def schema(output: Optional[str] = typer.Option(None, "-o", "--output", help="Wr
 @genotype_app.command("random")
 def genotype_random(
     seed: int = typer.Option(..., "--seed", help="Random seed; the same seed gives the same genotype."),
-    nodes: int = typer.Option(4, "--nodes", min=1, help="Intermediate nodes per cell."),
+    nodes: int = typer.Option(4, "--nodes", min=1, max=MAX_NODES, help=f"Intermediate nodes per cell (1..{MAX_NODES})."),
     inputs: int = typer.Option(2, "--inputs-per-node", min=1, help="Incoming edges per node (fewer where fewer nodes precede)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary; default: the paper's eight ops."),
     output: str = typer.Option("-", "-o", "--output", help="File to write ('-': YAML to stdout)."),
