@@ -224,7 +224,7 @@ def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
 
 
 def parse_genotype(text: str, fmt: str, source: str | None = None, **options: Any) -> Genotype:
-    """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``) go to the
+    """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``, ``darts_names``) go to the
     DARTS reader and are ignored by the others."""
     from scnas.genotype import convert  # convert builds on this module's validation
 
@@ -312,7 +312,7 @@ def _yaml_layout(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps_genotype(genotype: Genotype, fmt: str = "yaml", **options: Any) -> str:
-    """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``) go
+    """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``, ``darts_names``) go
     to the DARTS writer and are ignored by the others."""
     from scnas.genotype import convert
 
