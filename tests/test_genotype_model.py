@@ -154,3 +154,15 @@ def test_the_largest_genotype_the_bound_allows_fits_the_reading_bounds():
     assert json.dumps(doc)  # one more node is refused, however it is written
     with pytest.raises(GenotypeError):
         genotype_from_data(doc)
+
+
+def test_validate_command_refuses_a_huge_node_count_with_one_line(cli, tmp_path, small_doc):
+    import yaml
+
+    small_doc["nodes"] = 10**9
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(small_doc, sort_keys=False))
+    result = cli("validate", path)
+    assert result.code == 1 and result.out.strip().splitlines() == [
+        f"{path}: nodes: Input should be less than or equal to {MAX_NODES} (got 1000000000): a genotype has at most "
+        f"{MAX_NODES} intermediate nodes (docs/genotype-format.md, rule S7)"]

@@ -22,7 +22,7 @@ from scnas.errors import GenotypeError, Problem
 from scnas.fileio import STDIO, atomic_write_text, read_bytes_bounded
 from scnas.genotype.canonical import normalized
 from scnas.genotype.migrate import migrate
-from scnas.genotype.model import Genotype
+from scnas.genotype.model import MAX_NODES, Genotype
 
 MAX_BYTES = 1 << 20
 """Genotype files larger than this (1 MiB) are refused; real ones are a few KiB."""
@@ -220,6 +220,8 @@ def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
                "extra_forbidden": "unknown field (see docs/genotype-format.md for the fields)"}.get(error["type"], error["msg"])
     if error["type"] not in ("missing",):
         message += f" (got {error['input']!r:.60})"
+    if path == "nodes" and error["type"] == "less_than_equal":
+        message += f": a genotype has at most {MAX_NODES} intermediate nodes (docs/genotype-format.md, rule S7)"
     return Problem(path, message)
 
 
