@@ -183,6 +183,11 @@ def main() -> None:
             text = json.dumps(doc, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(doc, sort_keys=False)
             path.write_text(text)
             manifest["valid"].append({"file": f"valid/{path.name}", "hash": genotype_hash(genotype_from_data(doc))})
+    # Rule E3's other side: quoted, the scalars readers disagree on are plain strings to all of them.
+    quoted = _yaml_with("ops:", 'provenance: {note: "yes", created: "2026-11-27", at: "1:00", octal: "0o2", '
+                               "exponent: '1e3', flag: 'on', key: \"<<\"}\nops:")
+    (HERE / "valid" / "quoted-scalars.yaml").write_text(quoted)
+    manifest["valid"].append({"file": "valid/quoted-scalars.yaml", "hash": genotype_hash(genotype_from_data(base()))})
     for name, (mutation, path, reason, schema_rejects, rule) in INVALID.items():
         doc = mutate(mutation)
         (HERE / "invalid" / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
