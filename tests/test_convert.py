@@ -6,7 +6,8 @@ import pytest
 
 from scnas.errors import GenotypeError
 from scnas.genotype import genotype_hash, parse_genotype, random_genotype
-from scnas.genotype.convert import from_darts, from_oneline, parse_cell_map, parse_op_map, to_darts, to_oneline
+from scnas.genotype.convert import (DARTS_OPS_KEY, PROVENANCE_COMMENT, from_darts, from_oneline, parse_cell_map,
+                                    parse_darts_names, parse_op_map, to_darts, to_oneline)
 
 DARTS_V2 = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
             "('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], "
@@ -69,10 +70,13 @@ def test_darts_export_refuses_what_it_cannot_express(uresnet):
         to_darts(random_genotype(1))
 
 
+_CHOSEN = {"conv_3x3x3": "sep_conv_3x3", "sep_dil3_conv_3x3x3": "dil_conv_5x5", "sep_dil4_conv_3x3x3": "sep_conv_5x5"}
+
+
 def test_darts_round_trip_of_two_cells_is_lossless_for_those_cells():
     genotype = random_genotype(4)
     cells = parse_cell_map("normal=encoder_normal;reduce=reduction")
-    back = from_darts(to_darts(genotype, cells=cells))
+    back = from_darts(to_darts(genotype, cells=cells, darts_names=_CHOSEN))  # the names written travel in the comment
     assert back.cell("encoder_normal") == genotype.cell("encoder_normal")
     assert back.cell("reduction") == genotype.cell("reduction")
 
@@ -85,6 +89,62 @@ def test_darts_export_with_foreign_op_names_reads_back():
     assert genotype_hash(from_darts(text, op_map={"sep_conv_3x3": "conv_3x3x3"})) == genotype_hash(genotype)
 
 
+def _ast_names(text: str) -> set[str]:
+    import ast
+
+    call = ast.parse(text).body[0].value
+    return {pair.elts[0].value for kw in call.keywords if kw.arg in ("normal", "reduce") for pair in kw.value.elts}
+
+
+def test_darts_export_writes_darts_names_that_darts_primitives_hold():
+    """DARTS's PRIMITIVES (cnn/genotypes.py); scnas names would not load in DARTS code."""
+    primitives = {"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+                  "dil_conv_3x3", "dil_conv_5x5"}
+    genotype = random_genotype(4, ops=["identity", "max_pool_3x3x3", "avg_pool_3x3x3", "sep_dil2_conv_3x3x3"])
+    cells = parse_cell_map("normal=encoder_normal;reduce=reduction")
+    text = to_darts(genotype, cells=cells)
+    assert _ast_names(text) <= primitives and _ast_names(text)
+    assert to_darts(genotype, cells=cells, darts_names=_CHOSEN).splitlines()[0] == text.splitlines()[0]
+
+
+def test_darts_export_of_an_op_without_darts_name_says_how_to_choose():
+    genotype = random_genotype(4, ops=["conv_3x3x3"])
+    cells = parse_cell_map("normal=encoder_normal;reduce=reduction")
+    with pytest.raises(GenotypeError, match=r"conv_3x3x3 \(in encoder_normal, node 2\) has no DARTS counterpart.*"
+                                            r"--darts-op conv_3x3x3=NAME"):
+        to_darts(genotype, cells=cells)
+    kept = to_darts(genotype, cells=cells, darts_names=parse_darts_names("conv_3x3x3=conv_3x3x3"))
+    assert _ast_names(kept) == {"conv_3x3x3"}
+
+
+def test_many_to_one_op_map_is_refused_on_export_unless_chosen():
+    genotype = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"})
+    many = {"sep_conv_3x3": "conv_3x3x3", "sep_conv_5x5": "conv_3x3x3"}
+    with pytest.raises(GenotypeError, match=r"--op-map maps sep_conv_3x3 and sep_conv_5x5 all to conv_3x3x3.*"
+                                            r"--darts-op conv_3x3x3="):
+        to_darts(genotype, op_map=many)
+    text = to_darts(genotype, op_map=many, darts_names={"conv_3x3x3": "sep_conv_5x5"})
+    assert "'sep_conv_5x5'" in text and "'sep_conv_3x3'" not in text
+    assert from_darts(DARTS_V2, op_map=many).cell("encoder_normal").edges  # reading many-to-one is fine
+
+
+def test_darts_conversion_keeps_provenance_both_ways():
+    genotype = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"}, source="v2.darts")
+    assert getattr(genotype.provenance, DARTS_OPS_KEY) == {"dil_conv_3x3": "sep_dil2_conv_3x3x3",
+                                                          "max_pool_3x3": "max_pool_3x3x3",
+                                                          "sep_conv_3x3": "conv_3x3x3", "skip_connect": "identity"}
+    described = genotype.model_copy(update={"provenance": genotype.provenance.model_copy(
+        update={"epoch": 49, "scnas_version": "0.1.0"})})
+    text = to_darts(described)  # no --op-map: the names it was read with come back
+    assert _ast_names(text.splitlines()[0]) == _ast_names(DARTS_V2)  # pairs come sorted by input, names as read
+    assert text.splitlines()[1].startswith(PROVENANCE_COMMENT)
+    back = from_darts(text)  # nor here: the comment says what sep_conv_3x3 stands for
+    assert genotype_hash(back) == genotype_hash(genotype)
+    assert (back.provenance.epoch, back.provenance.scnas_version) == (49, "0.1.0")
+    with pytest.raises(GenotypeError, match="comment is not one line of JSON"):
+        from_darts(DARTS_V2 + "\n" + PROVENANCE_COMMENT + "{oops", op_map={"sep_conv_3x3": "conv_3x3x3"})
+
+
 def test_op_and_cell_map_syntax_errors():
     with pytest.raises(GenotypeError, match="is not a scnas op"):
         parse_op_map("sep_conv_3x3=conv_5x5")
@@ -92,6 +152,10 @@ def test_op_and_cell_map_syntax_errors():
         parse_op_map("sep_conv_3x3")
     with pytest.raises(GenotypeError, match="'middle' is not a cell type"):
         parse_cell_map("normal=middle")
+    with pytest.raises(GenotypeError, match="'zero' is not a scnas edge op"):
+        parse_darts_names("zero=none")
+    with pytest.raises(GenotypeError, match="conv_3x3x3 is already written as 'a'"):
+        parse_darts_names("conv_3x3x3=a,conv_3x3x3=b")
 
 
 def test_oneline_round_trip_and_shape(uresnet):
@@ -121,3 +185,16 @@ def test_oneline_node_without_input():
 def test_bad_oneline_strings(text, words):
     with pytest.raises(GenotypeError, match=words.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
         from_oneline(text)
+
+
+def test_convert_command_refuses_many_to_one_map_and_takes_darts_op(cli, tmp_path):
+    src = tmp_path / "v2.darts"
+    src.write_text(DARTS_V2 + "\n")
+    many = "sep_conv_3x3=conv_3x3x3,sep_conv_5x5=conv_3x3x3"
+    refused = cli("convert", src, tmp_path / "out.darts", "--op-map", many)
+    assert refused.code == 1 and "--darts-op conv_3x3x3=" in refused.err and refused.err.count("\n") == 1
+    assert not (tmp_path / "out.darts").exists()
+    done = cli("convert", src, tmp_path / "out.darts", "--op-map", many, "--darts-op", "conv_3x3x3=sep_conv_3x3")
+    assert done.code == 0, done
+    assert genotype_hash(from_darts((tmp_path / "out.darts").read_text())) == genotype_hash(
+        from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"}))

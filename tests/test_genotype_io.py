@@ -179,3 +179,41 @@ def test_version_without_migration_is_refused(small_doc):
     small_doc["version"] = 0
     with pytest.raises(GenotypeError, match=r"version 0 cannot be read: this scnas reads versions 1..1"):
         genotype_from_data(small_doc)
+
+
+_AMBIGUOUS = ["yes", "No", "on", "OFF", "y", "0b10", "0o2", "010", "08", "1:00", "2026-11-27", "1e3", "1_000", "="]
+
+
+@pytest.mark.parametrize("scalar", _AMBIGUOUS)
+@pytest.mark.parametrize("as_key", [False, True])
+def test_plain_scalars_yaml_1_1_and_1_2_read_differently_are_refused(tmp_path, small_doc, scalar, as_key):
+    small_doc["provenance"] = {"note": "PLACEHOLDER"}
+    text = yaml.safe_dump(small_doc, sort_keys=False)
+    text = text.replace("note: PLACEHOLDER", f"{scalar}: x" if as_key else f"note: {scalar}")
+    message = _error(_write(tmp_path, "g.yaml", text))
+    assert "ambiguous YAML" in message and repr(scalar) in message and "line " in message and "quote it" in message
+
+
+@pytest.mark.parametrize("scalar", _AMBIGUOUS)
+def test_quoted_ambiguous_scalars_are_read_and_written_quoted(tmp_path, small_doc, scalar):
+    small_doc["provenance"] = {"note": scalar, scalar: "key"}
+    path = tmp_path / "g.yaml"
+    write_genotype(genotype_from_data(small_doc), path)
+    back = read_genotype(path)  # refused if the writer left any of them plain
+    assert back.provenance.note == scalar and getattr(back.provenance, scalar) == "key"
+    assert f'"{scalar}"' in path.read_text() or f"'{scalar}'" in path.read_text()
+
+
+def test_unambiguous_plain_scalars_are_accepted(tmp_path, small_doc):
+    small_doc["provenance"] = {"PLACEHOLDER": 1}
+    text = yaml.safe_dump(small_doc, sort_keys=False).replace(
+        "PLACEHOLDER: 1", "a: true\n  b: 0.5\n  c: .inf\n  d: ~\n  e: 0x1F\n  f: -3\n  g: '1:00'")
+    provenance = read_genotype(_write(tmp_path, "g.yaml", text)).provenance
+    assert (provenance.a, provenance.b, provenance.d, provenance.e, provenance.f, provenance.g) == (True, 0.5, None, 31, -3, "1:00")
+
+
+def test_yaml_merge_key_is_refused_by_name(tmp_path, small_doc):
+    text = yaml.safe_dump(small_doc, sort_keys=False)
+    text = text.replace("  reduction:\n", "  reduction:\n    <<: *enc\n", 1).replace("  encoder_normal:\n", "  encoder_normal: &enc\n", 1)
+    message = _error(_write(tmp_path, "merge.yaml", text))
+    assert "merge key '<<'" in message and "line " in message and message.startswith(str(tmp_path / "merge.yaml"))

@@ -6,7 +6,7 @@ import pytest
 
 from scnas.errors import GenotypeError
 from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, OPS, PAPER_OPS, builtin_genotype, genotype_from_data,
-                            genotype_hash, random_genotype)
+                            MAX_NODES, genotype_hash, random_genotype)
 
 
 def _problems(doc: dict) -> list[tuple[str, str]]:
@@ -106,3 +106,63 @@ def test_random_genotype_shape(nodes):
 def test_random_genotype_needs_a_non_zero_op():
     with pytest.raises(GenotypeError, match="no operation besides 'zero'"):
         random_genotype(0, ops=["zero"])
+
+
+@pytest.mark.parametrize("nodes", [MAX_NODES + 1, 10**9, 10**18])
+def test_node_count_above_the_bound_is_refused_in_constant_time_and_memory(small_doc, nodes):
+    import time
+    import tracemalloc
+
+    small_doc["nodes"] = nodes
+    tracemalloc.start()
+    start = time.perf_counter()
+    problems = _problems(small_doc)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [path for path, _ in problems] == ["nodes"] and str(MAX_NODES) in problems[0][1]
+    assert elapsed < 0.5 and peak < 5 * 2**20, (elapsed, peak)
+
+
+def test_semantic_rules_cost_follows_the_edges_written_not_nodes(small_doc):
+    """Defence in depth behind the bound: the whole-document rules never visit every node id."""
+    import time
+
+    from scnas.genotype.model import semantic_problems
+
+    unbounded = genotype_from_data(small_doc).model_copy(update={"nodes": 10**6})  # skips the field check
+    start = time.perf_counter()
+    assert semantic_problems(unbounded) == []
+    assert time.perf_counter() - start < 0.1
+
+
+def test_the_largest_genotype_the_bound_allows_fits_the_reading_bounds():
+    """The argument for MAX_NODES: the complete DAG at the bound is written and read back."""
+    import json
+
+    from scnas.genotype import dumps_genotype, parse_genotype
+    from scnas.genotype.io import MAX_BYTES, MAX_YAML_NODES
+
+    cell = {"edges": [{"from": s, "to": t, "op": "sep_dil2_conv_3x3x3"} for t in range(2, MAX_NODES + 2) for s in range(t)],
+            "concat": list(range(2, MAX_NODES + 2))}
+    doc = {"format": "scnas-genotype", "version": 1, "nodes": MAX_NODES, "cells": {name: cell for name in CELL_TYPES}}
+    text = dumps_genotype(genotype_from_data(doc), "json")
+    assert len(text.encode()) < MAX_BYTES
+    assert 4 * 7 * len(cell["edges"]) < MAX_YAML_NODES  # edge mappings: 3 keys + 3 values + the mapping
+    assert genotype_hash(parse_genotype(text, "json")) == genotype_hash(genotype_from_data(doc))
+    doc["nodes"] = MAX_NODES + 1
+    assert json.dumps(doc)  # one more node is refused, however it is written
+    with pytest.raises(GenotypeError):
+        genotype_from_data(doc)
+
+
+def test_validate_command_refuses_a_huge_node_count_with_one_line(cli, tmp_path, small_doc):
+    import yaml
+
+    small_doc["nodes"] = 10**9
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(small_doc, sort_keys=False))
+    result = cli("validate", path)
+    assert result.code == 1 and result.out.strip().splitlines() == [
+        f"{path}: nodes: Input should be less than or equal to {MAX_NODES} (got 1000000000): a genotype has at most "
+        f"{MAX_NODES} intermediate nodes (docs/genotype-format.md, rule S7)"]

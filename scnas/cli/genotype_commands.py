@@ -11,9 +11,9 @@ from rich.table import Table
 from scnas.cli.main import app, stdout
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
-from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,
+from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, MAX_NODES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,
                             random_genotype, short_hash, write_genotype)
-from scnas.genotype.convert import parse_cell_map, parse_op_map
+from scnas.genotype.convert import parse_cell_map, parse_darts_names, parse_op_map
 from scnas.genotype.io import FORMATS
 from scnas.genotype.schema import json_schema_text
 
@@ -101,7 +101,13 @@ def convert(
     from_format: Optional[str] = typer.Option(None, "--from", help=_FORMAT_HELP),
     to_format: Optional[str] = typer.Option(None, "--to", help=_FORMAT_HELP + " '-' defaults to yaml."),
     op_map: Optional[str] = typer.Option(None, "--op-map", metavar="DARTS=SCNAS,...",
-                                         help="DARTS op names -> scnas ops, e.g. 'sep_conv_3x3=conv_3x3x3'."),
+                                         help="DARTS op names -> scnas ops, e.g. 'sep_conv_3x3=conv_3x3x3'. Writing DARTS, "
+                                              "each scnas op is written as the DARTS name mapped to it."),
+    darts_op: Optional[str] = typer.Option(
+        None, "--darts-op", metavar="SCNAS=DARTS,...",
+        help="Writing DARTS: the DARTS name to write for a scnas op, e.g. 'conv_3x3x3=sep_conv_3x3'. Needed for ops "
+             "with no DARTS counterpart (conv_3x3x3, sep_dil3/4) and to choose when --op-map maps several DARTS "
+             "names to one scnas op; 'conv_3x3x3=conv_3x3x3' keeps the scnas name."),
     darts_cells: Optional[str] = typer.Option(
         None, "--darts-cells", metavar="MAP",
         help="Which scnas cells a DARTS cell stands for; default "
@@ -111,9 +117,13 @@ def convert(
     """Convert between YAML, JSON, DARTS Genotype(...) strings and the one-line form.
 
     Formats follow the suffixes .yaml/.yml, .json, .darts, .oneline. DARTS strings are read
-    as data (never evaluated); 'none' edges are dropped.
+    as data (never evaluated); 'none' edges are dropped, and the DARTS names used are kept in
+    provenance.darts_ops. DARTS strings are written with DARTS's own op names (skip_connect,
+    max_pool_3x3, avg_pool_3x3, dil_conv_3x3; others from --op-map, --darts-op or the names the
+    genotype was read with) and the provenance in a trailing '# scnas-provenance:' comment.
     """
-    options = {"op_map": parse_op_map(op_map), "cells": parse_cell_map(darts_cells)}
+    options = {"op_map": parse_op_map(op_map), "cells": parse_cell_map(darts_cells),
+               "darts_names": parse_darts_names(darts_op)}
     genotype = load_genotype(source, from_format, **options)
     write_genotype(genotype, target, to_format, **options)
     if target != "-":
@@ -138,7 +148,7 @@ def schema(output: Optional[str] = typer.Option(None, "-o", "--output", help="Wr
 @genotype_app.command("random")
 def genotype_random(
     seed: int = typer.Option(..., "--seed", help="Random seed; the same seed gives the same genotype."),
-    nodes: int = typer.Option(4, "--nodes", min=1, help="Intermediate nodes per cell."),
+    nodes: int = typer.Option(4, "--nodes", min=1, max=MAX_NODES, help=f"Intermediate nodes per cell (1..{MAX_NODES})."),
     inputs: int = typer.Option(2, "--inputs-per-node", min=1, help="Incoming edges per node (fewer where fewer nodes precede)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary; default: the paper's eight ops."),
     output: str = typer.Option("-", "-o", "--output", help="File to write ('-': YAML to stdout)."),

@@ -14,6 +14,7 @@ Both round-trip losslessly (equal hash) for what they can express; anything else
 from __future__ import annotations
 
 import ast
+import json
 from typing import Any
 
 from scnas.errors import GenotypeError
@@ -31,6 +32,16 @@ DARTS_OP_NAMES: dict[str, str] = {
 }
 """DARTS operation names with an exact 3D counterpart. Others (sep_conv_3x3 is two stacked
 separable convs, 5x5 kernels) need an explicit ``op_map``."""
+
+SCNAS_TO_DARTS: dict[str, str] = {scnas: darts for darts, scnas in DARTS_OP_NAMES.items() if scnas != ZERO}
+"""The DARTS name written for a scnas op with an exact DARTS counterpart. conv_3x3x3,
+sep_dil3_conv_3x3x3 and sep_dil4_conv_3x3x3 have none: writing them needs a chosen name."""
+
+PROVENANCE_COMMENT = "# scnas-provenance: "
+"""A DARTS file written by scnas ends with this comment and the provenance as one line of JSON;
+DARTS code ignores it (it is a comment), scnas reads it back."""
+DARTS_OPS_KEY = "darts_ops"
+"""Provenance field of a genotype read from DARTS: the DARTS op names it used, DARTS -> scnas."""
 
 DEFAULT_DARTS_CELLS: dict[str, tuple[str, ...]] = {
     "normal": ("encoder_normal", "decoder_normal"),
@@ -50,6 +61,24 @@ def parse_op_map(text: str | None) -> dict[str, str]:
         if target.strip() not in OPS:
             raise GenotypeError(f"op map entry {item!r}: {target.strip()!r} is not a scnas op; known ops: {', '.join(OPS)}")
         result[name.strip()] = target.strip()
+    return result
+
+
+def parse_darts_names(text: str | None) -> dict[str, str]:
+    """``"conv_3x3x3=sep_conv_3x3"`` -> {scnas op: DARTS name to write}."""
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, target = (part.strip() for part in item.partition("="))
+        if not sep or not name or not target:
+            raise GenotypeError(f"DARTS op name entry {item!r} is not SCNAS_OP=DARTS_NAME")
+        if name not in OPS or name == ZERO:
+            raise GenotypeError(f"DARTS op name entry {item!r}: {name!r} is not a scnas edge op; known ops: "
+                                f"{', '.join(op for op in OPS if op != ZERO)}")
+        if not target.isidentifier():
+            raise GenotypeError(f"DARTS op name entry {item!r}: {target!r} is not a DARTS op name (letters, digits, _)")
+        if result.get(name, target) != target:
+            raise GenotypeError(f"DARTS op name entry {item!r}: {name} is already written as {result[name]!r}")
+        result[name] = target
     return result
 
 
@@ -139,17 +168,36 @@ def _parse_darts_call(text: str, source: str | None) -> dict[str, Any]:
     }
 
 
+def _provenance_comment(text: str, source: str | None) -> dict[str, Any]:
+    """The provenance a scnas-written DARTS file keeps in its last comment line (or none)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(PROVENANCE_COMMENT):
+            try:
+                value = json.loads(line[len(PROVENANCE_COMMENT):])
+            except ValueError as exc:
+                raise GenotypeError(f"the {PROVENANCE_COMMENT.strip()!r} comment is not one line of JSON ({exc})",
+                                    source=source) from None
+            if not isinstance(value, dict):
+                raise GenotypeError(f"the {PROVENANCE_COMMENT.strip()!r} comment must hold a JSON object", source=source)
+            return value
+    return {}
+
+
 def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] | None = None,
-               cells: dict[str, tuple[str, ...]] | None = None) -> Genotype:
+               cells: dict[str, tuple[str, ...]] | None = None, **_: Any) -> Genotype:
     """Read a DARTS ``Genotype(...)`` string. ``op_map`` maps foreign op names to scnas ones
     (added to :data:`DARTS_OP_NAMES`; scnas names map to themselves); ``cells`` says which
-    scnas cells each DARTS cell becomes; every scnas cell must be covered exactly once."""
+    scnas cells each DARTS cell becomes; every scnas cell must be covered exactly once. The
+    DARTS names used are kept in ``provenance.darts_ops`` (so writing DARTS again gives them
+    back), with the provenance of a ``# scnas-provenance:`` comment if the text has one."""
     darts = _parse_darts_call(text, source)
     cells = cells or DEFAULT_DARTS_CELLS
     covered = [name for names in cells.values() for name in names]
     if sorted(covered) != sorted(CELL_TYPES):
         raise GenotypeError(f"the cell mapping must give every scnas cell exactly once; it gives {covered}", source=source)
-    names = {**DARTS_OP_NAMES, **(op_map or {})}
+    provenance = _provenance_comment(text, source)
+    recorded = provenance.get(DARTS_OPS_KEY)
+    names = {**DARTS_OP_NAMES, **(recorded if isinstance(recorded, dict) else {}), **(op_map or {})}
     node_counts = {len(darts["normal"]), len(darts["reduce"])}
     if len(node_counts) != 1 or min(node_counts) % 2:
         raise GenotypeError("DARTS cells must list two (op, input) pairs per node, the same number of nodes in "
@@ -158,6 +206,7 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
     if nodes < 1:
         raise GenotypeError("DARTS cells are empty", source=source)
     result: dict[str, Any] = {}
+    used: dict[str, str] = {}
     for darts_cell, scnas_cells in cells.items():
         edges = []
         for i, (op, src) in enumerate(darts[darts_cell]):
@@ -168,6 +217,8 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
                                     f"--op-map {op}=conv_3x3x3 (scnas ops: {', '.join(OPS)})", source=source)
             if scnas_op == ZERO:
                 continue
+            if op != scnas_op:
+                used[op] = scnas_op
             if any(e["from"] == src and e["to"] == target for e in edges):
                 raise GenotypeError(f"DARTS {darts_cell}[{i}]: node {target} takes input {src} twice; scnas allows one "
                                     "operation per pair of nodes", source=source)
@@ -177,21 +228,48 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
             result[name] = cell
     data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "nodes": nodes, "ops": list(PAPER_OPS),
             "cells": {name: result[name] for name in CELL_TYPES}}
+    if used:
+        provenance[DARTS_OPS_KEY] = dict(sorted(used.items()))
+    if provenance:
+        data["provenance"] = provenance
     return genotype_from_data(data, source)
 
 
+def _darts_names(genotype: Genotype, op_map: dict[str, str] | None, darts_names: dict[str, str] | None) -> dict[str, str]:
+    """scnas op -> DARTS name to write, from (first wins) the explicit ``darts_names``, the
+    inverse of ``op_map``, the names the genotype was read with, and :data:`SCNAS_TO_DARTS`.
+    A many-to-one ``op_map`` (or recorded names) without an explicit choice is refused."""
+    chosen = dict(darts_names or {})
+    recorded = getattr(genotype.provenance, DARTS_OPS_KEY, None) if genotype.provenance else None
+    for origin, mapping in (("--op-map", op_map or {}),
+                            (f"provenance.{DARTS_OPS_KEY}", recorded if isinstance(recorded, dict) else {})):
+        inverse: dict[str, list[str]] = {}
+        for foreign, scnas in mapping.items():
+            if scnas in OPS and scnas != ZERO:
+                inverse.setdefault(scnas, []).append(foreign)
+        for scnas, foreigns in inverse.items():
+            if scnas in chosen:
+                continue
+            if len(foreigns) > 1:
+                raise GenotypeError(f"cannot write DARTS names: {origin} maps {' and '.join(sorted(foreigns))} all to "
+                                    f"{scnas}, so the name to write back is a guess; choose one with --darts-op "
+                                    f"{scnas}={sorted(foreigns)[0]}")
+            chosen[scnas] = foreigns[0]
+    return {**SCNAS_TO_DARTS, **chosen}
+
+
 def to_darts(genotype: Genotype, *, op_map: dict[str, str] | None = None,
-             cells: dict[str, tuple[str, ...]] | None = None) -> str:
+             cells: dict[str, tuple[str, ...]] | None = None, darts_names: dict[str, str] | None = None) -> str:
     """Write a DARTS ``Genotype(...)`` string. Every scnas cell a DARTS cell stands for must be
     identical (the default mapping needs decoder_normal == encoder_normal and expansion ==
     reduction); pass ``cells`` naming one scnas cell each to export just those. Op names are
-    scnas names unless ``op_map`` (foreign -> scnas, as for reading) says otherwise."""
+    DARTS's own (see :func:`_darts_names`); an op with no DARTS name is refused."""
     cells = cells or DEFAULT_DARTS_CELLS
     if set(cells) != {"normal", "reduce"}:
         raise GenotypeError("a DARTS genotype needs both a normal and a reduce cell in the cell mapping")
     canonical = canonical_dict(genotype)["cells"]
-    inverse = {scnas: foreign for foreign, scnas in (op_map or {}).items()}
-    parts = []
+    names = _darts_names(genotype, op_map, darts_names)
+    parts, written = [], {}
     for darts_cell in ("normal", "reduce"):
         first, *others = cells[darts_cell]
         for other in others:
@@ -206,9 +284,25 @@ def to_darts(genotype: Genotype, *, op_map: dict[str, str] | None = None,
             if len(incoming) != 2:
                 raise GenotypeError(f"cannot express in DARTS form: node {node} of {first} has {len(incoming)} "
                                     "incoming edge(s); DARTS cells have exactly two per node")
-            pairs += [(inverse.get(e.op, e.op), e.source) for e in incoming]
+            for edge in incoming:
+                if edge.op not in names:
+                    raise GenotypeError(f"cannot write DARTS names: {edge.op} (in {first}, node {node}) has no DARTS "
+                                        f"counterpart; name the DARTS op to write with --darts-op {edge.op}=NAME (e.g. "
+                                        f"{edge.op}=sep_conv_3x3), or --darts-op {edge.op}={edge.op} to keep the scnas "
+                                        "name (DARTS code will not know it)")
+                pairs.append((names[edge.op], edge.source))
+                if names[edge.op] != edge.op:
+                    written[names[edge.op]] = edge.op
         parts.append(f"{darts_cell}={pairs!r}, {darts_cell}_concat={sorted(cell.concat)!r}")
-    return f"Genotype({', '.join(parts)})"
+    text = f"Genotype({', '.join(parts)})"
+    # DARTS has no field for provenance; a trailing comment keeps it (and the names written, so
+    # scnas reads the file back without an --op-map) without disturbing DARTS code.
+    provenance = {**genotype.to_dict().get("provenance", {}), DARTS_OPS_KEY: dict(sorted(written.items()))}
+    if not written:
+        del provenance[DARTS_OPS_KEY]
+    if provenance:
+        text += "\n" + PROVENANCE_COMMENT + json.dumps(provenance, sort_keys=True, separators=(",", ":"))
+    return text
 
 
 # ----------------------------------------------------------------------------- one-line form

@@ -9,7 +9,9 @@ expansion) and uses YAML's safe loader; writing is atomic. Every failure is a
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from scnas.errors import GenotypeError, Problem
 from scnas.fileio import STDIO, atomic_write_text, read_bytes_bounded
 from scnas.genotype.canonical import normalized
 from scnas.genotype.migrate import migrate
-from scnas.genotype.model import Genotype
+from scnas.genotype.model import MAX_NODES, Genotype
 
 MAX_BYTES = 1 << 20
 """Genotype files larger than this (1 MiB) are refused; real ones are a few KiB."""
@@ -52,21 +54,88 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _check_expanded_size(root: yaml.Node, source: str | None) -> None:
+# YAML 1.2 core schema resolution of plain scalars (YAML 1.2.2, section 10.3.2), in order.
+_CORE_12: tuple[tuple[re.Pattern[str], Any], ...] = tuple((re.compile(pattern), make) for pattern, make in (
+    (r"null|Null|NULL|~|", lambda v: None),
+    (r"true|True|TRUE|false|False|FALSE", lambda v: v.lower() == "true"),
+    (r"[-+]?[0-9]+", int),
+    (r"0o[0-7]+", lambda v: int(v[2:], 8)),
+    (r"0x[0-9a-fA-F]+", lambda v: int(v[2:], 16)),
+    (r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", float),
+    (r"[-+]?(\.inf|\.Inf|\.INF)", lambda v: float(v.lower().replace(".inf", "inf"))),
+    (r"\.nan|\.NaN|\.NAN", lambda v: math.nan),
+))
+
+
+def core_12_value(text: str) -> Any:
+    """What a YAML 1.2 core-schema reader makes of the plain (unquoted) scalar ``text``."""
+    for pattern, make in _CORE_12:
+        if pattern.fullmatch(text):
+            return make(text)
+    return text
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def _describe(value: Any) -> str:
+    kind = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}")
+    if value is None or isinstance(value, str):
+        return kind
+    return f"{kind} ({value!r})" if isinstance(value, (bool, int, float)) else f"{kind} ({value})"
+
+
+_YAML_11_SPEC_BOOLS = {"y": True, "Y": True, "n": False, "N": False}
+"""Booleans in the YAML 1.1 type repository that PyYAML reads as strings; other 1.1 readers do not."""
+
+
+def _check_scalar(loader: yaml.SafeLoader, node: yaml.ScalarNode, is_key: bool, source: str | None) -> None:
+    """Refuse a plain scalar that YAML 1.1 (PyYAML, many other readers) and the YAML 1.2 core
+    schema read differently (``yes``, ``0b10``, ``0o2``, ``010``, ``1:00``, ``2026-11-27``,
+    ``1e3``, ``1_000``, ``<<``, ...): the document would mean different things to different readers."""
+    if node.style is not None or node.tag != loader.resolve(yaml.ScalarNode, node.value, (True, False)):
+        return  # quoted, block or explicitly tagged: unambiguous
+    where = f"line {node.start_mark.line + 1} column {node.start_mark.column + 1}"
+    if node.value == "<<" and is_key:
+        raise GenotypeError(f"not supported YAML: merge key '<<' at {where}: YAML 1.2 has no merge keys and readers "
+                            "disagree on them; write the mapping's fields out (an alias of a whole value is fine)",
+                            source=source)
+    constructor = yaml.SafeLoader.yaml_constructors.get(node.tag)
+    try:
+        old = constructor(loader, node) if constructor else None
+    except (yaml.YAMLError, ValueError, TypeError):
+        constructor = None
+    old = _YAML_11_SPEC_BOOLS.get(node.value, old)
+    new = core_12_value(node.value)
+    if constructor is None or not _same_value(old, new):
+        as_old = _describe(old) if constructor else f"the special tag {node.tag.rsplit(':', 1)[-1]!r}"
+        raise GenotypeError(f"ambiguous YAML: the unquoted {'key' if is_key else 'value'} {node.value!r} at {where} "
+                            f"is {as_old} in YAML 1.1 but {_describe(new)} in YAML 1.2; quote it "
+                            f"(\"{node.value}\") or write it in a form both read alike", source=source)
+
+
+def _check_document(loader: yaml.SafeLoader, root: yaml.Node, source: str | None) -> None:
     # Aliases share composed nodes, so the walk below counts what a consumer would traverse;
     # "billion laughs" documents and self-referencing aliases stop at the bound.
-    count, stack = 0, [root]
+    count, stack, checked = 0, [(root, False)], set()
     while stack:
-        node = stack.pop()
+        node, is_key = stack.pop()
         count += 1
         if count > MAX_YAML_NODES:
             raise GenotypeError(f"YAML document expands to more than {MAX_YAML_NODES} nodes "
                                 "(aliases nested to explode?); refusing to load it", source=source)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                stack += (key, value)
+                stack += ((key, True), (value, False))
         elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
+            stack.extend((item, False) for item in node.value)
+        elif id(node) not in checked:
+            checked.add(id(node))
+            _check_scalar(loader, node, is_key, source)
 
 
 def _parse_yaml(text: str, source: str | None) -> Any:
@@ -79,7 +148,7 @@ def _parse_yaml(text: str, source: str | None) -> Any:
         root = loader.get_single_node()
         if root is None:
             return None
-        _check_expanded_size(root, source)
+        _check_document(loader, root, source)
         return loader.construct_document(root)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -151,11 +220,13 @@ def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
                "extra_forbidden": "unknown field (see docs/genotype-format.md for the fields)"}.get(error["type"], error["msg"])
     if error["type"] not in ("missing",):
         message += f" (got {error['input']!r:.60})"
+    if path == "nodes" and error["type"] == "less_than_equal":
+        message += f": a genotype has at most {MAX_NODES} intermediate nodes (docs/genotype-format.md, rule S7)"
     return Problem(path, message)
 
 
 def parse_genotype(text: str, fmt: str, source: str | None = None, **options: Any) -> Genotype:
-    """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``) go to the
+    """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``, ``darts_names``) go to the
     DARTS reader and are ignored by the others."""
     from scnas.genotype import convert  # convert builds on this module's validation
 
@@ -215,7 +286,15 @@ class _FlowList(list):
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    """Quotes every string a YAML 1.1 or a YAML 1.2 core reader would not read back as that string."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        if not isinstance(core_12_value(data), str) or data in ("<<", "=") or data in _YAML_11_SPEC_BOOLS:
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+        return super().represent_str(data)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
 
 
 _Dumper.add_representer(_Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
@@ -235,7 +314,7 @@ def _yaml_layout(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def dumps_genotype(genotype: Genotype, fmt: str = "yaml", **options: Any) -> str:
-    """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``) go
+    """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``, ``darts_names``) go
     to the DARTS writer and are ignored by the others."""
     from scnas.genotype import convert
 

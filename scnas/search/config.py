@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from scnas.genotype import OPS, PAPER_OPS
+from scnas.genotype import MAX_NODES, OPS, PAPER_OPS
 
 
 class SearchConfig(BaseModel):
@@ -19,7 +19,7 @@ class SearchConfig(BaseModel):
     spacing: tuple[float, float, float] = Field((0.7, 0.7, 0.7), description="target spacing when data is a task folder")
     fold: int = Field(0, ge=0)
     stem: int = Field(48, ge=1, description="stem channels during search (paper: 48)")
-    nodes: int = Field(4, ge=1)
+    nodes: int = Field(4, ge=1, le=MAX_NODES)
     depth: int = Field(3, ge=1, le=8)
     ops: list[str] = Field(default_factory=lambda: list(PAPER_OPS), min_length=2)
     patch: tuple[int, int, int] = (128, 128, 128)

@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 
 from scnas.errors import GenotypeError
-from scnas.genotype.model import CELL_TYPES, FORMAT_NAME, FORMAT_VERSION, NUM_INPUTS, Genotype
+from scnas.genotype.model import CELL_TYPES, FORMAT_NAME, FORMAT_VERSION, MAX_NODES, NUM_INPUTS, Genotype
 from scnas.genotype.ops import PAPER_OPS, ZERO
 
 BUILTIN_NAMES: tuple[str, ...] = ("uresnet", "minimal")
@@ -42,6 +42,8 @@ def random_genotype(seed: int, nodes: int = 4, ops: list[str] | tuple[str, ...] 
         raise GenotypeError("random genotype: the vocabulary has no operation besides 'zero'")
     if nodes < 1 or inputs_per_node < 1:
         raise GenotypeError("random genotype: nodes and inputs_per_node must be at least 1")
+    if nodes > MAX_NODES:
+        raise GenotypeError(f"random genotype: nodes is {nodes}; a genotype has at most {MAX_NODES} nodes")
     rng = random.Random(seed)
     cells = {}
     for name in CELL_TYPES:
