@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 import os
 import shutil
 import struct
@@ -75,8 +76,18 @@ def test_unknown_drawing_format(tmp_path, uresnet):
 
 def test_alpha_draws_every_candidate_with_its_strength(searched):
     source = cells_graph(searched, ["reduction"], alpha=True).source
-    assert "conv_3x3x3 0.65" in source and "identity 0.05" in source
-    assert source.count("->") >= 5 * 2  # at least conv and one more op on each candidate edge
+    chosen = {(e.source, e.target): e.op for e in searched.cell("reduction").edges}
+    concat = len(searched.cell("reduction").concat)
+    assert source.count("->") == 5 + concat + 1   # one arrow per candidate edge (not per op), concat, layout
+    labels = dict(((int(s), int(t)), label.split("\n")) for s, t, label in
+                  re.findall(r'"0_(\d)" -> "0_(\d)" \[label="([^"]*)"', source))
+    assert len(labels) == 5
+    for edge, lines in labels.items():
+        op = chosen.get(edge)
+        assert lines[0] == ("conv_3x3x3 * 0.65" if op == "conv_3x3x3" else "conv_3x3x3 0.65")   # likeliest first
+        assert len(lines) == (3 if op not in (None, "conv_3x3x3") and f"{op} * 0.05" != lines[1] else 2)
+        if op is not None:   # the chosen op is on its edge's label, marked, with its probability
+            assert f"{op} * {0.65 if op == 'conv_3x3x3' else 0.05:.2f}" in lines
 
 
 def test_alpha_still_draws_chosen_edges_without_probabilities(small_doc):

@@ -99,8 +99,9 @@ def draw(
     output: str = typer.Option(..., "-o", "--output", help="cells.svg, .png, .pdf or .dot (.dot needs no Graphviz)."),
     cell: Optional[str] = typer.Option(None, "--cell", help="Draw only this cell (encoder_normal, reduction, "
                                                             "decoder_normal, expansion)."),
-    alpha: bool = typer.Option(False, "--alpha", help="Draw every candidate edge with strength softmax(alpha), from "
-                                                      "the probabilities a searched genotype carries."),
+    alpha: bool = typer.Option(False, "--alpha", help="Draw every candidate edge of a searched genotype as one arrow "
+                                                      "labelled with its two likeliest ops and their softmax(alpha) "
+                                                      "(* marks the chosen op), as thick as the likeliest."),
     network: bool = typer.Option(False, "--network", help="Draw the whole U-Net instead of the cells."),
     stem: int = typer.Option(68, "--stem", min=1, help="With --network and a genotype: stem channels."),
     depth: int = typer.Option(3, "--depth", min=1, max=8, help="With --network and a genotype: down-samplings."),

@@ -25,8 +25,9 @@ OP_COLOURS = {  # shades within a family so that dilations tell apart
 INPUT_LABELS = {0: "<c<SUB>k-2</SUB>>", 1: "<c<SUB>k-1</SUB>>"}  # Graphviz HTML labels
 OUTPUT_LABEL = "<c<SUB>k</SUB>>"
 RENDER_FORMATS = ("svg", "png", "pdf")
-ALPHA_MIN_P = 0.05
-"""With --alpha, candidate ops below this probability are left out to keep the picture legible."""
+ALPHA_TOP = 2
+"""With --alpha, each candidate edge is one arrow labelled with its ALPHA_TOP likeliest ops (and
+the chosen op when it is not among them): 14 arrows a cell at 4 nodes, not one per op (112)."""
 
 
 class DrawError(ScnasError):
@@ -77,15 +78,15 @@ def _alpha_edges(graph: graphviz.Digraph, genotype: Genotype, cell_type: str, pr
             graph.edge(f"{prefix}{source}", f"{prefix}{target}", label=op, color=op_colour(op),
                        fontcolor=op_colour(op), penwidth="2")
     for entry in entries:
-        for op, p in sorted(entry.p.items(), key=lambda item: -item[1]):
-            if p < ALPHA_MIN_P:
-                continue
-            colour = op_colour(op)
-            opacity = f"{max(40, int(255 * p)):02x}"
-            picked = chosen.get((entry.source, entry.target)) == op
-            graph.edge(f"{prefix}{entry.source}", f"{prefix}{entry.target}", label=f"{op} {p:.2f}",
-                       color=colour + opacity, fontcolor=colour, penwidth=f"{0.5 + 5 * p:.2f}",
-                       style="solid" if picked or op == ZERO else "dashed")
+        ranked = sorted(entry.p.items(), key=lambda item: -item[1])
+        picked = chosen.get((entry.source, entry.target))
+        lines = ranked[:ALPHA_TOP] + [(op, p) for op, p in ranked[ALPHA_TOP:] if op == picked]
+        label = "\n".join(f"{op}{' *' if op == picked else ''} {p:.2f}" for op, p in lines)
+        top_op, top_p = ranked[0]
+        colour = op_colour(top_op)
+        opacity = f"{max(60, int(255 * top_p)):02x}"
+        graph.edge(f"{prefix}{entry.source}", f"{prefix}{entry.target}", label=label, color=colour + opacity,
+                   fontcolor=colour, penwidth=f"{0.5 + 4 * top_p:.2f}", style="solid" if picked else "dashed")
 
 
 def cells_graph(genotype: Genotype, cells: list[str] | None = None, alpha: bool = False,
