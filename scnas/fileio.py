@@ -98,7 +98,7 @@ def give_default_mode(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
 
 
-def _in_the_way(folder: Path) -> Path | None:
+def file_in_the_way(folder: Path) -> Path | None:
     """The nearest of ``folder`` and its parents that exists and is not a folder, if any."""
     for candidate in (folder, *folder.parents):
         if candidate.exists() or candidate.is_symlink():
@@ -113,7 +113,7 @@ def ensure_folder(folder: str | os.PathLike, error: type[ScnasError] = OutputErr
     command that writes into a folder of its own (run folders, caches, predictions,
     phantoms) goes through here."""
     folder = Path(folder)
-    blocker = _in_the_way(folder)
+    blocker = file_in_the_way(folder)
     if blocker is not None:
         where = "is a file" if blocker == folder else f"cannot be created: {str(blocker)!r} is a file"
         raise error(f"{where}, not a folder; cannot be used as {what}", source=str(folder))

@@ -219,7 +219,7 @@ def declared_size_problem(image, path: Path) -> str | None:
     voxels = math.prod(shape)
     declared = voxels * np.dtype(image.get_data_dtype()).itemsize
     size = path.stat().st_size
-    offset = int(image.header.get_data_offset() or 0)
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)   # the header copy of a loaded image reads 0
     with path.open("rb") as fh:
         magic = fh.read(2)
     what = f"its header declares {'x'.join(map(str, shape))} voxels ({_size(declared)})"
@@ -271,9 +271,9 @@ def _channel_problem(found: int, shape: tuple[int, ...], dataset: Dataset, files
     expected = f"expected {dataset.num_channels} ({', '.join(dataset.channel_names)})"
     if files == 1 and found == 1 and dataset.num_channels > 1 and shape[-1] == dataset.num_channels:
         return (f"image is a 3D array of shape {tuple(shape)} whose last axis has {shape[-1]} entries: a 2D image with "
-                f"{shape[-1]} channels? scnas segments 3D volumes: {expected} channels as a 4D image (x, y, z, channel)")
+                f"{shape[-1]} channels? scnas segments 3D volumes; {expected} channels as a 4D image (x, y, z, channel)")
     if files == 1 and found == 1:
-        return f"image is a single 3D volume {tuple(shape)} (1 channel); {expected} channels as a 4D image (x, y, z, channel)"
+        return f"image has 1 channel(s), {expected} (a single 3D volume {tuple(shape)}; channels come as a 4D image)"
     return f"image has {found} channel(s), {expected}"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from scnas.data.dataset import DatasetError
-from scnas.fileio import ensure_folder, give_default_mode
+from scnas.fileio import ensure_folder, file_in_the_way, give_default_mode
 
 CHANNEL_NAMES = ("FLAIR", "T1w", "T1gd", "T2w", "ADC", "DWI", "PD", "SWI")
 
@@ -74,7 +74,9 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
     if occupied and not force:
         raise DatasetError("already exists; choose another folder or pass --force to replace it", source=str(out))
     if not out.parent.is_dir():
-        raise DatasetError(f"folder {str(out.parent)!r} does not exist", source=str(out))
+        blocker = file_in_the_way(out.parent)
+        raise DatasetError(f"{str(blocker)!r} is a file, not a folder" if blocker else
+                           f"folder {str(out.parent)!r} does not exist", source=str(out))
     ensure_folder(out.parent, DatasetError, "the folder of a phantom dataset")   # writable: fail before any work
     dataset_rng = np.random.default_rng([seed, 0])
     contrasts = np.empty((channels, classes + 1))
