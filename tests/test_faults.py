@@ -104,6 +104,22 @@ def test_an_uncompressed_file_shorter_than_its_header_says_and_a_volume_larger_t
                                    for line in lines), lines
 
 
+def test_check_reports_a_case_that_does_not_fit_in_memory_and_goes_on(copy, monkeypatch):
+    import scnas.data.check as check_module
+
+    real = check_module.load_case
+
+    def short_of_memory(dataset, case, *args, **kwargs):
+        if case.case_id == "phantom_002":
+            raise MemoryError
+        return real(dataset, case, *args, **kwargs)
+
+    monkeypatch.setattr(check_module, "load_case", short_of_memory)
+    count, lines = check_dataset(copy)
+    assert count == 5 and lines == [f"{copy / 'imagesTr' / 'phantom_002.nii.gz'}: case phantom_002: does not fit in "
+                                    "this machine's memory"]
+
+
 def test_the_deflate_bound_is_a_true_bound():
     """What makes refusing by the ratio safe: the most compressible data (zeros) stays under it."""
     zeros = bytes(64 << 20)
