@@ -77,6 +77,56 @@ def ensure_writable(path: str | os.PathLike) -> None:
     os.unlink(probe)
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status`` on Linux; else
+    set and restored, which other threads could observe for an instant)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the permissions a plain
+    ``open()`` or ``mkdir()`` would: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that exists and is not a folder, if any."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def ensure_folder(folder: str | os.PathLike, error: type[ScnasError] = OutputError, what: str = "an output folder") -> Path:
+    """Create ``folder`` (and its parents) where it is missing and check that files can be
+    written in it, before slow work starts; otherwise raise ``error`` naming the folder and
+    the fault: a file in the way, no permission, a read-only or full file system. Every
+    command that writes into a folder of its own (run folders, caches, predictions,
+    phantoms) goes through here."""
+    folder = Path(folder)
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        where = "is a file" if blocker == folder else f"cannot be created: {str(blocker)!r} is a file"
+        raise error(f"{where}, not a folder; cannot be used as {what}", source=str(folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".scnas-write-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)   # a preparation cleaning the folder may have removed it
+    except OSError as exc:
+        raise error(f"cannot be used as {what}: {exc.strerror or exc}", source=str(folder)) from None
+    return folder
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename (``-`` writes to stdout)."""
     name = str(path)
@@ -95,10 +145,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_mode(tmp)   # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException as exc:
         try:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from scnas.errors import ScnasError
-from scnas.fileio import atomic_write_bytes
+from scnas.fileio import atomic_write_bytes, ensure_folder
 
 
 @dataclass
@@ -107,13 +107,7 @@ def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -
 def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
     """Create a run folder (and parents), or fail with a message naming it (a file in the way,
     no permission, a read-only file system)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".scnas-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise error(f"cannot be used as a run folder: {exc.strerror or exc}", source=str(folder)) from None
+    ensure_folder(folder, error, "a run folder")
 
 
 def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: None, poll_seconds: float = 5.0,
@@ -154,9 +148,10 @@ ends at least this long after they were last drawn (drawing takes seconds, which
 short epochs); the data behind them are written every epoch."""
 
 RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots",
-                     "compile")
-"""Settings a resumed run may change: how long it runs, and how a step is fitted into memory
-(which changes no result beyond rounding)."""
+                     "compile", "device")
+"""Settings a resumed run may change: how long it runs, how a step is fitted into memory
+(which changes no result beyond rounding), loader processes, plots, compilation, and the
+device (a change of precision that would follow, ``--amp auto``, is refused separately)."""
 
 
 def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:

@@ -76,9 +76,11 @@ def prepare(
 def check(dataset: str = typer.Argument(..., metavar="DATASET", help="Task folder with dataset.json.")) -> None:
     """Read every case and report every problem (one line each); exit 1 if there is any.
 
-    Checks: referenced files exist and read (truncated or non-gzip files), image and label
-    shape and affine, channel count, undeclared label values, non-integer labels, NaN/Inf
-    voxels, all-zero images, 2D images.
+    Checks: referenced files exist and read (truncated or non-gzip files), the size a header
+    declares against the file (and memory) before reading, image and label shape and affine
+    (a singular affine is refused), channel count, training entries without a label,
+    undeclared label values, non-integer labels, NaN/Inf voxels, all-zero images, 2D images
+    and zero-size axes. dataset.json's label values must be 0..K-1.
     """
     from scnas.data import check_dataset
 

@@ -6,6 +6,7 @@ usage errors exit 2; anything else is a bug and says so. Tracebacks only with ``
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Optional
 
@@ -79,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         app(args=args, prog_name="scnas")
     except SystemExit as exc:
         code = exc.code
+        if code == 130 and _interrupted_by_user(exc):   # typer turns Ctrl-C into a silent exit 130
+            stderr.out(interrupted_message(args))
         return code if isinstance(code, int) else (0 if code is None else 1)
     except KeyboardInterrupt:
-        stderr.out("interrupted")
+        stderr.out(interrupted_message(args))
         return 130
     except ScnasError as exc:
         if debug:
@@ -89,13 +92,77 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines():
             stderr.out(f"error: {line}")
         return 1
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno not in ENVIRONMENT_ERRORS:
+            return _internal_error(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        stderr.out(f"error: {where}{exc.strerror or exc} (the file system refused; nothing was written under a final "
+                   "name)")
+        return 1
     except Exception as exc:  # a bug, not bad input
         if debug:
             raise
-        stderr.out(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, "
-                   "and please report it)")
-        return 3
+        return _internal_error(exc)
     return 0
+
+
+ENVIRONMENT_ERRORS = frozenset(getattr(errno, name) for name in (
+    "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR", "EEXIST", "ENOENT", "EIO", "EMFILE",
+    "ENFILE", "ENAMETOOLONG", "ELOOP", "EXDEV", "ETXTBSY", "EBUSY", "ENXIO", "ESTALE") if hasattr(errno, name))
+"""OSError numbers that mean the environment refused (permissions, a full or read-only disk, a
+file in the way), not a bug: reported as an error (exit 1), not as a crash (exit 3)."""
+
+
+def _internal_error(exc: BaseException) -> int:
+    stderr.out(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, "
+               "and please report it)")
+    return 3
+
+
+def _interrupted_by_user(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _option(args: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+            if name.startswith("--") and arg.startswith(name + "="):
+                return arg[len(name) + 1:]
+    return None
+
+
+def interrupted_message(args: list[str]) -> str:
+    """One line after Ctrl-C: what the interrupted command kept, and how to go on."""
+    import shlex
+    from pathlib import Path
+
+    words = [a for a in args if not a.startswith("-")]
+    command = words[0] if words else ""
+    again = "scnas " + shlex.join(args)
+    if command in ("search", "train"):
+        out = _option(args, "-o", "--output")
+        if out and (Path(out) / "checkpoint.pt").exists():
+            resume = again if "--resume" in args else again + " --resume"
+            return (f"interrupted: {out} keeps the run up to its last checkpoint ({Path(out) / 'checkpoint.pt'}); "
+                    f"continue with: {resume}")
+        return ("interrupted before the first checkpoint: nothing to resume (cases already prepared are kept in "
+                f"the cache); start again with: {again}")
+    if command == "data" and len(words) > 1 and words[1] == "prepare":
+        return f"interrupted: the cases finished so far are kept in the cache; prepare the rest with: {again}"
+    if command == "predict":
+        out = _option(args, "-o", "--output")
+        return f"interrupted: the segmentations finished so far are in {out}; predict again with: {again}"
+    return "interrupted: no output was left half written (files are written whole or not at all)"
 
 
 def run() -> None:

@@ -32,3 +32,47 @@ def fitting_overrides(checkpoint: Optional[str], micro_batch: Optional[int], gpu
     """The settings that fit a step into memory, as given on the command line (also on --resume)."""
     given = {"checkpoint": checkpoint, "micro_batch": micro_batch, "gpu_memory": gpu_memory}
     return {key: value for key, value in given.items() if value is not None}
+
+
+def given_on_command_line(ctx, name: str) -> bool:
+    """Whether the user gave the parameter ``name`` (on the command line or through the
+    environment), rather than leaving its default."""
+    source = ctx.get_parameter_source(name)   # an enum of typer's own click; compared by name
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def _flag(ctx, name: str) -> str:
+    for param in ctx.command.params:
+        if param.name == name:
+            return max(param.opts, key=len) if param.opts else name
+    return name
+
+
+def resume_settings(ctx, values: dict, renamed: dict[str, str], saved: dict, make_config, run, error):
+    """The settings of a resumed run: the run's own (``saved``) with those the user gave that
+    may change on resume (``scnas.runtime.RESUMABLE_CHANGES``). ``values`` are the command's
+    settings by key, ``renamed`` maps a key to its parameter's name where they differ. A
+    setting given explicitly with a value other than the run's is refused, naming it, the
+    run's value and the one given (silently ignoring it would resume something else than
+    asked)."""
+    from scnas.runtime import RESUMABLE_CHANGES
+
+    given = {key: value for key, value in values.items() if given_on_command_line(ctx, renamed.get(key, key))}
+    original = make_config(saved)
+    resumed = make_config({**saved, **given})
+    old, new = original.model_dump(mode="json"), resumed.model_dump(mode="json")
+    names = {param.name for param in ctx.command.params}
+    differing = [f"{_flag(ctx, renamed.get(key, key))} {_shown(new[key])} (the run's: {_shown(old[key])})"
+                 for key in given if key not in RESUMABLE_CHANGES and new[key] != old[key]]
+    if differing:
+        raise error(f"--resume continues the run with its own settings, but {'; '.join(differing)} "
+                    f"differ{'s' if len(differing) == 1 else ''}: leave {'it' if len(differing) == 1 else 'them'} out "
+                    f"to resume, or start a new run in another folder (only "
+                    f"{', '.join(_flag(ctx, k) for k in RESUMABLE_CHANGES if k in names)} may change)", source=str(run))
+    return resumed
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if all(not isinstance(v, str) for v in value) else ",".join(map(str, value))
+    return str(value)

@@ -14,6 +14,7 @@ from scnas.cli.main import app, settings_error, stderr, stdout
 
 @app.command()
 def search(
+    ctx: typer.Context,
     output: str = typer.Option(..., "-o", "--output", help="Run folder: config, metrics, genotypes, plots, checkpoint."),
     data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache."),
     fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold; its training cases are split 4:1 into "
@@ -56,7 +57,9 @@ def search(
     amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
                                                         "settings; --epochs may extend it, and --checkpoint, "
-                                                        "--micro-batch, --gpu-memory may change)."),
+                                                        "--micro-batch, --gpu-memory, --workers, --plots, --device "
+                                                        "may change; another setting given with a different value "
+                                                        "is refused)."),
     demo: bool = typer.Option(False, "--demo", help="Make a phantom dataset in OUT/phantoms and run a small search "
                                                     "(a few minutes on 2 CPU cores)."),
 ) -> None:
@@ -87,18 +90,27 @@ def search(
         except ValidationError as exc:
             raise settings_error(exc, SearchError) from None
 
+    given = {
+        "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
+        "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
+        "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
+        "spacing": spacing, "seed": seed, "workers": workers, "checkpoint_every_steps": checkpoint_every,
+        "device": device, "amp": amp, "plots": plots, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
+        **({"ops": [o.strip() for o in ops.split(",")]} if ops else {})}
     if resume:
         saved = run / "config.json"
         if not saved.exists():
             raise SearchError("has no config.json: nothing to resume", source=str(run))
-        values = json.loads(saved.read_text())["search"]
-        config = make_config({**values, **({"epochs": epochs} if epochs else {}),
-                              **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
+        config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps", "checkpoint_every_steps":
+                                                      "checkpoint_every"}, json.loads(saved.read_text())["search"],
+                                         make_config, run, SearchError)
     else:
         if demo:
             from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
 
-            run.mkdir(parents=True, exist_ok=True)
+            from scnas.fileio import ensure_folder
+
+            ensure_folder(run, SearchError, "a run folder")
             phantoms = write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
                                              spacing=(1.0, 1.0, 2.0), seed=seed, force=True)
             # the demo keeps its cache in its own folder (a real task's goes to the shared one)
@@ -108,14 +120,7 @@ def search(
                          "tau_max": 5.0, "tau_min": 0.5, "val_batches": 2, "alpha_lr": 0.1}
         if data is None:
             raise SearchError("--data is required (a task folder or a prepared cache), or use --demo")
-        config = make_config({
-            "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
-            "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
-            "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
-            "spacing": spacing, "seed": seed, "workers": workers,
-            "checkpoint_every_steps": checkpoint_every, "device": device, "amp": amp, "plots": plots,
-            **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
-            **({"ops": [o.strip() for o in ops.split(",")]} if ops else {}), **overrides})
+        config = make_config({**given, "data": data, **overrides})
     result = run_search(config, run, resume=resume, say=stderr.out, on_epoch=lambda r: stdout.out(
         f"epoch {r['epoch']}: theta loss {r['theta_loss']:.4f}, alpha loss {r['alpha_loss']:.4f}, "
         f"Dice (derived cells, architecture set) {r['architecture_dice']:.3f}, tau {r['tau']:.3f}"))

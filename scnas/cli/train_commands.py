@@ -15,6 +15,7 @@ from scnas.cli.main import app, settings_error, stderr, stdout
 
 @app.command()
 def train(
+    ctx: typer.Context,
     genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
     data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache "
                                                             "(not needed with --resume)."),
@@ -39,8 +40,10 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     compile: bool = options.COMPILE,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings; --epochs may extend, "
-                                                        "--checkpoint, --micro-batch, --gpu-memory may change)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings and genotype; --epochs "
+                                                        "may extend, --checkpoint, --micro-batch, --gpu-memory, "
+                                                        "--workers, --device, --compile may change; another setting "
+                                                        "given with a different value is refused)."),
 ) -> None:
     """Train the network of a genotype from scratch with the paper's retraining settings.
 
@@ -61,24 +64,24 @@ def train(
     from scnas.train import TrainConfig, TrainError, run_training
 
     run = Path(output)
+    given = dict(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size, epochs=epochs or 500,
+                 steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed, workers=workers, device=device, amp=amp,
+                 loss=loss, compile=compile, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
     try:
         if resume:
             saved = run / "config.json"
             if not saved.exists():
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
             stored = json.loads(saved.read_text())
-            config = TrainConfig.model_validate({**stored["train"], **({"epochs": epochs} if epochs else {}),
-                                                 **({"compile": True} if compile else {}),
-                                                 **options.fitting_overrides(checkpoint, micro_batch, gpu_memory)})
+            config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, stored["train"],
+                                             TrainConfig.model_validate, run, TrainError)
             genotype = genotype_from_data(stored["genotype"], source=str(saved))
+            _check_resumed_genotype(genotype, genotype_path, run)
         else:
             if data is None:
                 raise TrainError("--data is required (a task folder or a prepared cache)")
             genotype = load_genotype(genotype_path)
-            config = TrainConfig(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size,
-                                 epochs=epochs or 500, steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed,
-                                 workers=workers, device=device, amp=amp, loss=loss, compile=compile,
-                                 **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
+            config = TrainConfig(**given)
     except ValidationError as exc:
         raise settings_error(exc, TrainError) from None
     result = run_training(genotype, config, run, resume=resume, on_epoch=lambda r: stdout.out(
@@ -155,6 +158,18 @@ def evaluate(
     for path in output or []:
         write_evaluation(result, path)
         stdout.out(f"wrote {path}")
+
+
+def _check_resumed_genotype(genotype, given: str, run: Path) -> None:
+    """Refuse to resume a training run with a GENOTYPE other than the one it trains."""
+    from scnas.genotype import load_genotype, short_hash
+    from scnas.train import TrainError
+
+    other = load_genotype(given)
+    if short_hash(other) != short_hash(genotype):
+        raise TrainError(f"--resume continues the run with its own genotype ({short_hash(genotype)}), but GENOTYPE "
+                         f"{given} is another one ({short_hash(other)}): give the run's genotype, or start a new run in "
+                         "another folder", source=str(run))
 
 
 def _validation_cases(run: str) -> list[str]:

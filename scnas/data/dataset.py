@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,17 @@ def _channels(mapping: Any, key: str, source: Path) -> list[str]:
     return [str(mapping[k]) for k in order]
 
 
+def _check_label_values(labels: dict[str, int], source: Path) -> None:
+    """Label values must be 0 (background), 1, ..., K-1: the network's K outputs are those
+    classes, and the loss one-hot encodes label maps with them."""
+    values = sorted(labels.values())
+    if values != list(range(len(values))):
+        renumber = ", ".join(f"{old} -> {new}" for new, old in enumerate(values) if old != new)
+        raise DatasetError(f"'labels' declares the values {values}; scnas needs them numbered 0 (background) to "
+                           f"{len(values) - 1} without gaps or repeats: renumber them in dataset.json and the label "
+                           f"files ({renumber or 'one value per label'})", source=str(source))
+
+
 def _read_msd(root: Path, meta: dict, source: Path) -> Dataset:
     channels = _channels(meta.get("modality"), "modality", source)
     raw_labels = meta.get("labels")
@@ -112,6 +125,7 @@ def _read_msd(root: Path, meta: dict, source: Path) -> Dataset:
         labels = {str(name): int(value) for value, name in raw_labels.items()}
     except ValueError:
         raise DatasetError("'labels' keys must be integers (MSD: {\"0\": \"background\", ...})", source=str(source)) from None
+    _check_label_values(labels, source)
     training = meta.get("training")
     if not isinstance(training, list):
         raise DatasetError("'training' must be a list of {\"image\": ..., \"label\": ...}", source=str(source))
@@ -140,6 +154,7 @@ def _read_nnunet_v2(root: Path, meta: dict, source: Path) -> Dataset:
         if not isinstance(value, int) or isinstance(value, bool):
             raise DatasetError(f"label {name!r} must have an integer value", source=str(source))
         labels[str(name)] = value
+    _check_label_values(labels, source)
     ending = str(meta.get("file_ending", ".nii.gz"))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
@@ -172,12 +187,63 @@ class LoadedCase:
     spacing: tuple[float, float, float]
 
 
+DEFLATE_MAX_RATIO = 1032
+"""Deflate (gzip, .nii.gz) cannot shrink data more than about 1032:1, so a .nii.gz of n bytes
+holds at most 1032 n bytes of voxels: a header that declares more is wrong or the file cut."""
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, if the system says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def declared_size_problem(image, path: Path) -> str | None:
+    """What is wrong with the voxel count a NIfTI header declares, judged before reading any
+    voxel: an axis of size 0; more voxel bytes than the file can hold (exactly for an
+    uncompressed file, by deflate's maximum ratio for gzip); more than this machine's memory
+    as float32 (what preparation needs, several times over)."""
+    shape = tuple(int(n) for n in image.shape)
+    if any(n == 0 for n in shape):
+        return f"its header declares shape {shape}: an axis of size 0, so no voxels"
+    voxels = math.prod(shape)
+    declared = voxels * np.dtype(image.get_data_dtype()).itemsize
+    size = path.stat().st_size
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)   # the header copy of a loaded image reads 0
+    with path.open("rb") as fh:
+        magic = fh.read(2)
+    what = f"its header declares {'x'.join(map(str, shape))} voxels ({_size(declared)})"
+    if magic == b"\x1f\x8b":
+        if declared > DEFLATE_MAX_RATIO * size:
+            return (f"{what}, more than a {_size(size)} gzip file can hold (deflate compresses at most "
+                    f"{DEFLATE_MAX_RATIO}:1): a wrong header or a truncated file")
+    elif path.name.endswith(".nii") and offset + declared > size:
+        return f"{what} from byte {offset}, but the file has {size} bytes: a wrong header or a truncated file"
+    memory = memory_bytes()
+    if memory is not None and voxels * 4 > memory:
+        return f"{what}: {_size(voxels * 4)} as float32, more than this machine's {_size(memory)} of memory"
+    return None
+
+
 def _load_nifti(path: Path, case_id: str):
     import nibabel as nib
 
     check_input_file(path, DatasetError)
     try:
         image = nib.load(str(path))
+        problem = declared_size_problem(image, path)
+        if problem:
+            raise DatasetError(f"case {case_id}: {problem}", source=str(path))
         data = np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise DatasetError(f"case {case_id}: cannot read ({type(exc).__name__}: {str(exc)[:120]}); truncated or not a "
@@ -185,8 +251,37 @@ def _load_nifti(path: Path, case_id: str):
     return image, data
 
 
+def affine_problem(affine: np.ndarray, spacing: tuple[float, ...]) -> str | None:
+    """Why an image's voxel-to-world matrix cannot place it in space (None when it can): not
+    finite, or singular (e.g. all zero: a header whose sform and qform are unset or zeroed),
+    or voxel sizes that are not positive."""
+    if not np.all(np.isfinite(affine)):
+        return "the header's affine (voxel-to-world matrix) has NaN/Inf entries"
+    singular = np.linalg.svd(np.asarray(affine, np.float64)[:3, :3], compute_uv=False)
+    if singular[0] == 0 or singular[-1] <= 1e-8 * singular[0]:
+        return ("the header's affine (voxel-to-world matrix) is singular (all zero here)" if not np.any(affine[:3, :3])
+                else "the header's affine (voxel-to-world matrix) is singular") + \
+            ": the voxels have no place or size in space; fix the sform/qform of the file"
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        return f"voxel sizes {tuple(spacing)} in the header (pixdim) are not all positive"
+    return None
+
+
+def _channel_problem(found: int, shape: tuple[int, ...], dataset: Dataset, files: int) -> str:
+    expected = f"expected {dataset.num_channels} ({', '.join(dataset.channel_names)})"
+    if files == 1 and found == 1 and dataset.num_channels > 1 and shape[-1] == dataset.num_channels:
+        return (f"image is a 3D array of shape {tuple(shape)} whose last axis has {shape[-1]} entries: a 2D image with "
+                f"{shape[-1]} channels? scnas segments 3D volumes; {expected} channels as a 4D image (x, y, z, channel)")
+    if files == 1 and found == 1:
+        return f"image has 1 channel(s), {expected} (a single 3D volume {tuple(shape)}; channels come as a 4D image)"
+    return f"image has {found} channel(s), {expected}"
+
+
 def load_case(dataset: Dataset, case: Case, with_label: bool = True) -> LoadedCase:
     """Read a case's image channels and label, checking that they fit together."""
+    if with_label and case.label is None:
+        raise DatasetError(f"case {case.case_id}: its training entry has no 'label'; every training case needs a "
+                           "label file (list unlabelled images under 'test')", source=str(dataset.root / "dataset.json"))
     channels, affine, spacing, shape = [], None, None, None
     for path in case.images:
         image, data = _load_nifti(path, case.case_id)
@@ -200,12 +295,15 @@ def load_case(dataset: Dataset, case: Case, with_label: bool = True) -> LoadedCa
         if shape is None:
             shape, affine = parts[0].shape, image.affine
             spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+            problem = affine_problem(affine, spacing)
+            if problem:
+                raise DatasetError(f"case {case.case_id}: {problem}", source=str(path))
         elif parts[0].shape != shape or not np.allclose(image.affine, affine, atol=1e-3):
             raise DatasetError(f"case {case.case_id}: channel files differ in shape or affine", source=str(path))
         channels += parts
     if len(channels) != dataset.num_channels:
-        raise DatasetError(f"case {case.case_id}: image has {len(channels)} channel(s), expected "
-                           f"{dataset.num_channels} ({', '.join(dataset.channel_names)})", source=str(case.images[0]))
+        raise DatasetError(f"case {case.case_id}: {_channel_problem(len(channels), shape, dataset, len(case.images))}",
+                           source=str(case.images[0]))
     image_array = np.stack(channels).astype(np.float32, copy=False)
     label_array = None
     if with_label and case.label is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from scnas.data.dataset import DatasetError
+from scnas.fileio import ensure_folder, file_in_the_way, give_default_mode
 
 CHANNEL_NAMES = ("FLAIR", "T1w", "T1gd", "T2w", "ADC", "DWI", "PD", "SWI")
 
@@ -73,13 +74,19 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
     if occupied and not force:
         raise DatasetError("already exists; choose another folder or pass --force to replace it", source=str(out))
     if not out.parent.is_dir():
-        raise DatasetError(f"folder {str(out.parent)!r} does not exist", source=str(out))
+        blocker = file_in_the_way(out.parent)
+        raise DatasetError(f"{str(blocker)!r} is a file, not a folder" if blocker else
+                           f"folder {str(out.parent)!r} does not exist", source=str(out))
+    ensure_folder(out.parent, DatasetError, "the folder of a phantom dataset")   # writable: fail before any work
     dataset_rng = np.random.default_rng([seed, 0])
     contrasts = np.empty((channels, classes + 1))
     contrasts[:, 0] = dataset_rng.uniform(80, 120, channels)
     for c in range(channels):   # each class differs from its neighbours by >= 25 in some channel
         contrasts[c, 1:] = contrasts[c, 0] + dataset_rng.choice([-1, 1], classes) * dataset_rng.uniform(25, 70, classes)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise DatasetError(f"cannot write in {str(out.parent)!r}: {exc.strerror or exc}", source=str(out)) from None
     try:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
@@ -105,10 +112,13 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
                     "labels": {name: int(value) for value, name in names.items()}, "numTraining": cases,
                     "file_ending": ".nii.gz"}
         (staging / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        give_default_mode(staging)   # mkdtemp made it 0700; the task folder is an ordinary folder
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):   # a full disk, a file system gone read-only
+            raise DatasetError(f"cannot write the phantom dataset: {exc.strerror or exc}", source=str(out)) from None
         raise
     return out

@@ -30,7 +30,7 @@ from scnas import __version__
 from scnas.data.dataset import Case, Dataset, DatasetError, LoadedCase, load_case, read_dataset
 from scnas.data.splits import kfold_splits, read_splits, write_splits
 from scnas.errors import OutputError, Problem
-from scnas.fileio import atomic_write_bytes, atomic_write_text
+from scnas.fileio import atomic_write_bytes, atomic_write_text, ensure_folder
 from scnas.threads import usable_cores
 
 CACHE_FORMAT = "scnas-cache"
@@ -256,11 +256,7 @@ def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike
         splits = read_splits(splits_file, case_ids)
     else:  # fewer than 5 cases: no cross-validation split to write (training will ask for one)
         splits = kfold_splits(case_ids) if len(case_ids) >= 5 else None
-    cache = Path(cache_dir)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot be used as a cache folder: {exc.strerror or exc}", source=str(cache)) from None
+    cache = ensure_folder(cache_dir, DatasetError, "a cache folder")
     with _exclusive(cache):   # a second preparation of the same cache waits, then finds it done
         header = _cache_header(dataset, settings)
         if force:
@@ -329,17 +325,29 @@ def resolve_workers(workers: int | str) -> int:
     return count
 
 
+def remove_stale_temporaries(cache: Path) -> list[Path]:
+    """Remove what a killed preparation left in ``cache``: its workers' ``.CASE.preparing``
+    markers, half-written arrays (``.NAME.*.partial.b2nd``) and atomic writes never renamed
+    (``.NAME.*.tmp``, e.g. ``.cache.json.*.tmp``). Called with the cache's lock held: every
+    writer of a cache holds it, so whatever temporaries are there belong to dead writers."""
+    from scnas.data.arrays import remove_partial_files
+
+    removed = remove_partial_files(cache)
+    for pattern in (f".*{PREPARING}", ".*.tmp"):
+        for stale in cache.glob(pattern):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
 def _run_jobs(jobs: list, workers: int, cache: Path, done: list[str], errors: list[str], advance) -> None:
     """Prepare ``jobs`` (in ``workers`` processes), collecting finished cases and errors. A
     fatal error (full disk) stops the cases not yet started; a dead worker is named by case."""
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    for stale in cache.glob(f".*{PREPARING}"):   # left by a preparation that was killed
-        stale.unlink(missing_ok=True)
-    from scnas.data.arrays import remove_partial_files
-
-    remove_partial_files(cache)
+    remove_stale_temporaries(cache)
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             if _collect(_prepare_one(job), done, errors):

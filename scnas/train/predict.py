@@ -27,7 +27,7 @@ from scnas.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, load_case
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
 from scnas.errors import OutputError, Problem, ScnasError
-from scnas.fileio import ensure_writable
+from scnas.fileio import ensure_folder, give_default_mode
 from scnas.train.inference import TensorPredictFn, sliding_window_logits
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
@@ -251,6 +251,7 @@ def write_label(label: np.ndarray, reference, path: Path) -> None:
     os.close(fd)
     try:
         nib.save(image, temporary)
+        give_default_mode(temporary)   # mkstemp made it 0600; a prediction is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -270,12 +271,7 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
     the device does not wait for NIfTI I/O and resampling. A case that cannot be read is
     skipped: the others are predicted and written, then a :class:`PredictError` lists the
     skipped ones."""
-    out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", source=str(out)) from None
-    ensure_writable(out / "probe.nii.gz")
+    out = ensure_folder(output, OutputError, "the output folder")
     predictor = load_predictor(model_path, backend, device, amp, compile, say)
     cases = find_cases(inputs)
     if only is not None:
