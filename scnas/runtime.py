@@ -172,6 +172,20 @@ def check_resume_precision(saved: str | None, now: str, run: Path, error: type[S
                     f"the device): resume it on the same kind of device", source=str(run))
 
 
+def legend_below(figure, *axes, columns: int = 3) -> None:
+    """One legend for the lines of all ``axes`` (e.g. a twinx pair), under the plot where it
+    hides neither a line nor an axis, and whole epochs on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    handles, labels = [], []
+    for axis in axes:
+        h, l = axis.get_legend_handles_labels()
+        handles += h
+        labels += l
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, frameon=False)
+
+
 def save_figure(figure, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt

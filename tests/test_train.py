@@ -263,3 +263,33 @@ def test_resume_may_change_how_a_step_fits_but_not_the_precision_or_an_old_forma
     torch.save({**state, "version": 1}, checkpoint)
     old = cli("train", "minimal", "--resume", "-o", tmp_path / "run", "--epochs", "3")
     assert old.code == 1 and "from an older scnas" in old.err and "per process" in old.err
+
+
+@pytest.mark.parametrize("placement", ["below", "upper right (before)"])
+def test_the_legend_of_a_two_axis_plot_covers_neither_axis(placement):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scnas.runtime import legend_below
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot([1, 2, 3], [0.83, 0.75, 0.65], label="Theta loss (weight set)")
+    left.plot([1, 2, 3], [0.82, 0.74, 0.65], label="alpha loss (architecture set)")
+    right = left.twinx()
+    right.plot([1, 2, 3], [0.24, 0.32, 0.29], "k--", label="Dice of derived cells")
+    right.set_ylabel("Dice")
+    if placement == "below":
+        legend_below(figure, left, right)
+    else:
+        figure.legend(loc="upper right")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    box = figure.legends[0].get_window_extent(renderer)
+    covers = any(box.overlaps(axis.get_tightbbox(renderer)) for axis in (left, right))
+    plt.close(figure)
+    assert covers == (placement != "below")   # the old placement did cover the right axis: the test can tell
+    if placement == "below":
+        assert [t.get_text() for t in figure.legends[0].get_texts()] == [
+            "Theta loss (weight set)", "alpha loss (architecture set)", "Dice of derived cells"]

@@ -17,7 +17,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     import matplotlib.pyplot as plt
 
     from scnas.fileio import atomic_write_text
-    from scnas.runtime import save_figure
+    from scnas.runtime import legend_below, save_figure
     from scnas.search.supernet import cell_edges
 
     folder = run / "plots"
@@ -42,7 +42,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     right = left.twinx()
     right.plot(epochs, [r["architecture_dice"] for r in history], "k--", label="Dice of derived cells")
     right.set_ylabel("Dice")
-    figure.legend(loc="upper right")
+    legend_below(figure, left, right)
     save(figure, "losses.png")
     pairs = cell_edges(config.nodes)
     for name in track[-1]["p"]:
@@ -58,6 +58,8 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
             axis.set_title(f"{source} -> {target}", fontsize=9)
         for index in range(len(pairs), rows * columns):
             axes[index // columns][index % columns].axis("off")
-        axes[0][0].legend(fontsize=6, loc="upper left")
+        for axis in axes[-1]:
+            axis.set_xlabel("epoch", fontsize=8)
+        legend_below(figure, axes[0][0], columns=min(len(config.ops), 4))
         figure.suptitle(f"{name}: softmax(alpha) per edge over epochs")
         save(figure, f"alpha_{name}.png")

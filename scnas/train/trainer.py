@@ -37,7 +37,7 @@ from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
 from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
                            ensure_run_folder, memory_budget, open_or_prepare, read_checkpoint,
-                           save_checkpoint, save_figure, setup_processes)
+                           legend_below, save_checkpoint, save_figure, setup_processes)
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 
@@ -334,7 +334,9 @@ def _plot(run: Path, history: list[dict[str, Any]]) -> None:
     epochs = [r["epoch"] for r in history]
     left.plot(epochs, [r["train_loss"] for r in history], label="training loss (soft Jaccard)")
     left.set_xlabel("epoch")
+    left.set_ylabel("soft Jaccard distance")
     right = left.twinx()
-    right.plot(epochs, [r["val_dice"] for r in history], "k--", label="validation Dice")
-    figure.legend(loc="upper right")
+    right.plot(epochs, [r["val_dice"] for r in history], "k--", label="validation Dice (watched, not used)")
+    right.set_ylabel("Dice")
+    legend_below(figure, left, right, columns=2)
     save_figure(figure, run / "training.png")
