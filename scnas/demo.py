@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo into ``out`` and return its summary; ``quick`` shrinks every step (CI smoke)."""
+def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = print,
+             threads: int | None = None) -> dict[str, Any]:
+    """Run the demo into ``out`` and return its summary; ``quick`` shrinks every step (CI smoke);
+    ``threads``: torch's thread count, recorded in the summary (results depend on it)."""
+    import torch
+
     from scnas.build import BuildConfig, network_stats
     from scnas.data import Cache, PrepareSettings, prepare_dataset, write_phantom_dataset
     from scnas.errors import ScnasError
@@ -110,6 +114,7 @@ def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = 
                "validation_dice_mean": evaluation.overall(), "validation_cases": validation,
                "model_selection": "last epoch (no model was chosen on the validation cases)",
                "stem68_gmacs": stats.macs / 1e9, "seconds": time.perf_counter() - started,
+               "threads": threads if threads is not None else torch.get_num_threads(),
                "files": {"cells": str(drawing), "model": str(out / "train" / "model.safetensors"),
                          "onnx": str(out / "model.onnx"), "predictions": str(out / "predictions"),
                          "dice": str(out / "dice.json")}}

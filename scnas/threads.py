@@ -53,11 +53,29 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     return cores, f"{cores} cores"
 
 
+EXPLICIT = ("--threads", "OMP_NUM_THREADS")
+_chosen: tuple[int, str] | None = None
+
+
 def apply_threads(requested: int | None = None) -> tuple[int, str]:
     """Set torch's intra-op threads as :func:`choose_threads` says; returns (threads, why)."""
+    global _chosen
     import torch
 
     threads, why = choose_threads(requested)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    _chosen = (threads, why)
     return threads, why
+
+
+def reproducible_threads() -> int:
+    """One thread unless the user chose a number (``--threads``, ``SCNAS_THREADS``,
+    ``OMP_NUM_THREADS``): the demos print results that the README shows, and one thread makes
+    them the same on every machine with the same kind of CPU, busy or not."""
+    import torch
+
+    if _chosen is not None and _chosen[1] in EXPLICIT:
+        return _chosen[0]
+    torch.set_num_threads(1)
+    return 1

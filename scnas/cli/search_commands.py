@@ -109,7 +109,9 @@ def search(
             from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
 
             from scnas.fileio import ensure_folder
+            from scnas.threads import reproducible_threads
 
+            reproducible_threads()   # the README shows this output: one thread unless --threads
             ensure_folder(run, SearchError, "a run folder")
             phantoms = write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
                                              spacing=(1.0, 1.0, 2.0), seed=seed, force=True)
