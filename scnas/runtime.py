@@ -119,7 +119,7 @@ def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: N
     minutes by default) on a task the size of BraTS."""
     import time as _time
 
-    from scnas.data.cache import Cache, open_or_prepare as _open, shared_cache_folder
+    from scnas.data.cache import DEFAULT_SPACING, Cache, open_or_prepare as _open, shared_cache_folder
     from scnas.data.preprocess import PrepareSettings
 
     if processes.world == 1 or processes.main or (Path(data) / "cache.json").exists():
@@ -128,7 +128,7 @@ def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: N
     else:
         # prepare_dataset writes settings.json before the first case: if it never appears, rank 0
         # writes to a file system this process does not see (several machines, local disks).
-        prepared = shared_cache_folder(data, PrepareSettings(target_spacing=spacing))
+        prepared = shared_cache_folder(data, PrepareSettings(target_spacing=spacing or DEFAULT_SPACING))
         started, marker, begun = _time.monotonic(), prepared / "cache.json", prepared / "settings.json"
         while not marker.exists():
             if not begun.exists() and _time.monotonic() - started > start_timeout:

@@ -293,3 +293,23 @@ def test_the_legend_of_a_two_axis_plot_covers_neither_axis(placement):
     if placement == "below":
         assert [t.get_text() for t in figure.legends[0].get_texts()] == [
             "Theta loss (weight set)", "alpha loss (architecture set)", "Dice of derived cells"]
+
+
+def test_a_prepared_cache_trains_at_its_own_spacing_and_records_it(trained, tmp_path, cli):
+    from scnas.data import PrepareSettings, prepare_dataset
+
+    task, _ = trained
+    cache = prepare_dataset(task, tmp_path / "cache2", PrepareSettings(target_spacing=(2.0, 2.0, 2.0)),
+                            progress=False).cache
+    result = cli("--threads", "1", "train", "minimal", "--data", cache, "--stem", "4", "--patch", "8", "8", "16",
+                 "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "-o", tmp_path / "run")
+    assert result.code == 0, result
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["train"]["spacing"] == [2.0, 2.0, 2.0]   # the cache's, not the 0.7 mm default
+    assert recorded["preprocessing"]["target_spacing"] == [2.0, 2.0, 2.0]
+    resumed = cli("--threads", "1", "train", "minimal", "--resume", "--epochs", "2", "-o", tmp_path / "run")
+    assert resumed.code == 0, resumed
+    refused = cli("--threads", "1", "train", "minimal", "--data", cache, "--spacing", "0.7", "0.7", "0.7",
+                  "--stem", "4", "--patch", "8", "8", "16", "--epochs", "1", "--device", "cpu", "-o", tmp_path / "run2")
+    assert refused.code == 1
+    assert "was prepared at spacing [2.0, 2.0, 2.0] mm, not the --spacing [0.7, 0.7, 0.7] asked for" in refused.err

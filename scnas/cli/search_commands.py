@@ -44,8 +44,9 @@ def search(
                                                          "re-derives a finished run."),
     top_k: int = typer.Option(2, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
     loss: str = options.LOSS,
-    spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target spacing when "
-                                                                                          "--data is a task folder."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(
+        None, "--spacing", help="Target spacing (mm) when --data is a task folder [default: 0.7 0.7 0.7]; a prepared "
+                                "cache has its own (another is refused)."),
     seed: int = typer.Option(0, "--seed"),
     workers: str = typer.Option("auto", "--workers", help="Data loader processes per loader (weights, architecture "
                                                           "set): a number, or auto (on CUDA the cores but one, "

@@ -31,8 +31,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="At most this many epochs (paper: 500)."),
     steps: int = typer.Option(250, "--steps-per-epoch", min=1),
     lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
-    spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing",
-                                                       help="Target spacing when --data is a task folder."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(
+        None, "--spacing", help="Target spacing (mm) when --data is a task folder [default: 0.7 0.7 0.7]; a prepared "
+                                "cache has its own (another is refused)."),
     loss: str = options.LOSS,
     seed: int = typer.Option(0, "--seed"),
     workers: str = typer.Option("auto", "--workers", help="Data loader processes: a number, or auto (on CUDA one "

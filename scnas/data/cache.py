@@ -42,18 +42,30 @@ def shared_cache_folder(task: str | os.PathLike, settings) -> Path:
     return cache_root() / f"{task.name}-{key}"
 
 
-def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float], prepared: str | os.PathLike | None = None,
-                    prepare: bool = True, workers: int | str = "auto", say=lambda line: None) -> "Cache":
-    """``data`` as a cache: a prepared cache folder itself, or a task folder prepared (by this
-    process when ``prepare``, with ``workers`` processes) into ``prepared``, by default its
-    shared cache (:func:`shared_cache_folder`); finished cases are never prepared twice."""
+DEFAULT_SPACING = (0.7, 0.7, 0.7)
+"""mm: the paper's target spacing, used for a task folder when no spacing is given."""
+
+
+def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float] | None,
+                    prepared: str | os.PathLike | None = None, prepare: bool = True, workers: int | str = "auto",
+                    say=lambda line: None) -> "Cache":
+    """``data`` as a cache: a prepared cache folder itself (at its own spacing; a ``spacing``
+    given that differs is refused), or a task folder prepared at ``spacing`` (default
+    :data:`DEFAULT_SPACING`; by this process when ``prepare``, with ``workers`` processes) into
+    ``prepared``, by default its shared cache (:func:`shared_cache_folder`); finished cases are
+    never prepared twice."""
     from scnas.data.preprocess import PrepareSettings, prepare_dataset
 
     data = Path(data)
     if (data / "cache.json").exists():
-        return Cache(data)
+        cache = Cache(data)
+        if spacing is not None and cache.spacing != tuple(float(v) for v in spacing):
+            raise DatasetError(f"was prepared at spacing {list(cache.spacing)} mm, not the --spacing {list(spacing)} "
+                               "asked for; leave --spacing out to use the cache's, or prepare the task again",
+                               source=str(data))
+        return cache
     if (data / "dataset.json").exists():
-        settings = PrepareSettings(target_spacing=spacing)
+        settings = PrepareSettings(target_spacing=spacing or DEFAULT_SPACING)
         target = Path(prepared) if prepared is not None else shared_cache_folder(data, settings)
         if prepare:
             if not (target / "cache.json").exists():
@@ -102,6 +114,11 @@ class Cache:
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.header["settings"])
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """The target spacing (mm) the cache was prepared at."""
+        return tuple(float(v) for v in self.header["settings"]["target_spacing"])
 
     @cached_property
     def splits(self) -> list[dict[str, list[str]]]:

@@ -16,7 +16,8 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str = Field(description="task folder (dataset.json) or prepared cache folder")
-    spacing: tuple[float, float, float] = Field((0.7, 0.7, 0.7), description="target spacing when data is a task folder")
+    spacing: tuple[float, float, float] | None = Field(
+        None, description="target spacing when data is a task folder (None: 0.7 mm); a prepared cache has its own")
     fold: int = Field(0, ge=0)
     stem: int = Field(48, ge=1, description="stem channels during search (paper: 48)")
     nodes: int = Field(4, ge=1, le=MAX_NODES)

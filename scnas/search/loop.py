@@ -102,6 +102,8 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
             raise SearchError("has no checkpoint to resume from", source=str(run))
         state = load_checkpoint(checkpoint_path)
         saved = SearchConfig.model_validate_json(state["config"])
+        if config.spacing is None:   # not asked for: the run's own (resolved when it started)
+            config = config.model_copy(update={"spacing": saved.spacing})
         check_resume_settings(saved, config, run, SearchError)
     elif checkpoint_path.exists():
         raise SearchError("already holds a search; use --resume to continue it or another folder", source=str(run))
@@ -109,6 +111,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
         ensure_run_folder(run / "genotypes", SearchError)
     d.barrier()
     cache = open_or_prepare(config.data, config.spacing, d, say)
+    config = config.model_copy(update={"spacing": cache.spacing})   # recorded as used (a cache has its own)
     train_ids, _ = fold_cases(cache.splits, config.fold)
     weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed, architecture_share=config.architecture_share)
     num_classes = len(cache.labels)

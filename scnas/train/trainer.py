@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str
-    spacing: tuple[float, float, float] = (0.7, 0.7, 0.7)
+    spacing: tuple[float, float, float] | None = None   # a task folder's target (None: 0.7 mm); a cache's own
     fold: int = Field(0, ge=0)
     stem: int = Field(68, ge=1, description="paper: 68 for retraining")
     depth: int = Field(3, ge=1, le=8)
@@ -191,6 +191,8 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
                              "--batch-size counted per process; start a new run (its models stay usable)",
                              source=str(checkpoint_path))
         saved = TrainConfig.model_validate_json(state["config"])
+        if config.spacing is None:   # not asked for: the run's own (resolved when it started)
+            config = config.model_copy(update={"spacing": saved.spacing})
         check_resume_settings(saved, config, run, TrainError)
     elif checkpoint_path.exists():
         raise TrainError("already holds a training run; use --resume or another folder", source=str(run))
@@ -198,6 +200,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
         ensure_run_folder(run, TrainError)
     d.barrier()
     cache = open_or_prepare(config.data, config.spacing, d, say)
+    config = config.model_copy(update={"spacing": cache.spacing})   # recorded as used (a cache has its own)
     train_ids, val_ids = fold_cases(cache.splits, config.fold)
     build = BuildConfig(stem_channels=config.stem, in_channels=len(cache.channel_names),
                         num_classes=len(cache.labels), depth=config.depth)
