@@ -59,3 +59,18 @@ def test_the_search_demo_prints_what_the_readme_shows(cli, tmp_path):
     assert result.code == 0, result
     printed = [line.replace(str(tmp_path) + "/", "") for line in result.out.strip().split("\n")]
     assert printed == shown
+
+
+@pytest.mark.parametrize("command", ["scnas validate uresnet tests/conformance/invalid/unknown-op.yaml",
+                                     "scnas build uresnet --stem 68 --in-channels 4 --classes 3 --patch 128 128 128"])
+def test_the_readme_blocks_that_print_figures_show_what_the_command_prints(cli, command, monkeypatch):
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    result = cli(*shlex.split(command)[1:])
+    printed = (result.out + result.err).split("\n")
+    shown = [line for line in readme_block(command) if line.strip() and line.strip() != "..."]
+    assert shown
+    for line in shown:   # "(... )" in the README shortens a long note: the text before it must match
+        head = line.split("...")[0].rstrip("( ")
+        assert any(p.startswith(head) for p in printed), f"README shows {line!r}; the command printed:\n{result.out}"
