@@ -42,7 +42,7 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-COMPUTING = {"search", "train", "predict", "cv", "demo", "export-onnx"}   # where threads matter enough to say
+COMPUTING = {"search", "train", "predict", "cv", "export-onnx"}   # where threads matter enough to say (demo: one)
 
 
 @app.callback()
