@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from scnas.build.losses import jaccard_from_statistics, jaccard_statistics
+from scnas.metrics import jaccard_from_statistics, jaccard_statistics
 from scnas.errors import ScnasError
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")

@@ -385,7 +385,7 @@ def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = 
     micro-batch of ``batch`` patches: forward, soft Jaccard loss, backward into existing
     gradients (the steady state of gradient accumulation), with Adam's two moments held beside
     the weights and the process's whole ``share`` of patches (default: ``batch``) on the device."""
-    from scnas.build.losses import soft_jaccard_loss
+    from scnas.metrics import soft_jaccard_loss
     from scnas.build.network import build_network
 
     with _Simulation():

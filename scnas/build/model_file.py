@@ -95,6 +95,24 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     return model_info_from_metadata(metadata, str(path))
 
 
+def read_onnx_info(path: str | os.PathLike) -> ModelInfo:
+    """The scnas description stored in an ONNX file's metadata."""
+    import onnx
+
+    name = str(path)
+    check_input_file(path, ModelFileError)
+    try:
+        proto = onnx.load(name, load_external_data=False)
+    except Exception as exc:
+        raise ModelFileError(f"not an ONNX file ({type(exc).__name__})", source=name) from None
+    return model_info_from_metadata({p.key: p.value for p in proto.metadata_props}, name)
+
+
+def read_any_model_info(path: str | os.PathLike) -> ModelInfo:
+    """Model info from a ``.onnx`` or a safetensors model file."""
+    return read_onnx_info(path) if str(path).lower().endswith(".onnx") else read_model_info(path)
+
+
 def load_weights(model: SCNASUNet, path: str | os.PathLike) -> None:
     """Load the weights of ``path`` into ``model``; a clear error when they were saved from a
     different genotype or build (names the differing settings)."""

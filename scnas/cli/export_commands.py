@@ -78,7 +78,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Print what a model file says about itself: genotype, build settings, preprocessing."""
-    from scnas.export import read_any_model_info
+    from scnas.build.model_file import read_any_model_info
     from scnas.genotype import short_hash
 
     model = read_any_model_info(model_path)
@@ -112,7 +112,8 @@ def draw(
     with their operation and coloured by family (convolutions blue, pooling green, identity
     grey); dead nodes dashed.
     """
-    from scnas.export import cells_graph, network_graph, read_any_model_info, write_drawing
+    from scnas.build.model_file import read_any_model_info
+    from scnas.export import cells_graph, network_graph, write_drawing
     from scnas.genotype import load_genotype
 
     if _is_model_file(source):

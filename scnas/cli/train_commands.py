@@ -118,7 +118,7 @@ def predict(
 ) -> None:
     """Segment images: preprocessing from the model's metadata, sliding-window inference with
     Gaussian weighting, labels mapped back to the original grid, the input's affine and header."""
-    from scnas.export import read_any_model_info
+    from scnas.build.model_file import read_any_model_info
     from scnas.train import predict_folder
     from scnas.train.trainer import check_unselected
 

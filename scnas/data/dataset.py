@@ -68,8 +68,21 @@ def _hidden(path: Path | str) -> bool:
     return Path(path).name.startswith("._")
 
 
-def _strip_ending(name: str, ending: str) -> str:
-    return name[: -len(ending)] if name.endswith(ending) else name
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+"""The file-name endings of NIfTI files, longest first."""
+
+
+def is_nifti(name: str) -> bool:
+    """Whether a file name ends like a NIfTI file (.nii.gz or .nii)."""
+    return name.endswith(NIFTI_ENDINGS)
+
+
+def strip_nifti_ending(name: str) -> str:
+    """A file name without its NIfTI ending (``CASE.nii.gz`` -> ``CASE``); other names unchanged."""
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return name
 
 
 def read_dataset(root: str | Path) -> Dataset:
@@ -137,7 +150,7 @@ def _read_msd(root: Path, meta: dict, source: Path) -> Dataset:
         if _hidden(image):
             continue
         label = root / str(entry["label"]) if entry.get("label") else None
-        cases.append(Case(_strip_ending(image.name, ".nii.gz").removesuffix(".nii"), [image], label))
+        cases.append(Case(strip_nifti_ending(image.name), [image], label))
     return Dataset(root, str(meta.get("name", root.name)), "msd", channels, labels, cases)
 
 
@@ -163,7 +176,7 @@ def _read_nnunet_v2(root: Path, meta: dict, source: Path) -> Dataset:
     for path in sorted(images_dir.iterdir()):
         if _hidden(path) or not path.name.endswith(ending):
             continue
-        stem = _strip_ending(path.name, ending)
+        stem = path.name.removesuffix(ending)
         case_id, _, channel = stem.rpartition("_")
         if not case_id or not channel.isdigit() or len(channel) != 4:
             raise DatasetError(f"image file name must be CASE_XXXX{ending} (XXXX the channel)", source=str(path))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scnas.build import BuildError, ModelInfo, SCNASUNet
-from scnas.build.model_file import ModelFileError, model_info_from_metadata, model_metadata
+from scnas.build.model_file import ModelFileError, model_metadata, read_any_model_info, read_onnx_info
 from scnas.build.network import check_spatial_size
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_bytes, check_input_file, ensure_writable
@@ -214,26 +214,6 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
     else:
         passed = agreement >= FP16_MIN_LABEL_AGREEMENT and max_rel <= FP16_MAX_REL
     return ParityCheck(dtype, tuple(shape), max_abs, max_rel, agreement, passed)
-
-
-def read_onnx_info(path: str | os.PathLike) -> ModelInfo:
-    """The scnas description stored in an ONNX file's metadata."""
-    import onnx
-
-    name = str(path)
-    check_input_file(path, ModelFileError)
-    try:
-        proto = onnx.load(name, load_external_data=False)
-    except Exception as exc:
-        raise ModelFileError(f"not an ONNX file ({type(exc).__name__})", source=name) from None
-    return model_info_from_metadata({p.key: p.value for p in proto.metadata_props}, name)
-
-
-def read_any_model_info(path: str | os.PathLike) -> ModelInfo:
-    """Model info from a ``.onnx`` or a safetensors model file."""
-    from scnas.build import read_model_info
-
-    return read_onnx_info(path) if str(path).lower().endswith(".onnx") else read_model_info(path)
 
 
 __all__ = ["ExportError", "ExportReport", "FP16_MIN_LABEL_AGREEMENT", "ParityCheck", "TOLERANCE", "default_check_shapes",

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from scnas import __version__
 from scnas.build import BuildConfig
-from scnas.build.losses import dice_per_class
+from scnas.metrics import dice_per_class
 from scnas.build.memory import MemoryPlan, MemoryPlanError
 from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
@@ -32,7 +32,7 @@ from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
 from scnas.search.config import SearchConfig
-from scnas.build.losses import LOSSES
+from scnas.metrics import LOSSES
 from scnas.search.derive import alpha_movement, derivation_name, derive_genotype
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy

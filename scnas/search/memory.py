@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from scnas.build import BuildConfig
-from scnas.build.losses import soft_jaccard_loss
+from scnas.metrics import soft_jaccard_loss
 from scnas.build.memory import (PeakTracker, StepProfile, _Simulation, emulate_autocast, larger, profile_step,
                                 storage_bytes)
 from scnas.build.ops import make_op

@@ -214,7 +214,7 @@ def run_job(out: Path, plan: dict[str, Any], job: Job, progress: bool = False,
             say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume), predict the fold's validation cases with the last-epoch model,
     evaluate; writes and returns the job's evaluation record."""
-    from scnas.export import read_any_model_info
+    from scnas.build.model_file import read_any_model_info
     from scnas.genotype import read_genotype
     from scnas.train.evaluate import evaluate_folders
     from scnas.train.predict import predict_folder

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scnas.data.dataset import DatasetError
+from scnas.data.dataset import DatasetError, is_nifti, strip_nifti_ending
 from scnas.fileio import atomic_write_text, check_input_file
-
-NIFTI_ENDINGS = (".nii.gz", ".nii")
-
+from scnas.metrics import dice
 
 def _case_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
@@ -29,16 +27,9 @@ def _case_files(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("._"):
             continue
-        for ending in NIFTI_ENDINGS:
-            if path.name.endswith(ending):
-                files[path.name[: -len(ending)]] = path
+        if is_nifti(path.name):
+            files[strip_nifti_ending(path.name)] = path
     return files
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray, label: int) -> float:
-    p, g = prediction == label, truth == label
-    denominator = int(p.sum()) + int(g.sum())
-    return float("nan") if denominator == 0 else 2.0 * int((p & g).sum()) / denominator
 
 
 @dataclass

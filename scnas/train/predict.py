@@ -24,13 +24,14 @@ import torch
 
 from scnas.build.model_file import ModelFileError
 from scnas.compiling import compiled_for_inference
-from scnas.data.dataset import Case, Dataset, DatasetError, load_case
+from scnas.data.dataset import Case, Dataset, DatasetError, is_nifti, load_case, strip_nifti_ending
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
 from scnas.errors import OutputError, Problem, ScnasError
 from scnas.fileio import ensure_folder, give_default_mode
 from scnas.train.inference import TensorPredictFn, sliding_window_logits
 
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+"""A channel file's name without its NIfTI ending: CASE_XXXX (XXXX the channel)."""
 
 
 class PredictError(ScnasError):
@@ -120,7 +121,7 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
     backend); the first batch pays the compilation (printed), a failed compilation falls back
     to eager with a notice. On CUDA, ``cudnn.benchmark`` is switched on (windows all have the
     patch's shape, so the fastest convolution algorithms are searched once)."""
-    from scnas.export import read_any_model_info
+    from scnas.build.model_file import read_any_model_info
     from scnas.runtime import resolve_device
     from scnas.steps import AMP_CHOICES, resolve_amp
 
@@ -191,30 +192,23 @@ def find_cases(path: str | os.PathLike) -> list[Case]:
     CASE_0000.nii.gz, CASE_0001.nii.gz, ... are the channels of one case."""
     path = Path(path)
     if path.is_file():
-        return [Case(_case_name(path.name), [path], None)]
+        return [Case(strip_nifti_ending(path.name), [path], None)]
     if not path.is_dir():
         raise DatasetError("no such file or folder", source=str(path))
     grouped: dict[str, dict[int, Path]] = {}
     singles = []
     for file in sorted(path.iterdir()):
-        if file.name.startswith("._") or not (file.name.endswith(".nii.gz") or file.name.endswith(".nii")):
+        if file.name.startswith("._") or not is_nifti(file.name):
             continue
-        match = CHANNEL_FILE.match(file.name)
+        match = CHANNEL_FILE.match(strip_nifti_ending(file.name))
         if match:
             grouped.setdefault(match["case"], {})[int(match["channel"])] = file
         else:
-            singles.append(Case(_case_name(file.name), [file], None))
+            singles.append(Case(strip_nifti_ending(file.name), [file], None))
     cases = singles + [Case(case, [files[c] for c in sorted(files)], None) for case, files in sorted(grouped.items())]
     if not cases:
         raise DatasetError("holds no NIfTI images", source=str(path))
     return cases
-
-
-def _case_name(filename: str) -> str:
-    for ending in (".nii.gz", ".nii"):
-        if filename.endswith(ending):
-            return filename[: -len(ending)]
-    return filename
 
 
 def read_case(predictor: Predictor, case: Case) -> tuple[dict[str, Any], Any]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scnas import __version__
 from scnas.build import BuildConfig, build_network, save_model
-from scnas.build.losses import LOSSES, dice_per_class
+from scnas.metrics import LOSSES, dice_per_class
 from scnas.compiling import compile_for_training
 from scnas.build.memory import MemoryPlan, MemoryPlanError, parse_bytes, plan_training_step
 from scnas.data import Cache, fold_cases
