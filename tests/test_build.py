@@ -319,3 +319,17 @@ def test_gradients_of_a_batch_are_the_sum_of_its_samples():
         (net(x[i:i + 1]) * weights[i:i + 1]).sum().backward()
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.grad, whole[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_op_modules_are_derived_from_the_vocabulary_row():
+    # A new row of a known kind needs no code in scnas.build.ops: its facts make the module.
+    from scnas.build.ops import op_builder
+    from scnas.genotype.ops import OpSpec
+
+    dense = op_builder(OpSpec("conv_5x5x5_dil2", "conv", True, "", kernel=5, dilation=2))(2, 3, 2, 0.01)
+    assert (dense[1].kernel_size, dense[1].dilation, dense[1].padding) == ((5,) * 3, (2,) * 3, (4,) * 3)
+    separable = op_builder(OpSpec("sep_dil5", "conv", True, "", kernel=3, dilation=5, separable=True))(2, 3, 1, 0.01)
+    assert (separable[1].groups, separable[1].dilation, separable[2].kernel_size) == (2, (5,) * 3, (1,) * 3)
+    assert separable(torch.randn(1, 2, 12, 12, 12)).shape == (1, 3, 12, 12, 12)
+    with pytest.raises(ValueError, match="no module"):
+        op_builder(OpSpec("lp_pool", "pool", False, "", kernel=3, pooling="lp"))

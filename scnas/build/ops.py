@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from scnas.genotype.ops import OPS
+from scnas.genotype.ops import OPS, OpSpec
 
 
 ROUTE_BATCH1_TO_ONEDNN = True
@@ -85,12 +85,13 @@ class ActConvNorm(ActivationFirst):
 
 
 class SeparableDilatedConv(ActivationFirst):
-    """LeakyReLU, depthwise dilated 3x3x3 conv, pointwise 1x1x1 conv, InstanceNorm."""
+    """LeakyReLU, depthwise dilated kxkxk conv (3x3x3 by default), pointwise 1x1x1 conv, InstanceNorm."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, negative_slope: float, dilation: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, negative_slope: float, dilation: int, kernel: int = 3):
         super().__init__(
             nn.LeakyReLU(negative_slope),
-            Conv3d(c_in, c_in, 3, stride=stride, padding=dilation, dilation=dilation, groups=c_in, bias=False),
+            Conv3d(c_in, c_in, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, groups=c_in,
+                   bias=False),
             Conv3d(c_in, c_out, 1, bias=False),
             _norm(c_out),
         )
@@ -178,19 +179,31 @@ def _identity(c_in: int, c_out: int, stride: int, slope: float) -> nn.Module:
 
 OpBuilder = Callable[[int, int, int, float], nn.Module]
 
-OP_BUILDERS: dict[str, OpBuilder] = {
-    "zero": lambda c_in, c_out, stride, slope: Zero(c_out, stride),
-    "identity": _identity,
-    "conv_3x3x3": lambda c_in, c_out, stride, slope: ActConvNorm(c_in, c_out, 3, stride, slope),
-    "sep_dil2_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 2),
-    "sep_dil3_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 3),
-    "sep_dil4_conv_3x3x3": lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, 4),
-    "max_pool_3x3x3": lambda c_in, c_out, stride, slope: _with_width(MaxPool3x3x3(stride), c_in, c_out, slope),
-    "avg_pool_3x3x3": lambda c_in, c_out, stride, slope: _with_width(AvgPool3x3x3(stride), c_in, c_out, slope),
-}
-"""Vocabulary name -> module constructor. Must cover ``scnas.genotype.ops.OPS`` exactly."""
+_POOLS = {"max": MaxPool3x3x3, "avg": AvgPool3x3x3}
+"""Pool modules by ``OpSpec.pooling``; both are 3x3x3."""
 
-assert set(OP_BUILDERS) == set(OPS), "scnas.build.ops and scnas.genotype.ops disagree"
+
+def op_builder(spec: OpSpec) -> OpBuilder:
+    """The module constructor of a vocabulary row, from its facts (family, kernel, dilation,
+    separable, pooling): nothing about an op is typed here a second time."""
+    if spec.family == "zero":
+        return lambda c_in, c_out, stride, slope: Zero(c_out, stride)
+    if spec.family == "identity":
+        return _identity
+    if spec.family == "conv" and spec.separable:
+        return lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, spec.dilation,
+                                                                       spec.kernel)
+    if spec.family == "conv":
+        return lambda c_in, c_out, stride, slope: ActConvNorm(c_in, c_out, spec.kernel, stride, slope, spec.dilation)
+    if spec.family == "pool" and spec.pooling in _POOLS and spec.kernel == 3:
+        pool = _POOLS[spec.pooling]
+        return lambda c_in, c_out, stride, slope: _with_width(pool(stride), c_in, c_out, slope)
+    raise ValueError(f"scnas.build.ops has no module for op {spec.name!r} ({spec.family}, kernel {spec.kernel}, "
+                     f"pooling {spec.pooling!r})")
+
+
+OP_BUILDERS: dict[str, OpBuilder] = {name: op_builder(spec) for name, spec in OPS.items()}
+"""Vocabulary name -> module constructor, derived from ``scnas.genotype.ops.OPS``."""
 
 
 def make_op(name: str, c_in: int, c_out: int, stride: int = 1, negative_slope: float = 0.01) -> nn.Module:

@@ -18,10 +18,10 @@ from scnas.genotype import CELL_TYPES, Genotype, short_hash
 from scnas.genotype.ops import OPS, ZERO
 
 FAMILY_COLOURS = {"conv": "#1f77b4", "pool": "#2ca02c", "identity": "#7f7f7f", "zero": "#d62728"}
-OP_COLOURS = {  # shades within a family so that dilations tell apart
-    "conv_3x3x3": "#08519c", "sep_dil2_conv_3x3x3": "#3182bd", "sep_dil3_conv_3x3x3": "#6baed6",
-    "sep_dil4_conv_3x3x3": "#9ecae1", "max_pool_3x3x3": "#238b45", "avg_pool_3x3x3": "#74c476",
-}
+FAMILY_SHADES = {"conv": ("#08519c", "#3182bd", "#6baed6", "#9ecae1"), "pool": ("#238b45", "#74c476")}
+"""Shades within a family, given to its ops in the vocabulary's order (so that the dilations and
+the two pools tell apart); an op past the last shade, or of a family without shades, gets
+the family colour."""
 INPUT_LABELS = {0: "<c<SUB>k-2</SUB>>", 1: "<c<SUB>k-1</SUB>>"}  # Graphviz HTML labels
 OUTPUT_LABEL = "<c<SUB>k</SUB>>"
 RENDER_FORMATS = ("svg", "png", "pdf")
@@ -35,7 +35,10 @@ class DrawError(ScnasError):
 
 
 def op_colour(op: str) -> str:
-    return OP_COLOURS.get(op, FAMILY_COLOURS[OPS[op].family])
+    family = OPS[op].family
+    index = [name for name, spec in OPS.items() if spec.family == family].index(op)
+    shades = FAMILY_SHADES.get(family, ())
+    return shades[index] if index < len(shades) else FAMILY_COLOURS[family]
 
 
 def _cell_subgraph(genotype: Genotype, cell_type: str, alpha: bool, prefix: str) -> graphviz.Digraph:

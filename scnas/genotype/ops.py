@@ -1,8 +1,9 @@
 """The operation vocabulary: the one place that names the candidate operations.
 
-The genotype validates edges against this table, the builder maps each name to a module,
-the drawings colour by family. Adding an operation is one row here plus its module in
-``scnas.build``.
+The genotype validates edges against this table, the builder derives each op's module from
+its row (family, kernel, dilation, separable, pooling), the drawings colour by family. Adding
+an operation of a known kind (another kernel, dilation or separable conv) is one row here;
+a new kind also needs its module in ``scnas.build.ops``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class OpSpec:
     kernel: int = 0      # spatial kernel size (0: none)
     dilation: int = 1
     separable: bool = False  # depthwise-separable (depthwise kxkxk, then pointwise 1x1x1)
+    pooling: str = ""        # "max" or "avg" for the pool family
 
 
 _TABLE = (
@@ -33,8 +35,9 @@ _TABLE = (
            "LeakyReLU-depthwise-separable 3x3x3 conv, dilation 3-InstanceNorm", kernel=3, dilation=3, separable=True),
     OpSpec("sep_dil4_conv_3x3x3", "conv", True,
            "LeakyReLU-depthwise-separable 3x3x3 conv, dilation 4-InstanceNorm", kernel=3, dilation=4, separable=True),
-    OpSpec("max_pool_3x3x3", "pool", False, "3x3x3 max pooling", kernel=3),
-    OpSpec("avg_pool_3x3x3", "pool", False, "3x3x3 average pooling (padding not counted)", kernel=3),
+    OpSpec("max_pool_3x3x3", "pool", False, "3x3x3 max pooling", kernel=3, pooling="max"),
+    OpSpec("avg_pool_3x3x3", "pool", False, "3x3x3 average pooling (padding not counted)", kernel=3,
+           pooling="avg"),
 )
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in _TABLE}
