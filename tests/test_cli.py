@@ -154,3 +154,37 @@ def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, mon
         assert "using 1 torch thread(s) (2 cores, load 1.2 from other processes); --threads N" in result.err
     finally:
         torch.set_num_threads(before)
+
+
+def test_command_line_defaults_are_the_librarys():
+    # One source of defaults: every option that names a config field (or a predict_folder
+    # parameter) and has a default shows the library's default, for every command.
+    import inspect
+
+    import typer
+
+    from scnas.build import BuildConfig
+    from scnas.cli.main import _register_commands, app
+    from scnas.search import SearchConfig
+    from scnas.train.predict import predict_folder
+    from scnas.train.trainer import TrainConfig
+
+    _register_commands()
+    commands = typer.main.get_command(app).commands
+    predict_defaults = {name: p.default for name, p in inspect.signature(predict_folder).parameters.items()}
+    renamed = {"steps": "steps_per_epoch", "stem": "stem_channels", "classes": "num_classes"}
+    library = {"train": {k: f.default for k, f in TrainConfig.model_fields.items()},
+               "cv": {k: f.default for k, f in TrainConfig.model_fields.items()},
+               "search": {k: f.default for k, f in SearchConfig.model_fields.items()},
+               "build": {k: f.default for k, f in BuildConfig.model_fields.items()},
+               "export-onnx": {k: f.default for k, f in BuildConfig.model_fields.items()},
+               "predict": predict_defaults}
+    compared = 0
+    for command, defaults in library.items():
+        for param in commands[command].params:
+            key = param.name if param.name in defaults else renamed.get(param.name)
+            if key in defaults and param.default is not None and key not in ("data", "output"):
+                shown = tuple(param.default) if isinstance(param.default, list) else param.default
+                assert shown == defaults[key], (command, param.name, shown, defaults[key])
+                compared += 1
+    assert compared >= 40

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from scnas import defaults as D
 from scnas.cli.main import app, stdout
 from scnas.genotype import load_genotype, short_hash
 
@@ -19,14 +20,14 @@ def _gib(n: int) -> str:
 @app.command()
 def build(
     genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
-    stem: int = typer.Option(68, "--stem", min=1, help="Stem channels; level-l cells are stem * 2**l wide "
+    stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="Stem channels; level-l cells are stem * 2**l wide "
                                                       "(paper: 48 for search, 68 for retraining)."),
-    in_channels: int = typer.Option(4, "--in-channels", min=1, help="Input channels (BraTS: 4 MRI sequences; CT: 1)."),
-    classes: int = typer.Option(3, "--classes", min=1, help="Output channels (logits)."),
-    depth: int = typer.Option(3, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
-    upsampling: str = typer.Option("trilinear", "--upsampling", help="trilinear or transposed."),
+    in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="Input channels (BraTS: 4 MRI sequences; CT: 1)."),
+    classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Output channels (logits)."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
+    upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
     deep_supervision: bool = typer.Option(False, "--deep-supervision", help="Add 1x1x1 heads on coarser decoder cells."),
-    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="D H W of the input for the cost figures."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="D H W of the input for the cost figures."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the memory estimate."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "
                                                                       "freshly initialised weights."),

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
 from scnas.cli import options
 from scnas.cli.main import app, settings_error, stdout
 
@@ -26,17 +27,17 @@ def cv(
     random: int = typer.Option(0, "--random", min=0, help="Add N seeded random genotypes (2 inputs per node), each "
                                                           "widened to the first genotype's FLOPs, and compare."),
     random_seed: int = typer.Option(0, "--random-seed", help="Seed of the first random genotype (then +1, +2, ...)."),
-    stem: int = typer.Option(68, "--stem", min=1, help="Stem of genotypes given without @STEM (paper: 68)."),
-    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Training patch D H W."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step (paper: 8)."),
-    epochs: int = typer.Option(500, "--epochs", min=1, help="At most this many epochs per job (paper: 500)."),
-    steps: int = typer.Option(250, "--steps-per-epoch", min=1),
-    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4)."),
+    stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="Stem of genotypes given without @STEM (paper: 68)."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Training patch D H W."),
+    batch_size: int = typer.Option(D.TRAIN_BATCH_SIZE, "--batch-size", min=1, help="Patches per step (paper: 8)."),
+    epochs: int = typer.Option(D.TRAIN_EPOCHS, "--epochs", min=1, help="At most this many epochs per job (paper: 500)."),
+    steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1),
+    lr: float = typer.Option(D.TRAIN_LR, "--lr", help="Adam learning rate (paper: 3e-4)."),
     loss: str = options.LOSS,
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Target spacing for "
                                                                                         "preparing (default 0.7 mm)."),
-    seed: int = typer.Option(0, "--seed", help="Training seed (the same for every job)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(D.SEED, "--seed", help="Training seed (the same for every job)."),
+    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="i/n", help="Run only jobs i, i+n, ... of the "
                                                                              "study (1-based), e.g. one shard per "

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
 from scnas.cli.main import app, stdout
 
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -28,10 +29,10 @@ def export_onnx_command(
     provider: str = typer.Option("cpu", "--provider", help="Verify on this onnxruntime execution provider: "
                                                            "cpu, cuda or tensorrt."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime against PyTorch."),
-    stem: int = typer.Option(68, "--stem", min=1, help="For a genotype: stem channels."),
-    in_channels: int = typer.Option(4, "--in-channels", min=1, help="For a genotype: input channels."),
-    classes: int = typer.Option(3, "--classes", min=1, help="For a genotype: output channels."),
-    depth: int = typer.Option(3, "--depth", min=1, max=8, help="For a genotype: down-samplings."),
+    stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="For a genotype: stem channels."),
+    in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="For a genotype: input channels."),
+    classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="For a genotype: output channels."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="For a genotype: down-samplings."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Export a network to ONNX with dynamic batch and spatial axes, and verify it.
@@ -103,8 +104,8 @@ def draw(
                                                       "labelled with its two likeliest ops and their softmax(alpha) "
                                                       "(* marks the chosen op), as thick as the likeliest."),
     network: bool = typer.Option(False, "--network", help="Draw the whole U-Net instead of the cells."),
-    stem: int = typer.Option(68, "--stem", min=1, help="With --network and a genotype: stem channels."),
-    depth: int = typer.Option(3, "--depth", min=1, max=8, help="With --network and a genotype: down-samplings."),
+    stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="With --network and a genotype: stem channels."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="With --network and a genotype: down-samplings."),
 ) -> None:
     """Draw the cells of a genotype as in the paper's Figure 2, or the whole network (Figure 1).
 

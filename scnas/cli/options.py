@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
+
 MICRO_BATCH: Optional[int] = typer.Option(
     None, "--micro-batch", min=1, help="Patches per forward pass; gradients accumulate exactly over a process's share "
                                        "(default: the largest that fits). With --resume: may change.")
@@ -15,14 +17,14 @@ CHECKPOINT: Optional[str] = typer.Option(
 GPU_MEMORY: Optional[str] = typer.Option(
     None, "--gpu-memory", help="Memory to plan for, e.g. 24GiB (default: the CUDA device's free memory). A setting "
                                "that cannot fit is refused before the first step.")
-AMP: str = typer.Option("auto", "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
+AMP: str = typer.Option(D.AMP, "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
                                               "on CUDA, off on CPU.")
 COMPILE: bool = typer.Option(False, "--compile", help="torch.compile the network: the first step pays the compilation "
                                                     "(printed, about a minute at stem 68), later ones run faster on a GPU. "
                                                     "Pays for long runs; on the CPU rarely. Falls back to eager, with a "
                                                     "notice, where compilation fails.")
 
-LOSS: str = typer.Option("jaccard", "--loss", help="jaccard: soft Jaccard distance averaged over all classes, "
+LOSS: str = typer.Option(D.LOSS, "--loss", help="jaccard: soft Jaccard distance averaged over all classes, "
                                                     "background included (the paper's loss as scnas reads it); "
                                                     "jaccard-fg: over the foreground classes only (nnU-Net leaves "
                                                     "background out of its Dice loss).")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from scnas import defaults as D
 from scnas.cli.main import app, stderr, stdout
 
 
@@ -17,7 +18,7 @@ def plan(
                                                   "built-in name); leave out with --search."),
     search: bool = typer.Option(False, "--search", help="Plan a search step (the supernet) instead of retraining."),
     stem: Optional[int] = typer.Option(None, "--stem", min=1, help="Stem channels (default: 68 to retrain, 48 to search)."),
-    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch size D H W."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Global batch (default: 8 to retrain, "
                                                                              "1 to search)."),
     world_size: int = typer.Option(1, "--world-size", min=1, help="Processes (GPUs) sharing the batch."),
@@ -30,12 +31,12 @@ def plan(
                                              "machine's CUDA device, if any)."),
     data: Optional[str] = typer.Option(None, "--data", help="Take input channels and classes from a task folder or "
                                                             "prepared cache."),
-    in_channels: int = typer.Option(4, "--in-channels", min=1, help="Input channels (BraTS: 4), without --data."),
-    classes: int = typer.Option(3, "--classes", min=1, help="Classes including background (BraTS: 4 labels -> 4), "
+    in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="Input channels (BraTS: 4), without --data."),
+    classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Classes including background (BraTS: 4 labels -> 4), "
                                                             "without --data."),
-    depth: int = typer.Option(3, "--depth", min=1, max=8),
-    nodes: int = typer.Option(4, "--nodes", min=1, help="Search: intermediate nodes per cell."),
-    sampling: str = typer.Option("pair", "--sampling", help="Search: pair, one or full."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8),
+    nodes: int = typer.Option(D.NODES, "--nodes", min=1, help="Search: intermediate nodes per cell."),
+    sampling: str = typer.Option(D.SAMPLING, "--sampling", help="Search: pair, one or full."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Search: comma-separated vocabulary (default: the paper's)."),
     no_stem: bool = typer.Option(False, "--no-largest-stem", help="Skip the search for the largest stem (saves a "
                                                                   "few simulations)."),

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
 from scnas.cli import options
 from scnas.cli.main import app, settings_error, stderr, stdout
 
@@ -17,44 +18,44 @@ def search(
     ctx: typer.Context,
     output: str = typer.Option(..., "-o", "--output", help="Run folder: config, metrics, genotypes, plots, checkpoint."),
     data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache."),
-    fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold; its training cases are split 4:1 into "
+    fold: int = typer.Option(D.FOLD, "--fold", min=0, help="Cross-validation fold; its training cases are split 4:1 into "
                                                       "weight and architecture sets."),
-    stem: int = typer.Option(48, "--stem", min=1, help="Stem channels of the supernet (paper: 48)."),
-    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch size D H W (multiples of 8)."),
+    stem: int = typer.Option(D.STEM_SEARCH, "--stem", min=1, help="Stem channels of the supernet (paper: 48)."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W (multiples of 8)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs (default and paper: 200; with "
                                                                         "--resume: extend the run to this many)."),
-    steps: int = typer.Option(250, "--steps-per-epoch", min=1, help="Theta/alpha step pairs per epoch."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step over all processes (the paper: 4 "
+    steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1, help="Theta/alpha step pairs per epoch."),
+    batch_size: int = typer.Option(D.SEARCH_BATCH_SIZE, "--batch-size", min=1, help="Patches per step over all processes (the paper: 4 "
                                                                    "on 4 GPUs); a multiple of the process count."),
     micro_batch: Optional[int] = options.MICRO_BATCH,
     checkpoint: Optional[str] = options.CHECKPOINT,
     gpu_memory: Optional[str] = options.GPU_MEMORY,
-    sampling: str = typer.Option("pair", "--sampling", help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
+    sampling: str = typer.Option(D.SAMPLING, "--sampling", help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary (default: the paper's eight)."),
-    nodes: int = typer.Option(4, "--nodes", min=1, help="Intermediate nodes per cell."),
-    tau_max: float = typer.Option(10.0, "--tau-max", help="Temperature at the first epoch."),
-    tau_min: float = typer.Option(0.1, "--tau-min", help="Temperature at the last epoch."),
-    tau_schedule: str = typer.Option("linear", "--tau-schedule", help="linear or exponential."),
-    alpha_lr: float = typer.Option(0.003, "--alpha-lr", min=0.0, help="Adam learning rate of alpha (paper: 0.003, "
+    nodes: int = typer.Option(D.NODES, "--nodes", min=1, help="Intermediate nodes per cell."),
+    tau_max: float = typer.Option(D.TAU_MAX, "--tau-max", help="Temperature at the first epoch."),
+    tau_min: float = typer.Option(D.TAU_MIN, "--tau-min", help="Temperature at the last epoch."),
+    tau_schedule: str = typer.Option(D.TAU_SCHEDULE, "--tau-schedule", help="linear or exponential."),
+    alpha_lr: float = typer.Option(D.ALPHA_LR, "--alpha-lr", min=0.0, help="Adam learning rate of alpha (paper: 0.003, "
                                                                       "sized for 200 x 250 steps; a short search "
                                                                       "needs more, e.g. 0.1 for ~40 steps)."),
-    derive: str = typer.Option("top-k", "--derive", help="How cells are derived from alpha: top-k (DARTS: per node "
+    derive: str = typer.Option(D.DERIVE, "--derive", help="How cells are derived from alpha: top-k (DARTS: per node "
                                                          "the --top-k strongest inputs, each with its best non-zero "
                                                          "op) or argmax (per edge, zero = no edge). 'scnas derive' "
                                                          "re-derives a finished run."),
-    top_k: int = typer.Option(2, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+    top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
     loss: str = options.LOSS,
     spacing: Optional[tuple[float, float, float]] = typer.Option(
         None, "--spacing", help="Target spacing (mm) when --data is a task folder [default: 0.7 0.7 0.7]; a prepared "
                                 "cache has its own (another is refused)."),
-    seed: int = typer.Option(0, "--seed"),
-    workers: str = typer.Option("auto", "--workers", help="Data loader processes per loader (weights, architecture "
+    seed: int = typer.Option(D.SEED, "--seed"),
+    workers: str = typer.Option(D.WORKERS, "--workers", help="Data loader processes per loader (weights, architecture "
                                                           "set): a number, or auto (on CUDA the cores but one, "
                                                           "split between the two; on the CPU none)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw plots/*.png (losses, softmax(alpha)); their "
                                                                 "data are in metrics.jsonl and plots/alpha.json either way."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
                                                         "settings; --epochs may extend it, and --checkpoint, "
@@ -140,10 +141,10 @@ def derive(
     source: str = typer.Argument(..., metavar="RUN", help="A search run folder (its genotype.yaml) or a genotype file "
                                                           "written by a search (genotypes/epoch_N.yaml)."),
     output: str = typer.Option(..., "-o", "--output", help="Genotype file to write (.yaml or .json)."),
-    rule: str = typer.Option("top-k", "--derive", help="top-k: per node the --top-k strongest incoming edges, each "
+    rule: str = typer.Option(D.DERIVE, "--derive", help="top-k: per node the --top-k strongest incoming edges, each "
                                                        "with its best non-zero op (DARTS); argmax: per edge the most "
                                                        "probable op, zero = no edge (denser cells)."),
-    top_k: int = typer.Option(2, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+    top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
 ) -> None:
     """Derive cells again from a finished search's softmax(alpha), without searching again.
 

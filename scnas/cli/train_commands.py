@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from scnas import defaults as D
 from scnas.cli import options
 from scnas.cli.main import app, settings_error, stderr, stdout
 
@@ -20,25 +21,25 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="Task folder (prepared once into its shared cache, $SCNAS_CACHE) or prepared cache "
                                                             "(not needed with --resume)."),
     output: str = typer.Option(..., "-o", "--output", help="Run folder: models, metrics, plot, checkpoint."),
-    fold: int = typer.Option(0, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
-    stem: int = typer.Option(68, "--stem", min=1, help="Stem channels (paper: 68)."),
-    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch size D H W (multiples of 8)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Patches per step over all processes (paper: 8); a "
+    fold: int = typer.Option(D.FOLD, "--fold", min=0, help="Cross-validation fold (validation = its 'val' cases)."),
+    stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="Stem channels (paper: 68)."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W (multiples of 8)."),
+    batch_size: int = typer.Option(D.TRAIN_BATCH_SIZE, "--batch-size", min=1, help="Patches per step over all processes (paper: 8); a "
                                                                    "multiple of the process count."),
     micro_batch: Optional[int] = options.MICRO_BATCH,
     checkpoint: Optional[str] = options.CHECKPOINT,
     gpu_memory: Optional[str] = options.GPU_MEMORY,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="At most this many epochs (paper: 500)."),
-    steps: int = typer.Option(250, "--steps-per-epoch", min=1),
-    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
+    steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1),
+    lr: float = typer.Option(D.TRAIN_LR, "--lr", help="Adam learning rate (paper: 3e-4; /5 after a 30-epoch plateau)."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(
         None, "--spacing", help="Target spacing (mm) when --data is a task folder [default: 0.7 0.7 0.7]; a prepared "
                                 "cache has its own (another is refused)."),
     loss: str = options.LOSS,
-    seed: int = typer.Option(0, "--seed"),
-    workers: str = typer.Option("auto", "--workers", help="Data loader processes: a number, or auto (on CUDA one "
+    seed: int = typer.Option(D.SEED, "--seed"),
+    workers: str = typer.Option(D.WORKERS, "--workers", help="Data loader processes: a number, or auto (on CUDA one "
                                                           "per core, one core left for training; on the CPU none)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     compile: bool = options.COMPILE,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings and genotype; --epochs "
@@ -101,12 +102,12 @@ def predict(
                                                           "CASE_0001.nii.gz, ... are the channels of one case)."),
     output: str = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz)."),
     backend: str = typer.Option("torch", "--backend", help="torch (.safetensors) or onnxruntime (.onnx)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda. On a GPU windows "
+    device: str = typer.Option(D.DEVICE, "--device", help="auto (CUDA when available), cpu or cuda. On a GPU windows "
                                                         "are cut, mirrored, predicted and blended on the device."),
-    overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
+    overlap: float = typer.Option(D.OVERLAP, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
-    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per forward pass."),
-    amp: str = typer.Option("auto", "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
+    batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, "--batch-size", min=1, help="Windows per forward pass."),
+    amp: str = typer.Option(D.AMP, "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
                                                   "fp16 on CUDA, off on CPU (fp16 runs there too, emulated and slower)."),
     compile: bool = options.COMPILE,
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",

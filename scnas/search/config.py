@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scnas import defaults as D
 from scnas.genotype import MAX_NODES, OPS, PAPER_OPS
 
 
@@ -18,28 +19,28 @@ class SearchConfig(BaseModel):
     data: str = Field(description="task folder (dataset.json) or prepared cache folder")
     spacing: tuple[float, float, float] | None = Field(
         None, description="target spacing when data is a task folder (None: 0.7 mm); a prepared cache has its own")
-    fold: int = Field(0, ge=0)
-    stem: int = Field(48, ge=1, description="stem channels during search (paper: 48)")
-    nodes: int = Field(4, ge=1, le=MAX_NODES)
-    depth: int = Field(3, ge=1, le=8)
+    fold: int = Field(D.FOLD, ge=0)
+    stem: int = Field(D.STEM_SEARCH, ge=1, description="stem channels during search (paper: 48)")
+    nodes: int = Field(D.NODES, ge=1, le=MAX_NODES)
+    depth: int = Field(D.DEPTH, ge=1, le=8)
     ops: list[str] = Field(default_factory=lambda: list(PAPER_OPS), min_length=2)
-    patch: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = Field(1, ge=1, description="patches per step over all processes (the paper: 4, one on each "
+    patch: tuple[int, int, int] = D.PATCH
+    batch_size: int = Field(D.SEARCH_BATCH_SIZE, ge=1, description="patches per step over all processes (the paper: 4, one on each "
                                                  "of 4 GPUs); a multiple of the number of processes")
     micro_batch: int | None = Field(None, ge=1, description="patches per forward pass (gradients accumulate over a "
                                                             "process's share); None: the largest that fits")
     checkpoint: Literal["auto", "off", "cells", "edges"] = Field(
         "auto", description="activation checkpointing: off, cells (recompute each cell in backward), edges (also "
                             "each edge inside); auto: the cheapest that fits the memory budget")
-    epochs: int = Field(200, ge=1)
-    steps_per_epoch: int = Field(250, ge=1, description="Theta/alpha step pairs per epoch")
-    sampling: Literal["pair", "one", "full"] = "pair"
-    tau_max: float = Field(10.0, gt=0, description="Gumbel-softmax temperature at the first epoch")
-    tau_min: float = Field(0.1, gt=0, description="... at the last epoch")
-    tau_schedule: Literal["linear", "exponential"] = "linear"
+    epochs: int = Field(D.SEARCH_EPOCHS, ge=1)
+    steps_per_epoch: int = Field(D.STEPS_PER_EPOCH, ge=1, description="Theta/alpha step pairs per epoch")
+    sampling: Literal["pair", "one", "full"] = D.SAMPLING
+    tau_max: float = Field(D.TAU_MAX, gt=0, description="Gumbel-softmax temperature at the first epoch")
+    tau_min: float = Field(D.TAU_MIN, gt=0, description="... at the last epoch")
+    tau_schedule: Literal["linear", "exponential"] = D.TAU_SCHEDULE
     theta_lr: float = Field(0.025, gt=0, description="paper: 0.025")
     theta_betas: tuple[float, float] = Field((0.1, 0.001), description="as printed in the paper: (0.1, 0.001)")
-    alpha_lr: float = Field(0.003, gt=0, description="paper: 0.003")
+    alpha_lr: float = Field(D.ALPHA_LR, gt=0, description="paper: 0.003")
     alpha_betas: tuple[float, float] = Field((0.5, 0.999), description="paper: (0.5, 0.999)")
     alpha_weight_decay: float = Field(0.0, ge=0)
     plateau_patience: int = Field(20, ge=1, description="epochs without a lower training loss before the Theta "
@@ -52,21 +53,21 @@ class SearchConfig(BaseModel):
     augment: bool = True
     val_batches: int = Field(2, ge=1, description="architecture-set batches for the epoch's Dice")
     derive: Literal["top-k", "argmax"] = Field(
-        "top-k", description="top-k: DARTS's rule, per node the top_k strongest incoming edges, each with its best "
+        D.DERIVE, description="top-k: DARTS's rule, per node the top_k strongest incoming edges, each with its best "
                              "non-zero op; argmax: per edge the most probable op, zero = no edge")
-    top_k: int = Field(2, ge=1, description="incoming edges per node with derive top-k (DARTS: 2)")
+    top_k: int = Field(D.TOP_K, ge=1, description="incoming edges per node with derive top-k (DARTS: 2)")
     loss: Literal["jaccard", "jaccard-fg"] = Field(
-        "jaccard", description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
-                               "only (jaccard-fg)")
-    seed: int = 0
+        D.LOSS, description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
+                            "only (jaccard-fg)")
+    seed: int = D.SEED
     workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="data loader processes per loader (weights and architecture set); auto: one per core on CUDA (shared with other processes on "
+        D.WORKERS, description="data loader processes per loader (weights and architecture set); auto: one per core on CUDA (shared with other processes on "
                             "the machine), none on the CPU")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = D.DEVICE
     amp: Literal["auto", "off", "fp16", "bf16"] = Field(
-        "auto", description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
+        D.AMP, description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
     gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
                                                      "memory; nothing is planned on the CPU unless given)")
     log_every_steps: int = Field(10, ge=1, description="read losses and the non-finite count back every N steps")

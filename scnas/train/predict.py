@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from scnas import defaults as D
 from scnas.build.model_file import ModelFileError
 from scnas.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, is_nifti, load_case, strip_nifti_ending
@@ -75,7 +76,7 @@ class Predictor:
         with torch.inference_mode():
             return self.run(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
 
-    def logits(self, image: np.ndarray | torch.Tensor, overlap: float = 0.5, batch_size: int = 2, mirror: bool = False,
+    def logits(self, image: np.ndarray | torch.Tensor, overlap: float = D.OVERLAP, batch_size: int = D.PREDICT_BATCH_SIZE, mirror: bool = False,
                accumulate: str = "device") -> torch.Tensor:
         """Sliding-window logits (K, X, Y, Z) of a preprocessed image (C, X, Y, Z), float32, on
         the device (``accumulate="device"``) or in CPU memory (``"host"``)."""
@@ -83,7 +84,7 @@ class Predictor:
         return sliding_window_logits(tensor, self.run, self.patch, self.num_classes, overlap, batch_size,
                                      mirror=mirror, device=self.device, accumulate=accumulate)
 
-    def segment(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 2, mirror: bool = False) -> np.ndarray:
+    def segment(self, image: np.ndarray, overlap: float = D.OVERLAP, batch_size: int = D.PREDICT_BATCH_SIZE, mirror: bool = False) -> np.ndarray:
         """The label map (int16, X, Y, Z) of a preprocessed image (C, X, Y, Z). On a GPU the
         whole volume stays on the device when it fits (:data:`DEVICE_SHARE`); otherwise, or
         when the device runs out of memory, the sums are kept in CPU memory, with a notice."""
@@ -111,8 +112,8 @@ class Predictor:
         raise AssertionError("unreachable")
 
 
-def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = "auto",
-                   amp: str = "auto", compile: bool = False, say: Callable[[str], None] = _say) -> Predictor:
+def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = D.DEVICE,
+                   amp: str = D.AMP, compile: bool = False, say: Callable[[str], None] = _say) -> Predictor:
     """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction.
 
     ``device``: auto (CUDA when available), cpu or cuda. ``amp`` (torch backend): fp16 or bf16
@@ -224,7 +225,7 @@ def read_case(predictor: Predictor, case: Case) -> tuple[dict[str, Any], Any]:
     return preprocess_case(loaded, settings), nib.load(str(case.images[0]))
 
 
-def predict_case(predictor: Predictor, case: Case, overlap: float = 0.5, tta: bool = False, batch_size: int = 2
+def predict_case(predictor: Predictor, case: Case, overlap: float = D.OVERLAP, tta: bool = False, batch_size: int = D.PREDICT_BATCH_SIZE
                  ) -> tuple[np.ndarray, Any]:
     """(label map on the original grid, the NIfTI image of the first channel file)."""
     prepared, reference = read_case(predictor, case)
@@ -254,9 +255,9 @@ def write_label(label: np.ndarray, reference, path: Path) -> None:
 
 
 def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, output: str | os.PathLike,
-                   backend: str = "torch", device: str = "auto", overlap: float = 0.5, tta: bool = False,
-                   batch_size: int = 2, progress: bool = True, only: list[str] | None = None,
-                   amp: str = "auto", compile: bool = False, prefetch: bool | None = None,
+                   backend: str = "torch", device: str = D.DEVICE, overlap: float = D.OVERLAP, tta: bool = False,
+                   batch_size: int = D.PREDICT_BATCH_SIZE, progress: bool = True, only: list[str] | None = None,
+                   amp: str = D.AMP, compile: bool = False, prefetch: bool | None = None,
                    say: Callable[[str], None] = _say) -> list[Path]:
     """Predict every case of ``inputs`` (or those in ``only``) into the folder ``output``.
 

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scnas import __version__
+from scnas import defaults as D
 from scnas.build import BuildConfig, build_network, save_model
 from scnas.metrics import LOSSES, dice_per_class
 from scnas.compiling import compile_for_training
@@ -57,37 +58,37 @@ class TrainConfig(BaseModel):
 
     data: str
     spacing: tuple[float, float, float] | None = None   # a task folder's target (None: 0.7 mm); a cache's own
-    fold: int = Field(0, ge=0)
-    stem: int = Field(68, ge=1, description="paper: 68 for retraining")
-    depth: int = Field(3, ge=1, le=8)
-    patch: tuple[int, int, int] = (128, 128, 128)
-    batch_size: int = Field(8, ge=1, description="patches per step over all processes (paper: 8); a multiple of "
+    fold: int = Field(D.FOLD, ge=0)
+    stem: int = Field(D.STEM_TRAIN, ge=1, description="paper: 68 for retraining")
+    depth: int = Field(D.DEPTH, ge=1, le=8)
+    patch: tuple[int, int, int] = D.PATCH
+    batch_size: int = Field(D.TRAIN_BATCH_SIZE, ge=1, description="patches per step over all processes (paper: 8); a multiple of "
                                                  "the number of processes")
     micro_batch: int | None = Field(None, ge=1, description="patches per forward pass (gradients accumulate exactly "
                                                             "over a process's share); None: the largest that fits")
     checkpoint: Literal["auto", "off", "cells", "edges"] = Field(
         "auto", description="activation checkpointing: off, cells, edges; auto: the cheapest that fits")
-    epochs: int = Field(500, ge=1, description="paper: at most 500")
-    steps_per_epoch: int = Field(250, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    epochs: int = Field(D.TRAIN_EPOCHS, ge=1, description="paper: at most 500")
+    steps_per_epoch: int = Field(D.STEPS_PER_EPOCH, ge=1)
+    lr: float = Field(D.TRAIN_LR, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     plateau_patience: int = Field(30, ge=1)
     plateau_factor: float = Field(0.2, gt=0, lt=1, description="divide by 5")
     min_lr: float = Field(1e-7, gt=0, description="stop when the learning rate falls below this")
     grad_clip: float = Field(12.0, gt=0)
     loss: Literal["jaccard", "jaccard-fg"] = Field(
-        "jaccard", description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
-                               "only (jaccard-fg)")
+        D.LOSS, description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
+                            "only (jaccard-fg)")
     foreground_share: float = Field(1 / 3, ge=0, le=1)
     augment: bool = True
     val_patches: int = Field(8, ge=1, description="validation patches per epoch (from the fold's validation cases)")
-    seed: int = 0
+    seed: int = D.SEED
     workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="data loader processes; auto: one per core on CUDA (shared with other processes on "
+        D.WORKERS, description="data loader processes; auto: one per core on CUDA (shared with other processes on "
                             "the machine), none on the CPU")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = D.DEVICE
     amp: Literal["auto", "off", "fp16", "bf16"] = Field(
-        "auto", description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
+        D.AMP, description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
     gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
                                                      "memory; nothing is planned on the CPU unless given)")
     log_every_steps: int = Field(10, ge=1, description="read losses back every N steps")
