@@ -31,3 +31,24 @@ def test_no_unsafe_loading_in_the_package():
         assert "yaml.load(" not in text and not re.search(r"(?<![.\w])(eval|exec)\(", text), path
         assert not re.search(r"^\s*(import|from) (c?pickle|dill|joblib)\b", text, re.M), path
         assert all("weights_only=True" in call for call in re.findall(r"torch\.load\([^)]*\)", text)), path
+
+
+def test_layers_import_only_downwards():
+    # train must not depend on export (nor the lower layers on train/export), lazy imports included.
+    import ast
+    from pathlib import Path
+
+    import scnas
+
+    root = Path(scnas.__file__).parent
+    forbidden = {"train": ("scnas.export",), "search": ("scnas.export", "scnas.train"),
+                 "build": ("scnas.export", "scnas.train", "scnas.search"),
+                 "data": ("scnas.export", "scnas.train", "scnas.search"), "genotype": ("scnas.build", "torch")}
+    found = []
+    for package, banned in forbidden.items():
+        for path in sorted((root / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                found += [f"{path.name}: {name}" for name in names if name.startswith(banned)]
+    assert found == []
