@@ -484,3 +484,16 @@ def test_open_or_prepare_takes_a_cache_or_prepares_a_task_once(phantom, cache, t
     assert other.folder != prepared.folder and len(list((tmp_path / "shared").iterdir())) == 2
     with pytest.raises(DatasetError, match="neither a prepared cache .* nor a task folder"):
         open_or_prepare(tmp_path, (1.0, 1.0, 1.0))
+
+
+def test_nifti_endings_are_stripped_by_one_helper_for_both_endings(tmp_path):
+    from scnas.data.dataset import is_nifti, strip_nifti_ending
+    from scnas.train.predict import find_cases
+
+    assert [strip_nifti_ending(n) for n in ("a.nii.gz", "b.nii", "c.nii.gz.txt", "d_0001.nii")] == \
+        ["a", "b", "c.nii.gz.txt", "d_0001"]
+    assert [is_nifti(n) for n in ("a.nii.gz", "b.nii", "c.gz", "d.niix")] == [True, True, False, False]
+    for name in ("x_0000.nii", "x_0001.nii.gz", "single.nii", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = {case.case_id: [p.name for p in case.images] for case in find_cases(tmp_path)}
+    assert cases == {"single": ["single.nii"], "x": ["x_0000.nii", "x_0001.nii.gz"]}
