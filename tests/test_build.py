@@ -41,6 +41,24 @@ def test_macro_layout_is_the_papers_for_depth_3():
     assert [s.level for s in layout] == [1, 1, 2, 2, 3, 3, 2, 2, 1, 1, 0, 0]
 
 
+def test_each_decoder_level_adds_the_skip_of_the_encoder_at_its_level(uresnet):
+    """What decoder_normal_l reads as its current input is the expansion cell's output plus the
+    (projected) output of level l's encoder (encoder_normal_l; the stem at level 0)."""
+    torch.manual_seed(0)
+    net = build_network(uresnet, BuildConfig(stem_channels=4, in_channels=1, num_classes=2, depth=3)).eval()
+    seen = {}
+    net.stem.register_forward_hook(lambda module, args, out: seen.__setitem__("encoder_0", out))
+    for name, cell in net.cells.items():
+        cell.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+        cell.register_forward_pre_hook(lambda module, args, name=name: seen.__setitem__(f"{name} input", args[1]))
+    with torch.no_grad():
+        net(torch.randn(1, 1, 16, 16, 16))
+        for level in (0, 1, 2):
+            decoder, skip = f"decoder_normal_{level}", seen[f"encoder_normal_{level}" if level else "encoder_0"]
+            projected = net.skips[decoder](skip) if decoder in net.skips else skip
+            assert torch.equal(seen[f"{decoder} input"], seen[f"expansion_{level}"] + projected), level
+
+
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_builtins_build_and_train(name):
     _forward_backward(builtin_genotype(name), BuildConfig(stem_channels=8, in_channels=2, num_classes=3))

@@ -15,7 +15,7 @@ from scnas.data import (Cache, DatasetError, PrepareSettings, architecture_split
                         write_splits)
 from scnas.data.augment import (Augmentation, GaussianNoise, Gamma, IntensityScaleShift, RandomFlip, SpatialTransform,
                                 default_augmentation)
-from scnas.data.loader import PatchDataset, make_loader
+from scnas.data.loader import PatchDataset
 from scnas.data.patches import PatchSampler, extract_patch
 from scnas.data.preprocess import label_to_original, resampled_shape
 
@@ -116,7 +116,27 @@ def test_channels_are_z_normalised_inside_the_mask(cache):
         mask = np.any(image != 0, axis=0)
         for channel in image:
             assert abs(channel[mask].mean()) < 0.1 and abs(channel[mask].std() - 1) < 0.15
-            assert not channel[~mask].any()
+
+
+def test_voxels_outside_the_original_nonzero_mask_are_zero_and_inside_z_scored():
+    """The mask is the input's: a voxel that is zero in every channel of the original image is 0
+    after preprocessing (not -mean/std), and every other voxel is (value - mean) / std of the mask."""
+    from scnas.data.dataset import LoadedCase
+    from scnas.data.preprocess import preprocess_case
+
+    rng = np.random.default_rng(2)
+    image = (rng.normal(size=(2, 12, 10, 8)) * [[[[3.0]]], [[[0.5]]]] + [[[[40.0]]], [[[7.0]]]]).astype(np.float32)
+    grid = np.indices((12, 10, 8))
+    outside = ((grid[0] - 5.5) ** 2 + (grid[1] - 4.5) ** 2 + (grid[2] - 3.5) ** 2) > 16   # a ball: the box keeps corners
+    outside[0, 0, 0] = outside[11, 9, 7] = False       # ... and the crop box stays the whole volume
+    image[:, outside] = 0
+    case = LoadedCase("ball", image, np.zeros((12, 10, 8), np.int16), np.eye(4), (1.0, 1.0, 1.0))
+    out = preprocess_case(case, PrepareSettings(target_spacing=(1.0, 1.0, 1.0)))["image"]
+    assert out.shape == image.shape and outside.sum() > 200
+    for original, normalised in zip(image, out):
+        assert not normalised[outside].any()
+        inside = original[~outside]
+        np.testing.assert_allclose(normalised[~outside], (inside - inside.mean()) / inside.std(), rtol=1e-4, atol=1e-4)
 
 
 def test_prepared_cases_are_skipped_and_other_settings_refused(phantom, cache):
@@ -272,14 +292,18 @@ def test_rotated_label_stays_on_the_rotated_image(seed):
 
 
 def test_loader_is_deterministic_whatever_the_workers(cache):
-    def batches(workers):
-        dataset = PatchDataset(cache, cache.case_ids, (8, 8, 8), samples_per_epoch=8, seed=3,
+    """The loader training and search use (PatchLoader.epoch) gives the same batches with and
+    without worker processes, and a different seed gives different ones."""
+    from scnas.data.loader import PatchLoader
+
+    def batches(workers, seed=3):
+        dataset = PatchDataset(cache, cache.case_ids, (8, 8, 8), samples_per_epoch=8, seed=seed,
                                augmentation=default_augmentation())
-        dataset.set_epoch(2)
-        return [(x.clone(), y.clone()) for x, y in make_loader(dataset, batch_size=4, workers=workers)]
+        return [(x.clone(), y.clone()) for x, y in PatchLoader(dataset, batch_size=4, workers=workers).epoch(2)]
     plain, parallel = batches(0), batches(2)
     assert len(plain) == len(parallel) == 2 and plain[0][0].shape == (4, 2, 8, 8, 8) and plain[0][1].dtype == torch.int64
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, parallel))
+    assert not torch.equal(plain[0][0], batches(0, seed=4)[0][0])
 
 
 def test_persistent_workers_follow_the_epoch_and_the_resume_step(cache):

@@ -56,6 +56,35 @@ def test_mirroring_flips_back_exactly():
     np.testing.assert_allclose(plain[:2], image * 2.0, rtol=1e-6, atol=1e-6)   # weights normalise to 1
 
 
+def test_overlapping_windows_are_blended_by_their_gaussian_weights():
+    """Four windows overlap on a 24 x 24 x 16 volume (corners 0 and 8 along x and y); each
+    predicts a constant of its own. Every voxel gets the windows that cover it, weighted by a
+    Gaussian (sigma = patch / 8) around each window's centre, divided by the sum of weights."""
+    x, y, _ = np.indices((24, 24, 16))
+    image = np.stack([x, y]).astype(np.float32)             # the window's corner can be read off its first voxel
+
+    def constant_per_window(batch):
+        value = 1.0 + batch[:, 0, 0, 0, 0] + 100.0 * batch[:, 1, 0, 0, 0]
+        return np.broadcast_to(value[:, None, None, None, None], (len(batch), 1, *PATCH)).copy()
+
+    blended = sliding_window(image, constant_per_window, PATCH, 1, overlap=0.5, batch_size=3)[0]
+
+    def g(offset):                                          # the 1D Gaussian, centre 7.5, sigma 2
+        return np.exp(-0.5 * ((offset - 7.5) / 2.0) ** 2)
+    numerator, denominator = np.zeros((24, 24)), np.zeros((24, 24))
+    for cx in (0, 8):
+        for cy in (0, 8):
+            inside = (x[..., 0] >= cx) & (x[..., 0] < cx + 16) & (y[..., 0] >= cy) & (y[..., 0] < cy + 16)
+            weight = np.where(inside, g(x[..., 0] - cx) * g(y[..., 0] - cy), 0.0)
+            numerator += weight * (1.0 + cx + 100.0 * cy)
+            denominator += weight
+    expected = numerator / denominator
+    assert blended.shape == (24, 24, 16)
+    np.testing.assert_allclose(blended, np.repeat(expected[..., None], 16, axis=2), rtol=1e-5)
+    assert blended[0, 0, 0] == 1.0 and blended[23, 23, 0] == 809.0       # only one window covers a corner
+    assert 1.0 < blended[12, 0, 0] < 9.0                                 # two windows share the middle
+
+
 def test_host_and_device_accumulation_agree_and_the_torch_path_matches_one_pass():
     torch.manual_seed(0)
     net = build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=4, in_channels=1, num_classes=2)).eval()
