@@ -371,4 +371,4 @@ def test_a_prepared_cache_trains_at_its_own_spacing_and_records_it(trained, tmp_
     refused = cli("--threads", "1", "train", "minimal", "--data", cache, "--spacing", "0.7", "0.7", "0.7",
                   "--stem", "4", "--patch", "8", "8", "16", "--epochs", "1", "--device", "cpu", "-o", tmp_path / "run2")
     assert refused.code == 1
-    assert "was prepared at spacing [2.0, 2.0, 2.0] mm, not the --spacing [0.7, 0.7, 0.7] asked for" in refused.err
+    assert "was prepared at spacing [2.0, 2.0, 2.0], not the --spacing [0.7, 0.7, 0.7] asked for" in refused.err

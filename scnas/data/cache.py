@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from scnas.data.dataset import DatasetError
+from scnas.errors import ScnasError
 from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS
 
 
@@ -59,10 +60,7 @@ def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float]
     data = Path(data)
     if (data / "cache.json").exists():
         cache = Cache(data)
-        if spacing is not None and cache.spacing != tuple(float(v) for v in spacing):
-            raise DatasetError(f"was prepared at spacing {list(cache.spacing)} mm, not the --spacing {list(spacing)} "
-                               "asked for; leave --spacing out to use the cache's, or prepare the task again",
-                               source=str(data))
+        cache.check_spacing(spacing)
         return cache
     if (data / "dataset.json").exists():
         settings = PrepareSettings(target_spacing=spacing or DEFAULT_SPACING)
@@ -119,6 +117,12 @@ class Cache:
     def spacing(self) -> tuple[float, ...]:
         """The target spacing (mm) the cache was prepared at."""
         return tuple(float(v) for v in self.header["settings"]["target_spacing"])
+
+    def check_spacing(self, spacing, error: type[ScnasError] = DatasetError) -> None:
+        """Refuse a ``spacing`` asked for (None: none) that is not the one the cache was prepared at."""
+        if spacing is not None and self.spacing != tuple(float(v) for v in spacing):
+            raise error(f"was prepared at spacing {list(self.spacing)}, not the --spacing {list(spacing)} asked for; "
+                        "leave --spacing out to use the cache's, or prepare the task again", source=str(self.folder))
 
     @cached_property
     def splits(self) -> list[dict[str, list[str]]]:

@@ -118,21 +118,15 @@ def _task_folder(data: str, cache) -> Path:
 
 
 def _open_cache(data: str, spacing: tuple[float, float, float] | None):
-    from scnas.data.cache import Cache
-    from scnas.data.preprocess import PrepareSettings, prepare_dataset
+    from scnas.data.cache import Cache, open_or_prepare
 
     if (Path(data) / "cache.json").exists():
         cache = Cache(data)
-        prepared = tuple(cache.settings.get("target_spacing", ()))
-        if spacing is not None and tuple(float(v) for v in prepared) != tuple(float(v) for v in spacing):
-            raise CVError(f"was prepared at spacing {list(prepared)}, not the --spacing {list(spacing)} asked for; "
-                          "prepare it again or leave --spacing out", source=data)
+        cache.check_spacing(spacing, CVError)
         return cache
     if not (Path(data) / "dataset.json").exists():
         raise CVError("is neither a task folder (dataset.json) nor a prepared cache (cache.json)", source=data)
-    from scnas.data.cache import open_or_prepare
-
-    return open_or_prepare(data, spacing or (0.7, 0.7, 0.7))   # the task's shared cache, prepared once
+    return open_or_prepare(data, spacing)   # the task's shared cache, prepared once
 
 
 def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = print) -> dict[str, Any]:
