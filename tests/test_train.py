@@ -331,7 +331,7 @@ def test_the_legend_of_a_two_axis_plot_covers_neither_axis(placement):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scnas.runtime import legend_below
+    from scnas.figures import legend_below
 
     figure, left = plt.subplots(figsize=(7, 4))
     left.plot([1, 2, 3], [0.83, 0.75, 0.65], label="Theta loss (weight set)")

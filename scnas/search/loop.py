@@ -37,9 +37,11 @@ from scnas.search.derive import alpha_movement, derivation_name, derive_genotype
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
-                           ensure_run_folder, memory_budget, open_or_prepare, read_checkpoint,
-                           save_checkpoint, setup_processes)
+from scnas.checkpoints import check_resume_precision, check_resume_settings, read_checkpoint, save_checkpoint
+from scnas.figures import PLOT_EVERY_SECONDS
+from scnas.processes import Processes, memory_budget, setup_processes
+from scnas.progress import StepBar
+from scnas.runs import ensure_run_folder, open_or_prepare
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 

@@ -17,7 +17,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     import matplotlib.pyplot as plt
 
     from scnas.fileio import atomic_write_text
-    from scnas.runtime import legend_below, save_figure
+    from scnas.figures import legend_below, save_figure
     from scnas.search.supernet import cell_edges
 
     folder = run / "plots"

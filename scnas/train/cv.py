@@ -245,7 +245,7 @@ def run_job(out: Path, plan: dict[str, Any], job: Job, progress: bool = False,
 
 
 def _device(device: str) -> str:
-    from scnas.runtime import resolve_device
+    from scnas.processes import resolve_device
 
     return resolve_device(device, CVError).type
 
@@ -453,7 +453,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], folds: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scnas.runtime import save_figure
+    from scnas.figures import save_figure
 
     figure, axis = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
     for x, row in enumerate(rows):

@@ -123,7 +123,7 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
     to eager with a notice. On CUDA, ``cudnn.benchmark`` is switched on (windows all have the
     patch's shape, so the fastest convolution algorithms are searched once)."""
     from scnas.build.model_file import read_any_model_info
-    from scnas.runtime import resolve_device
+    from scnas.processes import resolve_device
     from scnas.steps import AMP_CHOICES, resolve_amp
 
     target = resolve_device(device, PredictError)
@@ -276,7 +276,7 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
         cases = [case for case in cases if case.case_id in set(only)]
     if prefetch is None:
         prefetch = predictor.device.type == "cuda"
-    from scnas.runtime import StepBar
+    from scnas.progress import StepBar
 
     written: list[Path] = []
     failed: list[Problem] = []

@@ -36,9 +36,11 @@ from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers,
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import Genotype
-from scnas.runtime import (PLOT_EVERY_SECONDS, Processes, StepBar, check_resume_precision, check_resume_settings,
-                           ensure_run_folder, memory_budget, open_or_prepare, read_checkpoint,
-                           legend_below, save_checkpoint, save_figure, setup_processes)
+from scnas.checkpoints import check_resume_precision, check_resume_settings, read_checkpoint, save_checkpoint
+from scnas.figures import PLOT_EVERY_SECONDS, legend_below, save_figure
+from scnas.processes import Processes, memory_budget, setup_processes
+from scnas.progress import StepBar
+from scnas.runs import ensure_run_folder, open_or_prepare
 from scnas.steps import (Precision, StepMeter, accumulate_exact, fused_if_available, guarded_step, out_of_memory,
                          read_checked, resolve_amp, split_batch)
 

@@ -1,0 +1,56 @@
+"""Checkpoints of searches and training runs: written atomically, read with
+``weights_only=True``, and the settings a resumed run may change."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scnas.errors import ScnasError
+from scnas.fileio import atomic_write_bytes
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (tensors and plain data only, so it loads with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and check its format tag."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:120]})", source=str(path)) from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        raise error(f"is not a {expected_format} file", source=str(path))
+    return state
+
+
+RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_every_steps", "workers", "plots",
+                     "compile", "device")
+"""Settings a resumed run may change: how long it runs, how a step is fitted into memory
+(which changes no result beyond rounding), loader processes, plots, compilation, and the
+device (a change of precision that would follow, ``--amp auto``, is refused separately)."""
+
+
+def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
+    """Refuse to resume with settings other than the run's own, except :data:`RESUMABLE_CHANGES`."""
+    old, new = saved.model_dump(), current.model_dump()
+    differing = sorted(k for k, v in new.items() if k not in RESUMABLE_CHANGES and old[k] != v)
+    if differing:
+        raise error(f"--resume with settings that differ from the run's ({', '.join(differing)}); resume with the "
+                    f"run's own settings (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES)} "
+                    "may change)", source=str(run))
+
+
+def check_resume_precision(saved: str | None, now: str, run: Path, error: type[ScnasError]) -> None:
+    """Refuse to continue a run at another precision than it started with (``--amp auto``
+    means fp16 on CUDA and off on the CPU, so moving a run between them would change it)."""
+    if saved is not None and saved != now:
+        raise error(f"this run computed with amp {saved}; here it would compute with amp {now} (--amp auto follows "
+                    f"the device): resume it on the same kind of device", source=str(run))
