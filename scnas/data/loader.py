@@ -175,8 +175,3 @@ class PatchLoader:
         total = len(self.loader.dataset) // (self.sampler.batch_size * self.sampler.world)
         self.sampler.select(epoch, start, total if stop is None else stop)
         return self.loader
-
-
-def make_loader(dataset: PatchDataset, batch_size: int, workers: int = 0) -> DataLoader:
-    """The (image, label) batches of one epoch of ``dataset`` (the one chosen with ``set_epoch``), on the CPU."""
-    return PatchLoader(dataset, batch_size, workers).epoch(dataset.epoch)
