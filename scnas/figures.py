@@ -37,3 +37,25 @@ def save_figure(figure, path: Path) -> None:
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_history(path: Path, history: list[dict], losses: dict[str, str], dice: tuple[str, str],
+                 columns: int = 3) -> None:
+    """Losses over epochs (``losses``: record key -> label; left axis, soft Jaccard distance)
+    and a Dice (``dice``: key, label; right axis, dashed), written as PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    epochs = [r["epoch"] for r in history]
+    for key, label in losses.items():
+        left.plot(epochs, [r[key] for r in history], label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("soft Jaccard distance")
+    right = left.twinx()
+    right.plot(epochs, [r[dice[0]] for r in history], "k--", label=dice[1])
+    right.set_ylabel("Dice")
+    legend_below(figure, left, right, columns=columns)
+    save_figure(figure, path)

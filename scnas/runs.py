@@ -1,18 +1,286 @@
-"""Setting up a run folder and its data for search and training, alone or under torchrun."""
+"""The skeleton that search and training share (:class:`RunLoop`): the run folder and its
+resume guard, the data (prepared by the main process under torchrun), the network settings
+and memory plan, ``config.json``, the epoch and step loop with its progress bar, loss
+bookkeeping and non-finite policy, validation Dice, ``metrics.jsonl``, figures at most every
+few minutes, atomic checkpoints that never replace a good state with a broken one, exact
+resume, and the out-of-memory message. A kind of run (``scnas.search.loop.SearchLoop``,
+``scnas.train.trainer.TrainingLoop``) fills in its networks and optimisers, one step, an
+epoch's record and files, and its checkpoint's extra state; a fix here is a fix to both."""
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
+import numpy as np
+import torch
+
+from scnas import __version__
+from scnas.build import BuildConfig
+from scnas.build.memory import MemoryPlan, MemoryPlanError
+from scnas.checkpoints import check_resume_precision, check_resume_settings, read_checkpoint, save_checkpoint
 from scnas.errors import ScnasError
-from scnas.fileio import ensure_folder
-from scnas.processes import Processes
+from scnas.figures import PLOT_EVERY_SECONDS
+from scnas.fileio import atomic_write_text, ensure_folder
+from scnas.metrics import dice_per_class
+from scnas.processes import Processes, memory_budget, setup_processes
+from scnas.progress import StepBar
+from scnas.settings import RunSettings
+from scnas.steps import Precision, StepMeter, out_of_memory, read_checked, resolve_amp
+
+CHECKPOINT = "checkpoint.pt"
+COUNTERS = ("skipped", "streak", "skips")
+"""What a run counts across epochs: skipped steps, and the current runs of non-finite losses
+and of skipped steps (a run of non-finite losses may continue into the next epoch)."""
 
 
-def ensure_run_folder(folder: Path, error: type[ScnasError]) -> None:
-    """Create a run folder (and parents), or fail with a message naming it (a file in the way,
-    no permission, a read-only file system)."""
-    ensure_folder(folder, error, "a run folder")
+class RunLoop:
+    """One search or training run into a folder. Subclasses set the class attributes and
+    implement the hooks below :meth:`execute`; the constructor does everything up to the
+    networks (it raises the kind's error for a setting or folder it cannot use)."""
+
+    kind: ClassVar[str]                      # the key of the settings in config.json
+    error: ClassVar[type[ScnasError]]
+    checkpoint_format: ClassVar[str]
+    checkpoint_version: ClassVar[int]
+    outdated: ClassVar[str]                  # why a checkpoint of another version cannot be continued
+    occupied: ClassVar[str]                  # the message for a folder that already holds a run
+    losses: ClassVar[tuple[str, ...]]        # what a step returns; the first drives the learning rate plateau
+    rate_option: ClassVar[str]               # the option to lower when losses stop being finite
+    plan_command: ClassVar[str]              # the command that shows what fits
+    folders: ClassVar[tuple[str, ...]] = ()  # made in the run folder
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+
+    def __init__(self, config: RunSettings, run_dir, resume: bool = False, progress: bool = True,
+                 say: Callable[[str], None] = lambda line: None):
+        self.run, self.progress, self.say = Path(run_dir), progress, say
+        self.d = d = setup_processes(config.device, self.error)
+        if config.batch_size % d.world:
+            raise self.error(f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+                             f"{d.world} processes (e.g. {d.world * max(1, config.batch_size // d.world)})")
+        self.checkpoint_path = self.run / CHECKPOINT
+        self.state: dict[str, Any] | None = None
+        if resume:
+            config = self._resume_guard(config)
+        elif self.checkpoint_path.exists():
+            raise self.error(self.occupied, source=str(self.run))
+        if d.main:
+            for folder in (self.run, *(self.run / name for name in self.folders)):
+                ensure_folder(folder, self.error, "a run folder")
+        d.barrier()
+        self.cache = open_or_prepare(config.data, config.spacing, d, say)
+        self.config = config = config.model_copy(update={"spacing": self.cache.spacing})   # as used
+        self.build = BuildConfig(stem_channels=config.stem, in_channels=len(self.cache.channel_names),
+                                 num_classes=len(self.cache.labels), depth=config.depth, **self.build_settings())
+        if any(p % self.build.divisor for p in config.patch):
+            raise self.error(f"patch {config.patch} must be a multiple of 2**depth = {self.build.divisor} per axis")
+        self.share, self.amp = config.batch_size // d.world, resolve_amp(config.amp, d.device)
+        try:
+            self.plan: MemoryPlan = self.plan_step(memory_budget(config.gpu_memory, d))
+        except MemoryPlanError as exc:
+            raise self.error(f"does not fit: {exc}") from None
+        self.epoch, self.step, self.history = 0, 0, []
+        self.counts: dict[str, float] = self._fresh_counts(dict.fromkeys(COUNTERS, 0))
+
+    def _resume_guard(self, config: RunSettings) -> RunSettings:
+        if not self.checkpoint_path.exists():
+            raise self.error("has no checkpoint to resume from", source=str(self.run))
+        state = read_run_checkpoint(self.checkpoint_path, type(self))
+        saved = type(config).model_validate_json(state["config"])
+        if config.spacing is None:   # not asked for: the run's own (resolved when it started)
+            config = config.model_copy(update={"spacing": saved.spacing})
+        check_resume_settings(saved, config, self.run, self.error)
+        self.state = state
+        return config
+
+    def _fresh_counts(self, counters: dict[str, Any]) -> dict[str, float]:
+        return {**dict.fromkeys(self.losses, 0.0), "n": 0, **{k: counters[k] for k in COUNTERS}}
+
+    def execute(self, stop_after_steps: int | None = None, stop_after_epochs: int | None = None,
+                on_epoch: Callable[[dict[str, Any]], None] | None = None):
+        """Run until the last epoch (or ``keep_going`` says stop), or for ``stop_after_steps``
+        steps / ``stop_after_epochs`` epochs of this call (then checkpointed, to resume)."""
+        config, d = self.config, self.d
+        if d.main:
+            atomic_write_text(self.run / "config.json", json.dumps({
+                "scnas_version": __version__, self.kind: config.model_dump(mode="json"), "build": self.build.model_dump(),
+                **self.describe(), "world_size": d.world, "memory_plan": self.plan.to_dict(), "amp": self.amp,
+                "threads": torch.get_num_threads()}, indent=2) + "\n")
+        torch.manual_seed(config.seed)
+        self.make()
+        if self.state is not None:
+            self._restore(self.state)
+        self.warm_up()
+        bar = StepBar(self.progress and d.main, config.steps_per_epoch)
+        steps_done, epochs_done, last_drawn = 0, 0, time.monotonic()
+        try:
+            while self.epoch < config.epochs and self.keep_going():
+                started, meter = time.perf_counter(), StepMeter(d.device, self.losses, self.counts)
+                bar.start(f"epoch {self.epoch + 1}/{config.epochs}", self.step)
+                for step, batch in enumerate(self.batches(self.epoch, self.step, config.steps_per_epoch),
+                                             start=self.step):
+                    meter.record(*self.train_step(batch))
+                    steps_done, last = steps_done + 1, step + 1 == config.steps_per_epoch
+                    if (step + 1) % config.log_every_steps == 0 or last:
+                        bar.advance(self.progress_text(self._checked(meter, step)), steps=step + 1)
+                    stop = stop_after_steps is not None and steps_done >= stop_after_steps
+                    every = config.checkpoint_every_steps
+                    if not last and (stop or (every and (step + 1) % every == 0)):
+                        self._checked(meter, step)
+                        self.step = step + 1
+                        self._save(meter)
+                        if stop:
+                            return self.result()
+                bar.stop()
+                numbers = self._checked(meter, config.steps_per_epoch - 1)
+                self.counts = self._fresh_counts(numbers)
+                means = {k: numbers[k] / numbers["n"] if numbers["n"] else float("nan") for k in self.losses}
+                record = self.epoch_record(means, numbers["skipped"], time.perf_counter() - started)
+                first = means[self.losses[0]]
+                self.scheduler.step(first if math.isfinite(first) else float("inf"))
+                self.history.append(record)
+                self.epoch, self.step = self.epoch + 1, 0
+                if d.main:
+                    now, ending = time.monotonic(), self.epoch >= config.epochs or not self.keep_going()
+                    draw = config.plots and (ending or now - last_drawn >= PLOT_EVERY_SECONDS)
+                    self.write_epoch(record, draw)
+                    atomic_write_text(self.run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+                    last_drawn = now if draw else last_drawn
+                self._save(StepMeter(d.device, self.losses, self.counts))
+                if on_epoch:
+                    on_epoch(record)
+                epochs_done += 1
+                if (stop_after_steps is not None and steps_done >= stop_after_steps) or \
+                        (stop_after_epochs is not None and epochs_done >= stop_after_epochs):
+                    break
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory(self.error, self.epoch, self.plan.describe(), self.checkpoint_path,
+                                self.plan_command) from None
+        finally:
+            bar.stop()
+        self.finish()
+        return self.result()
+
+    def _checked(self, meter: StepMeter, step: int) -> dict:
+        return read_checked(meter, self.config.max_nonfinite, self.error, self.epoch, step, self.checkpoint_path,
+                            self.rate_option)
+
+    def _save(self, meter: StepMeter) -> None:
+        """Checkpoint where the run stands (main process), unless a weight is not finite: a
+        broken state never replaces the last good one."""
+        self.counts = meter.state()
+        if not self.d.main or not all(torch.isfinite(p).all() for p in self.guarded()):
+            return
+        save_checkpoint(self.checkpoint_path, {
+            "format": self.checkpoint_format, "version": self.checkpoint_version,
+            "config": self.config.model_dump_json(), "epoch": self.epoch, "step": self.step, "amp": self.amp,
+            "torch_rng": torch.get_rng_state(), "history": self.history,
+            "sums": {k: self.counts[k] for k in (*self.losses, "n")}, **{k: self.counts[k] for k in COUNTERS},
+            **self.snapshot()})
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        check_resume_precision(state.get("amp"), self.amp, self.run, self.error)
+        self.restore(state)
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.step, self.history = state["epoch"], state.get("step", 0), list(state["history"])
+        older = state.get("counters", {})   # training checkpoints of scnas 0.4 kept two counters here
+        self.counts = {**self._fresh_counts({k: state.get(k, older.get(k, 0)) for k in COUNTERS}),
+                       **state.get("sums", {})}
+
+    def parallel(self, net: torch.nn.Module, **options) -> torch.nn.Module:
+        """``net`` wrapped in DistributedDataParallel under torchrun, else itself."""
+        if self.d.world == 1:
+            return net
+        return torch.nn.parallel.DistributedDataParallel(
+            net, gradient_as_bucket_view=True, device_ids=[self.d.device] if self.d.device.type == "cuda" else None,
+            **options)
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def build_settings(self) -> dict[str, Any]:
+        """Extra ``BuildConfig`` settings of this kind of run."""
+        return {}
+
+    def plan_step(self, available: int | None) -> MemoryPlan:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What config.json says besides the settings, the network settings and the plan."""
+        raise NotImplementedError
+
+    def make(self) -> None:
+        """Networks, optimisers (and ``self.scheduler``), data loaders."""
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`snapshot` saved."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, Any]:
+        """The checkpoint's state of this kind (networks, optimisers, scalers, own generators)."""
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """Anything to do once before the first step (e.g. compiling)."""
+
+    def keep_going(self) -> bool:
+        return True
+
+    def batches(self, epoch: int, start: int, stop: int) -> Iterable:
+        raise NotImplementedError
+
+    def train_step(self, batch) -> tuple[Sequence[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One step: its losses (device scalars), whether a step was skipped, and whether it
+        counts towards the non-finite streak (device bools)."""
+        raise NotImplementedError
+
+    def progress_text(self, numbers: dict) -> str:
+        return f"loss {numbers[self.losses[0]] / max(numbers['n'], 1):.4f}"
+
+    def epoch_record(self, means: dict[str, float], skipped: int, seconds: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_epoch(self, record: dict[str, Any], draw: bool) -> None:
+        """The epoch's files besides metrics.jsonl (main process); figures only when ``draw``."""
+
+    def guarded(self) -> list[torch.Tensor]:
+        """The tensors that must be finite for a checkpoint to be written."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the last epoch (all processes)."""
+
+    def result(self):
+        raise NotImplementedError
+
+
+def read_run_checkpoint(path: Path, kind: type[RunLoop]) -> dict[str, Any]:
+    """A checkpoint of ``kind``'s format and version (tensors and plain data only:
+    ``weights_only=True``), or ``kind.error`` saying why not."""
+    state = read_checkpoint(path, kind.checkpoint_format, kind.error)
+    if state.get("version") != kind.checkpoint_version:
+        raise kind.error(f"is a version-{state.get('version')} checkpoint from an older scnas; {kind.outdated}",
+                         source=str(path))
+    return state
+
+
+@torch.no_grad()
+def validation_dice(logits_of: Callable[[torch.Tensor], torch.Tensor], data, batch_size: int, num_classes: int,
+                    device: torch.device, precision: Precision) -> float:
+    """Mean foreground Dice over the fixed patches of ``data`` (nnU-Net's "pseudo Dice": the
+    patches pooled, each class's Dice, the mean of those present)."""
+    predictions, targets = [], []
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        x = torch.stack([item[0] for item in items]).to(device)
+        with precision.autocast():
+            predictions.append(logits_of(x).argmax(1).cpu())
+        targets.append(torch.stack([item[1] for item in items]))
+    scores = [s for s in dice_per_class(torch.cat(predictions), torch.cat(targets), num_classes) if not math.isnan(s)]
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: None, poll_seconds: float = 5.0,

@@ -188,6 +188,29 @@ def test_resumed_training_equals_an_uninterrupted_run(trained, tmp_path):
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
 
 
+def test_training_stopped_inside_an_epoch_resumes_exactly(trained, tmp_path):
+    # The shared run loop checkpoints inside an epoch (--checkpoint-every-steps, or a stop) for
+    # training as for search: a run stopped after step 3 of 4 ends with the weights, history and
+    # counts of an uninterrupted one.
+    task, _ = trained
+    config = _config(task, epochs=2, steps_per_epoch=4, checkpoint_every_steps=2)
+    run_training(builtin_genotype("minimal"), config, tmp_path / "whole", progress=False)
+    run_training(builtin_genotype("minimal"), config, tmp_path / "parts", progress=False, stop_after_steps=3)
+    stopped = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"], stopped["history"]) == (0, 3, [])
+    run_training(builtin_genotype("minimal"), config, tmp_path / "parts", resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    whole, parts = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("whole", "parts")]
+    assert len(records[0]) == len(records[1]) == 2
+    for a, b in zip(*records):
+        assert a.pop("seconds") > 0 and b.pop("seconds") > 0
+        assert a == b
+
+
 def test_a_genotype_transfers_to_a_task_with_other_channels_and_classes(tmp_path):
     task = write_phantom_dataset(tmp_path / "ct", cases=5, channels=1, classes=1, shape=(16, 16, 16), seed=2,
                                  spacing=(1.0, 1.0, 1.0))

@@ -15,7 +15,7 @@ import graphviz
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_bytes, atomic_write_text
 from scnas.genotype import CELL_TYPES, Genotype, short_hash
-from scnas.genotype.ops import OPS, ZERO
+from scnas.genotype.ops import OPS
 
 FAMILY_COLOURS = {"conv": "#1f77b4", "pool": "#2ca02c", "identity": "#7f7f7f", "zero": "#d62728"}
 FAMILY_SHADES = {"conv": ("#08519c", "#3182bd", "#6baed6", "#9ecae1"), "pool": ("#238b45", "#74c476")}

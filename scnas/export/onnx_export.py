@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from scnas.build import BuildError, ModelInfo, SCNASUNet
-from scnas.build.model_file import ModelFileError, model_metadata, read_any_model_info, read_onnx_info
+from scnas.build import BuildError, SCNASUNet
+from scnas.build.model_file import model_metadata, read_any_model_info, read_onnx_info
 from scnas.build.network import check_spatial_size
 from scnas.errors import ScnasError
-from scnas.fileio import atomic_write_bytes, check_input_file, ensure_writable
+from scnas.fileio import atomic_write_bytes, ensure_writable
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"

@@ -17,7 +17,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     import matplotlib.pyplot as plt
 
     from scnas.fileio import atomic_write_text
-    from scnas.figures import legend_below, save_figure
+    from scnas.figures import legend_below, plot_history, save_figure
     from scnas.search.supernet import cell_edges
 
     folder = run / "plots"
@@ -33,17 +33,9 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     def save(figure, name: str) -> None:
         save_figure(figure, folder / name)
 
-    epochs = [r["epoch"] for r in history]
-    figure, left = plt.subplots(figsize=(7, 4))
-    left.plot(epochs, [r["theta_loss"] for r in history], label="Theta loss (weight set)")
-    left.plot(epochs, [r["alpha_loss"] for r in history], label="alpha loss (architecture set)")
-    left.set_xlabel("epoch")
-    left.set_ylabel("soft Jaccard distance")
-    right = left.twinx()
-    right.plot(epochs, [r["architecture_dice"] for r in history], "k--", label="Dice of derived cells")
-    right.set_ylabel("Dice")
-    legend_below(figure, left, right)
-    save(figure, "losses.png")
+    plot_history(folder / "losses.png", history, {"theta_loss": "Theta loss (weight set)",
+                                                  "alpha_loss": "alpha loss (architecture set)"},
+                 ("architecture_dice", "Dice of derived cells"))
     pairs = cell_edges(config.nodes)
     for name in track[-1]["p"]:
         columns = min(len(pairs), 5)
