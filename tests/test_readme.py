@@ -52,6 +52,26 @@ def test_the_quickstart_shows_what_the_demo_printed():
     # (the run's own time is not asserted: speed is measured in benchmarks, and CI machines vary)
 
 
+def test_the_quickstart_prose_gives_the_time_its_block_shows():
+    seconds = int(re.search(r"^done in (\d+) s\.", README, re.M).group(1))
+    prose_seconds, minutes, rest = map(int, re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core", README).groups())
+    assert prose_seconds == seconds == 60 * minutes + rest
+
+
+def test_the_figure_caption_describes_the_genotype_it_links():
+    from scnas.genotype import load_genotype, short_hash
+    from scnas.search.derive import alpha_movement, recorded_probabilities
+
+    path = ROOT / "docs" / "images" / "found-genotype.yaml"
+    caption = README[README.index("![Cells found by `scnas demo`"):README.index("## Quickstart")]
+    assert "(docs/images/found-genotype.yaml)" in caption
+    genotype = load_genotype(str(path))
+    assert f"hash {short_hash(genotype)}" in " ".join(caption.split())
+    moved = [m["largest_x_uniform"] for m in alpha_movement(recorded_probabilities(genotype, str(path))).values()]
+    low, high = map(float, re.search(r"largest probability of\s+(\d+\.\d)-(\d+\.\d)x uniform", caption).groups())
+    assert (low, high) == (round(min(moved), 1), round(max(moved), 1))
+
+
 @pytest.mark.slow
 def test_the_search_demo_prints_what_the_readme_shows(cli, tmp_path):
     shown = readme_block("scnas search --demo -o demo-search")
