@@ -54,7 +54,9 @@ def test_the_quickstart_shows_what_the_demo_printed():
 
 def test_the_quickstart_prose_gives_the_time_its_block_shows():
     seconds = int(re.search(r"^done in (\d+) s\.", README, re.M).group(1))
-    prose_seconds, minutes, rest = map(int, re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core", README).groups())
+    prose = re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core AMD EPYC where the output below was made",
+                      " ".join(README.split()))
+    prose_seconds, minutes, rest = map(int, prose.groups())
     assert prose_seconds == seconds == 60 * minutes + rest
 
 
