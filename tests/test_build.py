@@ -310,6 +310,26 @@ def test_build_command_json_and_model_file(cli, tmp_path):
     assert read_model_info(path).config.stem_channels == 4
 
 
+def test_build_command_seed_fixes_the_weights_and_leaves_the_global_rng_alone(cli, tmp_path):
+    from safetensors.torch import load_file
+
+    def weights(name: str, *seed: str) -> dict[str, torch.Tensor]:
+        path = tmp_path / f"{name}.safetensors"
+        result = cli("build", "uresnet", "--stem", "4", "--patch", "16", "16", "16", "-o", path, *seed)
+        assert result.code == 0, result
+        return load_file(path)
+
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    default, again, explicit, other = weights("a"), weights("b"), weights("c", "--seed", "0"), weights("d", "--seed", "1")
+    assert torch.equal(torch.rand(3), expected_next)   # the command drew from a forked RNG, not the caller's
+    assert default.keys() == other.keys() and any(v.numel() > 1 and v.std() > 0 for v in default.values())
+    for same in (again, explicit):
+        assert all(torch.equal(default[k], same[k]) for k in default)
+    assert not all(torch.equal(default[k], other[k]) for k in default)
+
+
 def test_build_command_bad_patch_is_one_line(cli, tmp_path):
     result = cli("build", "uresnet", "--patch", "100", "128", "128", "-o", tmp_path / "n.safetensors")
     assert result.code == 1 and result.err.count("\n") == 1 and "D=100 is not a multiple of 2**depth = 8" in result.err

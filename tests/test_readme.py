@@ -52,6 +52,28 @@ def test_the_quickstart_shows_what_the_demo_printed():
     # (the run's own time is not asserted: speed is measured in benchmarks, and CI machines vary)
 
 
+def test_the_quickstart_prose_gives_the_time_its_block_shows():
+    seconds = int(re.search(r"^done in (\d+) s\.", README, re.M).group(1))
+    prose = re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core AMD EPYC where the output below was made",
+                      " ".join(README.split()))
+    prose_seconds, minutes, rest = map(int, prose.groups())
+    assert prose_seconds == seconds == 60 * minutes + rest
+
+
+def test_the_figure_caption_describes_the_genotype_it_links():
+    from scnas.genotype import load_genotype, short_hash
+    from scnas.search.derive import alpha_movement, recorded_probabilities
+
+    path = ROOT / "docs" / "images" / "found-genotype.yaml"
+    caption = README[README.index("![Cells found by `scnas demo`"):README.index("## Quickstart")]
+    assert "(docs/images/found-genotype.yaml)" in caption
+    genotype = load_genotype(str(path))
+    assert f"hash {short_hash(genotype)}" in " ".join(caption.split())
+    moved = [m["largest_x_uniform"] for m in alpha_movement(recorded_probabilities(genotype, str(path))).values()]
+    low, high = map(float, re.search(r"largest probability of\s+(\d+\.\d)-(\d+\.\d)x uniform", caption).groups())
+    assert (low, high) == (round(min(moved), 1), round(max(moved), 1))
+
+
 @pytest.mark.slow
 def test_the_search_demo_prints_what_the_readme_shows(cli, tmp_path):
     shown = readme_block("scnas search --demo -o demo-search")
@@ -74,3 +96,49 @@ def test_the_readme_blocks_that_print_figures_show_what_the_command_prints(cli, 
     for line in shown:   # "(... )" in the README shortens a long note: the text before it must match
         head = line.split("...")[0].rstrip("( ")
         assert any(p.startswith(head) for p in printed), f"README shows {line!r}; the command printed:\n{result.out}"
+
+
+EXPORT_LINE = re.compile(r"exported in (?P<seconds>\d+\.\d) s: (?P<file>\S+) \((?P<mib>\d+\.\d) MiB, (?P<rest>.*)\)$")
+PARITY_LINE = re.compile(r"  onnxruntime cpu float32 vs torch float32 at (?P<shape>[\dx]+): max abs (?P<abs>\S+), "
+                         r"max rel (?P<rel>\S+), labels agree (?P<labels>[\d.]+)%  ok$")
+
+
+@pytest.mark.slow
+def test_the_export_block_shows_what_build_and_export_print(cli, tmp_path, monkeypatch):
+    import shlex
+
+    from scnas.export.onnx_export import TOLERANCE
+
+    monkeypatch.chdir(tmp_path)
+    build_command = "scnas build uresnet --stem 68 --seed 0 -o uresnet68.safetensors"
+    export_command = "scnas --threads 1 export-onnx uresnet68.safetensors -o uresnet68.onnx"
+    shown_build = [line for line in readme_block(build_command) if line != "..."]
+    shown_export = readme_block(export_command)
+    built = cli(*shlex.split(build_command)[1:])
+    assert built.code == 0, built
+    for line in shown_build:   # parameter count and file name, exactly
+        assert line in built.out.split("\n"), f"README shows {line!r}; build printed:\n{built.out}"
+    exported = cli(*shlex.split(export_command)[1:])
+    assert exported.code == 0, exported
+    printed = exported.out.strip().split("\n")
+    assert len(printed) == len(shown_export) == 3, exported.out
+
+    shown, real = EXPORT_LINE.match(shown_export[0]), EXPORT_LINE.match(printed[0])
+    assert shown and real, (shown_export[0], printed[0])
+    assert (shown["file"], shown["rest"]) == (real["file"], real["rest"])   # file name, opset, dtype
+    assert abs(float(real["mib"]) / float(shown["mib"]) - 1) <= 0.02, "the README states the file size to within 2%"
+    low, high = map(float, re.search(r"exporting this stem-68 network took\s+(\d+\.\d)-(\d+\.\d) s", README).groups())
+    assert low <= float(shown["seconds"]) <= high   # the example agrees with the range the text states
+    # (this run's own time is not asserted: speed is measured in benchmarks, and CI machines vary)
+
+    for shown_line, real_line in zip(shown_export[1:], printed[1:]):
+        shown, real = PARITY_LINE.match(shown_line), PARITY_LINE.match(real_line)
+        assert shown and real, (shown_line, real_line)
+        assert shown["shape"] == real["shape"]
+        # max rel = max abs / max|output|: the output's scale (seed 0's weights, the same on every machine to a
+        # few digits) follows from each line, and with it the tolerance the README states
+        scale = float(real["abs"]) / float(real["rel"])
+        assert float(shown["abs"]) / float(shown["rel"]) == pytest.approx(scale, rel=0.01), shown_line
+        for check in (shown, real):
+            assert 0 < float(check["abs"]) <= TOLERANCE[0] + TOLERANCE[1] * scale, check.string
+            assert float(check["labels"]) >= 99.0, check.string   # random weights: near ties may flip a label

@@ -31,6 +31,8 @@ def build(
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the memory estimate."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "
                                                                       "freshly initialised weights."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights written with -o: the same seed gives the "
+                                               "same weights (with the same torch on the same kind of CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables."),
     match: Optional[str] = typer.Option(None, "--match-flops", metavar="REF",
                                         help="Choose the stem (instead of --stem) whose FLOPs are nearest to REF's: "
@@ -44,6 +46,8 @@ def build(
     128^3. Example: scnas build uresnet --stem 68 --in-channels 4 --classes 3 --patch 128 128 128
     To compare cells at equal cost: scnas build found.yaml --match-flops uresnet@68
     """
+    import torch
+
     from scnas.build import BuildConfig, BuildError, build_network, network_stats, save_model
 
     if upsampling not in ("trilinear", "transposed"):
@@ -62,7 +66,10 @@ def build(
                    "difference": flops / target - 1}
     stats = network_stats(genotype, config, patch, batch)
     if output:
-        save_model(build_network(genotype, config), output)
+        with torch.random.fork_rng(devices=[]):   # seeded here only: the caller's global RNG state is left as it was
+            torch.manual_seed(seed)
+            network = build_network(genotype, config)
+        save_model(network, output)
     if as_json:
         stdout.out(json.dumps({"genotype": genotype_path, **stats.to_dict(), "model_file": output,
                                **({"match_flops": matched} if matched else {})}, indent=2))
