@@ -1,6 +1,7 @@
 """The README's printed outputs against real runs: every number it shows comes from a command
 that CI runs (issue 17). Results depend on the kind of CPU and the thread count; the demos run on
-one thread unless told otherwise, so on the machine the README names they are exact."""
+one thread unless told otherwise, so on the kind of machine the README's demo outputs were made on
+(README_MACHINE) they are compared exactly, and elsewhere within the bounds the README states."""
 
 from __future__ import annotations
 
@@ -30,6 +31,91 @@ def readme_block(command: str) -> list[str]:
     return out
 
 
+# The machine the README's demo outputs were made on: what decides torch's CPU arithmetic (its
+# kernels' vector instructions, oneDNN's, the torch release). Regenerate the README's Quickstart and
+# search-demo blocks and this together.
+ISA_FLAGS = {"amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512_fp16", "avx512_vbmi", "avx512_vnni",
+             "avx512bw", "avx512f", "avx512vl", "fma"}
+README_MACHINE = {"cpu": "Intel(R) Xeon(R) Processor", "capability": "AVX512", "torch": "2.13.0",
+                  "flags": ['avx2', 'avx512_bf16', 'avx512_fp16', 'avx512_vnni', 'avx512bw', 'avx512f', 'avx512vl', 'fma']}
+
+
+def this_machine() -> dict:
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    return {"cpu": model.group(1).strip() if model else "", "capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__.split("+")[0],
+            "flags": sorted(set(flags.group(1).split()) & ISA_FLAGS) if flags else []}
+
+
+def on_the_readme_machine() -> bool:
+    return this_machine() == README_MACHINE
+
+
+# Elsewhere the README's demo lines are compared within the bounds it states: the text, integers
+# and temperatures exactly; losses within 5%; Dice within 0.15; alpha's largest-probability ratios
+# within a factor of 2; the genotype hash and the time may differ.
+FLOAT = re.compile(r"\d+\.\d+")
+HASH = re.compile(r"\b[0-9a-f]{12}\b")
+
+
+def bound_of(line: str, position: int) -> str:
+    """Which bound applies to the float that starts at ``position`` in ``line``."""
+    before = line[:position].rstrip()
+    after = line[position:]
+    if re.match(r"\d+\.\d+x", after):
+        return "ratio"
+    if before.endswith("loss"):
+        return "loss"
+    if before.endswith("tau"):
+        return "exact"
+    return "dice"
+
+
+def within_bounds(shown: str, printed: str) -> list[str]:
+    """What differs between a README line and a printed line beyond the README's stated bounds."""
+    def skeleton(line):
+        line = re.sub(r"^done in \d+ s\.", "done in # s.", line)
+        return FLOAT.sub("#", HASH.sub("<hash>", line))
+
+    if skeleton(shown) != skeleton(printed):
+        return [f"text differs:\n  README:  {shown}\n  printed: {printed}"]
+    problems = []
+    for match, value in zip(FLOAT.finditer(shown), FLOAT.findall(printed)):
+        expected, got, bound = float(match.group()), float(value), bound_of(shown, match.start())
+        ok = {"exact": got == expected, "loss": abs(got - expected) <= 0.05 * expected,
+              "dice": abs(got - expected) <= 0.15, "ratio": expected / 2 <= got <= expected * 2}[bound]
+        if not ok:
+            problems.append(f"{bound} {match.group()} in the README, {value} printed: {printed}")
+    return problems
+
+
+def assert_matches_the_readme(shown: list[str], printed: list[str]) -> None:
+    if on_the_readme_machine():
+        assert printed == shown, "on the README's machine its demo lines are exact"
+        return
+    assert len(printed) == len(shown), (shown, printed)
+    problems = [p for a, b in zip(shown, printed) for p in within_bounds(a, b)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_bounds_catch_what_they_name():
+    line = ("epoch 1: theta loss 0.8312, alpha loss 0.8204, Dice (derived cells, architecture set) 0.243, tau 5.000")
+    assert within_bounds(line, line.replace("0.8312", "0.8303").replace("0.243", "0.172")) == []
+    assert within_bounds(line, line.replace("0.8312", "0.9312"))          # a loss 12% off
+    assert within_bounds(line, line.replace("0.243", "0.443"))            # Dice 0.2 off
+    assert within_bounds(line, line.replace("5.000", "5.001"))            # the temperature is a schedule
+    assert within_bounds(line, line.replace("epoch 1", "epoch 2"))        # integers and text exactly
+    moved = "alpha moved (largest probability / uniform): encoder_normal 2.77x (edge mean 1.85x)"
+    assert within_bounds(moved, moved.replace("2.77x", "5.00x")) == []
+    assert within_bounds(moved, moved.replace("2.77x", "6.00x"))
+    done = "done in 217 s. Found genotype caf26501a270 (x; class 1: 0.842 (mean 0.895)."
+    assert within_bounds(done, done.replace("217", "150").replace("caf26501a270", "59a46eb2eaf5")) == []
+
+
 def minutes_promised() -> tuple[int, int]:
     low, high = re.search(r"(\d+) to (\d+) minutes on 2\s+CPU cores", README).groups()
     return int(low), int(high)
@@ -41,20 +127,21 @@ def test_the_quickstart_shows_what_the_demo_printed():
     summary["genotype"] = "demo-run/search/genotype.yaml"   # as the README's command names its folder
     summary["files"] = {k: "demo-run/" + v.split("/demo-run/", 1)[-1].removeprefix("demo-run/")
                         for k, v in summary["files"].items()}
-    done, files = (line.strip() for line in summary_lines(summary, "demo-run"))
-    shown = [line for line in README.split("\n") if line.startswith("done in ")]
-    assert len(shown) == 1
-    assert shown[0].split(". ", 1)[1] == done.split(". ", 1)[1], "the README's demo result is not this run's"
-    assert files in README
-    low, high = minutes_promised()
+    printed = [line.strip() for line in summary_lines(summary, "demo-run")]
+    shown = [line for line in README.split("\n") if line.startswith(("done in ", "files: cells demo-run/"))]
+    assert len(shown) == 2
     seconds_shown = int(re.match(r"done in (\d+) s", shown[0]).group(1))
+    untimed = [re.sub(r"^done in \d+ s\.", "done in # s.", line) for line in shown + printed]
+    assert_matches_the_readme(untimed[:2], untimed[2:])   # the run's own time is not compared (a timed test)
+    low, high = minutes_promised()
     assert 60 * low <= seconds_shown <= 60 * high   # the example agrees with the range the text states
     # (the run's own time is not asserted: speed is measured in benchmarks, and CI machines vary)
 
 
 def test_the_quickstart_prose_gives_the_time_its_block_shows():
     seconds = int(re.search(r"^done in (\d+) s\.", README, re.M).group(1))
-    prose = re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core AMD EPYC where the output below was made",
+    prose = re.search(r"(\d+) s \((\d+):(\d\d)\) on the 2-core Intel Xeon \(AVX-512, a KVM guest\) where the "
+                      r"output below was made",
                       " ".join(README.split()))
     prose_seconds, minutes, rest = map(int, prose.groups())
     assert prose_seconds == seconds == 60 * minutes + rest
@@ -80,7 +167,7 @@ def test_the_search_demo_prints_what_the_readme_shows(cli, tmp_path):
     result = cli("--threads", "1", "search", "--demo", "-o", tmp_path / "demo-search")
     assert result.code == 0, result
     printed = [line.replace(str(tmp_path) + "/", "") for line in result.out.strip().split("\n")]
-    assert printed == shown
+    assert_matches_the_readme(shown, printed)
 
 
 @pytest.mark.parametrize("command", ["scnas validate uresnet tests/conformance/invalid/unknown-op.yaml",
