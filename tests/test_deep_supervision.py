@@ -209,22 +209,10 @@ def test_the_memory_plan_simulates_the_heads_loss(monkeypatch):
 def test_deep_supervision_under_two_process_torchrun(task, tmp_path):
     # DistributedDataParallel refuses a step in which a parameter took no part: the coarsest
     # head, of weight 0, must still be in the backward pass (with a zero gradient).
-    import os
-    import socket
-    import subprocess
-    import sys
+    from conftest import torchrun, torchrun_report
 
-    from conftest import torchrun_report
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "-m", "scnas", "train", "minimal", "--data", str(task), "--stem", "2",
-               "--patch", "16", "16", "16", "--batch-size", "4", "--micro-batch", "1", "--epochs", "1",
-               "--steps-per-epoch", "3", "--spacing", "1", "1", "1", "--device", "cpu", "--deep-supervision",
-               "-o", str(tmp_path / "ddp")]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=300)
+    result = torchrun("-m", "scnas", "train", "minimal", "--data", task, "--stem", "2", "--patch", "16", "16", "16",
+                      "--batch-size", "4", "--micro-batch", "1", "--epochs", "1", "--steps-per-epoch", "3", "--spacing",
+                      "1", "1", "1", "--device", "cpu", "--deep-supervision", "-o", tmp_path / "ddp")
     assert result.returncode == 0, torchrun_report(result)
     assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.deep_supervision
