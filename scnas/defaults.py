@@ -12,6 +12,7 @@ IN_CHANNELS = 4            # BraTS: 4 MRI sequences
 NUM_CLASSES = 3
 DEPTH = 3                  # down-samplings
 UPSAMPLING = "trilinear"
+DEEP_SUPERVISION = False   # nnU-Net trains with it; the paper does not mention it
 
 # Both loops
 PATCH = (128, 128, 128)

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from scnas.metrics import jaccard_from_statistics, jaccard_statistics
+from scnas.metrics import (jaccard_from_statistics, jaccard_statistics, supervised_from_statistics,
+                           supervised_statistics)
 from scnas.errors import ScnasError
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -68,29 +69,44 @@ def split_batch(x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> list[tupl
     return list(zip(x.tensor_split(count), y.tensor_split(count)))
 
 
-def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     backward: Callable[[torch.Tensor], None], precision: Precision, world: int = 1,
-                     no_sync: Callable[[], object] | None = None, foreground_only: bool = False) -> torch.Tensor:
+def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
+                     batches: list[tuple[torch.Tensor, torch.Tensor]], backward: Callable[[torch.Tensor], None],
+                     precision: Precision, world: int = 1, no_sync: Callable[[], object] | None = None,
+                     foreground_only: bool = False, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Backpropagate the soft Jaccard loss of all ``batches`` of all ``world`` processes and
     return that loss (a device scalar, no host synchronisation); ``foreground_only``: the
     loss leaves the background class out (``--loss jaccard-fg``).
 
+    ``weights`` (deep supervision): ``logits_of`` returns [main, coarser heads...] and the
+    loss is the weighted sum of each output's loss against the labels downsampled to its
+    shape (:func:`scnas.metrics.supervised_loss`); None: one output, the plain loss.
+
     ``backward(surrogate)`` backpropagates one micro-batch's share (scaled by the caller's
     scaler); ``no_sync`` (DistributedDataParallel's) keeps gradients local for every
     micro-batch but the last, whose backward reduces them over the processes."""
+    if weights is None:
+        statistics_of = jaccard_statistics
+
+        def loss_of(point: torch.Tensor) -> torch.Tensor:
+            return jaccard_from_statistics(point, foreground_only=foreground_only)
+    else:
+        statistics_of = supervised_statistics
+
+        def loss_of(point: torch.Tensor) -> torch.Tensor:
+            return supervised_from_statistics(point, weights, foreground_only=foreground_only)
     quiet = no_sync if (no_sync is not None and len(batches) > 1) else nullcontext
     rest = []
     with torch.no_grad(), precision.autocast():
         for x, y in batches[1:]:
-            rest.append(jaccard_statistics(logits_of(x), y))
+            rest.append(statistics_of(logits_of(x), y))
     with quiet():
         with precision.autocast():
-            first = jaccard_statistics(logits_of(batches[0][0]), batches[0][1])
+            first = statistics_of(logits_of(batches[0][0]), batches[0][1])
         total = first.detach() + sum(rest) if rest else first.detach().clone()
         if world > 1:
             dist.all_reduce(total)
         point = total.requires_grad_(True)
-        loss = jaccard_from_statistics(point, foreground_only=foreground_only)
+        loss = loss_of(point)
         (slope,) = torch.autograd.grad(loss, point)
         # DistributedDataParallel averages gradients over processes: multiply by the world
         # so that the average is the gradient of the global batch's loss.
@@ -100,7 +116,7 @@ def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor], batches:
         context = quiet() if index < len(batches) - 1 else nullcontext()
         with context:
             with precision.autocast():
-                statistics = jaccard_statistics(logits_of(x), y)
+                statistics = statistics_of(logits_of(x), y)
             backward((statistics * slope).sum())
     return loss.detach()
 

@@ -39,6 +39,23 @@ def torchrun_report(result) -> str:
     return head + ("\n[...]\n" + result.stderr[-600:] if len(result.stderr) > 4600 else result.stderr[4000:])
 
 
+def torchrun(*args, processes: int = 2, timeout: float = 300):
+    """``python -m torch.distributed.run`` with ``processes`` local processes on a free port,
+    one thread each, running ``ARGS`` (e.g. ``"-m", "scnas", "train", ...``)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=timeout)
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -18,7 +18,7 @@ from scnas.genotype import builtin_genotype
 from scnas.train import (TrainConfig, evaluate_folders, gaussian_importance, load_predictor, predict_folder,
                          run_training, sliding_window, window_starts)
 
-from conftest import ROOT, torchrun_report
+from conftest import ROOT, torchrun, torchrun_report
 
 
 def _config(data, **changes) -> TrainConfig:
@@ -277,19 +277,10 @@ def test_train_command_end_to_end(cli, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_torchrun_training(trained, tmp_path):
-    import os
-    import socket
-
     task, _ = trained
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "-m", "scnas", "train", "minimal", "--data", str(task), "--stem", "2",
-               "--patch", "16", "16", "16", "--batch-size", "4", "--micro-batch", "1", "--epochs", "1",
-               "--steps-per-epoch", "2", "--spacing", "1", "1", "1", "--device", "cpu", "-o", str(tmp_path / "ddp")]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=300)
+    result = torchrun("-m", "scnas", "train", "minimal", "--data", task, "--stem", "2", "--patch", "16", "16", "16",
+                      "--batch-size", "4", "--micro-batch", "1", "--epochs", "1", "--steps-per-epoch", "2", "--spacing",
+                      "1", "1", "1", "--device", "cpu", "-o", tmp_path / "ddp")
     assert result.returncode == 0, torchrun_report(result)
     recorded = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert recorded["world_size"] == 2 and recorded["memory_plan"]["micro_batch"] == 1

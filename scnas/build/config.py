@@ -29,8 +29,9 @@ class BuildConfig(BaseModel):
         D.UPSAMPLING, description="how expansion cells and coarser inputs are brought up a level: trilinear "
                                  "interpolation then 1x1x1 conv, or a transposed conv (kernel = stride = 2)")
     negative_slope: float = Field(0.01, ge=0.0, description="LeakyReLU slope")
-    deep_supervision: bool = Field(False, description="extra 1x1x1 heads on the decoder cells above level 0; in "
-                                                       "training mode forward() then returns [main, coarser...]")
+    deep_supervision: bool = Field(D.DEEP_SUPERVISION, description="extra 1x1x1 heads on the decoder cells above "
+                                                                  "level 0; in training mode forward() then returns "
+                                                                  "[main, coarser...] (eval mode: the main output only)")
 
     @property
     def divisor(self) -> int:

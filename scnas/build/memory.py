@@ -382,10 +382,12 @@ class _Simulation:
 def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1,
                           share: int | None = None) -> StepProfile:
     """The memory profile of one training step of ``build_network(genotype, config)`` on a
-    micro-batch of ``batch`` patches: forward, soft Jaccard loss, backward into existing
-    gradients (the steady state of gradient accumulation), with Adam's two moments held beside
-    the weights and the process's whole ``share`` of patches (default: ``batch``) on the device."""
-    from scnas.metrics import soft_jaccard_loss
+    micro-batch of ``batch`` patches: forward, soft Jaccard loss (with ``config.deep_supervision``
+    nnU-Net's weighted loss over the main output and the heads, as training computes it),
+    backward into existing gradients (the steady state of gradient accumulation), with Adam's
+    two moments held beside the weights and the process's whole ``share`` of patches (default:
+    ``batch``) on the device."""
+    from scnas.metrics import deep_supervision_weights, soft_jaccard_loss, supervised_loss
     from scnas.build.network import build_network
 
     with _Simulation():
@@ -402,7 +404,10 @@ def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = 
             x = torch.randn(whole, config.in_channels, *patch)
             y = torch.randint(0, config.num_classes, (whole, *patch))
             out = net(x[:batch])
-            soft_jaccard_loss(out[0] if isinstance(out, list) else out, y[:batch]).backward()
+            if isinstance(out, list):
+                supervised_loss(out, y[:batch], deep_supervision_weights(len(out))).backward()
+            else:
+                soft_jaccard_loss(out, y[:batch]).backward()
             for p in params:
                 p.grad = None
 

@@ -113,29 +113,38 @@ def read_any_model_info(path: str | os.PathLike) -> ModelInfo:
     return read_onnx_info(path) if str(path).lower().endswith(".onnx") else read_model_info(path)
 
 
+HEADS = "heads."
+"""The prefix of the deep-supervision heads' weights: trained or not, a model file loads into a
+network built with or without them (inference never uses them)."""
+
+
 def load_weights(model: SCNASUNet, path: str | os.PathLike) -> None:
     """Load the weights of ``path`` into ``model``; a clear error when they were saved from a
-    different genotype or build (names the differing settings)."""
+    different genotype or build (names the differing settings). Deep supervision may differ:
+    the heads' weights (``heads.*``) load where both have them and are otherwise left out (a
+    file without them leaves the network's heads as they are); every other tensor must fit."""
     name = str(path)
     info = read_model_info(path)
     differences = []
     if genotype_hash(info.genotype) != genotype_hash(model.genotype):
         differences.append("genotype differs")
-    for key, value in model.config.model_dump().items():
+    for key, value in model.config.model_dump(exclude={"deep_supervision"}).items():
         saved = getattr(info.config, key)
         if saved != value:
             differences.append(f"{key}: file {saved}, network {value}")
     with _open(path) as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    optional = {key for key in set(expected) ^ set(tensors) if key.startswith(HEADS)}
+    missing = sorted(set(expected) - set(tensors) - optional)
+    unexpected = sorted(set(tensors) - set(expected) - optional)
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if differences or missing or unexpected or wrong:
         detail = "; ".join(differences) or (f"{len(missing)} missing, {len(unexpected)} unexpected, "
                                             f"{len(wrong)} wrong-shape tensors (e.g. {(missing + unexpected + wrong)[0]})")
         raise ModelFileError(f"weights do not fit this network: {detail}", source=name)
-    model.load_state_dict(tensors)
+    model.load_state_dict({key: value for key, value in tensors.items() if key not in optional},
+                          strict=not optional)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> SCNASUNet:

@@ -26,7 +26,8 @@ def build(
     classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Output channels (logits)."),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
     upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
-    deep_supervision: bool = typer.Option(False, "--deep-supervision", help="Add 1x1x1 heads on coarser decoder cells."),
+    deep_supervision: bool = typer.Option(D.DEEP_SUPERVISION, "--deep-supervision", help="Add 1x1x1 heads on coarser "
+                                                                                      "decoder cells (trained by 'scnas train --deep-supervision')."),
     patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="D H W of the input for the cost figures."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the memory estimate."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "

@@ -34,6 +34,7 @@ def cv(
     steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1),
     lr: float = typer.Option(D.TRAIN_LR, "--lr", help="Adam learning rate (paper: 3e-4)."),
     loss: str = options.LOSS,
+    deep_supervision: bool = options.DEEP_SUPERVISION,
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Target spacing for "
                                                                                         "preparing (default 0.7 mm)."),
     seed: int = typer.Option(D.SEED, "--seed", help="Training seed (the same for every job)."),
@@ -77,10 +78,12 @@ def cv(
             raise CVError(f"--folds {folds!r}: give comma-separated fold numbers, e.g. 0,1,2,3,4") from None
         try:
             train = TrainConfig(data=data, patch=patch, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
-                                lr=lr, loss=loss, seed=seed, device=device, amp=amp)
+                                lr=lr, loss=loss, seed=seed, device=device, amp=amp, deep_supervision=deep_supervision)
         except ValidationError as exc:
             raise settings_error(exc, CVError) from None
-        settings = train.model_dump(mode="json", exclude={"data", "fold", "stem", "spacing"})
+        # deep_supervision only when asked for: studies begun before it existed continue with the same arguments.
+        unset = set() if deep_supervision else {"deep_supervision"}
+        settings = train.model_dump(mode="json", exclude={"data", "fold", "stem", "spacing", *unset})
         request = {"genotypes": list(genotypes), "data": data, "spacing": list(spacing) if spacing else None,
                    "folds": chosen, "random": random, "random_seed": random_seed, "stem": stem, "train": settings}
     elif data is not None:

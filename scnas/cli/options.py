@@ -29,6 +29,12 @@ LOSS: str = typer.Option(D.LOSS, "--loss", help="jaccard: soft Jaccard distance 
                                                     "jaccard-fg: over the foreground classes only (nnU-Net leaves "
                                                     "background out of its Dice loss).")
 
+DEEP_SUPERVISION: bool = typer.Option(
+    D.DEEP_SUPERVISION, "--deep-supervision", help="Also train 1x1x1 heads on the coarser decoder levels (nnU-Net's "
+                                                   "deep supervision: weighted loss 1/2^i over the outputs, the "
+                                                   "coarsest 0). Inference uses the main output only; model files "
+                                                   "load with or without the heads.")
+
 
 def fitting_overrides(checkpoint: Optional[str], micro_batch: Optional[int], gpu_memory: Optional[str]) -> dict:
     """The settings that fit a step into memory, as given on the command line (also on --resume)."""

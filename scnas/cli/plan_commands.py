@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stderr, stdout
 
 
@@ -38,6 +39,7 @@ def plan(
     nodes: int = typer.Option(D.NODES, "--nodes", min=1, help="Search: intermediate nodes per cell."),
     sampling: str = typer.Option(D.SAMPLING, "--sampling", help="Search: pair, one or full."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Search: comma-separated vocabulary (default: the paper's)."),
+    deep_supervision: bool = options.DEEP_SUPERVISION,
     no_stem: bool = typer.Option(False, "--no-largest-stem", help="Skip the search for the largest stem (saves a "
                                                                   "few simulations)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Also write the report as JSON."),
@@ -90,8 +92,10 @@ def plan(
             in_channels, classes = len(dataset.channel_names), len(dataset.labels)
     genotype = load_genotype(genotype_path) if genotype_path else None
     vocabulary = [o.strip() for o in ops.split(",")] if ops else list(PAPER_OPS)
+    if deep_supervision and search:
+        raise ScnasError("--deep-supervision plans retraining (with a GENOTYPE); a search has no heads")
     build = BuildConfig(stem_channels=stem or (48 if search else 68), in_channels=in_channels, num_classes=classes,
-                        depth=depth)
+                        depth=depth, deep_supervision=deep_supervision)
     if any(p % build.divisor for p in patch):
         raise ScnasError(f"--patch {patch} must be a multiple of 2**depth = {build.divisor} per axis")
     try:

@@ -42,6 +42,7 @@ def train(
     device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
     compile: bool = options.COMPILE,
+    deep_supervision: bool = options.DEEP_SUPERVISION,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT (its settings and genotype; --epochs "
                                                         "may extend, --checkpoint, --micro-batch, --gpu-memory, "
                                                         "--workers, --device, --compile may change; another setting "
@@ -68,7 +69,7 @@ def train(
     run = Path(output)
     given = dict(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size, epochs=epochs or 500,
                  steps_per_epoch=steps, lr=lr, spacing=spacing, seed=seed, workers=workers, device=device, amp=amp,
-                 loss=loss, compile=compile, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
+                 loss=loss, compile=compile, deep_supervision=deep_supervision, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory))
     try:
         if resume:
             saved = run / "config.json"

@@ -32,7 +32,7 @@ from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers,
 from scnas.errors import ScnasError
 from scnas.figures import plot_history
 from scnas.genotype import Genotype
-from scnas.metrics import LOSSES
+from scnas.metrics import LOSSES, deep_supervision_weights
 from scnas.runs import RunLoop, validation_dice
 from scnas.settings import RunSettings
 from scnas.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
@@ -60,6 +60,9 @@ class TrainConfig(RunSettings):
     val_patches: int = Field(8, ge=1, description="validation patches per epoch (from the fold's validation cases)")
     compile: bool = Field(False, description="torch.compile the network (forward and backward), compiled before the "
                                              "first step with the time printed; eager where compiling fails")
+    deep_supervision: bool = Field(D.DEEP_SUPERVISION, description="also train 1x1x1 heads on the coarser decoder "
+                                                                  "levels (nnU-Net's weighted loss; inference uses the "
+                                                                  "main output only)")
 
 
 @dataclass
@@ -138,6 +141,9 @@ class TrainingLoop(RunLoop):
         self.preprocessing = preprocessing_metadata(self.cache, self.config)
         self.best = -1.0
 
+    def build_settings(self) -> dict[str, Any]:
+        return {"deep_supervision": self.config.deep_supervision}
+
     def plan_step(self, available: int | None) -> MemoryPlan:
         c = self.config
         return plan_training_step(self.genotype, self.build, self.amp, c.patch, self.share, c.checkpoint,
@@ -153,6 +159,8 @@ class TrainingLoop(RunLoop):
         self.net.set_checkpointing(self.plan.checkpoint)
         self.model = self.parallel(self.net)
         self.params = list(self.net.parameters())
+        # nnU-Net's weights of [main, coarser heads...]; None: one output, the plain loss.
+        self.weights = deep_supervision_weights(1 + len(self.net.heads)) if self.build.deep_supervision else None
         self.optimiser = torch.optim.Adam(self.params, lr=c.lr, betas=c.betas, **fused_if_available(d.device))
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=c.plateau_factor,
                                                                     patience=c.plateau_patience)
@@ -197,7 +205,7 @@ class TrainingLoop(RunLoop):
         self.optimiser.zero_grad(set_to_none=True)
         loss = accumulate_exact(self.model, split_batch(x, y, self.plan.micro_batch), self.precision.backward,
                                 self.precision, self.d.world, self.model.no_sync if self.d.world > 1 else None,
-                                foreground_only=LOSSES[self.config.loss])
+                                foreground_only=LOSSES[self.config.loss], weights=self.weights)
         skipped = guarded_step(self.optimiser, self.params, self.precision, loss, self.config.grad_clip)
         return [loss], skipped, ~torch.isfinite(loss) if self.precision.scaler.is_enabled() else skipped
 
