@@ -149,7 +149,7 @@ def synchronize(device: torch.device) -> None:
 def train_step_times(cache: Cache, patch: int, workers: int, steps: int, device: torch.device) -> dict:
     """One uresnet-68 training step (batch 2, fp16 on CUDA) on a fixed batch, and fed by the loader."""
     from scnas.build import BuildConfig, build_network
-    from scnas.build.losses import soft_jaccard_loss
+    from scnas.metrics import soft_jaccard_loss
     from scnas.genotype import builtin_genotype
 
     cuda = device.type == "cuda"

@@ -31,7 +31,7 @@ console = Console()
 STEP = """
 import sys, time, torch
 from scnas.build import BuildConfig, build_network
-from scnas.build.losses import soft_jaccard_loss
+from scnas.metrics import soft_jaccard_loss
 from scnas.genotype import builtin_genotype
 torch.set_num_threads(int(sys.argv[1]))
 torch.manual_seed(0)

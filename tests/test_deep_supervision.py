@@ -121,12 +121,14 @@ def _config(task, **changes) -> TrainConfig:
 
 GOLDEN_LOSSES = [0.8653162121772766, 0.8623062372207642]
 """The training losses of ``_config(task)`` (no deep supervision) with scnas before deep
-supervision was trainable (commit ccf9d07): the same run must give the same losses."""
+supervision was trainable (commit ccf9d07), on a 2-core Xeon (AVX-512): the same run must give the
+same losses. Another kind of CPU changes their last digits (see the README), so they are compared to
+0.1%; the deep-supervision loss of the same run is 5% higher (0.905, 0.903)."""
 
 
 def test_training_without_deep_supervision_is_unchanged(task, tmp_path):
     result = run_training(builtin_genotype("minimal"), _config(task), tmp_path / "run", progress=False)
-    assert [r["train_loss"] for r in result.history] == pytest.approx(GOLDEN_LOSSES, abs=1e-6)
+    assert [r["train_loss"] for r in result.history] == pytest.approx(GOLDEN_LOSSES, rel=1e-3)
     assert read_model_info(tmp_path / "run" / "model.safetensors").config.deep_supervision is False
 
 

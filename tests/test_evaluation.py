@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scnas.build import BuildConfig, network_stats
-from scnas.build.losses import dice_per_class, soft_jaccard_loss
+from scnas.metrics import dice_per_class, soft_jaccard_loss
 from scnas.build.stats import match_flops, network_flops, parse_flops_reference
 from scnas.data import write_phantom_dataset
 from scnas.genotype import NUM_INPUTS, PAPER_OPS, builtin_genotype, random_genotype, read_genotype, write_genotype

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from scnas.build import BuildConfig, build_network
-from scnas.build.losses import soft_jaccard_loss
+from scnas.metrics import soft_jaccard_loss
 from scnas.build.memory import (MemoryPlanError, PeakTracker, StepProfile, _Simulation, choose_plan, format_bytes,
                                 parse_bytes, training_step_profile)
 from scnas.genotype import PAPER_OPS, random_genotype
-from scnas.search import Architecture, SuperNet, sample_choices
+from scnas.search import Architecture, SuperNet
 from scnas.search.sampling import choices_from, draw_all, host_copy
 from scnas.steps import Precision, StepMeter, accumulate_exact, guarded_step, split_batch
 
