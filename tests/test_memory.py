@@ -273,20 +273,9 @@ def test_old_settings_with_amp_as_a_bool_still_load():
 
 @pytest.mark.slow
 def test_a_non_finite_patch_on_one_process_makes_every_process_skip_the_step(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
+    from conftest import ROOT, torchrun, torchrun_report
 
-    from conftest import ROOT, torchrun_report
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(ROOT / "tests" / "ddp_nonfinite_step.py"), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun(ROOT / "tests" / "ddp_nonfinite_step.py", tmp_path, timeout=240)
     assert result.returncode == 0, torchrun_report(result)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]

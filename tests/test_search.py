@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +17,7 @@ from scnas.search import (Architecture, SearchConfig, SearchError, SuperNet, cel
 from scnas.search import sampling as sampling_module
 from scnas.search.sampling import choices_from, draw, draw_all, host_copy
 
-from conftest import torchrun_report
+from conftest import torchrun, torchrun_report
 
 N_OPS = len(PAPER_OPS)
 
@@ -197,10 +193,9 @@ def test_resume_needs_the_same_settings_and_a_new_run_an_empty_folder(search_cac
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(search_cache, tmp_path, monkeypatch):
-    from scnas.search import loop
+    from scnas import steps
 
     config = _config(search_cache, epochs=4, steps_per_epoch=2, max_nonfinite=3)
-    from scnas import steps
 
     real = steps.jaccard_from_statistics
     calls = {"n": 0}
@@ -252,20 +247,11 @@ def test_exponential_tau_falls_geometrically_from_tau_max_to_tau_min():
     assert SearchConfig(data="x", epochs=1, tau_max=8.0, tau_min=2.0, tau_schedule="exponential").tau(0) == 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_keeps_alpha_identical_on_every_rank(search_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "scnas", "search", "--data", str(search_cache), "--stem", "4",
-               "--patch", "16", "16", "16", "--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu",
-               "--batch-size", "2", "--checkpoint", "cells", "--no-plots", "-o", str(tmp_path / "ddp")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun("-m", "scnas", "search", "--data", search_cache, "--stem", "4", "--patch", "16", "16", "16",
+                      "--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu", "--batch-size", "2",
+                      "--checkpoint", "cells", "--no-plots", "-o", tmp_path / "ddp")
     assert result.returncode == 0, torchrun_report(result)
     assert json.loads((tmp_path / "ddp" / "ranks.json").read_text()) == {"world_size": 2, "alpha_identical": True}
     assert read_genotype(tmp_path / "ddp" / "genotype.yaml").provenance.search["world_size"] == 2
