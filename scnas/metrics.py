@@ -108,8 +108,9 @@ def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float
     gradient, so that every head's weights are used, as DistributedDataParallel requires)."""
     if len(weights) != statistics.shape[0]:
         raise ValueError(f"{len(weights)} deep-supervision weights for {statistics.shape[0]} outputs")
-    losses = torch.stack([jaccard_from_statistics(s, eps, foreground_only) for s in statistics])
-    return (losses * torch.tensor(list(weights), dtype=losses.dtype, device=losses.device)).sum()
+    # Python floats, not a tensor of weights: building one on the GPU each step would wait for it
+    losses = [jaccard_from_statistics(s, eps, foreground_only) * float(w) for s, w in zip(statistics, weights)]
+    return torch.stack(losses).sum()
 
 
 def supervised_loss(outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, weights: Sequence[float],

@@ -72,6 +72,19 @@ def _grads(net):
     return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
+def test_the_heads_leave_the_rest_of_the_networks_initial_weights_alone():
+    # a deep-supervision run and a plain one from the same seed start from the same network
+    nets = []
+    for deep_supervision in (False, True):
+        torch.manual_seed(7)
+        nets.append(build_network(builtin_genotype("uresnet"), BuildConfig(
+            stem_channels=4, in_channels=1, num_classes=2, deep_supervision=deep_supervision)).state_dict())
+    plain, supervised = nets
+    assert any(key.startswith("heads.") for key in supervised)
+    assert sorted(plain) == sorted(k for k in supervised if not k.startswith("heads."))
+    assert all(torch.equal(plain[key], supervised[key]) for key in plain)
+
+
 def test_accumulated_loss_and_gradients_equal_the_whole_batchs():
     net = _net(True).train()
     g = torch.Generator().manual_seed(1)

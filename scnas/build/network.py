@@ -284,6 +284,7 @@ class MacroUNet(nn.Module):
         self.cells = nn.ModuleDict()
         self.skips = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        supervised = []
         for k, (slot, wiring) in enumerate(zip(self.layout, self.wiring)):
             graph = graphs[slot.cell_type]
             shapes.append((node_width(config, nodes, slot.level) * len(graph.concat), slot.level))
@@ -297,9 +298,13 @@ class MacroUNet(nn.Module):
                 if skip_channels != current_channels:
                     self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, 1, slope)
             if config.deep_supervision and slot.cell_type == "decoder_normal" and slot.level > 0:
-                self.heads[slot.name] = nn.Conv3d(cell.out_channels, config.num_classes, 1)
+                supervised.append((slot.name, cell.out_channels))
         self.out_channels = [channels for channels, _ in shapes[1:]]
         self.out = nn.Conv3d(shapes[-1][0], config.num_classes, 1)
+        # heads last, so that with or without them the rest of the network draws the same initial
+        # weights from the same seed (a deep-supervision run and a plain one start alike)
+        for name, channels in supervised:
+            self.heads[name] = nn.Conv3d(channels, config.num_classes, 1)
         self.checkpointing = "off"
 
     def set_checkpointing(self, mode: str) -> None:
