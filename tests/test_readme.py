@@ -229,3 +229,47 @@ def test_the_export_block_shows_what_build_and_export_print(cli, tmp_path, monke
         for check in (shown, real):
             assert 0 < float(check["abs"]) <= TOLERANCE[0] + TOLERANCE[1] * scale, check.string
             assert float(check["labels"]) >= 99.0, check.string   # random weights: near ties may flip a label
+
+
+def test_the_benchmark_figures_the_readme_cites_are_the_recorded_ones():
+    """The README quotes three benchmarks it cannot rerun in CI (a busy neighbour process, a BraTS-size
+    task, an H200): each figure must be the one its benchmark wrote to ``benchmarks/results``, so a rerun
+    that changes the file and not the README (or the reverse) is caught."""
+    results = ROOT / "benchmarks" / "results"
+    text = " ".join(README.split())
+
+    rows = json.loads((results / "threads.json").read_text())["rows"]
+    busy = {row["threads"]: row["step_s"] for row in rows if row["busy_processes"] == 1}
+    assert (f"one busy process beside it, the demo's training step took {busy[2]:.2f} s with torch's 2 threads "
+            f"and {busy[1]:.2f} s with one: `python benchmarks/threads_bench.py`") in text
+
+    prepare = json.loads((results / "data.json").read_text())["prepare"]
+    per_case_mb = prepare["cache_bytes_per_case"] / 1e6
+    gb = int(re.search(r"BraTS at 0\.7 mm should take about (\d+) GB", text).group(1))
+    assert f"{per_case_mb:.0f} MB per case for the phantoms of BraTS's size above, times Task01's 484" in text
+    assert abs(gb - per_case_mb * 484 / 1e3) <= 0.1 * gb   # "about": within 10%
+
+    rows = json.loads((results / "plan_accuracy.json").read_text())["versus_h200"]
+    ratios = [row["predicted_gib"] / row["measured_gib"] for row in rows]
+    assert len(ratios) == 10 and "against ten peaks measured on an NVIDIA H200" in text
+    assert f"it gives {min(ratios):.2f}-{max(ratios):.2f}x of the measured peak" in text
+
+
+@pytest.mark.slow
+def test_the_planner_figures_the_readme_cites_are_what_the_planner_predicts_today():
+    """The planner half of ``benchmarks/plan_accuracy.py`` (the H200 half are the issue's constants):
+    its ten predictions, recomputed with the benchmark's own code, are the recorded ones the README's
+    range comes from; a planner change that moves them must rerun the benchmark and the README."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "benchmarks" / "plan_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "plan_accuracy.json").read_text())["versus_h200"]
+    assert len(recorded) == len(bench.MEASURED_H200)
+    with bench.measured_code():
+        for row, (_, genotype, stem, batch, amp, checkpoint, measured) in zip(recorded, bench.MEASURED_H200):
+            assert row["measured_gib"] == measured
+            predicted = bench.predict(str(ROOT / genotype) if genotype and "/" in genotype else genotype,
+                                      stem, batch, amp, checkpoint)
+            assert predicted == pytest.approx(row["predicted_gib"], rel=1e-9), row
