@@ -248,6 +248,7 @@ def test_the_benchmark_figures_the_readme_cites_are_the_recorded_ones():
     gb = int(re.search(r"BraTS at 0\.7 mm should take about (\d+) GB", text).group(1))
     assert f"{per_case_mb:.0f} MB per case for the phantoms of BraTS's size above, times Task01's 484" in text
     assert abs(gb - per_case_mb * 484 / 1e3) <= 0.1 * gb   # "about": within 10%
+    assert f"`--dtype float32`: {prepare['ratio_to_float32']:.2f} of float32 for phantoms of BraTS's size" in text
 
     rows = json.loads((results / "plan_accuracy.json").read_text())["versus_h200"]
     ratios = [row["predicted_gib"] / row["measured_gib"] for row in rows]
@@ -273,3 +274,25 @@ def test_the_planner_figures_the_readme_cites_are_what_the_planner_predicts_toda
             predicted = bench.predict(str(ROOT / genotype) if genotype and "/" in genotype else genotype,
                                       stem, batch, amp, checkpoint)
             assert predicted == pytest.approx(row["predicted_gib"], rel=1e-9), row
+
+
+def test_the_other_machines_figures_the_readme_quotes_lie_within_its_bounds():
+    """The README quotes an AMD EPYC's demo figures as an example of what another CPU prints: they
+    must lie within the bounds it states beside them (Dice 0.15, alpha ratios a factor of 2)."""
+    text = " ".join(README.split())
+    done = next(line for line in README.split("\n") if line.startswith("done in "))
+    dice = [float(d) for d in re.findall(r"class \d: (\d\.\d+)", done)]
+    moved = [float(x) for x in re.findall(r"(?:normal|reduction|expansion) (\d+\.\d)x", done)]
+    other = re.search(r"caf26501a270, α (\d\.\d)-(\d\.\d)x uniform and Dice (\d\.\d+) and (\d\.\d+)", text)
+    low, high, *other_dice = map(float, other.groups())
+    assert all(abs(a - b) <= 0.15 for a, b in zip(dice, other_dice)) and len(dice) == 2
+    assert max(moved) / 2 <= low and high <= 2 * min(moved)
+
+    last_epoch = readme_block("scnas search --demo -o demo-search")[2]
+    search_dice = float(re.search(r"architecture set\) (\d\.\d+)", last_epoch).group(1))
+    search_moved = [float(x) for x in re.findall(r"(?:normal|reduction|expansion) (\d+\.\d+)x",
+                                                  readme_block("scnas search --demo -o demo-search")[4])]
+    other = re.search(r"the EPYC's last epoch: Dice (\d\.\d+), α (\d\.\d+)-(\d\.\d+)x\)", text)
+    other_dice, low, high = map(float, other.groups())
+    assert abs(search_dice - other_dice) <= 0.15 and len(search_moved) == 4
+    assert max(search_moved) / 2 <= low and high <= 2 * min(search_moved)
