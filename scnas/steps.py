@@ -20,8 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from scnas.metrics import (jaccard_from_statistics, jaccard_statistics, supervised_from_statistics,
-                           supervised_statistics)
+from scnas.metrics import supervised_from_statistics, supervised_statistics
 from scnas.errors import ScnasError
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -79,34 +78,26 @@ def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor | list[tor
 
     ``weights`` (deep supervision): ``logits_of`` returns [main, coarser heads...] and the
     loss is the weighted sum of each output's loss against the labels downsampled to its
-    shape (:func:`scnas.metrics.supervised_loss`); None: one output, the plain loss.
+    shape (:func:`scnas.metrics.supervised_loss`); None: one output of weight 1, which is the
+    plain loss exactly (one code path for both).
 
     ``backward(surrogate)`` backpropagates one micro-batch's share (scaled by the caller's
     scaler); ``no_sync`` (DistributedDataParallel's) keeps gradients local for every
     micro-batch but the last, whose backward reduces them over the processes."""
-    if weights is None:
-        statistics_of = jaccard_statistics
-
-        def loss_of(point: torch.Tensor) -> torch.Tensor:
-            return jaccard_from_statistics(point, foreground_only=foreground_only)
-    else:
-        statistics_of = supervised_statistics
-
-        def loss_of(point: torch.Tensor) -> torch.Tensor:
-            return supervised_from_statistics(point, weights, foreground_only=foreground_only)
+    weights = [1.0] if weights is None else weights   # one output of weight 1: exactly the plain loss
     quiet = no_sync if (no_sync is not None and len(batches) > 1) else nullcontext
     rest = []
     with torch.no_grad(), precision.autocast():
         for x, y in batches[1:]:
-            rest.append(statistics_of(logits_of(x), y))
+            rest.append(supervised_statistics(logits_of(x), y))
     with quiet():
         with precision.autocast():
-            first = statistics_of(logits_of(batches[0][0]), batches[0][1])
+            first = supervised_statistics(logits_of(batches[0][0]), batches[0][1])
         total = first.detach() + sum(rest) if rest else first.detach().clone()
         if world > 1:
             dist.all_reduce(total)
         point = total.requires_grad_(True)
-        loss = loss_of(point)
+        loss = supervised_from_statistics(point, weights, foreground_only=foreground_only)
         (slope,) = torch.autograd.grad(loss, point)
         # DistributedDataParallel averages gradients over processes: multiply by the world
         # so that the average is the gradient of the global batch's loss.
@@ -116,7 +107,7 @@ def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor | list[tor
         context = quiet() if index < len(batches) - 1 else nullcontext()
         with context:
             with precision.autocast():
-                statistics = statistics_of(logits_of(x), y)
+                statistics = supervised_statistics(logits_of(x), y)
             backward((statistics * slope).sum())
     return loss.detach()
 

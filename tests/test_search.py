@@ -197,14 +197,14 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(search
 
     config = _config(search_cache, epochs=4, steps_per_epoch=2, max_nonfinite=3)
 
-    real = steps.jaccard_from_statistics
+    real = steps.supervised_from_statistics
     calls = {"n": 0}
 
-    def flaky(statistics, **options):
+    def flaky(statistics, weights, **options):
         calls["n"] += 1
-        loss = real(statistics, **options)
+        loss = real(statistics, weights, **options)
         return loss * float("nan") if calls["n"] > 8 else loss   # two good epochs (2 steps x 2 losses), then NaN
-    monkeypatch.setattr(steps, "jaccard_from_statistics", flaky)
+    monkeypatch.setattr(steps, "supervised_from_statistics", flaky)
     with pytest.raises(SearchError, match="[34] non-finite losses or gradients in a row .* last good checkpoint"):
         run_search(config, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
