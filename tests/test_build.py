@@ -216,6 +216,33 @@ def test_conv3d_is_not_routed_while_exporting(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 2, 4, 4), (2, 32, 2, 2, 2), (1, 20, 2, 3, 5)])
+def test_bf16_cpu_gradients_of_a_shallow_input_are_exact(shape):
+    """oneDNN's bfloat16 backward-weights kernel (torch 2.13) reads memory it never wrote for a
+    3x3x3 convolution of an input 2 voxels deep: on the same tensors the weight gradient changed
+    from call to call, to 1e30 or NaN, and CI's bf16 training skipped its steps. scnas's Conv3d
+    computes exactly those in float32: each call, whatever the memory held before, gives the
+    float32 gradients of the bfloat16 output, and the output stays bfloat16 as under autocast."""
+    torch.manual_seed(0)
+    conv = Conv3d(shape[1], shape[1], 3, padding=1, bias=False)
+    x, upstream = torch.randn(*shape), torch.randn(shape[0], shape[1], *shape[2:]).bfloat16().float()
+    plain = nn.Conv3d(shape[1], shape[1], 3, padding=1, bias=False)
+    plain.load_state_dict(conv.state_dict())
+    xr = x.clone().requires_grad_()
+    (plain(xr) * upstream).sum().backward()
+    for _ in range(6):
+        stale = [torch.full((n,), float("nan")) for n in (1000, 30000, 100000)]  # freed memory full of NaN
+        del stale
+        conv.zero_grad()
+        xc = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(xc)
+        assert out.dtype == torch.bfloat16
+        (out.float() * upstream).sum().backward()
+        torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_resample_upsamples_after_its_conv_exactly():
     torch.manual_seed(0)
     resample = Resample(6, 4, 1, BuildConfig(stem_channels=4))

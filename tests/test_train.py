@@ -294,7 +294,10 @@ def test_mixed_precision_training_and_prediction_run_on_the_cpu(trained, tmp_pat
                                                                 micro_batch=1, checkpoint="cells"),
                           tmp_path / amp, progress=False)
     assert result.plan.checkpoint == "cells" and result.plan.micro_batch == 1
-    assert np.isfinite(result.history[0]["train_loss"]) and result.history[0]["skipped_steps"] <= 2
+    # fp16's gradient scaler may skip its first steps while it finds its scale; bf16 has none and
+    # must skip none (it did where oneDNN's bf16 kernel returned garbage: see scnas.build.ops.Conv3d).
+    assert np.isfinite(result.history[0]["train_loss"])
+    assert result.history[0]["skipped_steps"] <= (2 if amp == "fp16" else 0)
     recorded = json.loads((tmp_path / amp / "config.json").read_text())
     assert recorded["amp"] == amp and recorded["memory_plan"]["checkpoint"] == "cells"
     exact = predict_folder(run / "model.safetensors", task / "imagesTr", tmp_path / "exact", progress=False, amp="off")

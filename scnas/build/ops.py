@@ -28,17 +28,39 @@ def _tracing() -> bool:
         or torch.onnx.is_in_onnx_export()
 
 
+def _bf16_on_the_cpu(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` would run in bfloat16 on the CPU (autocast or the input)."""
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+
+
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that works around a CPU dispatch heuristic of torch.
+    """``nn.Conv3d`` that works around a CPU dispatch heuristic and a CPU bfloat16 bug of torch.
 
     torch runs a float32 CPU convolution with oneDNN only if batch > 1 or N*C*D*H > 20480 (a
     2D-era rule that ignores the last axis of a 3D input); otherwise it uses ``slow_conv3d``,
     5-10x slower for 3x3x3 kernels. This class sends exactly those convolutions (batch 1, not
     grouped, kernel larger than 1) to oneDNN directly: same arithmetic up to float rounding,
     same gradients. It never does so while exporting, tracing or compiling, on other devices
-    or dtypes, or where the oneDNN op is missing."""
+    or dtypes, or where the oneDNN op is missing.
+
+    In bfloat16 on the CPU (``--amp bf16``), oneDNN's backward-weights kernel of a dense
+    convolution whose input is shorter than the kernel along the first spatial axis (depth 2
+    for 3x3x3: the deepest level of a 16-voxel-deep patch after three down-samplings) reads
+    memory it never wrote: the weight gradient changes from call to call on the same tensors,
+    often to 1e30 or NaN (torch 2.13; 12 or fewer channels were spared, 16 and more were not,
+    see tests/test_build.py::test_bf16_cpu_gradients_of_a_shallow_input_are_exact). Training
+    then skipped steps for non-finite gradients. Exactly those convolutions, when gradients
+    are being recorded, are computed in float32 from the same inputs and returned in
+    bfloat16: the tensors are a few voxels deep, so the cost is nil; inference and other
+    devices are untouched."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 5 and self.groups == 1 and x.shape[2] < self.kernel_size[0] and torch.is_grad_enabled()
+                and _bf16_on_the_cpu(x) and self.padding_mode == "zeros" and not _tracing()):
+            with torch.autocast("cpu", enabled=False):
+                return F.conv3d(x.float(), self.weight.float(), None if self.bias is None else self.bias.float(),
+                                self.stride, self.padding, self.dilation, self.groups).to(torch.bfloat16)
         if (ROUTE_BATCH1_TO_ONEDNN and _ONEDNN_CONV is not None and x.dim() == 5 and x.shape[0] == 1
                 and self.groups == 1 and self.kernel_size != (1, 1, 1) and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.padding_mode == "zeros"
