@@ -29,9 +29,9 @@ def _tracing() -> bool:
 
 
 def _bf16_on_the_cpu(x: torch.Tensor) -> bool:
-    """Whether a convolution of ``x`` would run in bfloat16 on the CPU (autocast or the input)."""
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    """Whether a CPU convolution of ``x`` would run in bfloat16 (the input's or autocast's dtype)."""
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 class Conv3d(nn.Conv3d):
@@ -52,19 +52,20 @@ class Conv3d(nn.Conv3d):
     see tests/test_build.py::test_bf16_cpu_gradients_of_a_shallow_input_are_exact). Training
     then skipped steps for non-finite gradients. Exactly those convolutions, when gradients
     are being recorded, are computed in float32 from the same inputs and returned in
-    bfloat16: the tensors are a few voxels deep, so the cost is nil; inference and other
-    devices are untouched."""
+    bfloat16: they are a few voxels deep (a bf16 step of uresnet-16 on 16x64x64 patches took
+    0.393 s with this, 0.388 s without); inference and other devices are untouched."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 5 and self.groups == 1 and x.shape[2] < self.kernel_size[0] and torch.is_grad_enabled()
-                and _bf16_on_the_cpu(x) and self.padding_mode == "zeros" and not _tracing()):
+        if (x.device.type != "cpu" or x.dim() != 5 or self.groups != 1 or self.padding_mode != "zeros"
+                or _tracing()):
+            return super().forward(x)
+        if x.shape[2] < self.kernel_size[0] and torch.is_grad_enabled() and _bf16_on_the_cpu(x):
             with torch.autocast("cpu", enabled=False):
                 return F.conv3d(x.float(), self.weight.float(), None if self.bias is None else self.bias.float(),
                                 self.stride, self.padding, self.dilation, self.groups).to(torch.bfloat16)
-        if (ROUTE_BATCH1_TO_ONEDNN and _ONEDNN_CONV is not None and x.dim() == 5 and x.shape[0] == 1
-                and self.groups == 1 and self.kernel_size != (1, 1, 1) and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.padding_mode == "zeros"
-                and x.shape[1] * x.shape[2] * x.shape[3] <= 20480 and not _tracing()):
+        if (ROUTE_BATCH1_TO_ONEDNN and _ONEDNN_CONV is not None and x.shape[0] == 1
+                and self.kernel_size != (1, 1, 1) and x.dtype == torch.float32
+                and x.shape[1] * x.shape[2] * x.shape[3] <= 20480):
             return _ONEDNN_CONV(x, self.weight, self.bias, list(self.padding), list(self.stride),
                                 list(self.dilation), self.groups)
         return super().forward(x)
