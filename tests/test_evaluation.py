@@ -226,3 +226,38 @@ def test_the_verdict_says_which_way_and_how_sure():
     assert unclear["paired_t_test_p"] > 0.05 and verdict("found", unclear, "random").startswith("no evidence")
     one_fold = compare([0.8], [[0.7]])
     assert one_fold["paired_t_test_p"] is None and "no conclusion" in verdict("found", one_fold, "random")
+
+
+def _array(task: int, low: int, high: int, count: int, step: int | None = None) -> dict[str, str]:
+    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(low),
+           "SLURM_ARRAY_TASK_MAX": str(high), "SLURM_ARRAY_TASK_COUNT": str(count)}
+    if step is not None:
+        env["SLURM_ARRAY_TASK_STEP"] = str(step)
+    return env
+
+
+def test_shard_auto_maps_every_slurm_array_task_to_exactly_one_share():
+    # --array=0-4, --array=1-5 and --array=10-18:2: five tasks, shares 1..5 of 5, each once.
+    for low, step in ((0, None), (1, None), (10, 2)):
+        ids = [low + k * (step or 1) for k in range(5)]
+        shares = [parse_shard("auto", _array(i, ids[0], ids[-1], 5, step)) for i in ids]
+        assert shares == [(k, 5) for k in range(1, 6)]
+    assert parse_shard(" AUTO ", _array(3, 3, 3, 1)) == (1, 1)          # an array of one task
+
+
+def test_shard_auto_refuses_outside_an_array_and_uneven_arrays(tmp_path, cli, monkeypatch):
+    with pytest.raises(CVError, match="not a task of a Slurm job array"):
+        parse_shard("auto", {"SLURM_JOB_ID": "7"})                      # a plain sbatch job
+    with pytest.raises(CVError, match="must be set beside"):
+        parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "2"})
+    with pytest.raises(CVError, match="not one evenly stepped range"):
+        parse_shard("auto", _array(3, 1, 7, 3))                         # --array=1,3,7
+    with pytest.raises(CVError, match="not one evenly stepped range"):
+        parse_shard("auto", _array(3, 0, 8, 5, 2))                      # id off the step
+    with pytest.raises(CVError, match="SLURM_ARRAY_TASK_ID='x'"):
+        parse_shard("auto", {**_array(0, 0, 1, 2), "SLURM_ARRAY_TASK_ID": "x"})
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    result = cli("cv", "minimal", "--data", tmp_path, "--shard", "auto", "-o", tmp_path / "d")
+    assert result.code == 1 and "Slurm job array" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "d").exists()

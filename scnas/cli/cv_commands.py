@@ -40,9 +40,10 @@ def cv(
     seed: int = typer.Option(D.SEED, "--seed", help="Training seed (the same for every job)."),
     device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
     amp: str = options.AMP,
-    shard: Optional[str] = typer.Option(None, "--shard", metavar="i/n", help="Run only jobs i, i+n, ... of the "
-                                                                             "study (1-based), e.g. one shard per "
-                                                                             "GPU or machine sharing OUT."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="i/n|auto",
+                                        help="Run only jobs i, i+n, ... of the study (1-based), e.g. one shard "
+                                             "per GPU or machine sharing OUT. 'auto' takes i and n from the "
+                                             "Slurm job array this runs in (sbatch --array=0-3: 4 shards)."),
     report: bool = typer.Option(False, "--report", help="Only gather the finished jobs into the results (refused "
                                                         "while a job is missing)."),
 ) -> None:
@@ -58,6 +59,7 @@ def cv(
     Finished jobs are skipped and a killed one resumes, so the same command continues a
     study. Example: scnas cv found.yaml uresnet --data Task01_BrainTumour --random 5 -o runs/cv
     On 4 GPUs: CUDA_VISIBLE_DEVICES=i scnas cv ... --shard i+1/4, then scnas cv -o runs/cv --report
+    As a Slurm job array: sbatch --array=0-3 with 'scnas cv ... --shard auto' (docs/training.md).
     """
     from pydantic import ValidationError
 

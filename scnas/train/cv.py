@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -60,17 +60,49 @@ class Job:
         return f"{self.genotype}/fold_{self.fold}"
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"i/n"`` (1-based) as (i, n); None means the whole study (1/1)."""
+def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``"i/n"`` (1-based) as (i, n); None means the whole study (1/1); ``"auto"`` reads the
+    Slurm job array this process is a task of (see ``slurm_array_shard``)."""
     if text is None:
         return 1, 1
+    if text.strip().lower() == "auto":
+        return slurm_array_shard(os.environ if environ is None else environ)
     parts = text.split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise CVError(f"--shard {text!r}: write it as i/n, e.g. 1/4 (the first of 4 shares)")
+        raise CVError(f"--shard {text!r}: write it as i/n, e.g. 1/4 (the first of 4 shares), or auto inside "
+                      "a Slurm job array")
     index, count = int(parts[0]), int(parts[1])
     if count < 1 or not 1 <= index <= count:
         raise CVError(f"--shard {text!r}: i must be between 1 and n (here n = {count})")
     return index, count
+
+
+def slurm_array_shard(environ: Mapping[str, str]) -> tuple[int, int]:
+    """(i, n) of this Slurm array task: ``sbatch --array=0-4`` (or ``1-5``, or ``0-8:2``) gives
+    tasks 1..5 of 5; a throttle (``--array=0-4%2``) changes nothing. The array must be one
+    evenly stepped range, so that every task id maps to exactly one share: a list such as
+    ``--array=1,3,7`` is refused rather than leaving shares unrun."""
+    def number(name: str) -> int | None:
+        value = environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        if not value.strip().isdigit():
+            raise CVError(f"--shard auto: {name}={value!r} is not a whole number")
+        return int(value)
+
+    task = number("SLURM_ARRAY_TASK_ID")
+    if task is None:
+        raise CVError("--shard auto: not a task of a Slurm job array (SLURM_ARRAY_TASK_ID is not set); "
+                      "submit with 'sbatch --array=0-N' or give --shard i/n")
+    low, high = number("SLURM_ARRAY_TASK_MIN"), number("SLURM_ARRAY_TASK_MAX")
+    count, step = number("SLURM_ARRAY_TASK_COUNT"), number("SLURM_ARRAY_TASK_STEP") or 1
+    if low is None or high is None or count is None:
+        raise CVError("--shard auto: SLURM_ARRAY_TASK_MIN, _MAX and _COUNT must be set beside "
+                      "SLURM_ARRAY_TASK_ID (Slurm sets all four in an array task)")
+    if count < 1 or (task - low) % step or not low <= task <= high or (high - low) // step + 1 != count:
+        raise CVError(f"--shard auto: the job array is not one evenly stepped range (ids {low}..{high} step "
+                      f"{step}, {count} tasks, this one {task}); use --array=A-B[:S] or give --shard i/n")
+    return (task - low) // step + 1, count
 
 
 def parse_spec(spec: str, default_stem: int) -> tuple[str, int]:
