@@ -18,9 +18,6 @@ from scnas.build.network import Resample
 from scnas.build.ops import AvgPool3x3x3, Conv3d, MaxPool3x3x3
 from scnas.genotype import BUILTIN_NAMES, OPS, PAPER_OPS, builtin_genotype, genotype_from_data, random_genotype
 
-torch.set_num_threads(2)
-
-
 def _forward_backward(genotype, config, size=16, batch=2):
     torch.manual_seed(0)
     net = build_network(genotype, config)
