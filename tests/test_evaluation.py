@@ -261,3 +261,50 @@ def test_shard_auto_refuses_outside_an_array_and_uneven_arrays(tmp_path, cli, mo
     result = cli("cv", "minimal", "--data", tmp_path, "--shard", "auto", "-o", tmp_path / "d")
     assert result.code == 1 and "Slurm job array" in result.err and "Traceback" not in result.err
     assert not (tmp_path / "d").exists()
+
+
+def test_cv_flags_validation_cases_a_search_saw_and_compares_on_clean_folds_only(task, tmp_path):
+    from scnas.genotype import builtin_genotype, write_genotype
+    from scnas.train.cv import _open_cache, plan_study
+
+    splits = _open_cache(str(task), (1.0, 1.0, 1.0)).splits       # the study's own (shared) cache
+    searched = builtin_genotype("minimal").model_copy(deep=True)
+    searched.provenance = type(searched.provenance or builtin_genotype("uresnet").provenance)(
+        search={"task": "Phantom", "cases": list(splits[0]["train"])})   # searched on fold 0's training cases
+    write_genotype(searched, tmp_path / "found.yaml")
+    older = searched.model_copy(deep=True)
+    older.provenance.search = {"data": str(task), "fold": 1}            # before search.cases: inferred
+    write_genotype(older, tmp_path / "older.yaml")
+    elsewhere = searched.model_copy(deep=True)
+    elsewhere.provenance.search = {"task": "Hippocampus", "cases": list(splits[0]["train"])}   # a transfer
+    write_genotype(elsewhere, tmp_path / "transfer.yaml")
+
+    out, said = tmp_path / "study", []
+    request = _request(task, genotypes=[str(tmp_path / n) for n in ("found.yaml", "older.yaml", "transfer.yaml")],
+                       folds=[0, 1, 2], random=2)
+    plan = plan_study(out, request, said.append)
+    seen = {e["name"]: e.get("search_data") for e in plan["genotypes"]}
+    assert seen["found"]["validation_in_search"] == {"0": [], "1": sorted(splits[1]["val"]),
+                                                     "2": sorted(splits[2]["val"])}
+    assert seen["older"]["cases"] == "inferred from search fold 1" and seen["older"]["validation_in_search"]["1"] == []
+    assert seen["transfer"] is None and "random-0" in seen and seen["random-0"] is None
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 2 and "found's search saw" in warnings[0] and "clean fold(s): 0" in warnings[0]
+
+    # Jobs' results as evaluation.json would hold them: found wins the folds its search saw, loses the clean one.
+    dice = {"found": [0.60, 0.90, 0.90], "older": [0.5] * 3, "transfer": [0.5] * 3,
+            "random-0": [0.70, 0.50, 0.52], "random-1": [0.68, 0.52, 0.50]}
+    for name, values in dice.items():
+        for fold, value in zip([0, 1, 2], values):
+            folder = out / "jobs" / name / f"fold_{fold}"
+            folder.mkdir(parents=True)
+            (folder / "evaluation.json").write_text(json.dumps({"model_selection": "last epoch",
+                                                                 "mean": {"1": value}}))
+    said.clear()
+    report = write_report(out, say=said.append)
+    assert report["clean_folds"] == {"found": [0], "older": [1], "transfer": [0, 1, 2]}
+    assert report["versus_random"]["folds_better"] == 2                            # all folds: found looks better
+    clean = report["versus_random_clean_folds"]
+    assert clean["folds_used"] == [0] and clean["folds_better"] == 0 and clean["mean_difference"] < 0
+    assert any(line.startswith("on clean fold(s) only (0): ") for line in report["conclusion"])
+    assert "optimistic" in (out / "results.md").read_text()

@@ -11,6 +11,7 @@ import torch
 
 from scnas.build import BuildConfig, build_network
 from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
+from scnas.data.cache import Cache
 from scnas.genotype import PAPER_OPS, read_genotype
 from scnas.search import (Architecture, SearchConfig, SearchError, SuperNet, cell_edges, load_checkpoint, run_search,
                           sample_choices, sample_full, sample_one, sample_pair)
@@ -146,6 +147,11 @@ def test_tiny_search_writes_a_genotype_that_validates_and_builds(search_cache, t
     assert result.epochs_done == 2 and len(result.history) == 2
     assert genotype.provenance.epoch == 2 and genotype.provenance.probabilities
     assert genotype.provenance.search["sampling"] == "pair"
+    # the data it saw, for scnas cv's leak check: the task and fold 0's training cases, no validation case
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert genotype.provenance.search["task"] == "Phantom"
+    assert genotype.provenance.search["cases"] == sorted(config["cases"]["weight"] + config["cases"]["architecture"])
+    assert not set(genotype.provenance.search["cases"]) & set(Cache(search_cache).splits[0]["val"])
     net = build_network(genotype, BuildConfig(stem_channels=4, in_channels=2, num_classes=3))
     assert net(torch.randn(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -91,6 +91,11 @@ class SearchLoop(RunLoop):
         self.weight_ids, self.arch_ids = architecture_split(train_ids, seed=c.seed,
                                                             architecture_share=c.architecture_share)
 
+    def searched_on(self) -> dict[str, Any]:
+        """The data the search saw, for the genotype's provenance: the task's name and every case
+        of both halves, so that a cross-validation can tell which of its folds are clean."""
+        return {"task": self.cache.header["dataset"]["name"], "cases": sorted({*self.weight_ids, *self.arch_ids})}
+
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {"tau_per_epoch": [c.tau(e) for e in range(c.epochs)],
@@ -209,7 +214,7 @@ class SearchLoop(RunLoop):
                 "skipped_steps": skipped, "seconds": seconds}
 
     def write_epoch(self, record: dict[str, Any], draw: bool) -> None:
-        _write_epoch(self.run, self.config, self.arch, record, self.d.world)
+        _write_epoch(self.run, self.config, self.arch, record, self.d.world, self.searched_on())
         from scnas.search.plots import write_plots
 
         write_plots(self.run, self.history, self.arch, self.config, draw)
@@ -230,7 +235,8 @@ class SearchLoop(RunLoop):
                             self.plan)
 
 
-def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: dict, world: int) -> None:
+def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: dict, world: int,
+                 searched_on: dict[str, Any]) -> None:
     """The epoch's genotype (genotypes/epoch_NNNN.yaml and genotype.yaml), with its provenance."""
     provenance = {"scnas_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "epoch": record["epoch"],
@@ -239,7 +245,7 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: di
                              "temperature": {"schedule": config.tau_schedule, "max": config.tau_max,
                                              "min": config.tau_min, "at_epoch": record["tau"]},
                              "derivation": derivation_name(config.derive, config.top_k), "loss": config.loss,
-                             "world_size": world}}
+                             "world_size": world, **searched_on}}
     genotype = derive_genotype(arch.probabilities(), config.nodes, config.ops,
                                config.top_k if config.derive == "top-k" else None, provenance)
     write_genotype(genotype, run / "genotypes" / f"epoch_{record['epoch']:04d}.yaml")

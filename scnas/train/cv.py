@@ -203,8 +203,14 @@ def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = 
             name = _display_name(source, taken)
             taken.add(name)
             flops = network_flops(genotype, base.model_copy(update={"stem_channels": stem}), patch)
-            entries.append({"name": name, "source": source, "kind": "given", "stem": stem, "flops": flops,
-                            "hash": short_hash(genotype), "genotype": genotype})
+            entry = {"name": name, "source": source, "kind": "given", "stem": stem, "flops": flops,
+                     "hash": short_hash(genotype), "genotype": genotype}
+            seen = search_overlap(genotype, cache, task, folds)
+            if seen is not None:
+                entry["search_data"] = seen
+                for line in leak_lines([entry], folds):
+                    say(f"warning: {line}")
+            entries.append(entry)
         if request["random"]:
             from scnas.build.stats import match_flops
 
@@ -228,6 +234,50 @@ def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = 
                 "validation": {str(f): list(cache.splits[f]["val"]) for f in folds}}
         atomic_write_text(plan_path, json.dumps(plan, indent=2) + "\n")
         return plan
+
+
+def search_overlap(genotype, cache, task: Path, folds: list[int]) -> dict[str, Any] | None:
+    """What ``genotype``'s search saw of each fold's validation cases, from its provenance:
+    ``search.task`` and ``search.cases`` (scnas >= 0.1 writes both), or, for genotypes written
+    before, the cases of ``search.fold``'s training split when ``search.data`` names this task
+    (inferred: the same splits file is assumed). None when the provenance says nothing about
+    this task (another task's search is a transfer, not a leak)."""
+    search = (genotype.provenance.search if genotype.provenance else None) or {}
+    name = cache.header["dataset"]["name"]
+    if isinstance(search.get("cases"), list):
+        if search.get("task") != name:
+            return None
+        seen, how = {str(c) for c in search["cases"]}, "recorded"
+    elif isinstance(search.get("fold"), int) and isinstance(search.get("data"), str) and \
+            Path(search["data"]).name in {task.name, cache.folder.name} and 0 <= search["fold"] < len(cache.splits):
+        seen, how = set(cache.splits[search["fold"]]["train"]), f"inferred from search fold {search['fold']}"
+    else:
+        return None
+    return {"task": name, "cases": how, "searched_cases": len(seen),
+            "validation_in_search": {str(f): sorted(seen & set(cache.splits[f]["val"])) for f in folds}}
+
+
+def leak_lines(entries: list[dict[str, Any]], folds: list[int]) -> list[str]:
+    """One line per genotype whose search saw validation cases of the study: which folds, how
+    many cases, which folds are clean."""
+    lines = []
+    for entry in entries:
+        seen = entry.get("search_data")
+        leaked = {int(f): ids for f, ids in (seen or {}).get("validation_in_search", {}).items() if ids}
+        if not leaked:
+            continue
+        clean = [f for f in folds if f not in leaked]
+        cases = sum(len(ids) for ids in leaked.values())
+        lines.append(f"{entry['name']}'s search saw {cases} validation case(s) of fold(s) "
+                     f"{', '.join(map(str, sorted(leaked)))} ({seen['cases']}): its Dice there is optimistic; "
+                     f"clean fold(s): {', '.join(map(str, clean)) if clean else 'none'}")
+    return lines
+
+
+def clean_folds(entry: dict[str, Any], folds: list[int]) -> list[int]:
+    """The folds none of whose validation cases were in ``entry``'s search data."""
+    seen = (entry.get("search_data") or {}).get("validation_in_search", {})
+    return [f for f in folds if not seen.get(str(f))]
 
 
 def study_jobs(plan: dict[str, Any]) -> list[Job]:
@@ -412,13 +462,25 @@ def write_report(out: str | os.PathLike, plan: dict[str, Any] | None = None,
                               "folds": folds, "classes": classes, "genotypes": rows}
     given = [r for r in rows if r["kind"] == "given"]
     randoms = [r for r in rows if r["kind"] == "random"]
-    lines = []
+    lines = leak_lines(given, folds)
+    report["clean_folds"] = {r["name"]: clean_folds(r, folds) for r in given}
     first = given[0]
     if randoms:
+        them = f"the mean of the {len(randoms)} random genotype(s) of equal FLOPs"
         comparison = compare(first["dice"]["mean"]["per_fold"], [r["dice"]["mean"]["per_fold"] for r in randoms])
         report["versus_random"] = {"genotype": first["name"], **comparison}
-        lines.append(verdict(first["name"], comparison, f"the mean of the {len(randoms)} random genotype(s) of "
-                                                        "equal FLOPs"))
+        lines.append(verdict(first["name"], comparison, them))
+        clean = report["clean_folds"][first["name"]]
+        if not clean:
+            lines.append(f"no clean fold: every fold's validation cases were in {first['name']}'s search data, so "
+                         "this study cannot tell whether the search helped (search per fold, or on other cases)")
+        elif len(clean) < len(folds):   # the same comparison where the search saw none of the cases scored
+            at = [folds.index(f) for f in clean]
+            comparison = compare([first["dice"]["mean"]["per_fold"][i] for i in at],
+                                 [[r["dice"]["mean"]["per_fold"][i] for i in at] for r in randoms])
+            report["versus_random_clean_folds"] = {"genotype": first["name"], "folds_used": clean, **comparison}
+            lines.append(f"on clean fold(s) only ({', '.join(map(str, clean))}): "
+                         + verdict(first["name"], comparison, them))
     for other in given[1:]:
         comparison = compare(first["dice"]["mean"]["per_fold"], [other["dice"]["mean"]["per_fold"]])
         report.setdefault("versus_given", {})[other["name"]] = comparison

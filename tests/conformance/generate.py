@@ -164,7 +164,8 @@ def _valid_cases() -> dict[str, dict]:
     with_provenance = base()
     with_provenance["provenance"] = {
         "scnas_version": "0.1.0", "created": "2026-11-27T10:00:00Z", "epoch": 199, "tool": "another-framework",
-        "search": {"dataset": "Task01_BrainTumour", "fold": 0, "seed": 0, "sampling": "pair"},
+        "search": {"dataset": "Task01_BrainTumour", "fold": 0, "seed": 0, "sampling": "pair",
+                   "task": "BRATS", "cases": ["BRATS_001", "BRATS_002", "BRATS_004"]},
         "probabilities": {"encoder_normal": [{"from": 0, "to": 2, "p": {op: 1 / 8 for op in PAPER_OPS}}]}}
     return {"base": base(), "reordered": reordered, "dead-node": dead_node, "node-without-input-unused": lonely_node,
             "restricted-vocabulary": restricted, "minimal": minimal, "defaults": defaults,
