@@ -84,3 +84,8 @@ def _shown(value) -> str:
     if isinstance(value, list):
         return " ".join(map(str, value)) if all(not isinstance(v, str) for v in value) else ",".join(map(str, value))
     return str(value)
+
+MAX_FREE = typer.Option(None, "--max-free", min=0, metavar="K",
+                        help="Countermeasure (P-DARTS, DARTS+): at most K parameter-free ops (identity, pooling) per "
+                             "derived cell; the weakest others get their edge's best op with weights.")
+

@@ -44,6 +44,14 @@ def search(
                                                          "op) or argmax (per edge, zero = no edge). 'scnas derive' "
                                                          "re-derives a finished run."),
     top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs", min=0, help="Countermeasure: epochs that train Theta "
+                                                                        "alone before alpha moves (PC-DARTS)."),
+    free_penalty: float = typer.Option(0.0, "--free-penalty", min=0.0, help="Countermeasure: add this times "
+                                       "softmax(alpha)'s mass on parameter-free ops to alpha's objective."),
+    max_free: Optional[int] = options.MAX_FREE,
+    hessian_iterations: int = typer.Option(0, "--hessian-iterations", min=0, help="Measure the dominant eigenvalue of "
+                                           "alpha's Hessian each epoch with this many power iterations (R-DARTS's "
+                                           "collapse indicator, in metrics.jsonl; 0: off)."),
     loss: str = options.LOSS,
     spacing: Optional[tuple[float, float, float]] = typer.Option(
         None, "--spacing", help="Target spacing (mm) when --data is a task folder [default: 0.7 0.7 0.7]; a prepared "
@@ -96,6 +104,8 @@ def search(
         "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
         "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
         "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
+        "warmup_epochs": warmup_epochs, "free_penalty": free_penalty, "max_free": max_free,
+        "hessian_iterations": hessian_iterations,
         "spacing": spacing, "seed": seed, "workers": workers, "checkpoint_every_steps": checkpoint_every,
         "device": device, "amp": amp, "plots": plots, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
         **({"ops": [o.strip() for o in ops.split(",")]} if ops else {})}
@@ -145,6 +155,7 @@ def derive(
                                                        "with its best non-zero op (DARTS); argmax: per edge the most "
                                                        "probable op, zero = no edge (denser cells)."),
     top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
+    max_free: Optional[int] = options.MAX_FREE,
 ) -> None:
     """Derive cells again from a finished search's softmax(alpha), without searching again.
 
@@ -163,7 +174,7 @@ def derive(
         raise GenotypeError("does not exist" if not Path(source).is_dir() else "has no genotype.yaml (not a search "
                             "run folder)", source=source)
     genotype = read_genotype(path)
-    derived = rederive(genotype, rule, top_k, str(path))
+    derived = rederive(genotype, rule, top_k, str(path), max_free)
     write_genotype(derived, output)
     edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}
     stdout.out(f"{output}: hash {short_hash(derived)}, edges per cell {edges}")

@@ -44,6 +44,16 @@ class SearchConfig(RunSettings):
         D.DERIVE, description="top-k: DARTS's rule, per node the top_k strongest incoming edges, each with its best "
                              "non-zero op; argmax: per edge the most probable op, zero = no edge")
     top_k: int = Field(D.TOP_K, ge=1, description="incoming edges per node with derive top-k (DARTS: 2)")
+    # Countermeasures to collapse onto parameter-free operations (docs/search.md); off by default: the paper's search.
+    warmup_epochs: int = Field(0, ge=0, description="epochs that train Theta alone before alpha moves (PC-DARTS, "
+                                                    "most DARTS code); alpha's loss is still measured")
+    free_penalty: float = Field(0.0, ge=0, description="adds this times softmax(alpha)'s mean mass on parameter-free "
+                                                       "operations (summed over cell types) to the alpha objective")
+    max_free: int | None = Field(None, ge=0, description="at most this many parameter-free operations per derived "
+                                                         "cell; the weakest others get their edge's best operation "
+                                                         "with weights (P-DARTS, DARTS+: 2 skip connections)")
+    hessian_iterations: int = Field(0, ge=0, description="power iterations for the dominant eigenvalue of the alpha "
+                                                         "loss's Hessian at each epoch's end (R-DARTS); 0: not measured")
 
     @model_validator(mode="before")
     @classmethod
@@ -60,6 +70,9 @@ class SearchConfig(RunSettings):
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(OPS)}")
         if self.tau_min > self.tau_max:
             raise ValueError("tau_min must not exceed tau_max")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs}), or "
+                             "alpha never moves")
         return self
 
     def tau(self, epoch: int) -> float:

@@ -13,11 +13,39 @@ from typing import Any
 import torch
 
 from scnas.genotype import CELL_TYPES, FORMAT_NAME, NUM_INPUTS, Genotype, genotype_from_data
-from scnas.genotype.ops import ZERO
+from scnas.genotype.ops import OPS, ZERO
 from scnas.search.supernet import cell_edges
 
 
-def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | None) -> dict[str, Any]:
+def parameter_free_indices(ops: list[str]) -> list[int]:
+    """Indices in ``ops`` of the operations without weights (identity, pooling; not zero)."""
+    return [i for i, op in enumerate(ops) if op != ZERO and not OPS[op].parametric]
+
+
+def free_mass(alphas, ops: list[str]) -> torch.Tensor:
+    """softmax(alpha)'s mean mass per edge on the parameter-free operations, summed over the
+    cell types (``alphas``: (edges, ops) tensors); differentiable, for ``--free-penalty``."""
+    free = parameter_free_indices(list(ops))
+    return sum(torch.softmax(alpha, dim=-1)[:, free].sum(dim=-1).mean() for alpha in alphas)
+
+
+def _cap_free(chosen: dict[tuple[int, int], str], probabilities: torch.Tensor, pairs: list[tuple[int, int]],
+              ops: list[str], max_free: int) -> None:
+    """Keep the ``max_free`` most probable parameter-free operations of a cell; every other
+    parameter-free edge gets its most probable operation with weights (P-DARTS, DARTS+)."""
+    free = set(parameter_free_indices(ops))
+    weighted = [i for i, op in enumerate(ops) if op != ZERO and i not in free]
+    index = {pair: i for i, pair in enumerate(pairs)}
+    ranked = sorted((pair for pair, op in chosen.items() if ops.index(op) in free),
+                    key=lambda pair: -float(probabilities[index[pair], ops.index(chosen[pair])]))
+    for pair in ranked[max_free:]:
+        if weighted:
+            row = probabilities[index[pair]]
+            chosen[pair] = ops[max(weighted, key=lambda i: float(row[i]))]
+
+
+def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | None,
+          max_free: int | None = None) -> dict[str, Any]:
     pairs = cell_edges(nodes)
     zero = ops.index(ZERO) if ZERO in ops else None
     nonzero = probabilities.clone()
@@ -36,6 +64,8 @@ def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | 
             strength = sorted(incoming, key=lambda i: -float(nonzero[i, best_op[i]]))
             for index in strength[:top_k]:
                 chosen[pairs[index]] = ops[int(best_op[index])]
+    if max_free is not None:
+        _cap_free(chosen, probabilities, pairs, ops, max_free)
     fed: set[int] = set()
     for target in range(NUM_INPUTS, NUM_INPUTS + nodes):   # drop edges leaving nodes that receive nothing
         for source in range(target):
@@ -53,9 +83,10 @@ def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | 
 
 
 def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: list[str], top_k: int | None = None,
-                    provenance: dict[str, Any] | None = None) -> Genotype:
+                    provenance: dict[str, Any] | None = None, max_free: int | None = None) -> Genotype:
     """The genotype that softmax(alpha) ``probabilities`` (per cell type, (edges, ops)) points to,
-    with the probabilities recorded in ``provenance.probabilities``."""
+    with the probabilities recorded in ``provenance.probabilities``; ``max_free``: at most that
+    many parameter-free operations per cell."""
     pairs = cell_edges(nodes)
     record = {name: [{"from": s, "to": t, "p": {op: round(float(p), 6) for op, p in zip(ops, probabilities[name][i])}}
                      for i, (s, t) in enumerate(pairs)] for name in CELL_TYPES}
@@ -64,14 +95,15 @@ def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: lis
             top = max(entry["p"], key=entry["p"].get)
             entry["p"][top] = round(entry["p"][top] + 1.0 - sum(entry["p"].values()), 6)
     data = {"format": FORMAT_NAME, "version": 1, "nodes": nodes, "ops": list(ops),
-            "cells": {name: _cell(probabilities[name], nodes, ops, top_k) for name in CELL_TYPES},
+            "cells": {name: _cell(probabilities[name], nodes, ops, top_k, max_free) for name in CELL_TYPES},
             "provenance": {**(provenance or {}), "probabilities": record}}
     return genotype_from_data(data, source="derived genotype")
 
 
-def derivation_name(derive: str, top_k: int) -> str:
+def derivation_name(derive: str, top_k: int, max_free: int | None = None) -> str:
     """How a genotype was derived, as recorded in ``provenance.search.derivation``."""
-    return f"top-{top_k} incoming edges per node (DARTS)" if derive == "top-k" else "argmax per edge, zero = no edge"
+    rule = f"top-{top_k} incoming edges per node (DARTS)" if derive == "top-k" else "argmax per edge, zero = no edge"
+    return rule if max_free is None else f"{rule}; at most {max_free} parameter-free op(s) per cell"
 
 
 def recorded_probabilities(genotype: Genotype, source: str = "genotype") -> dict[str, torch.Tensor]:
@@ -120,13 +152,14 @@ def describe_movement(movement: dict[str, dict[str, float]]) -> str:
         for name, m in movement.items())
 
 
-def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, source: str = "genotype") -> Genotype:
+def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, source: str = "genotype",
+             max_free: int | None = None) -> Genotype:
     """The genotype that ``genotype``'s recorded softmax(alpha) gives under another rule."""
     probabilities = recorded_probabilities(genotype, source)
     provenance = genotype.provenance.model_dump(by_alias=True, exclude_none=True)
     provenance.pop("probabilities", None)
     search = dict(provenance.get("search") or {})
-    search["derivation"] = derivation_name(derive, top_k)
+    search["derivation"] = derivation_name(derive, top_k, max_free)
     provenance["search"] = search
     return derive_genotype(probabilities, genotype.nodes, list(genotype.ops), top_k if derive == "top-k" else None,
-                           provenance)
+                           provenance, max_free)

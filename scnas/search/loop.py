@@ -27,10 +27,10 @@ from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers,
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
-from scnas.metrics import LOSSES
+from scnas.metrics import LOSSES, jaccard_from_statistics, jaccard_statistics, soft_jaccard_loss
 from scnas.runs import RunLoop, read_run_checkpoint, validation_dice
 from scnas.search.config import SearchConfig
-from scnas.search.derive import alpha_movement, derivation_name, derive_genotype
+from scnas.search.derive import alpha_movement, derivation_name, derive_genotype, free_mass
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
@@ -165,7 +165,10 @@ class SearchLoop(RunLoop):
                                       self.model.no_sync if d.world > 1 else None, foreground_only=LOSSES[c.loss])
         theta_skipped = guarded_step(self.theta_opt, self.theta_params, self.theta_precision, theta_loss, c.grad_clip)
         self.theta_opt.zero_grad(set_to_none=True)   # free Theta's gradients before the alpha step
-        alpha_loss, alpha_skipped = self._alpha_step(xa, ya, alpha_draws)
+        if self.epoch < c.warmup_epochs:             # warm-up: alpha stays, its loss is measured
+            alpha_loss, alpha_skipped = self._alpha_loss(xa, ya, alpha_draws), torch.zeros_like(theta_skipped)
+        else:
+            alpha_loss, alpha_skipped = self._alpha_step(xa, ya, alpha_draws)
         skipped = theta_skipped | alpha_skipped
         failed = ~(torch.isfinite(theta_loss) & torch.isfinite(alpha_loss)) \
             if self.theta_precision.scaler.is_enabled() else skipped
@@ -192,11 +195,39 @@ class SearchLoop(RunLoop):
             flat = torch.cat([t.flatten() for t in totals])
             dist.all_reduce(flat)
             totals = list((flat / self.d.world).split([a.numel() for a in self.alphas]))
+        if self.config.free_penalty:
+            backward(self.config.free_penalty * free_mass(self.alphas, self.config.ops))
         for alpha, grad in zip(self.alphas, totals):
             alpha.grad = grad.view_as(alpha)
         skipped = guarded_step(self.alpha_opt, self.alphas, self.alpha_precision, loss)
         self.alpha_opt.zero_grad(set_to_none=True)
         return loss, skipped
+
+    def _alpha_loss(self, x: torch.Tensor, y: torch.Tensor, draws) -> torch.Tensor:
+        """The alpha objective on the architecture set without a step (warm-up), exact over micro-batches."""
+        with torch.no_grad(), self.alpha_precision.autocast():
+            choices = choices_from(self.arch.alphas, draws, self.tau)
+            statistics = sum(jaccard_statistics(self.net(xb, choices), yb)
+                             for xb, yb in split_batch(x, y, self.plan.micro_batch))
+        if self.d.world > 1:
+            dist.all_reduce(statistics)
+        return jaccard_from_statistics(statistics, foreground_only=LOSSES[self.config.loss])
+
+    def hessian_eigenvalue(self) -> float:
+        """R-DARTS's indicator: the dominant eigenvalue of the alpha loss's Hessian on the first
+        architecture-set patches, for draws and a start vector seeded by (seed, epoch) so that
+        the search's own random streams are untouched (exact resume holds)."""
+        from scnas.search.hessian import dominant_eigenvalue
+
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
+        draws = draw_all(host_copy(self.arch.alphas), c.sampling, self.tau, generator)
+        items = [self.val_data[i] for i in range(min(self.share, len(self.val_data)))]
+        x = torch.stack([item[0] for item in items]).to(self.d.device)
+        y = torch.stack([item[1] for item in items]).to(self.d.device)
+        loss = soft_jaccard_loss(self.net(x, choices_from(self.arch.alphas, draws, self.tau)), y,
+                                 foreground_only=LOSSES[c.loss])
+        return dominant_eigenvalue(loss, self.alphas, c.hessian_iterations, generator)
 
     def progress_text(self, numbers: dict) -> str:
         return f"{super().progress_text(numbers)}  tau {self.tau:.3f}"
@@ -211,7 +242,9 @@ class SearchLoop(RunLoop):
                 "alpha_entropy": self.arch.entropy(),
                 "alpha_largest_x_uniform": {name: m["largest_x_uniform"]
                                             for name, m in alpha_movement(self.arch.probabilities()).items()},
-                "skipped_steps": skipped, "seconds": seconds}
+                "skipped_steps": skipped, "seconds": seconds,
+                **({"alpha_hessian_eigenvalue": self.hessian_eigenvalue()} if self.config.hessian_iterations else {}),
+                **({"warm_up": True} if self.epoch < self.config.warmup_epochs else {})}
 
     def write_epoch(self, record: dict[str, Any], draw: bool) -> None:
         _write_epoch(self.run, self.config, self.arch, record, self.d.world, self.searched_on())
@@ -244,9 +277,18 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: di
                              "sampling": config.sampling, "stem": config.stem, "patch": list(config.patch),
                              "temperature": {"schedule": config.tau_schedule, "max": config.tau_max,
                                              "min": config.tau_min, "at_epoch": record["tau"]},
-                             "derivation": derivation_name(config.derive, config.top_k), "loss": config.loss,
+                             "derivation": derivation_name(config.derive, config.top_k, config.max_free),
+                             "loss": config.loss,
+                             **countermeasures(config),
                              "world_size": world, **searched_on}}
     genotype = derive_genotype(arch.probabilities(), config.nodes, config.ops,
-                               config.top_k if config.derive == "top-k" else None, provenance)
+                               config.top_k if config.derive == "top-k" else None, provenance, config.max_free)
     write_genotype(genotype, run / "genotypes" / f"epoch_{record['epoch']:04d}.yaml")
     write_genotype(genotype, run / "genotype.yaml")
+
+
+def countermeasures(config: SearchConfig) -> dict[str, Any]:
+    """The countermeasures to collapse a search used, for its genotypes' provenance (none: {})."""
+    used = {"warmup_epochs": config.warmup_epochs, "free_penalty": config.free_penalty}
+    return {"countermeasures": {k: v for k, v in used.items() if v}} if any(used.values()) else {}
+

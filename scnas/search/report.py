@@ -1,0 +1,233 @@
+"""Does a search find something? Measurements over several searches of the same data.
+
+A search that found something gives the same answer from different seeds, and an answer that
+is not the collapse DARTS-style searches are known for (parameter-free operations everywhere,
+Zela et al. 2020). For a set of search run folders this module measures, per cell type:
+
+- **agreement**: for every candidate edge of the supernet, the best non-zero operation of the
+  final softmax(alpha) (the operation derivation puts on that edge when it keeps it), compared
+  between every pair of runs: the share of (pair, edge) on which the two agree. Chance is
+  ``1 / (non-zero operations)``; the p-value is a permutation test that shuffles each run's
+  operations over the edges of the cell type (so each run keeps how often it chose each
+  operation): a collapse that puts max-pool everywhere agrees perfectly and is not significant.
+- **parameter-free share**: the share of the derived cells' edges whose operation has no
+  weights (identity, pooling), against random genotypes of the same vocabulary and size (what
+  ``scnas genotype random`` draws), with p-values for "more" and "fewer" from resampling their
+  shares in groups as large as the number of runs.
+- **parameter-free probability per epoch**: the mean over edges of softmax(alpha)'s mass on the
+  parameter-free operations (and on ``zero``), from the genotypes the search wrote each epoch.
+- **Hessian eigenvalue per epoch**, when the search computed it (``--hessian-iterations``): the
+  dominant eigenvalue of the alpha loss's Hessian, R-DARTS's indicator of a coming collapse.
+
+Torch-free: it reads the run folders' YAML and JSON only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scnas.errors import ScnasError
+from scnas.genotype import CELL_TYPES, Genotype, random_genotype, read_genotype
+from scnas.genotype.ops import OPS, ZERO
+
+PERMUTATIONS = 10_000
+RANDOM_GENOTYPES = 200
+
+
+class SearchReportError(ScnasError):
+    """Search runs that cannot be compared or read."""
+
+
+def parameter_free(ops: list[str]) -> list[str]:
+    """The operations of ``ops`` without weights, ``zero`` aside (it is no operation)."""
+    return [op for op in ops if op != ZERO and not OPS[op].parametric]
+
+
+@dataclass
+class SearchRun:
+    """What a search run folder says about its result: the final genotype (with softmax(alpha)
+    in its provenance), the genotype of every epoch, and ``metrics.jsonl``."""
+
+    folder: Path
+    genotype: Genotype
+    epochs: list[tuple[int, Genotype]]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def seed(self) -> Any:
+        return ((self.genotype.provenance.search or {}) if self.genotype.provenance else {}).get("seed")
+
+
+def read_run(folder: str | Path) -> SearchRun:
+    """Read a search run folder (``genotype.yaml``, ``genotypes/epoch_NNNN.yaml``, ``metrics.jsonl``)."""
+    folder = Path(folder)
+    final = folder / "genotype.yaml"
+    if not final.exists():
+        raise SearchReportError("is not a search run folder with a finished epoch (no genotype.yaml)",
+                                source=str(folder))
+    genotype = read_genotype(final)
+    if not (genotype.provenance and genotype.provenance.probabilities):
+        raise SearchReportError("has no provenance.probabilities: not written by 'scnas search'", source=str(final))
+    epochs = []
+    for path in sorted((folder / "genotypes").glob("epoch_*.yaml")):
+        match = re.fullmatch(r"epoch_(\d+)\.yaml", path.name)
+        if match:
+            epochs.append((int(match.group(1)), read_genotype(path)))
+    metrics = []
+    log = folder / "metrics.jsonl"
+    if log.exists():
+        for number, line in enumerate(log.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SearchReportError(f"line {number}: not JSON ({exc.msg})", source=str(log)) from None
+    return SearchRun(folder, genotype, epochs, metrics)
+
+
+def probabilities(genotype: Genotype, cell: str) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The candidate edges of ``cell`` and softmax(alpha) over them, (edges, ops) in the genotype's op order."""
+    entries = sorted(genotype.provenance.probabilities.get(cell, []), key=lambda e: (e.target, e.source))
+    edges = [(e.source, e.target) for e in entries]
+    return edges, np.array([[float(e.p.get(op, 0.0)) for op in genotype.ops] for e in entries])
+
+
+def best_nonzero(genotype: Genotype, cell: str) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Per candidate edge, the index (in ``genotype.ops``) of its most probable non-zero operation."""
+    edges, p = probabilities(genotype, cell)
+    if ZERO in genotype.ops:
+        p = p.copy()
+        p[:, genotype.ops.index(ZERO)] = -1.0
+    return edges, p.argmax(axis=1)
+
+
+def pairwise_agreement(choices: np.ndarray) -> float:
+    """Mean over pairs of runs of the share of edges with the same choice; ``choices`` (runs, edges)."""
+    pairs = list(itertools.combinations(range(len(choices)), 2))
+    return float(np.mean([np.mean(choices[a] == choices[b]) for a, b in pairs]))
+
+
+def permutation_p(choices: np.ndarray, rng: np.random.Generator, permutations: int = PERMUTATIONS) -> float:
+    """P(agreement >= observed) when each run's choices are shuffled over the edges independently
+    (each run keeps its operation counts), with the observed arrangement counted once."""
+    observed = pairwise_agreement(choices)
+    at_least = 1
+    for _ in range(permutations):
+        shuffled = np.stack([rng.permutation(row) for row in choices])
+        at_least += pairwise_agreement(shuffled) >= observed - 1e-12
+    return at_least / (permutations + 1)
+
+
+def free_share(genotype: Genotype, cell: str | None = None) -> float:
+    """Share of the derived edges (of ``cell``, or of all four cells) whose operation has no weights."""
+    free = set(parameter_free(list(genotype.ops)))
+    edges = [e for name in ([cell] if cell else CELL_TYPES) for e in genotype.cell(name).edges]
+    return float(np.mean([e.op in free for e in edges])) if edges else float("nan")
+
+
+def random_free_shares(nodes: int, ops: list[str], genotypes: int = RANDOM_GENOTYPES) -> np.ndarray:
+    """The parameter-free share of random genotypes (seeds 0 .. genotypes-1)."""
+    return np.array([free_share(random_genotype(seed, nodes, ops)) for seed in range(genotypes)])
+
+
+def share_p_values(observed: float, runs: int, shares: np.ndarray, rng: np.random.Generator,
+                   draws: int = PERMUTATIONS) -> tuple[float, float]:
+    """P(mean of ``runs`` random genotypes' shares >= ``observed``) and P(<= ``observed``), by
+    resampling ``shares``: is the searches' mean share unusual for as many random genotypes?"""
+    means = rng.choice(shares, size=(draws, runs)).mean(axis=1)
+    return (float((1 + np.sum(means >= observed - 1e-12)) / (draws + 1)),
+            float((1 + np.sum(means <= observed + 1e-12)) / (draws + 1)))
+
+
+def mass_per_epoch(run: SearchRun) -> list[dict[str, Any]]:
+    """Per epoch and cell type, the mean over edges of softmax(alpha) on the parameter-free
+    operations and on ``zero``; with the Hessian eigenvalue where metrics.jsonl has it."""
+    eigen = {m.get("epoch"): m.get("alpha_hessian_eigenvalue") for m in run.metrics}
+    rows = []
+    for epoch, genotype in run.epochs:
+        ops = list(genotype.ops)
+        free = [ops.index(op) for op in parameter_free(ops)]
+        row: dict[str, Any] = {"epoch": epoch, "parameter_free": {}, "zero": {}}
+        for cell in CELL_TYPES:
+            _, p = probabilities(genotype, cell)
+            row["parameter_free"][cell] = round(float(p[:, free].sum(axis=1).mean()), 4)
+            row["zero"][cell] = round(float(p[:, ops.index(ZERO)].mean()), 4) if ZERO in ops else None
+        if eigen.get(epoch) is not None:
+            row["hessian_eigenvalue"] = eigen[epoch]
+        rows.append(row)
+    return rows
+
+
+def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS) -> dict[str, Any]:
+    """The measurements above for the search runs in ``folders`` (the same nodes and operations)."""
+    runs = [read_run(folder) for folder in folders]
+    first = runs[0].genotype
+    for run in runs[1:]:
+        if run.genotype.nodes != first.nodes or list(run.genotype.ops) != list(first.ops):
+            raise SearchReportError(f"searched {run.genotype.nodes} nodes over {list(run.genotype.ops)}, but "
+                                    f"{runs[0].folder} searched {first.nodes} over {list(first.ops)}: only runs of "
+                                    "one search space can be compared", source=str(run.folder))
+    ops = list(first.ops)
+    nonzero = len([op for op in ops if op != ZERO])
+    rng = np.random.default_rng(seed)
+    shares = random_free_shares(first.nodes, ops)
+    expected = float(shares.mean())
+    report: dict[str, Any] = {
+        "runs": [{"folder": str(r.folder), "seed": r.seed, "epochs": len(r.epochs),
+                  "parameter_free_share": round(free_share(r.genotype), 4)} for r in runs],
+        "operations": ops, "parameter_free_operations": parameter_free(ops), "nodes": first.nodes,
+        "agreement_chance": round(1 / nonzero, 4), "permutations": permutations,
+        "random_parameter_free_share": round(expected, 4), "cells": {}}
+    for cell in CELL_TYPES:
+        edges, _ = best_nonzero(first, cell)
+        choices = []
+        for run in runs:
+            run_edges, best = best_nonzero(run.genotype, cell)
+            if run_edges != edges:
+                raise SearchReportError(f"provenance.probabilities.{cell} covers other edges than {runs[0].folder}'s",
+                                        source=str(run.folder))
+            choices.append(best)
+        entry: dict[str, Any] = {"parameter_free_share": [round(free_share(r.genotype, cell), 4) for r in runs]}
+        if len(runs) >= 2:
+            matrix = np.stack(choices)
+            entry["agreement"] = round(pairwise_agreement(matrix), 4)
+            entry["agreement_p"] = round(permutation_p(matrix, rng, permutations), 4)
+        report["cells"][cell] = entry
+    observed = float(np.mean([free_share(r.genotype) for r in runs]))
+    more, less = share_p_values(observed, len(runs), shares, rng, permutations)
+    report.update(parameter_free_share_mean=round(observed, 4), parameter_free_p_more=round(more, 4),
+                  parameter_free_p_less=round(less, 4))
+    report["per_epoch"] = {str(r.folder): mass_per_epoch(r) for r in runs}
+    report["verdict"] = verdict_lines(report)
+    return report
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """What the numbers say, in words: agreement beyond chance, and collapse or not."""
+    lines = []
+    if len(report["runs"]) >= 2:
+        agreeing = [c for c, e in report["cells"].items() if e["agreement_p"] < 0.05]
+        lines.append(
+            f"seeds agree beyond chance (permutation p < 0.05) in {len(agreeing)} of {len(report['cells'])} cell "
+            f"types{': ' + ', '.join(agreeing) if agreeing else ''}; chance agreement is "
+            f"{report['agreement_chance']:.3f}")
+    else:
+        lines.append("one run: agreement between seeds needs at least two searches of the same data")
+    share, expected = report["parameter_free_share_mean"], report["random_parameter_free_share"]
+    more, less = report["parameter_free_p_more"], report["parameter_free_p_less"]
+    if more < 0.05:
+        judged = f"more than random genotypes have (p = {more:.3g}): a sign of collapse"
+    elif less < 0.05:
+        judged = f"fewer than random genotypes have (p = {less:.3g})"
+    else:
+        judged = f"as many as random genotypes have (p = {min(more, less):.3g}, either way)"
+    lines.append(f"parameter-free operations: {share:.0%} of the derived edges against {expected:.0%} in random "
+                 f"genotypes: {judged}")
+    return lines

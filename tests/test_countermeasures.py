@@ -1,0 +1,224 @@
+"""Telling a finding from noise: countermeasures to collapse (warm-up, a penalty on
+parameter-free operations, a cap at derivation), R-DARTS's Hessian indicator, and the report
+over several searches (agreement between seeds, parameter-free share, alpha per epoch)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
+from scnas.genotype import PAPER_OPS, read_genotype, write_genotype
+from scnas.search import Architecture, SearchConfig, run_search
+from scnas.search.derive import derive_genotype, free_mass, parameter_free_indices, recorded_probabilities, rederive
+from scnas.search.hessian import dominant_eigenvalue
+from scnas.search.report import SearchReportError, permutation_p, search_report
+from scnas.search.supernet import cell_edges
+
+OPS = list(PAPER_OPS)
+FREE = ["identity", "max_pool_3x3x3", "avg_pool_3x3x3"]
+
+
+def test_parameter_free_operations_are_identity_and_pooling():
+    assert [OPS[i] for i in parameter_free_indices(OPS)] == FREE
+
+
+def test_dominant_eigenvalue_of_a_quadratic_is_its_largest_eigenvalue():
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    spectrum = torch.tensor([5.0, -2.0, 1.5, 1.0, 0.5, 0.1], dtype=torch.float64)
+    matrix = basis @ torch.diag(spectrum) @ basis.T
+    x = torch.randn(6, generator=generator, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)   # a second, flat parameter
+    loss = 0.5 * x @ matrix @ x + 0.0 * y.sum()
+    value = dominant_eigenvalue(loss, [x, y], iterations=60, generator=torch.Generator().manual_seed(1))
+    assert value == pytest.approx(5.0, rel=1e-6)
+
+
+def _probabilities(best: dict[str, list[str]], strength: float = 0.6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """softmax(alpha)-like rows: on edge i of a cell type, op best[cell][i] gets ``strength``."""
+    rng = np.random.default_rng(seed)
+    result = {}
+    for cell, ops in best.items():
+        rows = []
+        for op in ops:
+            row = rng.uniform(0.5, 1.0, len(OPS))
+            row = row / row.sum() * (1 - strength)
+            row[OPS.index(op)] += strength
+            rows.append(row)
+        result[cell] = torch.tensor(np.array(rows), dtype=torch.float32)
+    return result
+
+
+CELLS = ("encoder_normal", "reduction", "decoder_normal", "expansion")
+
+
+def test_the_cap_keeps_the_strongest_parameter_free_ops_and_gives_the_others_weights():
+    edges = len(cell_edges(2))                                       # 5 candidate edges for 2 nodes
+    p = _probabilities({c: ["identity"] * edges for c in CELLS})
+    p["reduction"][3, OPS.index("identity")] += 0.2                   # edge 3 holds the strongest identity
+    p["reduction"] = p["reduction"] / p["reduction"].sum(-1, keepdim=True)
+    plain = derive_genotype(p, 2, OPS, top_k=2)
+    capped = derive_genotype(p, 2, OPS, top_k=2, max_free=1)
+    pairs = cell_edges(2)
+    for cell in CELLS:
+        assert all(e.op == "identity" for e in plain.cell(cell).edges)
+        ops = {(e.source, e.target): e.op for e in capped.cell(cell).edges}
+        assert sum(op in FREE for op in ops.values()) == 1
+        assert set(ops) == {(e.source, e.target) for e in plain.cell(cell).edges}   # the same edges
+        for pair, op in ops.items():
+            if op not in FREE:       # the edge's most probable op with weights
+                row = p[cell][pairs.index(pair)]
+                weighted = [i for i, name in enumerate(OPS) if name not in FREE and name != "zero"]
+                assert op == OPS[max(weighted, key=lambda i: float(row[i]))]
+    kept = [e for e in capped.cell("reduction").edges if e.op == "identity"]
+    assert [(e.source, e.target) for e in kept] == [pairs[3]]
+    again = rederive(plain, "top-k", 2, max_free=0)
+    assert not any(e.op in FREE for c in CELLS for e in again.cell(c).edges)
+    assert "at most 0 parameter-free" in again.provenance.search["derivation"]
+
+
+def test_free_mass_is_the_mean_probability_on_parameter_free_ops():
+    alphas = [torch.zeros(3, len(OPS), requires_grad=True), torch.zeros(5, len(OPS), requires_grad=True)]
+    mass = free_mass(alphas, OPS)
+    assert float(mass.detach()) == pytest.approx(2 * 3 / 8)
+    mass.backward()
+    free = parameter_free_indices(OPS)
+    assert all(float(a.grad[0, i]) > 0 for a in alphas for i in free)   # descending it lowers their alpha
+    assert all(float(a.grad[0, i]) < 0 for a in alphas for i in range(len(OPS)) if i not in free)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("countermeasures")
+    task = write_phantom_dataset(root / "task", cases=6, channels=1, classes=1, shape=(20, 20, 10),
+                                 spacing=(1.0, 1.0, 2.0), seed=3)
+    prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), progress=False)
+    return root / "cache"
+
+
+def _search(cache, folder, **changes):
+    config = SearchConfig(**{**dict(data=str(cache), stem=4, nodes=2, patch=(16, 16, 16), epochs=2, steps_per_epoch=3,
+                                    tau_max=5.0, tau_min=1.0, val_batches=1, seed=5, device="cpu", plots=False,
+                                    alpha_lr=0.3), **changes})
+    run_search(config, folder, progress=False)
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _free_mass(genotype_path) -> float:
+    p = recorded_probabilities(read_genotype(genotype_path))
+    return float(sum(q[:, parameter_free_indices(OPS)].sum(-1).mean() for q in p.values()))
+
+
+@pytest.fixture(scope="module")
+def plain(cache, tmp_path_factory):
+    """The paper's search, no countermeasure: what the others are compared with."""
+    folder = tmp_path_factory.mktemp("plain") / "run"
+    return folder, _search(cache, folder)
+
+
+def test_warm_up_keeps_alpha_still_and_the_hessian_is_measured_each_epoch(cache, plain, tmp_path):
+    metrics = _search(cache, tmp_path / "counter", warmup_epochs=1, hessian_iterations=3)
+    # warm-up: alpha did not move in epoch 1 (the genotype of epoch 1 records the initial softmax(alpha))
+    initial = {name: torch.softmax(a, -1) for name, a in Architecture(2, OPS, torch.Generator().manual_seed(5))
+               .alphas.items()}
+    first = recorded_probabilities(read_genotype(tmp_path / "counter" / "genotypes" / "epoch_0001.yaml"))
+    for name, p in initial.items():
+        torch.testing.assert_close(first[name], p.detach(), atol=2e-6, rtol=0)
+    moved = recorded_probabilities(read_genotype(tmp_path / "counter" / "genotype.yaml"))
+    assert any(float((moved[n] - initial[n]).abs().max()) > 1e-3 for n in initial)     # epoch 2 moved alpha
+    assert metrics[0].get("warm_up") is True and "warm_up" not in metrics[1]
+    assert np.isfinite(metrics[0]["alpha_loss"]) and 0 < metrics[0]["alpha_loss"] < 1
+    assert all(np.isfinite(m["alpha_hessian_eigenvalue"]) for m in metrics)
+    assert "alpha_hessian_eigenvalue" not in plain[1][0]
+    search = read_genotype(tmp_path / "counter" / "genotype.yaml").provenance.search
+    assert search["countermeasures"] == {"warmup_epochs": 1}
+    assert "countermeasures" not in read_genotype(plain[0] / "genotype.yaml").provenance.search
+
+
+def test_the_penalty_moves_alpha_off_parameter_free_ops(cache, plain, tmp_path):
+    _search(cache, tmp_path / "penalty", free_penalty=20.0)
+    initial = 4 * 3 / 8                       # four cell types, 3 of 8 ops, near-uniform alpha
+    penalised, unpenalised = _free_mass(tmp_path / "penalty" / "genotype.yaml"), _free_mass(plain[0] / "genotype.yaml")
+    assert penalised < 0.5 * initial and penalised < 0.5 * unpenalised
+
+
+def test_the_hessian_measurement_leaves_the_search_unchanged(cache, plain, tmp_path):
+    _search(cache, tmp_path / "b", hessian_iterations=2)          # two epochs: the second must be unchanged too
+    a, b = (read_genotype(folder / "genotype.yaml").provenance.probabilities for folder in (plain[0], tmp_path / "b"))
+    assert a == b
+
+
+def test_warm_up_must_leave_epochs_for_alpha():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        SearchConfig(data="x", epochs=3, warmup_epochs=3)
+
+
+def _fake_run(folder, best, seed, epochs=2, strength=0.6, eigen=None):
+    """A search run folder as 'scnas search' writes it, with chosen best ops per edge."""
+    (folder / "genotypes").mkdir(parents=True)
+    lines = []
+    for epoch in range(1, epochs + 1):
+        p = _probabilities(best, strength * epoch / epochs, seed=seed * 10 + epoch)
+        genotype = derive_genotype(p, 2, OPS, top_k=2, provenance={"search": {"seed": seed}})
+        write_genotype(genotype, folder / "genotypes" / f"epoch_{epoch:04d}.yaml")
+        lines.append(json.dumps({"epoch": epoch, **({"alpha_hessian_eigenvalue": eigen[epoch - 1]} if eigen else {})}))
+    write_genotype(genotype, folder / "genotype.yaml")
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_report_tells_agreement_from_chance_and_collapse_from_a_finding(tmp_path):
+    rng = np.random.default_rng(0)
+    weighted = ["conv_3x3x3", "sep_dil2_conv_3x3x3", "sep_dil3_conv_3x3x3", "sep_dil4_conv_3x3x3"]
+    n = len(cell_edges(2))
+    planted = {c: [weighted[i % 4] if i % 2 else FREE[i % 3] for i in range(n)] for c in CELLS}
+    agreeing = [_fake_run(tmp_path / f"found{s}", planted, s, eigen=[0.1, 0.2]) for s in range(4)]
+    report = search_report(agreeing, permutations=2000)
+    for cell in CELLS:
+        assert report["cells"][cell]["agreement"] == 1.0 and report["cells"][cell]["agreement_p"] < 0.05
+    assert report["agreement_chance"] == pytest.approx(1 / 7, abs=1e-4)
+    assert "4 of 4 cell types" in report["verdict"][0]
+    first = report["per_epoch"][str(agreeing[0])]
+    assert [row["epoch"] for row in first] == [1, 2] and first[1]["hessian_eigenvalue"] == 0.2
+    assert first[1]["parameter_free"]["reduction"] > first[0]["parameter_free"]["reduction"] > 0
+
+    collapsed = [_fake_run(tmp_path / f"pool{s}", {c: ["max_pool_3x3x3"] * n for c in CELLS}, s) for s in range(4)]
+    report = search_report(collapsed, permutations=2000)
+    assert all(e["agreement"] == 1.0 and e["agreement_p"] == 1.0 for e in report["cells"].values())
+    assert report["parameter_free_share_mean"] == 1.0 > report["random_parameter_free_share"]
+    assert "a sign of collapse" in report["verdict"][1] and "0 of 4 cell types" in report["verdict"][0]
+    assert report["parameter_free_p_more"] < 0.01 < report["parameter_free_p_less"]
+
+    noise = [_fake_run(tmp_path / f"noise{s}", {c: list(rng.choice(weighted + FREE, n)) for c in CELLS}, s)
+             for s in range(4)]
+    report = search_report(noise, permutations=2000)
+    assert sum(e["agreement_p"] < 0.05 for e in report["cells"].values()) <= 1
+    assert "as many as random genotypes have" in report["verdict"][1]
+
+
+def test_permutation_p_is_uniformish_under_the_null():
+    rng = np.random.default_rng(1)
+    values = [permutation_p(rng.integers(0, 7, size=(3, 14)), rng, permutations=200) for _ in range(40)]
+    assert 0.25 < float(np.mean(values)) < 0.75 and min(values) >= 1 / 201
+
+
+def test_report_command_and_bad_input(tmp_path, cli):
+    n = len(cell_edges(2))
+    runs = [_fake_run(tmp_path / f"r{s}", {c: ["conv_3x3x3"] * n for c in CELLS}, s) for s in range(2)]
+    result = cli("search-report", *runs, "-o", tmp_path / "report.json", "--permutations", "200")
+    assert result.code == 0, result
+    assert "chance agreement 0.143" in result.out and "parameter-free operations: 0%" in result.out
+    assert "fewer than random genotypes have" in result.out
+    assert json.loads((tmp_path / "report.json").read_text())["cells"]["reduction"]["agreement"] == 1.0
+    result = cli("search-report", tmp_path / "nothing")
+    assert result.code == 1 and "no genotype.yaml" in result.err
+    other = tmp_path / "other"
+    (other / "genotypes").mkdir(parents=True)
+    p = {c: torch.full((len(cell_edges(3)), len(OPS)), 1 / len(OPS)) for c in CELLS}
+    write_genotype(derive_genotype(p, 3, OPS, top_k=2), other / "genotype.yaml")
+    with pytest.raises(SearchReportError, match="one search space"):
+        search_report([runs[0], other])
