@@ -222,3 +222,50 @@ def test_report_command_and_bad_input(tmp_path, cli):
     write_genotype(derive_genotype(p, 3, OPS, top_k=2), other / "genotype.yaml")
     with pytest.raises(SearchReportError, match="one search space"):
         search_report([runs[0], other])
+
+
+def _planted_genotype(op: str):
+    from scnas.genotype import genotype_from_data
+
+    cell = {"edges": [{"from": 0, "to": 2, "op": op}, {"from": 1, "to": 2, "op": "conv_3x3x3"},
+                      {"from": 2, "to": 3, "op": op}], "concat": [2, 3]}
+    return genotype_from_data({"format": "scnas-genotype", "version": 1, "nodes": 2,
+                               "cells": {c: cell for c in CELLS}})
+
+
+def test_a_planted_task_is_made_by_its_genotype_and_reproducible(tmp_path):
+    import nibabel as nib
+
+    from scnas.search.planted import write_planted_dataset
+
+    dilated, plain = _planted_genotype("sep_dil3_conv_3x3x3"), _planted_genotype("conv_3x3x3")
+    labels = {}
+    for name, genotype in (("a", dilated), ("b", dilated), ("c", plain)):
+        task = write_planted_dataset(tmp_path / name, genotype, cases=5, shape=(16, 16, 16), stem=2, seed=1)
+        labels[name] = [np.asarray(nib.load(task / "labelsTr" / f"planted_{i:03d}.nii.gz").dataobj) for i in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(labels["a"], labels["b"]))          # same arguments, same files
+    share = np.mean([lab.mean() for lab in labels["a"][:4]])
+    assert share == pytest.approx(0.3, abs=0.01)                                        # calibrated on 4 cases
+    assert np.mean([np.mean(a != c) for a, c in zip(labels["a"], labels["c"])]) > 0.1   # the genotype makes them
+    image = nib.load(tmp_path / "a" / "imagesTr" / "planted_000.nii.gz").get_fdata()
+    assert np.all(image != 0) and abs(image.mean()) < 1e-3                              # nothing cropped, z-normalised
+    with pytest.raises(ValueError, match="multiples of 8"):
+        write_planted_dataset(tmp_path / "d", dilated, shape=(12, 16, 16))
+
+
+def test_recovery_counts_planted_ops_against_chance(tmp_path):
+    planted = _planted_genotype("sep_dil3_conv_3x3x3")
+    n = len(cell_edges(2))
+    pairs = cell_edges(2)
+    best = {c: ["max_pool_3x3x3"] * n for c in CELLS}
+    for c in CELLS:
+        for e in planted.cell(c).edges:
+            best[c][pairs.index((e.source, e.target))] = e.op
+    found = [_fake_run(tmp_path / f"f{s}", best, s) for s in range(3)]
+    report = search_report(found, permutations=200, planted=planted)["planted"]
+    assert report["recovered"] == 1.0 and report["trials"] == 3 * 4 * 3 and report["p"] < 1e-6
+    assert report["x_chance"] == pytest.approx(7.0) and report["x_chance_among_weighted"] == pytest.approx(4.0)
+    collapsed = [_fake_run(tmp_path / f"c{s}", {c: ["max_pool_3x3x3"] * n for c in CELLS}, s) for s in range(2)]
+    report = search_report(collapsed, permutations=200, planted=planted)
+    assert report["planted"]["recovered"] == 0.0 and report["planted"]["p"] == 1.0
+    assert "planted operations recovered on 0%" in report["verdict"][1]

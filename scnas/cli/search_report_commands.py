@@ -17,6 +17,9 @@ def search_report_command(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Also write the report as JSON here."),
     permutations: int = typer.Option(10_000, "--permutations", min=100, help="Permutations of the agreement test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the permutation test."),
+    planted: Optional[str] = typer.Option(None, "--planted", metavar="GENOTYPE",
+                                          help="The genotype planted in the task (scnas.search.planted): also "
+                                               "report how often the runs recover its operations."),
 ) -> None:
     """Tell a finding from noise: agreement between seeds, collapse, alpha over the epochs.
 
@@ -33,10 +36,11 @@ def search_report_command(
     from rich.table import Table
 
     from scnas.fileio import atomic_write_text
-    from scnas.genotype import CELL_TYPES
+    from scnas.genotype import CELL_TYPES, load_genotype
     from scnas.search.report import search_report
 
-    report = search_report(runs, seed=seed, permutations=permutations)
+    report = search_report(runs, seed=seed, permutations=permutations,
+                           planted=load_genotype(planted) if planted else None)
     table = Table(title=f"{len(report['runs'])} search(es); chance agreement {report['agreement_chance']:.3f}; "
                         f"random genotypes' parameter-free share {report['random_parameter_free_share']:.0%}")
     for column in ("cell type", "agreement", "permutation p", "parameter-free share per run"):

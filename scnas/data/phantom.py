@@ -61,15 +61,26 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
 
     ``layout`` "msd" writes the MSD v1 flavour (4D images), "nnunetv2" one file per channel.
     The folder appears complete or not at all (written beside it, then renamed)."""
-    import nibabel as nib
-
-    out = Path(out)
-    if layout not in ("msd", "nnunetv2"):
-        raise DatasetError(f"layout must be msd or nnunetv2, not {layout!r}")
     if not 1 <= channels <= len(CHANNEL_NAMES) or not 1 <= classes <= 8 or cases < 1:
         raise DatasetError(f"phantoms have 1-{len(CHANNEL_NAMES)} channels, 1-8 classes and at least one case")
     if any(n < 8 for n in shape) or any(s <= 0 for s in spacing):
         raise DatasetError("phantom shape must be at least 8 voxels per axis and spacing positive")
+    check_task_folder(out, layout, force)
+    dataset_rng = np.random.default_rng([seed, 0])
+    contrasts = np.empty((channels, classes + 1))
+    contrasts[:, 0] = dataset_rng.uniform(80, 120, channels)
+    for c in range(channels):   # each class differs from its neighbours by >= 25 in some channel
+        contrasts[c, 1:] = contrasts[c, 0] + dataset_rng.choice([-1, 1], classes) * dataset_rng.uniform(25, 70, classes)
+    made = ((f"phantom_{index:03d}", *make_case(np.random.default_rng([seed, 1, index]), shape, spacing, contrasts))
+            for index in range(cases))
+    return write_task(out, made, channels, classes, spacing, layout, f"scnas synthetic phantoms (seed {seed})")
+
+
+def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
+    """Refuse, before any work, a synthetic task folder that cannot be written at ``out``."""
+    out = Path(out)
+    if layout not in ("msd", "nnunetv2"):
+        raise DatasetError(f"layout must be msd or nnunetv2, not {layout!r}")
     occupied = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if occupied and not force:
         raise DatasetError("already exists; choose another folder or pass --force to replace it", source=str(out))
@@ -78,11 +89,15 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
         raise DatasetError(f"{str(blocker)!r} is a file, not a folder" if blocker else
                            f"folder {str(out.parent)!r} does not exist", source=str(out))
     ensure_folder(out.parent, DatasetError, "the folder of a phantom dataset")   # writable: fail before any work
-    dataset_rng = np.random.default_rng([seed, 0])
-    contrasts = np.empty((channels, classes + 1))
-    contrasts[:, 0] = dataset_rng.uniform(80, 120, channels)
-    for c in range(channels):   # each class differs from its neighbours by >= 25 in some channel
-        contrasts[c, 1:] = contrasts[c, 0] + dataset_rng.choice([-1, 1], classes) * dataset_rng.uniform(25, 70, classes)
+
+
+def write_task(out: str | os.PathLike, cases, channels: int, classes: int, spacing: tuple[float, float, float],
+               layout: str, description: str) -> Path:
+    """Write a synthetic task folder from ``cases`` ((case ID, image (C, X, Y, Z), label) each)
+    in the given layout; the folder appears complete or not at all (staged beside it, renamed)."""
+    import nibabel as nib
+
+    out = Path(out)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as exc:
@@ -92,9 +107,7 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
         (staging / "labelsTr").mkdir()
         affine = np.diag([*spacing, 1.0])
         training = []
-        for index in range(cases):
-            case_id = f"phantom_{index:03d}"
-            image, label = make_case(np.random.default_rng([seed, 1, index]), shape, spacing, contrasts)
+        for case_id, image, label in cases:
             if layout == "msd":
                 nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), affine), staging / "imagesTr" / f"{case_id}.nii.gz")
             else:
@@ -104,12 +117,12 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
         names = {"0": "background", **{str(k): f"class{k}" for k in range(1, classes + 1)}}
         if layout == "msd":
-            meta = {"name": "Phantom", "description": f"scnas synthetic phantoms (seed {seed})", "tensorImageSize": "4D",
+            meta = {"name": "Phantom", "description": description, "tensorImageSize": "4D",
                     "modality": {str(c): CHANNEL_NAMES[c] for c in range(channels)}, "labels": names,
-                    "numTraining": cases, "numTest": 0, "training": training, "test": []}
+                    "numTraining": len(training), "numTest": 0, "training": training, "test": []}
         else:
             meta = {"name": "Phantom", "channel_names": {str(c): CHANNEL_NAMES[c] for c in range(channels)},
-                    "labels": {name: int(value) for value, name in names.items()}, "numTraining": cases,
+                    "labels": {name: int(value) for value, name in names.items()}, "numTraining": len(training),
                     "file_ending": ".nii.gz"}
         (staging / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         give_default_mode(staging)   # mkdtemp made it 0700; the task folder is an ordinary folder

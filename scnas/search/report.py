@@ -165,8 +165,38 @@ def mass_per_epoch(run: SearchRun) -> list[dict[str, Any]]:
     return rows
 
 
-def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS) -> dict[str, Any]:
-    """The measurements above for the search runs in ``folders`` (the same nodes and operations)."""
+def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
+    """How often the runs' best non-zero operation on an edge of the planted genotype is the
+    planted one, per cell type and over all, against chance (1 / non-zero operations), with a
+    one-sided binomial p-value (edges and runs counted as independent trials: an indication)."""
+    from scipy.stats import binomtest
+
+    ops = list(runs[0].genotype.ops)
+    chance = 1 / len([op for op in ops if op != ZERO])
+    # What a search gets by merely avoiding parameter-free operations, when every planted one has weights.
+    weighted = 1 / len([op for op in ops if op != ZERO and OPS[op].parametric])
+    result: dict[str, Any] = {"chance": round(chance, 4), "chance_among_weighted": round(weighted, 4), "cells": {}}
+    hits = trials = 0
+    for cell in CELL_TYPES:
+        edges, _ = best_nonzero(runs[0].genotype, cell)
+        wanted = [(edges.index((e.source, e.target)), e.op) for e in planted.cell(cell).edges
+                  if (e.source, e.target) in edges and e.op in ops]
+        matches = [int(best[i] == ops.index(op)) for run in runs for i, op in wanted
+                   for best in [best_nonzero(run.genotype, cell)[1]]]
+        hits, trials = hits + sum(matches), trials + len(matches)
+        result["cells"][cell] = {"planted_edges": len(wanted),
+                                 "recovered": round(float(np.mean(matches)), 4) if matches else None}
+    result.update(recovered=round(hits / trials, 4) if trials else None, trials=trials,
+                  x_chance=round(hits / trials / chance, 2) if trials else None,
+                  x_chance_among_weighted=round(hits / trials / weighted, 2) if trials else None,
+                  p=float(binomtest(hits, trials, chance, alternative="greater").pvalue) if trials else None)
+    return result
+
+
+def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS,
+                  planted: Genotype | None = None) -> dict[str, Any]:
+    """The measurements above for the search runs in ``folders`` (the same nodes and operations);
+    with ``planted``, how often they recover its operations (:func:`recovery`)."""
     runs = [read_run(folder) for folder in folders]
     first = runs[0].genotype
     for run in runs[1:]:
@@ -205,6 +235,8 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
     report.update(parameter_free_share_mean=round(observed, 4), parameter_free_p_more=round(more, 4),
                   parameter_free_p_less=round(less, 4))
     report["per_epoch"] = {str(r.folder): mass_per_epoch(r) for r in runs}
+    if planted is not None:
+        report["planted"] = recovery(runs, planted)
     report["verdict"] = verdict_lines(report)
     return report
 
@@ -220,6 +252,12 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
             f"{report['agreement_chance']:.3f}")
     else:
         lines.append("one run: agreement between seeds needs at least two searches of the same data")
+    planted = report.get("planted")
+    if planted and planted["trials"]:
+        lines.append(f"planted operations recovered on {planted['recovered']:.0%} of {planted['trials']} (edge, run) "
+                     f"trials: {planted['x_chance']:.2f}x chance ({planted['chance']:.3f}; one-sided binomial "
+                     f"p = {planted['p']:.3g}), {planted['x_chance_among_weighted']:.2f}x the chance of a search that "
+                     f"only avoids parameter-free operations ({planted['chance_among_weighted']:.3f})")
     share, expected = report["parameter_free_share_mean"], report["random_parameter_free_share"]
     more, less = report["parameter_free_p_more"], report["parameter_free_p_less"]
     if more < 0.05:
