@@ -669,3 +669,98 @@ def test_a_full_disk_is_named_as_such_not_as_blosc2s_failure(task, tmp_path, mon
     assert f"case phantom_000: cannot write to the cache: {tmp_path / 'c' / 'phantom_000.b2nd'}: cannot write: No " \
            "space left on device" in message, message
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".phantom")]
+
+
+@pytest.mark.parametrize("kind", ["search", "train"])
+@pytest.mark.parametrize("content", [b"", b'{"scnas_version": "0.1.0", "tr', b'{"scnas_version": "0.1.0"}', b"\xff\xfe"])
+def test_resume_with_a_damaged_config_json_names_it(runs, tmp_path, cli, kind, content):
+    run = shutil.copytree(runs / kind, tmp_path / kind)
+    (run / "config.json").write_bytes(content)
+    result = cli(*(("train", "minimal") if kind == "train" else ("search",)), "--resume", "-o", run)
+    assert result.code == 1 and "internal error" not in result.err, result
+    assert f"{run / 'config.json'}: is damaged: " in result.err and "put back a good copy" in result.err, result
+
+
+def _checkpoint_fault(name):
+    """Ways to break a training checkpoint's state."""
+    def shape(state):
+        key = next(k for k, v in state["net"].items() if v.dim() == 5)
+        state["net"][key] = torch.zeros(3, 3, 3, 3, 3)
+
+    def moments(state):
+        moment = next(iter(state["optimiser"]["state"].values()))
+        moment["exp_avg"] = torch.zeros(7)
+
+    return {"a weight of another shape": shape, "Adam's moments of another shape": moments,
+            "epoch as text": lambda state: state.update(epoch="1"),
+            "the generator state as a list": lambda state: state.update(torch_rng=[1, 2, 3]),
+            "history not a list": lambda state: state.update(history={"epoch": 1}),
+            "no network": lambda state: state.pop("net"),
+            "settings that do not parse": lambda state: state.update(config='{"stem": "two"}')}[name]
+
+
+@pytest.mark.parametrize("fault", ["truncated", "a weight of another shape", "Adam's moments of another shape",
+                                   "epoch as text", "the generator state as a list", "history not a list",
+                                   "no network", "settings that do not parse"])
+def test_resume_from_a_damaged_checkpoint_names_it(runs, tmp_path, cli, fault):
+    run = shutil.copytree(runs / "train", tmp_path / "train")
+    checkpoint = run / "checkpoint.pt"
+    if fault == "truncated":
+        _truncate(checkpoint)
+    else:
+        state = torch.load(checkpoint, weights_only=True)
+        _checkpoint_fault(fault)(state)
+        torch.save(state, checkpoint)
+    result = cli("train", "minimal", "--resume", "-o", run, "--epochs", "2", "--workers", "0", "--device", "cpu")
+    assert result.code == 1 and "internal error" not in result.err and "Traceback" not in result.err, result
+    assert result.err.startswith(f"error: {checkpoint}: ") and "start again in another folder" in result.err, result
+
+
+@pytest.fixture(scope="module")
+def study(task, tmp_path_factory):
+    """A finished one-job cross-validation study (one genotype, fold 0, one step)."""
+    from scnas.train import TrainConfig
+    from scnas.train.cv import run_study
+
+    train = TrainConfig(data=str(task), patch=(16, 16, 16), batch_size=1, epochs=1, steps_per_epoch=1, val_patches=1,
+                        device="cpu", plots=False, workers=0).model_dump(mode="json",
+                                                                         exclude={"data", "fold", "stem", "spacing"})
+    out = tmp_path_factory.mktemp("cv") / "study"
+    request = {"genotypes": ["minimal"], "data": str(task), "spacing": [1.0, 1.0, 1.0], "folds": [0], "random": 0,
+               "random_seed": 0, "stem": 2, "train": train}
+    assert run_study(out, request, say=lambda line: None) is not None
+    return out
+
+
+@pytest.mark.parametrize("content", [b"", b'{"genotype": "minimal", "fold": 0, "mea', b'{"genotype": "minimal"}',
+                                     b'{"genotype": "minimal", "fold": 0, "model_selection": "last epoch", '
+                                     b'"model_epoch": 1, "mean": {"1": "high"}, "mean_over_classes": 0.5, "cases": {}}'])
+def test_a_damaged_evaluation_json_is_named_and_the_job_done_again(study, tmp_path, cli, content):
+    from scnas.train.cv import run_study, write_report
+
+    out = shutil.copytree(study, tmp_path / "study")
+    evaluation = out / "jobs" / "minimal" / "fold_0" / "evaluation.json"
+    good = json.loads(evaluation.read_text())
+    evaluation.write_bytes(content)
+    result = cli("cv", "-o", out, "--report")
+    assert result.code == 1 and "internal error" not in result.err, result
+    assert "1 of 1 jobs are not done (minimal/fold_0)" in result.err and f"{evaluation}: is damaged" in result.err and \
+        "job minimal/fold_0 is done again by 'scnas cv -o" in result.err, result
+    said = []
+    report = run_study(out, None, say=said.append)
+    assert said[0].startswith(f"[1/1] {evaluation}: is damaged") and said[0].endswith("doing it again"), said
+    again = json.loads(evaluation.read_text())
+    assert report is not None and again["mean"] == good["mean"] and again["cases"] == good["cases"]
+    assert write_report(out, say=lambda line: None)["genotypes"][0]["dice"]["mean"]["per_fold"] == \
+        [good["mean_over_classes"]]
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "scnas-cv", "version": 1, "req', b'{"format": "scnas-cv"}'])
+def test_a_damaged_cv_json_is_named_with_the_way_back(study, tmp_path, cli, content):
+    out = shutil.copytree(study, tmp_path / "study")
+    (out / "cv.json").write_bytes(content)
+    for args in (("cv", "-o", out, "--report"), ("cv", "-o", out)):
+        result = cli(*args)
+        assert result.code == 1 and "internal error" not in result.err, result
+        assert f"{out / 'cv.json'}: is damaged" in result.err and "move cv.json away and run the same 'scnas cv' " \
+            "command again" in result.err, result
