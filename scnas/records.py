@@ -43,13 +43,30 @@ def _read(path: Path, fix: str) -> bytes:
         raise damaged(path, f"cannot be read: {exc.strerror or exc}", fix) from None
 
 
+def verify_file(path: str | os.PathLike, expected: str, fix: str) -> None:
+    """Check the file ``path`` against the ``expected`` checksum, reading it in pieces (no copy
+    of a large array in memory)."""
+    path = Path(path)
+    crc, size, buffer = 0, 0, bytearray(1 << 20)
+    view = memoryview(buffer)
+    try:
+        with path.open("rb") as fh:
+            while count := fh.readinto(buffer):
+                crc, size = zlib.crc32(view[:count], crc), size + count
+    except OSError:
+        _read(path, fix)   # says why: missing, a folder, unreadable
+        raise
+    found = f"{CHECKSUM_KIND}:{crc:08x}"
+    if found != expected:
+        raise damaged(path, f"is damaged: its checksum is {found}, not the {expected} recorded when it was written "
+                            f"({size} bytes now)", fix)
+
+
 def verified_bytes(path: str | os.PathLike, expected: str | None, fix: str) -> bytes:
     """The bytes of ``path``, checked against the ``expected`` checksum (None: not checked)."""
-    data = _read(Path(path), fix)
-    if expected is not None and checksum(data) != expected:
-        raise damaged(path, f"is damaged: its checksum is {checksum(data)}, not the {expected} recorded when it was "
-                            f"written ({len(data)} bytes now)", fix)
-    return data
+    if expected is not None:
+        verify_file(path, expected, fix)
+    return _read(Path(path), fix)
 
 
 def _shape_problem(exc) -> str:
@@ -111,7 +128,7 @@ def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, sh
     import numpy as np
 
     if expected is not None:
-        verified_bytes(path, expected, fix)
+        verify_file(path, expected, fix)
     elif not Path(path).is_file():
         raise damaged(path, "is missing", fix)
     blosc2.set_nthreads(1)

@@ -279,7 +279,7 @@ def case_problem(cache: Path, case_id: str, checksums: bool) -> str | None:
     """Why case ``case_id`` of a v3 ``cache`` is not finished (None: it is): not prepared
     (:data:`NOT_PREPARED`: no ``CASE.json``), a damaged ``CASE.json``, a file missing or of
     another size than recorded, or (``checksums``: every byte read) another checksum."""
-    from scnas.records import damaged, read_json, verified_bytes
+    from scnas.records import damaged, read_json, verify_file
 
     record_path = cache / f"{case_id}.json"
     if not record_path.exists():
@@ -291,7 +291,7 @@ def case_problem(cache: Path, case_id: str, checksums: bool) -> str | None:
         for name, entry in record["files"].items():
             path = cache / name
             if checksums:
-                verified_bytes(path, entry["checksum"], "")
+                verify_file(path, entry["checksum"], "")
             elif not path.is_file():
                 raise damaged(path, "is missing", "")
             elif path.stat().st_size != entry["bytes"]:
