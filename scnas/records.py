@@ -78,7 +78,7 @@ def _shape_problem(exc) -> str:
 def read_json(path: str | os.PathLike, fix: str, shape: Any = None) -> Any:
     """A JSON document scnas wrote, checked against ``shape`` (a type pydantic validates, e.g.
     a ``BaseModel`` with ``extra="allow"`` naming the fields the reader uses; the validated
-    value is returned, a model as a dict); any fault raises :class:`DamagedFileError`."""
+    value is returned as plain data, models as dicts); any fault raises :class:`DamagedFileError`."""
     data = _read(Path(path), fix)
     if not data.strip():
         raise damaged(path, "is damaged: empty", fix)
@@ -92,13 +92,14 @@ def read_json(path: str | os.PathLike, fix: str, shape: Any = None) -> Any:
 def check_shape(value: Any, shape: Any, path: str | os.PathLike, fix: str, strict: bool = False) -> Any:
     """``value`` (read from ``path``) validated as ``shape`` (see :func:`read_json`); ``strict``:
     no conversions (``"3"`` is no int)."""
-    from pydantic import BaseModel, TypeAdapter, ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
+    adapter = TypeAdapter(shape)
     try:
-        checked = TypeAdapter(shape).validate_python(value, strict=strict)
+        checked = adapter.validate_python(value, strict=strict)
     except ValidationError as exc:
         raise damaged(path, f"is damaged: {_shape_problem(exc)}", fix) from None
-    return checked.model_dump() if isinstance(checked, BaseModel) else checked
+    return adapter.dump_python(checked)
 
 
 def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, dtype=None, columns: int | None = None):

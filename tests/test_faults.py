@@ -764,3 +764,21 @@ def test_a_damaged_cv_json_is_named_with_the_way_back(study, tmp_path, cli, cont
         assert result.code == 1 and "internal error" not in result.err, result
         assert f"{out / 'cv.json'}: is damaged" in result.err and "move cv.json away and run the same 'scnas cv' " \
             "command again" in result.err, result
+
+
+def test_a_damaged_alpha_track_of_the_search_plots_is_named(tmp_path):
+    from scnas.errors import DamagedFileError
+    from scnas.search.plots import write_plots
+
+    class Arch:
+        def probabilities(self):
+            return {"reduction": torch.full((2, 3), 1 / 3)}
+
+    (tmp_path / "plots").mkdir()
+    track = tmp_path / "plots" / "alpha.json"
+    track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3')
+    with pytest.raises(DamagedFileError, match="alpha.json: is damaged: not valid JSON .*remove it"):
+        write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+    track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3, 0.4], [0.3, 0.3, 0.4]]}}]')
+    write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+    assert [t["epoch"] for t in json.loads(track.read_text())] == [1, 2]
