@@ -734,7 +734,8 @@ def study(task, tmp_path_factory):
 
 @pytest.mark.parametrize("content", [b"", b'{"genotype": "minimal", "fold": 0, "mea', b'{"genotype": "minimal"}',
                                      b'{"genotype": "minimal", "fold": 0, "model_selection": "last epoch", '
-                                     b'"model_epoch": 1, "mean": {"1": "high"}, "mean_over_classes": 0.5, "cases": {}}'])
+                                     b'"model_epoch": 1, "mean": {"1": "high"}, "mean_over_classes": 0.5, "cases": {}}',
+                                     b'{"genotype": "minimal", "fold": 3, "model_selection": "last epoch", "mean": {}}'])
 def test_a_damaged_evaluation_json_is_named_and_the_job_done_again(study, tmp_path, cli, content):
     from scnas.train.cv import run_study, write_report
 

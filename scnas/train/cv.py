@@ -69,16 +69,13 @@ class PlanShape(BaseModel):
 
 
 class EvaluationShape(BaseModel):
-    """The fields of a job's ``evaluation.json`` that the report reads."""
+    """The fields of a job's ``evaluation.json`` that the report reads (and whose job it is)."""
 
     model_config = ConfigDict(extra="allow")
-    genotype: str
-    fold: int
     model_selection: str
-    model_epoch: int
     mean: dict[str, float | None]
-    mean_over_classes: float | None
-    cases: dict[str, dict[str, float | None]]
+    genotype: str | None = None
+    fold: int | None = None
 
 
 def read_plan(path: Path) -> dict[str, Any]:
@@ -94,7 +91,7 @@ def job_record(out: Path, job: Job) -> dict[str, Any] | None:
         return None
     fix = f"job {job.name} is done again by 'scnas cv -o {out}'"
     record = read_json(path, fix, EvaluationShape)
-    if (record["genotype"], record["fold"]) != (job.genotype, job.fold):
+    if record["genotype"] not in (None, job.genotype) or record["fold"] not in (None, job.fold):
         raise damaged(path, f"is damaged: it is the record of {record['genotype']}/fold_{record['fold']}", fix)
     return record
 
