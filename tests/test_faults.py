@@ -461,7 +461,9 @@ def _gone(pid):
         return True
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not os.path.exists("/proc/self/task") or
+                    __import__("multiprocessing").get_start_method() != "fork",
+                    reason="reads /proc (Linux); the workers must be the command's children (fork)")
 def test_sigkill_of_a_parallel_preparation_takes_its_workers_and_lock_with_it(tmp_path):
     """The pool workers of a SIGKILLed 'data prepare --workers 2' die with it (they held the cache
     lock, so every later preparation waited for ever); the rerun finishes the cache, byte for byte

@@ -484,8 +484,8 @@ def _die_with_parent(parent: int, lock_fd: int | None) -> None:
             os._exit(1)
 
         threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:   # died before the signal was armed
-        os._exit(1)
+    if os.getppid() != parent and not _alive(parent):   # died before the signal was armed (under
+        os._exit(1)                                      # forkserver, the parent is the server: fine)
 
 
 def resolve_workers(workers: int | str) -> int:
