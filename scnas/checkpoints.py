@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from scnas import records
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_bytes
 
@@ -20,13 +21,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+CHECKPOINT_FIX = ("the run cannot continue from it: start again in another folder, or put back a good copy of "
+                  "the file")
+
+
 def read_checkpoint(path: Path, expected_format: str, error: type[ScnasError]) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and check its format tag."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise error(f"cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:120]})", source=str(path)) from None
-    if not isinstance(state, dict) or state.get("format") != expected_format:
+    """Load a checkpoint with ``weights_only=True`` (``scnas.records``: an unreadable one is a
+    ``DamagedFileError``) and check its format tag (another kind of file is ``error``)."""
+    state = records.read_checkpoint(path, CHECKPOINT_FIX)
+    if state.get("format") != expected_format:
         raise error(f"is not a {expected_format} file", source=str(path))
     return state
 

@@ -54,3 +54,9 @@ class GenotypeError(ScnasError):
 
 class OutputError(ScnasError):
     """An output file that cannot be written (missing folder, no permission, ...)."""
+
+
+class DamagedFileError(ScnasError):
+    """A file scnas wrote itself (a cache's arrays and records, a run's config.json or checkpoint,
+    a study's files) that is missing, truncated, garbled or of the wrong shape: raised only by
+    ``scnas.records``, naming the file, what is wrong with it and how to get a good one."""

@@ -17,21 +17,35 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from scnas import __version__
 from scnas.build import BuildConfig
 from scnas.build.memory import MemoryPlan, MemoryPlanError
-from scnas.checkpoints import check_resume_precision, check_resume_settings, read_checkpoint, save_checkpoint
+from scnas.checkpoints import (CHECKPOINT_FIX, check_resume_precision, check_resume_settings, read_checkpoint,
+                               save_checkpoint)
 from scnas.errors import ScnasError
 from scnas.figures import PLOT_EVERY_SECONDS
 from scnas.fileio import atomic_write_text, ensure_folder
 from scnas.metrics import dice_per_class
 from scnas.processes import Processes, memory_budget, setup_processes
 from scnas.progress import StepBar
+from scnas.records import check_shape, damaged, read_json
 from scnas.settings import RunSettings
 from scnas.steps import Precision, StepMeter, out_of_memory, read_checked, resolve_amp
 
 CHECKPOINT = "checkpoint.pt"
+RUN_CONFIG_FIX = ("--resume cannot read the run's settings from it: start the run again in another folder, or put "
+                  "back a good copy of the file")
+
+
+def read_run_config(path: Path, *sections: str) -> dict[str, Any]:
+    """A run's ``config.json`` with these ``sections`` (objects), or a ``DamagedFileError``."""
+    from pydantic import create_model
+
+    shape = create_model("RunConfigFile", __config__=ConfigDict(extra="allow"),
+                         **{name: (dict[str, Any], ...) for name in sections})
+    return read_json(path, RUN_CONFIG_FIX, shape)
 COUNTERS = ("skipped", "streak", "skips")
 """What a run counts across epochs: skipped steps, and the current runs of non-finite losses
 and of skipped steps (a run of non-finite losses may continue into the next epoch)."""
@@ -89,7 +103,11 @@ class RunLoop:
         if not self.checkpoint_path.exists():
             raise self.error("has no checkpoint to resume from", source=str(self.run))
         state = read_run_checkpoint(self.checkpoint_path, type(self))
-        saved = type(config).model_validate_json(state["config"])
+        try:
+            saved = type(config).model_validate_json(state["config"])
+        except ValueError as exc:   # pydantic's ValidationError is one
+            raise damaged(self.checkpoint_path, f"is damaged: its settings do not read ({str(exc)[:160]})",
+                          CHECKPOINT_FIX) from None
         if config.spacing is None:   # not asked for: the run's own (resolved when it started)
             config = config.model_copy(update={"spacing": saved.spacing})
         check_resume_settings(saved, config, self.run, self.error)
@@ -183,8 +201,14 @@ class RunLoop:
 
     def _restore(self, state: dict[str, Any]) -> None:
         check_resume_precision(state.get("amp"), self.amp, self.run, self.error)
-        self.restore(state)
-        torch.set_rng_state(state["torch_rng"])
+        try:   # a tensor of another shape or type, a missing or mistyped entry
+            self.restore(state)
+            torch.set_rng_state(state["torch_rng"])
+            for optimiser in (v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)):
+                check_optimiser_state(optimiser)
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise damaged(self.checkpoint_path, f"does not fit this run: {type(exc).__name__}: {str(exc)[:200]}",
+                          CHECKPOINT_FIX) from None
         self.epoch, self.step, self.history = state["epoch"], state.get("step", 0), list(state["history"])
         older = state.get("counters", {})   # training checkpoints of scnas 0.4 kept two counters here
         self.counts = {**self._fresh_counts({k: state.get(k, older.get(k, 0)) for k in COUNTERS}),
@@ -264,7 +288,32 @@ def read_run_checkpoint(path: Path, kind: type[RunLoop]) -> dict[str, Any]:
     if state.get("version") != kind.checkpoint_version:
         raise kind.error(f"is a version-{state.get('version')} checkpoint from an older scnas; {kind.outdated}",
                          source=str(path))
+    check_shape(state, RunState, path, CHECKPOINT_FIX, strict=True)
     return state
+
+
+class RunState(BaseModel):
+    """The fields of a checkpoint that :class:`RunLoop` itself reads (a kind's own state is
+    checked by loading it)."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    config: str
+    epoch: int = Field(ge=0)
+    step: int = Field(0, ge=0)
+    amp: str | None = None
+    torch_rng: torch.Tensor
+    history: list[dict[str, Any]]
+    sums: dict[str, float] = {}
+
+
+def check_optimiser_state(optimiser: torch.optim.Optimizer) -> None:
+    """Refuse optimiser state (Adam's moments) whose tensors do not have their parameter's
+    shape: ``load_state_dict`` accepts them, and the first step would fail."""
+    for parameter, state in optimiser.state.items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                raise ValueError(f"optimiser state {name!r} of shape {tuple(value.shape)} for a parameter of shape "
+                                 f"{tuple(parameter.shape)}")
 
 
 @torch.no_grad()

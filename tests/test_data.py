@@ -398,7 +398,7 @@ def test_a_full_disk_stops_preparation_naming_the_case_and_keeps_finished_cases(
         if len(writes) == 4:     # case 0's image and label, case 1's image and label; then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         writes.append(path)
-        real(path, array)
+        return real(path, array)
 
     monkeypatch.setattr(arrays, "write_array", fill_up)
     with pytest.raises(DatasetError) as caught:
@@ -421,10 +421,10 @@ def test_a_dying_worker_is_named_by_its_case(phantom, tmp_path, monkeypatch):
 
     real = preprocess.preprocess_case
 
-    def crash_on_three(case, settings, seed=0):
+    def crash_on_three(case, settings):
         if case.case_id == "phantom_003":
             os._exit(9)          # as the out-of-memory killer would end it
-        return real(case, settings, seed)
+        return real(case, settings)
 
     monkeypatch.setattr(preprocess, "preprocess_case", crash_on_three)   # the forked workers inherit it
     with pytest.raises(DatasetError, match=r"a preparation worker died .* preparing (one of )?[a-z_0-9, ]*phantom_003"):
@@ -452,7 +452,7 @@ def test_a_version_1_cache_is_read_as_it_is_and_not_written_over(cache, tmp_path
     with pytest.raises(DatasetError, match=r"format v1 \(written by scnas 0.13.0\).*--force"):
         prepare_dataset(phantom, old, SETTINGS, progress=False)
     (old / "cache.json").write_text(json.dumps({**header, "version": 7}))
-    with pytest.raises(DatasetError, match="v7 is not scnas-cache v1, v2; prepare it again"):
+    with pytest.raises(DatasetError, match="v7 is not scnas-cache v1, v2, v3; prepare it again"):
         Cache(old)
 
 

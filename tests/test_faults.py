@@ -382,3 +382,406 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(cli, monkeypatch, tmp_path):
     (run / "checkpoint.pt").write_bytes(b"")
     assert interrupted_message(args).endswith(f"continue with: scnas search --data task -o {run} --resume")
     assert "prepare the rest with: scnas data prepare t" in interrupted_message(["data", "prepare", "t"])
+
+
+# ------------------------------------------------------------ issue 27: what scnas wrote, read back
+
+
+SPACING = ("--spacing", "1", "1", "1")
+
+
+def _prepare(task, cache, workers=1):
+    from scnas.data import PrepareSettings, prepare_dataset
+
+    return prepare_dataset(task, cache, PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), workers=workers,
+                           progress=False)
+
+
+def _files(folder):
+    """Every file of a cache (hidden ones too, but not the lock, which names its last holder) and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def prepared(task, tmp_path_factory):
+    """An uninterrupted preparation of the phantom: copy it before breaking it."""
+    cache = tmp_path_factory.mktemp("prepared") / "cache"
+    _prepare(task, cache)
+    return cache
+
+
+@pytest.fixture
+def damaged_cache(prepared, tmp_path):
+    return shutil.copytree(prepared, tmp_path / "cache")
+
+
+class Killed(BaseException):
+    """What a SIGKILL would do to the preparation at that moment (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.parametrize("kill_at", [6, 9, 12, 16])
+def test_a_preparation_killed_and_run_again_is_byte_identical_to_one_never_killed(task, tmp_path, monkeypatch,
+                                                                                  kill_at):
+    """Killed after its kill_at-th file write (settings.json, then per case image, label, foreground,
+    record): the rerun must give the same files. Few foreground samples per label, so that which ones
+    are drawn matters (the phantom's labels are small)."""
+    import scnas.data.preprocess as preprocess
+    import scnas.fileio as fileio
+
+    monkeypatch.setattr(preprocess, "FOREGROUND_SAMPLES", 7)
+    whole = tmp_path / "whole"
+    _prepare(task, whole)
+    real, writes = fileio.os.replace, []
+
+    def replace(source, target):
+        writes.append(target)
+        if len(writes) == kill_at:
+            raise Killed
+        return real(source, target)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Killed):
+        _prepare(task, tmp_path / "killed")
+    monkeypatch.setattr(fileio.os, "replace", real)
+    report = _prepare(task, tmp_path / "killed")
+    assert report.skipped and report.prepared     # it was killed half-way
+    assert _files(tmp_path / "killed") == _files(whole)
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task") or
+                    __import__("multiprocessing").get_start_method() != "fork",
+                    reason="reads /proc (Linux); the workers must be the command's children (fork)")
+def test_sigkill_of_a_parallel_preparation_takes_its_workers_and_lock_with_it(tmp_path):
+    """The pool workers of a SIGKILLed 'data prepare --workers 2' die with it (they held the cache
+    lock, so every later preparation waited for ever); the rerun finishes the cache, byte for byte
+    the cache of a preparation never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    task = write_phantom_dataset(tmp_path / "task", cases=10, channels=2, classes=2, shape=(40, 40, 20),
+                                 spacing=(1.0, 1.0, 2.0), seed=5)
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "scnas", "data", "prepare", str(task), "-o", str(cache), *SPACING,
+               "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("phantom_*.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    try:
+        assert len(workers) == 2 and not (cache / "cache.json").exists(), "killed too late to test anything"
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_gone(pid) for pid in workers), "the pool workers outlived their parent"
+    finally:
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "skipped" in rerun.stdout, rerun
+    _prepare(task, tmp_path / "whole", workers=2)
+    assert _files(cache) == _files(tmp_path / "whole")
+
+
+def test_a_process_waiting_for_the_cache_lock_says_for_whom(tmp_path, capsys):
+    import fcntl
+    import threading
+    import time
+
+    from scnas.data.preprocess import _exclusive
+
+    tmp_path.joinpath(".lock").write_text("1\n")
+    for holder, words in ((os.getpid(), f"waiting for process {os.getpid()}, which is preparing the cache"),
+                          (_dead_pid(), "which is gone")):
+        (tmp_path / ".lock").write_text(f"{holder}\n")
+        with open(tmp_path / ".lock") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            waiter = threading.Thread(target=lambda: _exclusive(tmp_path, notice_after=0.2).__enter__().handle.close())
+            waiter.start()
+            time.sleep(0.8)
+            assert waiter.is_alive()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def _dead_pid():
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_single_byte_flip_in_a_cached_array_is_detected_before_use(damaged_cache):
+    """40 single-byte flips spread over a case's image (the issue's scan found 36 of 40 used silently)."""
+    from scnas.errors import DamagedFileError
+
+    image = damaged_cache / "phantom_002.b2nd"
+    original = image.read_bytes()
+    offsets = np.linspace(0, len(original) - 1, 40).astype(int)
+    for offset in offsets:
+        _flip(image, offset)
+        with pytest.raises(DamagedFileError) as raised:
+            Cache(damaged_cache).load("phantom_002")
+        message = str(raised.value)
+        assert message.startswith(f"{image}: is damaged: its checksum") and "case phantom_002 cannot be used" in message
+        assert f"scnas data prepare {Cache(damaged_cache).header['dataset']['source']} -o {damaged_cache} " \
+               "--spacing 1 1 1 --dtype float16" in message
+        image.write_bytes(original)
+    Cache(damaged_cache).load("phantom_002")          # intact again: read
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    data[16:48] = b"garbage!" * 4
+    path.write_bytes(bytes(data))
+
+
+FAULTS = {
+    "truncated image": ("phantom_001.b2nd", _truncate),
+    "garbled image": ("phantom_001.b2nd", _garble),
+    "truncated label": ("phantom_001_seg.b2nd", _truncate),
+    "garbled label": ("phantom_001_seg.b2nd", _garble),
+    "garbage foreground": ("phantom_001_fg.npy", lambda p: p.write_bytes(b"\x93NUMPY garbage, not an array")),
+    "pickled foreground": ("phantom_001_fg.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object))),
+    "deleted image": ("phantom_001.b2nd", lambda p: p.unlink()),
+    "deleted label": ("phantom_001_seg.b2nd", lambda p: p.unlink()),
+}
+
+
+def _unchecked(cache):
+    """The same cache as format v2 wrote it: no checksums (read as it is)."""
+    header = json.loads((cache / "cache.json").read_text())
+    for record in header["records"]:
+        del record["files"]
+    (cache / "cache.json").write_text(json.dumps({**header, "version": 2}))
+
+
+@pytest.mark.parametrize("version", [3, 2])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_damaged_cache_file_is_named_with_its_repair_never_used_nor_a_crash(damaged_cache, fault, version):
+    from scnas.errors import DamagedFileError
+
+    name, damage = FAULTS[fault]
+    if version == 2:
+        _unchecked(damaged_cache)
+    damage(damaged_cache / name)
+    cache = Cache(damaged_cache)
+    with pytest.raises(DamagedFileError) as raised:
+        case = cache.load("phantom_001")
+        np.asarray(case.image[:]), np.asarray(case.label[:])       # v2: what is not checked must still not crash
+    message = str(raised.value)
+    assert message.startswith(f"{damaged_cache / name}: ") and "case phantom_001 cannot be used" in message, message
+    assert "scnas data prepare" in message and ("--force" in message) == (version == 2)
+    cache.load("phantom_000")
+
+
+def test_training_on_a_damaged_cache_stops_naming_the_file(damaged_cache, cli, tmp_path):
+    for i in range(5):                 # whichever case it opens first
+        _flip(damaged_cache / f"phantom_00{i}_seg.b2nd", 200)
+    result = cli("train", "minimal", "--data", damaged_cache, "-o", tmp_path / "run", "--stem", "2", "--patch", "16",
+                 "16", "16", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--workers", "0")
+    assert result.code == 1 and "Traceback" not in result.err and "internal error" not in result.err, result
+    assert "_seg.b2nd: is damaged: its checksum" in result.err and "scnas data prepare" in result.err, result
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "scnas-cache", "vers', b'{"format": "scnas-cache"}'])
+def test_a_damaged_cache_json_is_an_error_saying_force_also_to_prepare(damaged_cache, task, cli, content, tmp_path):
+    (damaged_cache / "cache.json").write_bytes(content)
+    for args in (("train", "minimal", "--data", damaged_cache, "-o", tmp_path / "run", "--device", "cpu"),
+                 ("data", "prepare", task, "-o", damaged_cache, *SPACING)):
+        result = cli(*args)
+        assert result.code == 1 and "internal error" not in result.err, result
+        assert f"{damaged_cache / 'cache.json'}: is damaged" in result.err and \
+            f"scnas data prepare {task.resolve()} -o {damaged_cache} --spacing 1 1 1 --dtype float16 --force" in \
+            result.err, result
+    assert cli("data", "prepare", task, "-o", damaged_cache, *SPACING, "--force").code == 0
+    assert Cache(damaged_cache).case_ids
+
+
+@pytest.mark.parametrize("fault", ["truncated image", "deleted label", "garbage foreground", "flipped byte"])
+def test_preparing_again_redoes_a_damaged_case_and_names_it(damaged_cache, prepared, task, cli, fault):
+    name, damage = FAULTS[fault] if fault in FAULTS else ("phantom_001.b2nd", lambda p: _flip(p, 100))
+    damage(damaged_cache / name)
+    result = cli("data", "prepare", task, "-o", damaged_cache, *SPACING)
+    assert result.code == 0 and "prepared 1 case(s), skipped 4" in result.out, result
+    assert f"prepared again: {damaged_cache / name}: is" in result.err, result
+    assert _files(damaged_cache) == _files(prepared)
+
+
+def test_a_search_or_training_preparing_its_task_redoes_a_truncated_case(task, tmp_path, monkeypatch):
+    """The implicit preparation of a task folder checks sizes only (no byte is read): cheap at every start."""
+    from scnas.data import open_or_prepare
+
+    first = open_or_prepare(task, (1.0, 1.0, 1.0), tmp_path / "c")
+    _truncate(first.folder / "phantom_004_seg.b2nd")
+    (first.folder / "phantom_000.b2nd").unlink()
+    again = open_or_prepare(task, (1.0, 1.0, 1.0), tmp_path / "c")
+    for case_id in again.case_ids:
+        again.load(case_id)
+
+
+def test_a_full_disk_is_named_as_such_not_as_blosc2s_failure(task, tmp_path, monkeypatch):
+    """The arrays are written by scnas.fileio (blosc2 wrote them itself and said 'Error while
+    creating the NDArray'); the file system's error reaches the user with the file named."""
+    import scnas.fileio as fileio
+
+    real = fileio.os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".b2nd.tmp") or ".b2nd." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(DatasetError) as raised:
+        _prepare(task, tmp_path / "c")
+    message = str(raised.value)
+    assert f"case phantom_000: cannot write to the cache: {tmp_path / 'c' / 'phantom_000.b2nd'}: cannot write: No " \
+           "space left on device" in message, message
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".phantom")]
+
+
+@pytest.mark.parametrize("kind", ["search", "train"])
+@pytest.mark.parametrize("content", [b"", b'{"scnas_version": "0.1.0", "tr', b'{"scnas_version": "0.1.0"}', b"\xff\xfe"])
+def test_resume_with_a_damaged_config_json_names_it(runs, tmp_path, cli, kind, content):
+    run = shutil.copytree(runs / kind, tmp_path / kind)
+    (run / "config.json").write_bytes(content)
+    result = cli(*(("train", "minimal") if kind == "train" else ("search",)), "--resume", "-o", run)
+    assert result.code == 1 and "internal error" not in result.err, result
+    assert f"{run / 'config.json'}: is damaged: " in result.err and "put back a good copy" in result.err, result
+
+
+def _checkpoint_fault(name):
+    """Ways to break a training checkpoint's state."""
+    def shape(state):
+        key = next(k for k, v in state["net"].items() if v.dim() == 5)
+        state["net"][key] = torch.zeros(3, 3, 3, 3, 3)
+
+    def moments(state):
+        moment = next(iter(state["optimiser"]["state"].values()))
+        moment["exp_avg"] = torch.zeros(7)
+
+    return {"a weight of another shape": shape, "Adam's moments of another shape": moments,
+            "epoch as text": lambda state: state.update(epoch="1"),
+            "the generator state as a list": lambda state: state.update(torch_rng=[1, 2, 3]),
+            "history not a list": lambda state: state.update(history={"epoch": 1}),
+            "no network": lambda state: state.pop("net"),
+            "settings that do not parse": lambda state: state.update(config='{"stem": "two"}')}[name]
+
+
+@pytest.mark.parametrize("fault", ["truncated", "a weight of another shape", "Adam's moments of another shape",
+                                   "epoch as text", "the generator state as a list", "history not a list",
+                                   "no network", "settings that do not parse"])
+def test_resume_from_a_damaged_checkpoint_names_it(runs, tmp_path, cli, fault):
+    run = shutil.copytree(runs / "train", tmp_path / "train")
+    checkpoint = run / "checkpoint.pt"
+    if fault == "truncated":
+        _truncate(checkpoint)
+    else:
+        state = torch.load(checkpoint, weights_only=True)
+        _checkpoint_fault(fault)(state)
+        torch.save(state, checkpoint)
+    result = cli("train", "minimal", "--resume", "-o", run, "--epochs", "2", "--workers", "0", "--device", "cpu")
+    assert result.code == 1 and "internal error" not in result.err and "Traceback" not in result.err, result
+    assert result.err.startswith(f"error: {checkpoint}: ") and "start again in another folder" in result.err, result
+
+
+@pytest.fixture(scope="module")
+def study(task, tmp_path_factory):
+    """A finished one-job cross-validation study (one genotype, fold 0, one step)."""
+    from scnas.train import TrainConfig
+    from scnas.train.cv import run_study
+
+    train = TrainConfig(data=str(task), patch=(16, 16, 16), batch_size=1, epochs=1, steps_per_epoch=1, val_patches=1,
+                        device="cpu", plots=False, workers=0).model_dump(mode="json",
+                                                                         exclude={"data", "fold", "stem", "spacing"})
+    out = tmp_path_factory.mktemp("cv") / "study"
+    request = {"genotypes": ["minimal"], "data": str(task), "spacing": [1.0, 1.0, 1.0], "folds": [0], "random": 0,
+               "random_seed": 0, "stem": 2, "train": train}
+    assert run_study(out, request, say=lambda line: None) is not None
+    return out
+
+
+@pytest.mark.parametrize("content", [b"", b'{"genotype": "minimal", "fold": 0, "mea', b'{"genotype": "minimal"}',
+                                     b'{"genotype": "minimal", "fold": 0, "model_selection": "last epoch", '
+                                     b'"model_epoch": 1, "mean": {"1": "high"}, "mean_over_classes": 0.5, "cases": {}}',
+                                     b'{"genotype": "minimal", "fold": 3, "model_selection": "last epoch", "mean": {}}'])
+def test_a_damaged_evaluation_json_is_named_and_the_job_done_again(study, tmp_path, cli, content):
+    from scnas.train.cv import run_study, write_report
+
+    out = shutil.copytree(study, tmp_path / "study")
+    evaluation = out / "jobs" / "minimal" / "fold_0" / "evaluation.json"
+    good = json.loads(evaluation.read_text())
+    evaluation.write_bytes(content)
+    result = cli("cv", "-o", out, "--report")
+    assert result.code == 1 and "internal error" not in result.err, result
+    assert "1 of 1 jobs are not done (minimal/fold_0)" in result.err and f"{evaluation}: is damaged" in result.err and \
+        "job minimal/fold_0 is done again by 'scnas cv -o" in result.err, result
+    said = []
+    report = run_study(out, None, say=said.append)
+    assert said[0].startswith(f"[1/1] {evaluation}: is damaged") and said[0].endswith("doing it again"), said
+    again = json.loads(evaluation.read_text())
+    assert report is not None and again["mean"] == good["mean"] and again["cases"] == good["cases"]
+    assert write_report(out, say=lambda line: None)["genotypes"][0]["dice"]["mean"]["per_fold"] == \
+        [good["mean_over_classes"]]
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "scnas-cv", "version": 1, "req', b'{"format": "scnas-cv"}'])
+def test_a_damaged_cv_json_is_named_with_the_way_back(study, tmp_path, cli, content):
+    out = shutil.copytree(study, tmp_path / "study")
+    (out / "cv.json").write_bytes(content)
+    for args in (("cv", "-o", out, "--report"), ("cv", "-o", out)):
+        result = cli(*args)
+        assert result.code == 1 and "internal error" not in result.err, result
+        assert f"{out / 'cv.json'}: is damaged" in result.err and "move cv.json away and run the same 'scnas cv' " \
+            "command again" in result.err, result
+
+
+def test_a_damaged_alpha_track_of_the_search_plots_is_named(tmp_path):
+    from scnas.errors import DamagedFileError
+    from scnas.search.plots import write_plots
+
+    class Arch:
+        def probabilities(self):
+            return {"reduction": torch.full((2, 3), 1 / 3)}
+
+    (tmp_path / "plots").mkdir()
+    track = tmp_path / "plots" / "alpha.json"
+    track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3')
+    with pytest.raises(DamagedFileError, match="alpha.json: is damaged: not valid JSON .*remove it"):
+        write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+    track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3, 0.4], [0.3, 0.3, 0.4]]}}]')
+    write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+    assert [t["epoch"] for t in json.loads(track.read_text())] == [1, 2]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from scnas.cli.main import app, stdout
+from scnas.cli.main import app, stderr, stdout
 
 data_app = typer.Typer(help="Datasets: synthetic phantoms, preprocessing into a cache, checks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -54,8 +54,10 @@ def prepare(
     channel; store compressed chunked arrays (Blosc2, read a patch at a time) and the records
     needed to map predictions back.
 
-    Cases already prepared with the same settings are skipped; a cache made with other
-    settings is refused. Writes splits_final.json beside the cases, as nnU-Net does.
+    Cases already prepared with the same settings are skipped, after checking every file
+    against the size and checksum recorded with it: a damaged case (truncated, deleted, a
+    flipped byte) is named and prepared again. A cache made with other settings is refused.
+    Writes splits_final.json beside the cases, as nnU-Net does.
     """
     from scnas.data import DatasetError, PrepareSettings, prepare_dataset
     from scnas.data.cache import shared_cache_folder
@@ -66,6 +68,8 @@ def prepare(
     settings = PrepareSettings(target_spacing=spacing, image_dtype=dtype)
     target = output or shared_cache_folder(dataset, settings)
     report = prepare_dataset(dataset, target, settings, resolve_workers(workers), force, splits)
+    for line in report.damaged:
+        stderr.out(f"prepared again: {line}")
     rate = len(report.prepared) / report.seconds if report.seconds > 0 and report.prepared else 0.0
     stdout.out(f"prepared {len(report.prepared)} case(s), skipped {len(report.skipped)} already prepared, in "
                f"{report.seconds:.1f} s ({rate:.2f} cases/s, {report.input_bytes / 2**20 / max(report.seconds, 1e-9):.1f} "

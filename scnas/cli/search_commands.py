@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -90,6 +89,7 @@ def search(
     from pydantic import ValidationError
 
     from scnas.search import SearchConfig, SearchError, run_search
+    from scnas.runs import read_run_config
 
     run = Path(output)
     overrides: dict = {}
@@ -114,7 +114,7 @@ def search(
         if not saved.exists():
             raise SearchError("has no config.json: nothing to resume", source=str(run))
         config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps", "checkpoint_every_steps":
-                                                      "checkpoint_every"}, json.loads(saved.read_text())["search"],
+                                                      "checkpoint_every"}, read_run_config(saved, "search")["search"],
                                          make_config, run, SearchError)
     else:
         if demo:

@@ -65,6 +65,7 @@ def train(
 
     from scnas.genotype import genotype_from_data, load_genotype
     from scnas.train import TrainConfig, TrainError, run_training
+    from scnas.runs import read_run_config
 
     run = Path(output)
     given = dict(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size, epochs=epochs or 500,
@@ -75,7 +76,7 @@ def train(
             saved = run / "config.json"
             if not saved.exists():
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
-            stored = json.loads(saved.read_text())
+            stored = read_run_config(saved, "train", "genotype")
             config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, stored["train"],
                                              TrainConfig.model_validate, run, TrainError)
             genotype = genotype_from_data(stored["genotype"], source=str(saved))

@@ -17,7 +17,6 @@ docs/benchmarks.md) on a BraTS-size case:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,7 @@ CHUNK = 64
 BLOCK = 32
 SUFFIX = ".b2nd"
 TEMPORARY = ".partial" + SUFFIX
-"""Ending of a file being written (renamed into place when complete; leftovers are removed by
-the next preparation)."""
+"""Ending of a file older scnas versions were writing (leftovers are removed by the next preparation)."""
 
 
 def _blosc2():
@@ -44,29 +42,23 @@ def _layout(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return lead + tuple(min(CHUNK, n) for n in spatial), lead + tuple(min(BLOCK, n) for n in spatial)
 
 
-def write_array(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` compressed to ``path`` (``.b2nd``), atomically: written beside it under a
-    temporary name, then renamed."""
+def write_array(path: str | os.PathLike, array: np.ndarray) -> dict[str, int | str]:
+    """Write ``array`` compressed to ``path`` (``.b2nd``), atomically (``scnas.fileio``: a full
+    disk is an ``OutputError`` saying so, naming the file); returns the file's ``bytes`` and
+    ``checksum`` for the case's record. Compressed in memory first (a case's compressed
+    arrays, tens of MB), so that the bytes written are the bytes checksummed and blosc2's own
+    file writing, which reports a full disk as "Error while creating the NDArray", is not used."""
+    from scnas.fileio import atomic_write_bytes
+    from scnas.records import checksum
+
     blosc2 = _blosc2()
-    path = Path(path)
     array = np.ascontiguousarray(array)
     chunks, blocks = _layout(array.shape)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=TEMPORARY, dir=path.parent)
-    os.close(handle)
-    try:
-        os.unlink(temporary)   # only the unique name is kept: blosc2 creates the file (honouring the umask)
-        blosc2.asarray(array, chunks=chunks, blocks=blocks, urlpath=temporary, mode="w",
-                       cparams={"codec": blosc2.Codec.LZ4, "clevel": 5, "filters": [blosc2.Filter.NOFILTER],
-                                "nthreads": 1})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def open_array(path: str | os.PathLike):
-    """A read-only array view of a ``.b2nd`` file (memory-mapped; slicing returns numpy)."""
-    return _blosc2().open(str(path), mode="r", mmap_mode="r")
+    frame = blosc2.asarray(array, chunks=chunks, blocks=blocks,
+                           cparams={"codec": blosc2.Codec.LZ4, "clevel": 5, "filters": [blosc2.Filter.NOFILTER],
+                                    "nthreads": 1}).to_cframe()
+    atomic_write_bytes(path, frame)
+    return {"bytes": len(frame), "checksum": checksum(frame)}
 
 
 def remove_partial_files(folder: str | os.PathLike) -> list[Path]:

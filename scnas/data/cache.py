@@ -14,7 +14,8 @@ import numpy as np
 
 from scnas.data.dataset import DatasetError
 from scnas.errors import ScnasError
-from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS
+from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS, FinishedCache, prepare_again
+from scnas.records import damaged, open_b2nd, read_json, read_npy
 
 
 CACHE_ENV = "SCNAS_CACHE"
@@ -68,7 +69,7 @@ def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float]
         if prepare:
             if not (target / "cache.json").exists():
                 say(f"preparing {data} into {target} (set {CACHE_ENV} to keep caches elsewhere)")
-            prepare_dataset(data, target, settings, workers=workers, progress=False)
+            prepare_dataset(data, target, settings, workers=workers, progress=False, checksums=False)
         return Cache(target)
     raise DatasetError("is neither a prepared cache (cache.json) nor a task folder (dataset.json)", source=str(data))
 
@@ -92,7 +93,7 @@ class Cache:
             hint = " (preparation did not finish: run 'scnas data prepare' again)" if (
                 self.folder / "settings.json").exists() else " (prepare one with 'scnas data prepare')"
             raise DatasetError(f"is not a finished scnas cache{hint}", source=str(self.folder))
-        self.header = json.loads(marker.read_text())
+        self.header = read_json(marker, f"prepare it again: {prepare_again(self.folder, force=True)}", FinishedCache)
         if self.header.get("format") != CACHE_FORMAT or self.header.get("version") not in READABLE_VERSIONS:
             raise DatasetError(f"cache format {self.header.get('format')} v{self.header.get('version')} is not "
                                f"{CACHE_FORMAT} v{', v'.join(map(str, READABLE_VERSIONS))}; prepare it again with "
@@ -133,18 +134,47 @@ class Cache:
             raise DatasetError("has no splits_final.json (fewer than 5 cases?); give a splits file", source=str(self.folder))
         return read_splits(path, self.case_ids)
 
+    def repair(self, case_id: str) -> str:
+        """How to get a good copy of a damaged case: prepare the cache again (v3: which redoes
+        the damaged cases alone; older formats: every case, --force)."""
+        old = self.version < CACHE_VERSION
+        return (f"case {case_id} cannot be used; {'rebuild the cache' if old else 'prepare it again'} (every case is "
+                f"checked and {'all are' if old else 'the damaged ones are'} prepared again): "
+                f"{prepare_again(self.folder, force=old)}")
+
     def load(self, case_id: str) -> CachedCase:
+        """A case's arrays and record. From format v3 on, every file is checked against the size
+        and CRC-32 its record gives before it is used (each call reads the files once: callers
+        keep the case); any damage is a ``DamagedFileError`` naming the file and the repair."""
         if case_id not in self.records:
             raise DatasetError(f"no case {case_id!r} in this cache", source=str(self.folder))
-        if self.version == 1:   # float32 .npy files, memory-mapped
-            image = np.load(self.folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
-            seg_path = self.folder / f"{case_id}_seg.npy"
-            label = np.load(seg_path, mmap_mode="r", allow_pickle=False) if seg_path.exists() else None
-        else:
-            from scnas.data.arrays import SUFFIX, open_array
+        record, fix = self.records[case_id], self.repair(case_id)
+        shape, channels = tuple(record["shape"]), len(self.channel_names)
+        files = record.get("files")
+        if self.version >= 3 and not files:
+            raise damaged(self.folder / "cache.json", f"is damaged: case {case_id} lists no files", fix)
 
-            image = open_array(self.folder / f"{case_id}{SUFFIX}")
-            seg_path = self.folder / f"{case_id}_seg{SUFFIX}"
-            label = open_array(seg_path) if seg_path.exists() else None
-        foreground = np.load(self.folder / f"{case_id}_fg.npy", allow_pickle=False)
-        return CachedCase(case_id, image, label, foreground, self.records[case_id])
+        def checksum(name: str) -> str | None:
+            return None if files is None else (files.get(name) or {}).get("checksum", "absent")
+
+        if self.version == 1:   # float32 .npy files, memory-mapped
+            image = self._npy(f"{case_id}.npy", fix)
+            seg_path = self.folder / f"{case_id}_seg.npy"
+            label = self._npy(seg_path.name, fix) if seg_path.exists() else None
+        else:
+            from scnas.data.arrays import SUFFIX
+
+            image = open_b2nd(self.folder / f"{case_id}{SUFFIX}", fix, checksum(f"{case_id}{SUFFIX}"),
+                              (channels, *shape))
+            seg = f"{case_id}_seg{SUFFIX}"
+            labelled = seg in files if files is not None else record.get("label_voxels") is not None
+            label = open_b2nd(self.folder / seg, fix, checksum(seg), shape, np.int16) if labelled else None
+        foreground = read_npy(self.folder / f"{case_id}_fg.npy", fix, checksum(f"{case_id}_fg.npy"), np.int32, 4)
+        return CachedCase(case_id, image, label, foreground, record)
+
+    def _npy(self, name: str, fix: str):
+        """A v1 array, memory-mapped (unchecked: v1 has no checksums)."""
+        try:
+            return np.load(self.folder / name, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:   # missing, truncated or garbled
+            raise damaged(self.folder / name, f"is damaged or missing ({type(exc).__name__}: {exc})", fix) from None

@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+
+class AlphaRecord(BaseModel):
+    """One epoch of plots/alpha.json: softmax(alpha) per cell type, edge and op."""
+
+    epoch: int
+    p: dict[str, list[list[float]]]
+
 
 def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bool = True) -> None:
     """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json,
@@ -17,13 +26,15 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
     import matplotlib.pyplot as plt
 
     from scnas.fileio import atomic_write_text
+    from scnas.records import read_json
     from scnas.figures import legend_below, plot_history, save_figure
     from scnas.search.supernet import cell_edges
 
     folder = run / "plots"
     folder.mkdir(exist_ok=True)
     track_path = folder / "alpha.json"
-    track = json.loads(track_path.read_text()) if track_path.exists() else []
+    track = read_json(track_path, "remove it (the alpha plots then start at this epoch) and resume the search",
+                      list[AlphaRecord]) if track_path.exists() else []
     track = [t for t in track if t["epoch"] < history[-1]["epoch"]]
     track.append({"epoch": history[-1]["epoch"], "p": {n: p.cpu().tolist() for n, p in arch.probabilities().items()}})
     atomic_write_text(track_path, json.dumps(track) + "\n")

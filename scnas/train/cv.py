@@ -18,8 +18,9 @@ A task folder given as data is prepared once into its shared cache (``$SCNAS_CAC
     OUT/jobs/NAME/fold_K/       train/ (the run folder), predictions/, evaluation.json
     OUT/results.{md,csv,json,png}
 
-A job is done when its ``evaluation.json`` exists; a job killed during training resumes from
-its checkpoint. ``shard i/n`` runs jobs i, i+n, ... (1-based), so n processes or machines
+A job is done when its ``evaluation.json`` reads as a record of that job (a damaged one, e.g.
+truncated, is named and the job done again); a job killed during training resumes from its
+checkpoint. ``shard i/n`` runs jobs i, i+n, ... (1-based), so n processes or machines
 sharing OUT run the study between them; ``report`` gathers what they wrote.
 """
 
@@ -38,12 +39,61 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from scnas.errors import ScnasError
+from pydantic import BaseModel, ConfigDict
+
+from scnas.errors import DamagedFileError, Problem, ScnasError
 from scnas.fileio import atomic_write_text
+from scnas.records import damaged, read_json
 
 PLAN_FORMAT = "scnas-cv"
 PLAN_VERSION = 1
 DONE = "evaluation.json"
+PLAN_FIX = ("the study's plan cannot be rebuilt from its jobs: move cv.json away and run the same 'scnas cv' command "
+            "again (the same genotypes, --data and settings give the same plan; finished jobs are kept), or put back "
+            "a good copy")
+
+
+class PlanShape(BaseModel):
+    """The fields of ``cv.json`` that a study reads."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str
+    version: int
+    request: dict[str, Any]
+    cache: str
+    task: str
+    folds: list[int]
+    genotypes: list[dict[str, Any]]
+    labels: dict[str, int]
+    validation: dict[str, list[str]]
+
+
+class EvaluationShape(BaseModel):
+    """The fields of a job's ``evaluation.json`` that the report reads (and whose job it is)."""
+
+    model_config = ConfigDict(extra="allow")
+    model_selection: str
+    mean: dict[str, float | None]
+    genotype: str | None = None
+    fold: int | None = None
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """A study's ``cv.json``; a damaged one is a ``DamagedFileError`` saying how to get one back."""
+    return read_json(path, PLAN_FIX, PlanShape)
+
+
+def job_record(out: Path, job: Job) -> dict[str, Any] | None:
+    """The evaluation record of a finished ``job`` (None: not finished); a damaged one (truncated,
+    empty, mistyped, another job's) is a ``DamagedFileError`` that says the job is done again."""
+    path = out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE
+    if not path.exists():
+        return None
+    fix = f"job {job.name} is done again by 'scnas cv -o {out}'"
+    record = read_json(path, fix, EvaluationShape)
+    if record["genotype"] not in (None, job.genotype) or record["fold"] not in (None, job.fold):
+        raise damaged(path, f"is damaged: it is the record of {record['genotype']}/fold_{record['fold']}", fix)
+    return record
 
 
 class CVError(ScnasError):
@@ -171,7 +221,7 @@ def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = 
     plan_path = out / "cv.json"
     with _study_lock(out):
         if plan_path.exists():
-            plan = json.loads(plan_path.read_text())
+            plan = read_plan(plan_path)
             if plan.get("format") != PLAN_FORMAT or plan.get("version") != PLAN_VERSION:
                 raise CVError(f"is not a version-{PLAN_VERSION} scnas cv plan", source=str(plan_path))
             if request is not None and request != plan["request"]:
@@ -345,9 +395,12 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     jobs = study_jobs(plan)
     mine = [job for position, job in enumerate(jobs) if position % count == index - 1]
     for number, job in enumerate(mine, start=1):
-        if (out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE).exists():
-            say(f"[{number}/{len(mine)}] {job.name}: done before, skipped")
-            continue
+        try:
+            if job_record(out, job) is not None:
+                say(f"[{number}/{len(mine)}] {job.name}: done before, skipped")
+                continue
+        except DamagedFileError as exc:
+            say(f"[{number}/{len(mine)}] {exc}: doing it again")
         started = time.perf_counter()
         record = run_job(out, plan, job, progress, say)
         say(f"[{number}/{len(mine)}] {job.name}: mean Dice {record['mean_over_classes']:.4f} over "
@@ -362,8 +415,18 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     return write_report(out, plan, say)
 
 
-def missing_jobs(out: Path, plan: dict[str, Any]) -> list[Job]:
-    return [job for job in study_jobs(plan) if not (out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE).exists()]
+def missing_jobs(out: Path, plan: dict[str, Any], damage: list[str] | None = None) -> list[Job]:
+    """The jobs without a good evaluation record; the damaged records are described in ``damage``."""
+    missing = []
+    for job in study_jobs(plan):
+        try:
+            if job_record(out, job) is None:
+                missing.append(job)
+        except DamagedFileError as exc:
+            missing.append(job)
+            if damage is not None:
+                damage.append(str(exc))
+    return missing
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -374,7 +437,7 @@ def fold_scores(out: Path, plan: dict[str, Any]) -> dict[str, dict[int, dict[str
     names = {str(value): name for name, value in plan["labels"].items() if int(value) != 0}
     scores: dict[str, dict[int, dict[str, float]]] = {}
     for job in study_jobs(plan):
-        record = json.loads((out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE).read_text())
+        record = job_record(out, job)
         if record.get("model_selection") != "last epoch":
             raise CVError(f"job {job.name} was scored with a model selected by {record.get('model_selection')}",
                           source=str(out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE))
@@ -434,13 +497,14 @@ def write_report(out: str | os.PathLike, plan: dict[str, Any] | None = None,
     if plan is None:
         if not (out / "cv.json").exists():
             raise CVError("holds no study (no cv.json)", source=str(out))
-        plan = json.loads((out / "cv.json").read_text())
-    missing = missing_jobs(out, plan)
+        plan = read_plan(out / "cv.json")
+    damage: list[str] = []
+    missing = missing_jobs(out, plan, damage)
     if missing:
-        raise CVError(f"{len(missing)} of {len(study_jobs(plan))} jobs are not done ("
-                      f"{', '.join(job.name for job in missing[:6])}{' ...' if len(missing) > 6 else ''}); run the "
-                      "missing shards (or 'scnas cv -o OUT') first: a table over fewer folds would mislead",
-                      source=str(out))
+        raise CVError(source=str(out), problems=[Problem("", line) for line in [
+            f"{len(missing)} of {len(study_jobs(plan))} jobs are not done ("
+            f"{', '.join(job.name for job in missing[:6])}{' ...' if len(missing) > 6 else ''}); run the missing "
+            "shards (or 'scnas cv -o OUT') first: a table over fewer folds would mislead", *damage]])
     scores = fold_scores(out, plan)
     classes = [name for name, value in plan["labels"].items() if int(value) != 0] + ["mean"]
     folds = plan["folds"]
