@@ -36,7 +36,8 @@ def trained(tmp_path_factory):
                                  spacing=(1.0, 1.0, 2.0), seed=3)
     code = main(["train", "minimal", "--data", str(task), "-o", str(root / "run"), "--stem", "4", "--patch", "16",
                  "16", "16", "--batch-size", "2", "--micro-batch", "2", "--epochs", "5", "--steps-per-epoch", "10",
-                 "--lr", "0.01", "--spacing", "1.5", "1.5", "1.5", "--device", "cpu", "--seed", "0", "--workers", "0"])
+                 "--lr", "0.01", "--spacing", "1.5", "1.5", "1.5", "--device", "cpu", "--seed", "0", "--workers", "0",
+                 "--deep-supervision"])
     assert code == 0
     return root / "run" / "model.safetensors", task
 
@@ -245,3 +246,35 @@ def test_onnx_goes_into_models_from_the_network_without_heads(trained, tmp_path,
     assert (tmp_path / "bundle" / "models" / "model.onnx").read_bytes() == b"onnx"
     weights = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
     assert calls == [(False, [16, 16, 16], sorted(weights))]
+
+
+@pytest.mark.parametrize("direction, origin", [
+    ([1.0, 1.0, 2.0], [2.0, 2.0, 2.0]),
+    ([1.0, 1.0, 2.0], [0.0, 0.0, 0.0]),       # Spacingd's own offset is off here (np.sign(0))
+    ([-1.0, -1.0, 2.0], [120.0, 100.0, -30.0]),
+    ("rotated", [10.0, -4.0, 7.0])])
+def test_whole_voxel_spacing_resamples_exactly_as_scnas(direction, origin):
+    """WholeVoxelSpacingd gives the voxels scnas's resample_image gives (scipy zoom, cubic, on
+    round(n * spacing / target) voxels) for any orientation and origin, and its inverse returns
+    the input's grid: shape and affine."""
+    from monai.data import MetaTensor
+
+    from scnas.data.preprocess import resample_image
+    from scnas.integrations.monai_bundle import WholeVoxelSpacingd
+
+    if direction == "rotated":
+        angle = np.deg2rad(20)
+        linear = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) \
+            @ np.diag([1.0, 1.0, 2.0])
+    else:
+        linear = np.diag(direction)
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, origin
+    image = np.random.default_rng(0).normal(size=(2, 27, 25, 14)).astype(np.float32)
+    transform = WholeVoxelSpacingd("image", (1.5, 1.5, 1.5), mode=3, padding_mode="nearest")
+    out = transform({"image": MetaTensor(torch.from_numpy(image.copy()), affine=torch.from_numpy(affine))})["image"]
+    assert tuple(out.shape) == (2, 18, 17, 19)              # 27 x 1, 25 x 1, 14 x 2 mm at 1.5 mm, rounded
+    np.testing.assert_allclose(out.numpy(), resample_image(image, (18, 17, 19)), atol=1e-5)
+    back = transform.inverse({"image": out})["image"]
+    assert tuple(back.shape) == image.shape
+    np.testing.assert_allclose(np.asarray(back.affine), affine, atol=1e-9)

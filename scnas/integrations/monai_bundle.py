@@ -131,7 +131,7 @@ def preprocessing_transforms(preprocessing: dict[str, Any]) -> list[dict[str, An
         {"_target_": "Lambdad", "keys": "mask", "func": "$lambda x: (x != 0).any(0, keepdim=True).float()"},
         {"_target_": f"{MODULE}.WholeVoxelSpacingd", "keys": ["image", "mask"],
          "pixdim": list(preprocessing["target_spacing"]), "mode": [3, 1], "padding_mode": "nearest",
-         "scale_extent": True, "inverse_mode": 1},
+         "inverse_mode": 1},
         {"_target_": "MaskIntensityd", "keys": "image", "mask_key": "mask", "select_fn": "$lambda m: m >= 0.5"},
         {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
         {"_target_": "DeleteItemsd", "keys": "mask"},
@@ -146,23 +146,38 @@ def _whole_voxel_spacingd() -> type:
 
     class WholeVoxelSpacingd(Spacingd):
         """MONAI's ``Spacingd`` on the grid scnas (and nnU-Net) resample to: round(n * spacing /
-        target) voxels spanning the image's extent, so the spacing is the target adjusted to a
-        whole number of voxels (``Spacingd`` keeps the target exactly, which shifts the voxels
-        far from the first by up to half a voxel against scnas's). Sizes and spacing come from
-        the first key. ``inverse_mode``: the spline order (0-5) of the inverse, e.g. 1 for
-        one-hot label maps, which scnas maps back linearly; None: the forward mode."""
+        target) voxels spanning the image's extent, voxel centres at (j + 0.5) * n / count - 0.5
+        (``scipy.ndimage.zoom``'s ``grid_mode``). ``Spacingd`` keeps the target spacing exactly,
+        which shifts voxels far from the first by up to half a voxel against scnas's, and its
+        offset is off where the image's corner lies within half a voxel of world coordinate 0.
+        Sizes, spacing and affine come from the first key. The inverse is ``Spacingd``'s.
+        ``inverse_mode``: the spline order (0-5) of the inverse, e.g. 1 for one-hot label maps,
+        which scnas maps back linearly; None: the forward mode."""
 
         def __init__(self, keys, pixdim, *args, inverse_mode: int | None = None, **kwargs):
             super().__init__(keys, pixdim, *args, **kwargs)
-            self.target_pixdim = np.asarray(self.spacing_transform.pixdim, dtype=np.float64)
             self.inverse_mode = inverse_mode
 
         def __call__(self, data, lazy=None):
-            image = data[self.keys[0]]
-            sizes = np.asarray(image.shape[1:], dtype=np.float64)
-            extent = sizes * np.asarray(image.pixdim, dtype=np.float64)
-            self.spacing_transform.pixdim = extent / np.maximum(1, np.round(extent / self.target_pixdim))
-            return super().__call__(data, lazy)
+            import torch
+
+            d = dict(data)
+            first = d[self.keys[0]]
+            affine = np.asarray(first.affine, dtype=np.float64)
+            sizes = np.asarray(first.shape[1:], dtype=np.float64)
+            extent = sizes * np.asarray(first.pixdim, dtype=np.float64)
+            target = self.spacing_transform.pixdim[:len(sizes)]
+            stretch = sizes / np.maximum(1, np.round(extent / target))   # input voxels per output voxel
+            grid = affine.copy()
+            grid[:-1, :-1] = affine[:-1, :-1] * stretch
+            grid[:-1, -1] = affine[:-1, :-1] @ (0.5 * (stretch - 1)) + affine[:-1, -1]
+            shape = [int(n) for n in np.round(sizes / stretch)]
+            for key, mode, padding_mode, align_corners, dtype in self.key_iterator(
+                    d, self.mode, self.padding_mode, self.align_corners, self.dtype):
+                d[key] = self.spacing_transform.sp_resample(d[key], dst_affine=torch.as_tensor(grid),
+                                                            spatial_size=shape, mode=mode, padding_mode=padding_mode,
+                                                            align_corners=align_corners, dtype=dtype)
+            return d
 
         def inverse(self, data):
             d = dict(data)
