@@ -22,21 +22,22 @@ from scnas.genotype import builtin_genotype
 
 SCHEMA = "SCNAS_MONAI_SCHEMA"
 """A local copy of the metadata schema the bundle names (``verify_metadata`` downloads it otherwise)."""
-MIN_AGREEMENT = 0.999            # share of all voxels with the same label as 'scnas predict'
-MIN_FOREGROUND_AGREEMENT = 0.99  # ... of the voxels either of the two calls foreground
+MIN_AGREEMENT = 0.9999            # share of all voxels with the same label as 'scnas predict' (measured: all)
+MIN_FOREGROUND_AGREEMENT = 0.999  # ... of the voxels either of the two calls foreground (measured: all)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A phantom task on an anisotropic grid (1 x 1 x 2 mm) and a network trained on it for 50
-    steps at 1.5 mm isotropic (validation Dice about 0.93), so that preprocessing resamples on
-    every axis, windows overlap on every axis, and the labels are worth comparing."""
+    steps at 0.9 x 0.9 x 1.5 mm (validation Dice 0.94), so that preprocessing resamples every
+    axis, three windows overlap along x and y (where MONAI's own placement differs from
+    scnas's), and the labels are worth comparing. Deep supervision on: the export drops the heads."""
     root = tmp_path_factory.mktemp("bundle")
     task = write_phantom_dataset(root / "task", cases=5, channels=2, classes=2, shape=(32, 32, 16),
                                  spacing=(1.0, 1.0, 2.0), seed=3)
     code = main(["train", "minimal", "--data", str(task), "-o", str(root / "run"), "--stem", "4", "--patch", "16",
                  "16", "16", "--batch-size", "2", "--micro-batch", "2", "--epochs", "5", "--steps-per-epoch", "10",
-                 "--lr", "0.01", "--spacing", "1.5", "1.5", "1.5", "--device", "cpu", "--seed", "0", "--workers", "0",
+                 "--lr", "0.01", "--spacing", "0.9", "0.9", "1.5", "--device", "cpu", "--seed", "0", "--workers", "0",
                  "--deep-supervision"])
     assert code == 0
     return root / "run" / "model.safetensors", task
@@ -64,8 +65,8 @@ def _monai(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_monai_bundle_run_agrees_with_scnas_predict(trained, bundle, tmp_path, cli):
     """``python -m monai.bundle run`` writes one label file per case on the input's grid, with
-    the input's affine, and the labels of 'scnas predict' on at least 99.9% of all voxels and
-    99% of the foreground (measured: 99.98% and 99.70%; docs/integrations.md)."""
+    the input's affine, and the labels of 'scnas predict' (measured: every voxel; the bounds
+    leave room for float rounding at a tie on other CPUs; docs/integrations.md)."""
     model, task = trained
     _monai("run", "--config_file", bundle / "configs" / "inference.json", "--meta_file",
            bundle / "configs" / "metadata.json", "--bundle_root", bundle, "--dataset_dir", task / "imagesTr",
@@ -278,3 +279,20 @@ def test_whole_voxel_spacing_resamples_exactly_as_scnas(direction, origin):
     back = transform.inverse({"image": out})["image"]
     assert tuple(back.shape) == image.shape
     np.testing.assert_allclose(np.asarray(back.affine), affine, atol=1e-9)
+
+
+def test_even_sliding_window_inferer_is_scnas_sliding_window():
+    """The bundle's inferer gives scnas's logits (windows at 0, 7, 14 on an axis of 30, where
+    MONAI's own would be at 0, 8, 14), for each image of a batch."""
+    from scnas.integrations.monai_bundle import EvenSlidingWindowInferer
+    from scnas.train.inference import sliding_window_logits
+
+    torch.manual_seed(0)
+    network = build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=2, in_channels=2, num_classes=3,
+                                                                     depth=2)).eval()
+    images = torch.randn(2, 2, 30, 24, 19)
+    inferer = EvenSlidingWindowInferer((16, 16, 16), 2, 0.5, mode="gaussian", sigma_scale=0.125, num_classes=3)
+    with torch.inference_mode():
+        logits = inferer(images, network)
+        for image, result in zip(images, logits):
+            torch.testing.assert_close(result, sliding_window_logits(image, network, (16, 16, 16), 3, 0.5, 2))

@@ -1,17 +1,19 @@
 """A trained scnas model as a MONAI bundle, so that ``python -m monai.bundle run`` segments NIfTI
-images as ``scnas predict`` does, with MONAI's own transforms, inferer and writer.
+images as ``scnas predict`` does, inside MONAI's own workflow, transforms, inferer and writer.
 
 The bundle follows MONAI's bundle specification: ``configs/metadata.json`` (the schema's
 required keys, the network's inputs and outputs), ``configs/inference.json`` (the network built
 from the genotype written inline, through :func:`build_network_from_genotype`; the model's
-recorded preprocessing as MONAI transforms; ``SlidingWindowInferer`` with the model's patch,
+recorded preprocessing as MONAI transforms; a ``SlidingWindowInferer`` with the model's patch,
 overlap 0.5 and Gaussian blending; the labels mapped back onto the input's grid and written as
 NIfTI), ``models/model.pt`` (a plain state dict) and, on request, ``models/model.onnx``.
 
-Two small MONAI transforms' settings live here because MONAI's defaults differ from scnas's:
-:class:`WholeVoxelSpacingd` (``Spacingd`` on scnas's resampling grid) and
-:func:`labels_from_maps` (scnas's rule for labels resampled back). What still differs, and how
-much it changes the labels, is in docs/integrations.md.
+Where MONAI's own components compute differently from scnas, the bundle names small pieces
+from here instead, each the MONAI class or a function MONAI's ``Lambdad`` runs:
+:class:`WholeVoxelSpacingd` (scnas's resampling grid), :func:`zscore_in_nonzero_mask` (scnas's
+z-score statistics), :class:`EvenSlidingWindowInferer` (scnas's window placement and weights)
+and :func:`labels_from_maps` (scnas's rule for labels resampled back). With them the labels
+equal 'scnas predict''s; docs/integrations.md gives what each one changed.
 """
 
 from __future__ import annotations
@@ -77,6 +79,24 @@ def bundle_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return items
 
 
+def zscore_in_nonzero_mask(image):
+    """Each channel of ``image`` (C, X, Y, Z) z-scored with the mean and standard deviation of
+    its voxels where any channel is nonzero, every voxel included, as
+    :func:`scnas.data.preprocess.preprocess_case` scores the cropped image. Resampling
+    preserves constants, so z-scoring first and resampling then gives scnas's values (which
+    resample first); MONAI's ``NormalizeIntensityd`` measures each channel's own nonzero voxels
+    and scores only those."""
+    import torch
+
+    mask = (image != 0).any(0)
+    scored = torch.empty_like(image, dtype=torch.float32)
+    for channel in range(image.shape[0]):
+        values = image[channel][mask].double()
+        std = max(float(values.std(unbiased=False)), 1e-8)
+        scored[channel] = (image[channel].float() - float(values.mean())) / std
+    return scored
+
+
 def labels_from_maps(maps):
     """A label map (1, X, Y, Z) from per-label maps (K, X, Y, Z) resampled from one-hot maps, as
     :func:`scnas.data.preprocess.resample_label` decides: the highest label whose map is >= 0.5,
@@ -129,11 +149,12 @@ def preprocessing_transforms(preprocessing: dict[str, Any]) -> list[dict[str, An
          "select_fn": "$lambda x: x != 0", "margin": 0, "allow_smaller": True},
         {"_target_": "CopyItemsd", "keys": "image", "names": "mask"},
         {"_target_": "Lambdad", "keys": "mask", "func": "$lambda x: (x != 0).any(0, keepdim=True).float()"},
+        {"_target_": "Lambdad", "keys": "image", "func": {"_target_": f"{MODULE}.zscore_in_nonzero_mask",
+                                                           "_mode_": "callable"}},
         {"_target_": f"{MODULE}.WholeVoxelSpacingd", "keys": ["image", "mask"],
          "pixdim": list(preprocessing["target_spacing"]), "mode": [3, 1], "padding_mode": "nearest",
          "inverse_mode": 1},
         {"_target_": "MaskIntensityd", "keys": "image", "mask_key": "mask", "select_fn": "$lambda m: m >= 0.5"},
-        {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
         {"_target_": "DeleteItemsd", "keys": "mask"},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
     ]
@@ -190,10 +211,48 @@ def _whole_voxel_spacingd() -> type:
     return WholeVoxelSpacingd
 
 
+@functools.cache
+def _even_sliding_window_inferer() -> type:
+    from monai.inferers import SlidingWindowInferer
+    from monai.utils import convert_to_dst_type
+
+    class EvenSlidingWindowInferer(SlidingWindowInferer):
+        """MONAI's ``SlidingWindowInferer`` placing and blending windows as scnas (and nnU-Net)
+        do (:func:`scnas.train.inference.sliding_window_logits`): corners spread evenly from 0
+        to size - patch, Gaussian weights (sigma = patch / 8) falling to ~1e-9 in a window's
+        corners. MONAI steps by int(patch x (1 - overlap)) with the last window flush at the
+        end and floors its weights at 1e-3: with InstanceNorm in every cell, a window's
+        prediction depends on where it lies, and that placement changed 6% of the foreground
+        labels on volumes of three windows per axis. ``num_classes``: the network's outputs."""
+
+        def __init__(self, roi_size, sw_batch_size: int = 1, overlap: float = 0.5, *args,
+                     num_classes: int, **kwargs):
+            super().__init__(roi_size, sw_batch_size, overlap, *args, **kwargs)
+            self.num_classes = num_classes
+
+        def __call__(self, inputs, network, *args, **kwargs):
+            import torch
+
+            from scnas.train.inference import sliding_window_logits
+
+            images = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+            logits = torch.stack([
+                sliding_window_logits(image, lambda batch: network(batch, *args, **kwargs),
+                                      tuple(int(n) for n in self.roi_size), self.num_classes, float(self.overlap),
+                                      self.sw_batch_size, gaussian=self.mode == "gaussian")
+                for image in images])
+            return convert_to_dst_type(logits, inputs, dtype=logits.dtype)[0]
+
+    return EvenSlidingWindowInferer
+
+
+MONAI_CLASSES = {"WholeVoxelSpacingd": _whole_voxel_spacingd, "EvenSlidingWindowInferer": _even_sliding_window_inferer}
+
+
 def __getattr__(name: str) -> Any:
-    # The MONAI transform is made on first use, so that exporting a bundle does not import MONAI.
-    if name == "WholeVoxelSpacingd":
-        return _whole_voxel_spacingd()
+    # MONAI classes are made on first use, so that exporting a bundle does not import MONAI.
+    if name in MONAI_CLASSES:
+        return MONAI_CLASSES[name]()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -216,9 +275,9 @@ def inference_config(info, preprocessing: dict[str, Any]) -> dict[str, Any]:
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": patch, "sw_batch_size": D.PREDICT_BATCH_SIZE,
-                    "overlap": D.OVERLAP, "mode": "gaussian", "sigma_scale": SIGMA_SCALE, "padding_mode": "constant",
-                    "cval": 0.0},
+        "inferer": {"_target_": f"{MODULE}.EvenSlidingWindowInferer", "roi_size": patch,
+                    "sw_batch_size": D.PREDICT_BATCH_SIZE, "overlap": D.OVERLAP, "mode": "gaussian",
+                    "sigma_scale": SIGMA_SCALE, "num_classes": info.config.num_classes},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True, "to_onehot": info.config.num_classes},
             # Back through the resampling and the crop (the one-hot maps, then argmax: as scnas maps
