@@ -142,15 +142,14 @@ def export_bundle_command(
     """Write a MONAI bundle that segments NIfTI images as 'scnas predict' does.
 
     configs/inference.json builds the network from the genotype written inline, repeats the
-    model's preprocessing with MONAI transforms (crop to the nonzero box, resampling to the
-    target spacing, z-score in the nonzero mask), runs MONAI's SlidingWindowInferer (the
-    model's patch, overlap 0.5, Gaussian blending) and writes each case's labels on its own
-    grid; models/model.pt holds the weights. Run it with MONAI (pip install 'scnas[monai]'):
+    model's preprocessing with MONAI transforms (crop to the nonzero box, z-score in the nonzero
+    mask, resampling to the target spacing), slides windows of the model's patch over each
+    image (a SlidingWindowInferer placing and blending them as scnas does) and writes each
+    case's labels on its own grid; models/model.pt holds the weights. Its labels equal those of
+    'scnas predict' (docs/integrations.md). Run it with MONAI (the monai extra of scnas):
 
     python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE
     --dataset_dir IMAGES --output_dir PREDICTIONS
-
-    docs/integrations.md gives its measured agreement with 'scnas predict'.
     """
     from scnas.integrations.monai_bundle import export_bundle
 

@@ -222,8 +222,9 @@ def _even_sliding_window_inferer() -> type:
         to size - patch, Gaussian weights (sigma = patch / 8) falling to ~1e-9 in a window's
         corners. MONAI steps by int(patch x (1 - overlap)) with the last window flush at the
         end and floors its weights at 1e-3: with InstanceNorm in every cell, a window's
-        prediction depends on where it lies, and that placement changed 6% of the foreground
-        labels on volumes of three windows per axis. ``num_classes``: the network's outputs."""
+        prediction depends on where it lies: MONAI's placement changed 3-6% of the foreground
+        labels of the phantom models in docs/integrations.md. ``num_classes``: the network's
+        outputs."""
 
         def __init__(self, roi_size, sw_batch_size: int = 1, overlap: float = 0.5, *args,
                      num_classes: int, **kwargs):
