@@ -280,6 +280,9 @@ def inference_config(info, preprocessing: dict[str, Any]) -> dict[str, Any]:
                     "sw_batch_size": D.PREDICT_BATCH_SIZE, "overlap": D.OVERLAP, "mode": "gaussian",
                     "sigma_scale": SIGMA_SCALE, "num_classes": info.config.num_classes},
         "postprocessing": {"_target_": "Compose", "transforms": [
+            # Labels go back in CPU memory, as scnas's do: MONAI's spline resampling of a CUDA
+            # tensor needs CuPy.
+            {"_target_": "ToDeviced", "keys": "pred", "device": "cpu"},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True, "to_onehot": info.config.num_classes},
             # Back through the resampling and the crop (the one-hot maps, then argmax: as scnas maps
             # each label's mask back and thresholds it), onto the input's grid and affine.
