@@ -190,20 +190,26 @@ def test_export_bundle_refuses_an_existing_folder(trained, tmp_path, cli):
 
 def test_export_bundle_refuses_files_that_are_not_scnas_models(tmp_path, cli):
     """A file that is no safetensors file, a safetensors file without scnas metadata, an ONNX
-    file, and a model without preprocessing (an untrained 'scnas build -o'): one line each,
-    exit 1, no bundle and no temporary folder left."""
+    file, a model without preprocessing (an untrained 'scnas build -o') and one whose recorded
+    preprocessing the bundle cannot repeat: one line each, exit 1, no bundle and no temporary
+    folder left."""
     from safetensors.torch import save_file
 
     (tmp_path / "notes.safetensors").write_text("not a model")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
     torch.manual_seed(0)
-    save_model(build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=2, in_channels=1, num_classes=2,
-                                                                      depth=2)), tmp_path / "untrained.safetensors")
+    network = build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=2, in_channels=1, num_classes=2,
+                                                                     depth=2))
+    save_model(network, tmp_path / "untrained.safetensors")
+    save_model(network, tmp_path / "ct.safetensors", {"target_spacing": [1, 1, 1], "patch_size": [8, 8, 8],
+                                                      "normalization": "ct-percentile"})
     expected = {"notes.safetensors": "not a safetensors model file",
                 "other.safetensors": "has no scnas metadata",
                 "model.onnx": "is an ONNX file; export the bundle from the .safetensors model file",
-                "untrained.safetensors": "has no preprocessing settings (target_spacing, patch_size)"}
+                "untrained.safetensors": "has no preprocessing settings (target_spacing, patch_size)",
+                "ct.safetensors": "records preprocessing normalization='ct-percentile'; the bundle's MONAI transforms "
+                                  "reproduce normalization='zscore-nonzero' only"}
     before = sorted(p.name for p in tmp_path.iterdir())
     for name, message in expected.items():
         result = cli("export-bundle", tmp_path / name, "-o", tmp_path / "bundle")

@@ -41,8 +41,8 @@ SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
 """The metadata schema MONAI's model zoo bundles name (``verify_metadata`` downloads it)."""
 BUNDLE_VERSION = "0.1.0"
 MODULE = "scnas.integrations.monai_bundle"
-"""What the bundle's ``_target_`` entries name: functions here build its network, list its cases
-and name its outputs."""
+"""What the bundle's ``_target_`` entries name: the functions and MONAI classes here that build
+its network, list its cases, resample, z-score, slide windows and name its outputs."""
 SIGMA_SCALE = 1 / 8
 """The Gaussian's sigma as a share of the window, as in :func:`scnas.train.inference.gaussian_importance`."""
 TRANSLATABLE = {"crop": "nonzero", "normalization": "zscore-nonzero", "image_interpolation": "cubic"}
