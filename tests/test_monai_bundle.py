@@ -92,7 +92,6 @@ def test_monai_bundle_run_agrees_with_scnas_predict(trained, bundle, tmp_path, c
     assert same_foreground / foreground >= MIN_FOREGROUND_AGREEMENT, same_foreground / foreground
 
 
-@pytest.mark.slow
 def test_monai_verifiers_accept_the_bundle_and_catch_a_wrong_one(trained, bundle):
     """MONAI's verify_net_in_out builds ``network_def`` from the inline genotype and checks the
     output channels and dtype the metadata declares (a wrong count fails); the workflow has
@@ -116,7 +115,6 @@ def test_monai_verifiers_accept_the_bundle_and_catch_a_wrong_one(trained, bundle
     assert set(DEFAULT_METADATA) <= set(metadata)
 
 
-@pytest.mark.slow
 def test_verify_metadata_accepts_the_bundle_and_refuses_a_key_missing(bundle, tmp_path):
     """MONAI's verify_metadata against the schema the bundle names: from $SCNAS_MONAI_SCHEMA
     when set (verify_metadata then skips its download), else downloaded; skipped only when
