@@ -21,7 +21,7 @@ def test_every_command_is_in_the_reference():
     text = render()
     for command in ("validate", "show", "diff", "convert", "schema", "genotype random", "build", "export-onnx", "info",
                     "draw", "data phantom", "data prepare", "data check", "search", "train", "predict", "evaluate",
-                    "demo", "plan", "cv", "derive"):
+                    "demo", "plan", "cv", "derive", "export-bundle"):
         assert f"## `scnas {command}`" in text, command
 
 
