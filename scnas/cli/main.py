@@ -68,6 +68,7 @@ def _register_commands() -> None:
     # Each module adds its commands to ``app``; imported here so ``--help`` lists them all.
     from scnas.cli import (build_commands, cv_commands, data_commands, demo_commands,  # noqa: F401
                            export_commands, genotype_commands, plan_commands, search_commands, train_commands)
+    from scnas.cli import nnunet_commands  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
