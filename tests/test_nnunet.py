@@ -213,6 +213,17 @@ def test_a_2d_configuration_is_refused(cli, tmp_path):
     _refused(cli, tmp_path, plans, "--base", "3d_lowres", expected="has no configuration '3d_lowres'")
 
 
+def test_the_width_is_given_once_and_the_plans_file_is_never_replaced(cli, tmp_path):
+    plans = write_plans(tmp_path / "w")
+    for args in ((), ("--stem", 8, "--match-flops")):
+        result = cli("nnunet-plans", plans, "uresnet", *args)
+        assert result.code == 1 and "give either --stem N or --match-flops" in result.err, result
+    original = plans.read_text()
+    result = cli("nnunet-plans", plans, "uresnet", "--stem", 8, "-o", plans)
+    assert result.code == 1 and "would replace the plans file itself" in result.err, result
+    assert plans.read_text() == original
+
+
 def test_anisotropic_strides_are_refused_and_depth_gives_isotropic_ones(cli, tmp_path):
     plans = write_plans(tmp_path / "a", patch=(16, 64, 64), spacing=(3.0, 1.0, 1.0),
                         strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]])

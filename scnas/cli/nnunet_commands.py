@@ -70,8 +70,6 @@ def nnunet_plans_command(
 
     if upsampling not in ("trilinear", "transposed"):
         raise NNUNetError(f"--upsampling must be trilinear or transposed, not {upsampling!r}")
-    if (stem is None) == (not match):
-        raise NNUNetError("give either --stem N or --match-flops")
     _require_nnunet()
     genotype = load_genotype(genotype_path)
     edit = write_nnunet_plans(plans, genotype, output, stem_channels=stem, match_nnunet_flops=match,

@@ -262,13 +262,13 @@ def nnunet_network(plans: dict[str, Any], configuration: str, dataset_json: dict
                                   allow_init=False, deep_supervision=deep_supervision)
 
 
-def nnunet_network_cost(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any]
-                        ) -> tuple[int, int]:
+def nnunet_network_cost(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
+                        source: str = "plans") -> tuple[int, int]:
     """Parameters and FLOPs (one inference forward at the configuration's patch, batch 1) of
     nnU-Net's own network for ``configuration``, counted as scnas counts its networks."""
     from scnas.build.stats import forward_flops
 
-    patch = resolved_configuration(plans, configuration, "plans")["patch_size"]
+    patch = resolved_configuration(plans, configuration, source)["patch_size"]
     with torch.device("meta"):
         network = nnunet_network(plans, configuration, dataset_json)
     in_channels, _ = network_channels(plans, configuration, dataset_json)
@@ -320,7 +320,7 @@ def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output
 
     source = str(plans_path)
     if (stem_channels is None) == (not match_nnunet_flops):
-        raise NNUNetError("give either a stem width (--stem) or --match-flops, not both or neither")
+        raise NNUNetError("give either --stem N or --match-flops (not both)")
     plans = read_json_document(plans_path, "plans file")
     check_plans(plans, source)
     output = Path(output) if output is not None else default_output(plans_path)
@@ -347,21 +347,20 @@ def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output
         in_channels, num_classes = network_channels(plans, base, dataset)
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise NNUNetError(f"cannot read channels and labels: {type(exc).__name__} {exc}", source=str(json_path)) from None
-    genotype_, config = settings_from_arch_kwargs(in_channels, num_classes, genotype, stem_channels or 1, strides,
-                                                  upsampling)
+    _, config = settings_from_arch_kwargs(in_channels, num_classes, genotype, stem_channels or 1, strides, upsampling)
     cost_config = config.model_copy(update={"deep_supervision": False})   # inference cost, as nnU-Net's is counted
     nnunet_params = nnunet_flops = None
     if match_nnunet_flops:
-        nnunet_params, nnunet_flops = nnunet_network_cost(plans, base, dataset)
-        stem_channels, flops = match_flops(genotype_, nnunet_flops, cost_config, patch)
+        nnunet_params, nnunet_flops = nnunet_network_cost(plans, base, dataset, source)
+        stem_channels, flops = match_flops(genotype, nnunet_flops, cost_config, patch)
         config = config.model_copy(update={"stem_channels": stem_channels})
     else:
-        flops = network_flops(genotype_, cost_config.model_copy(update={"stem_channels": stem_channels}), patch)
+        flops = network_flops(genotype, cost_config.model_copy(update={"stem_channels": stem_channels}), patch)
         config = config.model_copy(update={"stem_channels": stem_channels})
-    params = network_stats(genotype_, config, (2 * config.divisor,) * 3).params
+    params = network_stats(genotype, config, (2 * config.divisor,) * 3).params
     edited = dict(plans)
     edited["configurations"] = {**plans["configurations"],
-                                configuration: scnas_configuration(genotype_, stem_channels, strides, base, upsampling)}
+                                configuration: scnas_configuration(genotype, stem_channels, strides, base, upsampling)}
     edited["plans_name"] = output.stem   # nnU-Net names result folders TRAINER__PLANS__CONFIG from it
     atomic_write_text(output, json.dumps(edited, indent=4) + "\n")
     return PlansEdit(output, configuration, base, plans["dataset_name"], output.stem, stem_channels, config.depth,
