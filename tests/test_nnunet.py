@@ -389,7 +389,7 @@ def test_nnunet_plans_trains_and_predicts_with_nnunets_own_commands(cli, tmp_pat
     (images / case.name).write_bytes(case.read_bytes())
     _nnunet(env, str(bin_dir / "nnUNetv2_predict"), "-i", str(images), "-o", str(tmp_path / "predicted"), "-d", "901",
             "-c", "3d_fullres_scnas", "-p", "nnUNetPlans_scnas", "-tr", test_trainer, "-f", "0", "-device", "cpu",
-            "-npp", "1", "-nps", "1", "--disable_tta")
+            "-npp", "0", "-nps", "0", "--disable_tta")   # 0 and 0: in this process, no worker pools
     import nibabel as nib
 
     predicted = nib.load(tmp_path / "predicted" / "phantom_000.nii.gz")
