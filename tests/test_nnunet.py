@@ -213,6 +213,25 @@ def test_a_2d_configuration_is_refused(cli, tmp_path):
     _refused(cli, tmp_path, plans, "--base", "3d_lowres", expected="has no configuration '3d_lowres'")
 
 
+def test_a_genotype_without_outputs_for_deep_supervision_is_refused(cli, tmp_path):
+    """Decoder cells reading only the expansion cell, expansion cells only the previous expansion:
+    the decoder cells above level 0 reach no output, so nnU-Net's deep supervision has nothing there."""
+    def cell(source: int) -> dict:
+        return {"edges": [{"from": source, "to": 2, "op": "conv_3x3x3"}, {"from": 2, "to": 3, "op": "conv_3x3x3"}],
+                "concat": [2, 3]}
+    doc = {"format": "scnas-genotype", "version": 1, "nodes": 2, "ops": ["zero", "conv_3x3x3"],
+           "cells": {"encoder_normal": cell(1), "reduction": cell(1), "decoder_normal": cell(1), "expansion": cell(0)}}
+    (tmp_path / "g.json").write_text(json.dumps(doc))
+    plans = write_plans(tmp_path / "s")
+    result = cli("nnunet-plans", plans, tmp_path / "g.json", "--stem", 8)
+    assert result.code == 1 and "leaves decoder_normal_1, decoder_normal_2 unused" in result.err, result
+    assert not (tmp_path / "s" / "nnUNetPlans_scnas.json").exists()
+    network = SCNASUNetForNNUNet(2, 3, doc, 4, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], deep_supervision=False)
+    network.decoder.deep_supervision = True   # as nnU-Net's trainer switches it
+    with pytest.raises(NNUNetError, match="decoder_normal_1 unused"):
+        network(torch.zeros(1, 2, 16, 16, 16))
+
+
 def test_the_width_is_given_once_and_the_plans_file_is_never_replaced(cli, tmp_path):
     plans = write_plans(tmp_path / "w")
     for args in ((), ("--stem", 8, "--match-flops")):

@@ -134,8 +134,9 @@ class SCNASUNetForNNUNet(SCNASUNet):
     def _check_supervision(self) -> None:
         if self._unsupervised_levels:
             raise NNUNetError(f"genotype {short_hash(self.genotype)} leaves {', '.join(self._unsupervised_levels)} "
-                              "unused (its output cannot reach the network output), so there is no output at that "
-                              "level for nnU-Net's deep supervision; train it with deep supervision off")
+                              "unused (no path from there to the network output), so it has no output at that level "
+                              "for nnU-Net's deep supervision, which nnU-Net's trainer turns on; train it with a "
+                              "trainer whose enable_deep_supervision is False")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.decoder.deep_supervision:
@@ -357,6 +358,8 @@ def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output
     else:
         flops = network_flops(genotype, cost_config.model_copy(update={"stem_channels": stem_channels}), patch)
         config = config.model_copy(update={"stem_channels": stem_channels})
+    with torch.device("meta"):   # refuses now what nnU-Net's trainer would refuse later
+        SCNASUNetForNNUNet(in_channels, num_classes, genotype, stem_channels, strides, True, upsampling)
     params = network_stats(genotype, config, (2 * config.divisor,) * 3).params
     edited = dict(plans)
     edited["configurations"] = {**plans["configurations"],
