@@ -110,7 +110,7 @@ class SCNASUNetForNNUNet(SCNASUNet):
     ``upsampling`` and ``negative_slope`` as in :class:`BuildConfig`.
 
     With ``decoder.deep_supervision`` on, ``forward`` returns ``depth`` logits, highest resolution
-    first (the output, then one head per decoder level down to level depth-1): exactly the scales
+    first (the output, then the heads of decoder levels 1 to depth-1): exactly the scales
     nnU-Net derives from ``strides``. Off, one tensor. The weights' names are scnas's own, so
     nnU-Net's ``network_weights`` load into ``build_network(genotype, config)`` unchanged.
     Initialised as nnU-Net initialises its U-Nets (:func:`he_initialization`, applied by
