@@ -331,9 +331,12 @@ class MacroUNet(nn.Module):
             current = current + (self.skips[name](skip) if name in self.skips else skip)
         return self.cells[name](previous, current, choices)
 
-    def run_cells(self, x: torch.Tensor, choices: Mapping[str, Sequence[Any]] | None = None
-                  ) -> torch.Tensor | list[torch.Tensor]:
-        """Logits for ``x``; ``choices`` maps a cell type to its edges' arguments (supernets)."""
+    def run_cells(self, x: torch.Tensor, choices: Mapping[str, Sequence[Any]] | None = None,
+                  supervise: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Logits for ``x``; ``choices`` maps a cell type to its edges' arguments (supernets).
+        ``supervise``: whether the deep-supervision heads' outputs are returned too (None: in
+        training mode only; nnU-Net switches them itself, in eval mode as well)."""
+        supervise = self.training if supervise is None else supervise
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input(x)
         recompute = self.checkpointing != "off" and torch.is_grad_enabled()
@@ -353,7 +356,7 @@ class MacroUNet(nn.Module):
             else:
                 output = self._cell_step(slot.name, previous, current, skip, cell_choices)
             outputs.append(output)
-            if slot.name in self.heads and self.training:
+            if slot.name in self.heads and supervise:
                 auxiliary.append(self.heads[slot.name](output))
         logits = self.out(outputs[-1])
         if auxiliary:

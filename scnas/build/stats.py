@@ -179,10 +179,17 @@ def network_flops(genotype: Genotype, config: BuildConfig, patch: tuple[int, int
     with torch.device("meta"):
         model = build_network(genotype, config)
     _without_norms(model)   # not counted, and their shape-only kernels are the slow part
+    return forward_flops(model, (1, config.in_channels, *small)) * _voxels(tuple(patch)) // _voxels(small)
+
+
+def forward_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of ``model`` (on the meta device) for an input of ``shape``,
+    counted as for scnas's own networks: how another framework's network (nnU-Net's planned
+    U-Net) is measured against a genotype's."""
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.empty(1, config.in_channels, *small, device="meta"))
-    return counter.get_total_flops() * _voxels(tuple(patch)) // _voxels(small)
+        model(torch.empty(*shape, device="meta"))
+    return counter.get_total_flops()
 
 
 def _without_norms(module: nn.Module) -> None:

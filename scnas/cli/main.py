@@ -67,7 +67,7 @@ def _root(
 def _register_commands() -> None:
     # Each module adds its commands to ``app``; imported here so ``--help`` lists them all.
     from scnas.cli import (build_commands, cv_commands, data_commands, demo_commands,  # noqa: F401
-                           export_commands, genotype_commands, plan_commands, search_commands,
+                           export_commands, genotype_commands, nnunet_commands, plan_commands, search_commands,
                            search_report_commands, train_commands)
 
 
