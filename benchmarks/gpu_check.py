@@ -1,4 +1,4 @@
-"""Every GPU claim of scnas checked by one command (issue 28): goal / measured / holds.
+"""Every GPU claim of scnas checked by one command: goal / measured / holds.
 
 Items, in order of value, each in its own process (a crash or a hang costs one item, and CUDA
 memory counts start from nothing):
@@ -265,9 +265,10 @@ def item_cli(it: Item) -> None:
         return
     image = sorted((task / "imagesTr").glob("*.nii.gz"))[0]
 
-    def predict(amp):
+    def predict(amp):   # on CUDA with --tta: the mirroring on the device runs too
         return lambda: it.scnas(f"predict {amp}", "predict", str(model), "-i", str(image), "-o",
-                                str(it.work / f"predict-{amp}"), "--device", dev, "--amp", amp)
+                                str(it.work / f"predict-{amp}"), "--device", dev, "--amp", amp,
+                                *(["--tta"] if it.cuda else []))
 
     if it.enough(15, "`scnas predict` in fp16 and float32"):
         if it.cuda:
@@ -646,8 +647,9 @@ def preflight(work: Path, rows: list[dict]) -> None:
                  "status": "holds" if status == 0 else "FAILS", "note": ""})
 
 
-def report(result: dict) -> None:
-    """The goals as a rich table, then as plain lines (for logs and for reading in a terminal)."""
+def report(result: dict) -> str:
+    """The goals as a rich table, then as plain lines (for logs: the last lines of a cut-off
+    output hold the verdicts); returns the plain lines."""
     from rich.console import Console
     from rich.table import Table
 
@@ -660,17 +662,23 @@ def report(result: dict) -> None:
         note = f" ({r['note']})" if r.get("note") else ""
         table.add_row(r["item"], r["goal"], f"{r['measured']}{note}", f"[{colour.get(r['status'], 'white')}]{verdict}")
     console.print(table)
-    say("\n==== gpu_check summary ====")
-    say(f"device {result['device']}, torch {result['torch']}, cuda {result['cuda']}, python {result['python']}, "
-        f"{'--quick' if result['quick'] else 'full sizes'}, {result['elapsed_s']:.0f} s (budget {result['budget_s']:.0f} s)")
+    lines = ["==== gpu_check summary ===="]
+    lines.append(f"device {result['device']}, torch {result['torch']}, cuda {result['cuda']}, python "
+                 f"{result['python']}, {'--quick' if result['quick'] else 'full sizes'}, {result['elapsed_s']:.0f} s "
+                 f"(budget {result['budget_s']:.0f} s)")
     for name, item in result["items"].items():
-        say(f"item {name}: {item['status']}, {item.get('seconds', 0):.0f} s{': ' + item['reason'] if item.get('reason') else ''}")
+        reason = f": {item['reason']}" if item.get("reason") else ""
+        lines.append(f"item {name}: {item['status']}, {item.get('seconds', 0):.0f} s{reason}")
     for r in result["goals"]:
         note = f" ({r['note']})" if r.get("note") else ""
-        say(f"[{r['status']}] {r['item']}: {r['goal']} | {r['measured']}{note}")
+        lines.append(f"[{r['status']}] {r['item']}: {r['goal']} | {r['measured']}{note}")
     counts = {s: sum(r["status"] == s for r in result["goals"]) for s in ("holds", "FAILS", "skipped", "info")}
-    say(f"goals: {counts['holds']} hold, {counts['FAILS']} fail, {counts['skipped']} skipped, {counts['info']} "
-        f"information; items broken: {sum(i['status'] == 'error' for i in result['items'].values())}")
+    lines.append(f"goals: {counts['holds']} hold, {counts['FAILS']} fail, {counts['skipped']} skipped, "
+                 f"{counts['info']} information; items broken: "
+                 f"{sum(i['status'] == 'error' for i in result['items'].values())}")
+    text = "\n".join(lines) + "\n"
+    say("\n" + text)
+    return text
 
 
 def main() -> int:
@@ -685,7 +693,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep the phantom task, runs and models here (default: a temporary "
                                                   "folder, removed)")
     parser.add_argument("-o", "--output", type=Path,
-                        help="the JSON (default: benchmarks/results/gpu-DEVICE.json, -quick.json with --quick)")
+                        help="the JSON (default: benchmarks/results/gpu-DEVICE.json, -quick.json with --quick); "
+                             "the plain summary goes beside it (.txt)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -760,8 +769,9 @@ def main() -> int:
                                         "measured": entry["reason"], "note": ""})
             save()
         save()
-        report(result)
-    say(f"wrote {output}")
+        summary = output.with_suffix(".txt")
+        atomic_write_text(summary, report(result))
+    say(f"wrote {output} and {summary}")
     broken = any(r["status"] == "FAILS" for r in result["goals"])
     return 1 if broken else 0
 

@@ -72,6 +72,7 @@ def test_items_past_the_budget_are_skipped_and_say_so(tmp_path):
     assert result["items"]["compile"] == {"status": "skipped", "reason": "CUDA only"}
     assert not any(r["status"] == "holds" for r in result["goals"] if r["item"] != "preflight")
     assert "==== gpu_check summary ====" in done.stdout
+    assert "goals: 1 hold, 0 fail, 5 skipped" in (tmp_path / "gpu.txt").read_text()   # preflight's --help
 
 
 @pytest.mark.slow
