@@ -213,8 +213,6 @@ def parallel(*jobs):
 
 def item_cli(it: Item) -> None:
     """The command line on the device, on a tiny phantom task."""
-    import numpy as np
-
     dev = it.device
     if it.full:
         phantom = ["--cases", "6", "--channels", "4", "--classes", "3", "--shape", "64", "64", "48"]
@@ -247,22 +245,37 @@ def item_cli(it: Item) -> None:
         return lambda: it.scnas(f"train {amp}", *train[:1], genotype, *train[1:], "-o", str(it.work / f"train-{amp}"),
                                 "--amp", amp, "--checkpoint", checkpoint, *extra)
 
+    compiling: dict = {}
     if it.cuda:
-        # the compiled run trains uresnet: the smallest graph, so compiling stays within the budget
-        _, (_, _, text) = parallel(fit("fp16", "edges"), fit("bf16", "cells", "--compile", genotype="uresnet"))
-        compiled = re.search(r"compiled the network's forward and backward in ([0-9.]+) s", text)
-        failed = re.search(r"--compile failed \(([^)]*)\)", text)
-        it.record("`scnas train --compile` compiles (no eager fallback)",
-                  f"compiled in {compiled.group(1)} s" if compiled else (failed.group(1) if failed else "no notice"),
-                  bool(compiled))
+        # the compiled run trains uresnet (the smallest graph) beside everything up to the export
+        run = fit("bf16", "cells", "--compile", genotype="uresnet")
+        compiling["thread"] = threading.Thread(target=lambda: compiling.update(result=run()), daemon=True)
+        compiling["thread"].start()
+        fit("fp16", "edges")()
     else:
         fit("bf16", "cells")()
         it.skip("`scnas train --compile` compiles (no eager fallback)",
                 "CUDA form only: compiling a training step takes 30-60 s on 2 CPU cores")
     model = it.work / ("train-fp16" if it.cuda else "train-bf16") / "model.safetensors"
-    if not model.exists():
+    if model.exists():
+        predict_and_export(it, task, model)
+    else:
         it.skip("predict and export", f"no model: {model} was not written")
-        return
+    if compiling:
+        compiling["thread"].join(timeout=max(1.0, it.left() + 5))
+        text = compiling.get("result", (None, 0, ""))[2]
+        compiled = re.search(r"compiled the network's forward and backward in ([0-9.]+) s", text)
+        failed = re.search(r"--compile failed \(([^)]*)\)", text)
+        it.record("`scnas train --compile` compiles (no eager fallback)",
+                  f"compiled in {compiled.group(1)} s" if compiled else (failed.group(1) if failed else "no notice"),
+                  bool(compiled))
+
+
+def predict_and_export(it: Item, task: Path, model: Path) -> None:
+    """``scnas predict`` (fp16; on CUDA also float32, labels compared) and ``export-onnx --fp16``."""
+    import numpy as np
+
+    dev = it.device
     image = sorted((task / "imagesTr").glob("*.nii.gz"))[0]
 
     def predict(amp):   # on CUDA with --tta: the mirroring on the device runs too
@@ -372,6 +385,9 @@ def item_memory(it: Item) -> None:
                     (stem_big, "fp16", "cells", 12)]
     if not it.full:   # the CPU form checks the code path: one of each kind, dense for its file path
         train_cases, search_cases = train_cases[::2], search_cases[1:2]
+    if not it.cuda:   # half precision is emulated on CPUs, 5-15x slower: the CPU form measures float32
+        train_cases = [(g, "off", ck) for g, _, ck in train_cases]
+        search_cases = [(stem, "off", ck, limit) for stem, _, ck, limit in search_cases]
     futures = planner_pool(it, [("train", g, stem_t, patch, 2, it.device, amp, ck) for g, amp, ck in train_cases]
                            + [("search", "pair", patch, stem, it.device, amp, ck) for stem, amp, ck, _ in search_cases])
     plans = start_plans(it)
@@ -464,7 +480,7 @@ def retrain24(it: Item, jobs: dict) -> None:
             continue
         row = measure_child(it, "train_memory.py", name, str(plan["micro_batch"]), plan["checkpoint"], "--stem",
                             str(stem), "--patch", str(patch), "--batch", "8", "--steps", "1", "--device", it.device,
-                            "--amp", "fp16")
+                            "--amp", "fp16" if it.cuda else "off")
         described = f"plan: checkpointing {plan['checkpoint']}, micro-batch {plan['micro_batch']}"
         if "error" in row:
             it.not_measured(goal, f"{row['error']} ({described})")
