@@ -651,12 +651,14 @@ ITEMS = [("cli", item_cli, False, 30), ("memory", item_memory, False, 20), ("spe
 
 
 def preflight(work: Path, rows: list[dict]) -> None:
-    """The modules scnas and the references import; ``python -m scnas --help`` from the root."""
-    import importlib.util
-
-    missing = [m for m in MODULES if importlib.util.find_spec(m) is None]
+    """The modules scnas and the references import (each imported, so a wheel that does not fit
+    this Python or numpy shows here); ``python -m scnas --help`` from the root."""
+    probe = ("import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n"
+             "    except Exception as exc:\n        print(f'{name} ({type(exc).__name__}: {exc})'.splitlines()[0][:160])")
+    _, _, text = stream([sys.executable, "-c", probe, *MODULES], "    [imports] ", 120, child_env(work), ROOT)
+    broken = [line for line in text.splitlines() if line.split(" ")[0] in MODULES]   # not the warnings
     rows.append({"item": "preflight", "goal": "modules scnas and the references need", "holds": None, "status": "info",
-                 "measured": "missing: " + ", ".join(missing) if missing else "all present", "note": ""})
+                 "measured": "cannot import: " + "; ".join(broken) if broken else "all import", "note": ""})
     status, seconds, text = stream([sys.executable, "-m", "scnas", "--help"], "    [help] ", 60, child_env(work), ROOT)
     rows.append({"item": "preflight", "goal": "`python -m scnas --help` works from the repository root (no install)",
                  "measured": f"exit {status}, {seconds:.1f} s", "holds": status == 0,
