@@ -291,7 +291,7 @@ def predict_and_export(it: Item, task: Path, model: Path) -> None:
             try:
                 a, b = (np.asarray(nibabel.load(it.work / f"predict-{amp}" / image.name.replace("_0000", "")).dataobj)
                         for amp in ("fp16", "off"))
-                it.info("fp16 prediction's labels = float32's (model trained 3 steps: near-ties, a lower bound)",
+                it.info("fp16 prediction's labels = float32's (a model trained a few steps: near-ties, a lower bound)",
                         f"{(a == b).mean():.4%} of voxels")
             except (OSError, FileNotFoundError) as exc:
                 it.info("fp16 prediction's labels = float32's", f"not compared: {exc}")
