@@ -77,7 +77,7 @@ def test_items_past_the_budget_are_skipped_and_say_so(tmp_path):
 
 @pytest.mark.slow
 def test_the_cpu_form_runs_every_item_and_claims_nothing_it_cannot_measure(tmp_path):
-    done, result = run_script(tmp_path, "--quick")
+    done, result = run_script(tmp_path, "--quick", "--budget", "1500")   # a busy CI machine must not cut items
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert result["device"] == "cpu" and result["quick"] is True
     assert {n: i["status"] for n, i in result["items"].items()} == {
