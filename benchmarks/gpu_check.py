@@ -49,7 +49,6 @@ for _path in (str(ROOT), str(BENCH)):
 
 GiB = 2**30
 DENSE = str(ROOT / "docs" / "images" / "dense-genotype.yaml")
-FOUND = ROOT / "docs" / "images" / "found-genotype.yaml"
 MODULES = ("torch", "numpy", "scipy", "pydantic", "yaml", "typer", "rich", "nibabel", "blosc2", "safetensors",
            "onnx", "onnxscript", "onnxconverter_common", "onnxruntime", "matplotlib", "graphviz", "monai")
 CPU_ONLY_NOTE = "CUDA only: on the CPU this is emulated or measures something else"
@@ -138,9 +137,9 @@ class Item:
             say(f"  -> {status}: {goal}: {measured}{f' ({note})' if note else ''}")
             self.save()
 
-    def check(self, goal: str, measured: str, holds: bool, cuda_only: bool = True, note: str = "") -> None:
+    def check(self, goal: str, measured: str, holds: bool, note: str = "") -> None:
         """A goal row: judged where it is meant (CUDA, full sizes), else measured but skipped."""
-        if cuda_only and not self.full:
+        if not self.full:
             self.record(goal, measured, None, "skipped", note or (CPU_ONLY_NOTE if not self.cuda else
                                                                  "--quick sizes say nothing about this goal"))
         else:
@@ -167,19 +166,24 @@ class Item:
         return False
 
     def run(self, command: list[str], tag: str, cwd: Path | None = None) -> tuple[int | None, float, str]:
+        """:func:`stream` until the deadline; past it, not started (status None, as if stopped)."""
+        if self.left() < 2:
+            return None, 0.0, ""
         return stream(command, f"    [{tag}] ", self.left(), self.env, cwd or self.work)
 
     def scnas(self, tag: str, *args: str) -> tuple[int | None, float, str]:
         """``python -m scnas ARGS`` (no console script needed), judged on its exit status."""
         status, seconds, text = self.run([sys.executable, "-m", "scnas", *args], tag)
-        measured = f"timed out after {seconds:.0f} s (budget)" if status is None else f"exit {status}, {seconds:.1f} s"
-        if status not in (0, None):
+        measured = f"exit {status}, {seconds:.1f} s"
+        if status:
             measured += ": " + " / ".join(text.strip().splitlines()[-2:])[-300:]
-        shown = " ".join(Path(a).name if "/" in a else a for a in args)
+        goal = f"`scnas {' '.join(Path(a).name if '/' in a else a for a in args)}` exits 0"
         with self.lock:
             self.data.setdefault("commands", {})[tag] = {"args": list(args), "exit": status, "seconds": seconds}
-            self.record(f"`scnas {shown}` exits 0", measured, None if status is None else status == 0,
-                        "skipped" if status is None else None)
+            if status is None:
+                self.skip(goal, f"time budget: stopped after {seconds:.0f} s" if seconds else "time budget: not started")
+            else:
+                self.record(goal, measured, status == 0)
         return status, seconds, text
 
 
@@ -260,7 +264,8 @@ def item_cli(it: Item) -> None:
     if model.exists():
         predict_and_export(it, task, model)
     else:
-        it.skip("predict and export", f"no model: {model} was not written")
+        it.skip("predict and export", "time budget: not started" if it.left() < 2 else f"no model: {model.name} "
+                                                                                    f"was not written")
     if compiling:
         compiling["thread"].join(timeout=max(1.0, it.left() + 5))
         text = compiling.get("result", (None, 0, ""))[2]
