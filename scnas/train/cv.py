@@ -106,6 +106,25 @@ def _study_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _job_claim(folder: Path):
+    """Whether this process may run the job in ``folder``: a non-blocking exclusive lock on
+    ``folder/.running``, held while the job runs, so that two processes continuing the same
+    study never train the same job twice. The kernel releases it when its process ends, even
+    by SIGKILL, so a killed job is free to be resumed at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".running", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _task_folder(data: str, cache) -> Path:
     """The task folder whose images are predicted and whose labels are the ground truth."""
     if (Path(data) / "dataset.json").exists():
@@ -263,11 +282,19 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     jobs = study_jobs(plan)
     mine = [job for position, job in enumerate(jobs) if position % count == index - 1]
     for number, job in enumerate(mine, start=1):
-        if (out / "jobs" / job.genotype / f"fold_{job.fold}" / DONE).exists():
+        folder = out / "jobs" / job.genotype / f"fold_{job.fold}"
+        if (folder / DONE).exists():
             say(f"[{number}/{len(mine)}] {job.name}: done before, skipped")
             continue
-        started = time.perf_counter()
-        record = run_job(out, plan, job, progress, say)
+        with _job_claim(folder) as claimed:
+            if not claimed:
+                say(f"[{number}/{len(mine)}] {job.name}: being run by another process, skipped")
+                continue
+            if (folder / DONE).exists():      # finished by another process since it was checked
+                say(f"[{number}/{len(mine)}] {job.name}: done by another process, skipped")
+                continue
+            started = time.perf_counter()
+            record = run_job(out, plan, job, progress, say)
         say(f"[{number}/{len(mine)}] {job.name}: mean Dice {record['mean_over_classes']:.4f} over "
             f"{len(record['cases'])} validation case(s), last-epoch model (epoch {record['model_epoch']}), "
             f"{time.perf_counter() - started:.0f} s")
@@ -275,7 +302,7 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     if missing:
         say(f"{len(jobs) - len(missing)} of {len(jobs)} jobs done; waiting for: "
             f"{', '.join(job.name for job in missing[:6])}{' ...' if len(missing) > 6 else ''} "
-            "(other shards); then: scnas cv -o OUT --report")
+            "(other shards or processes); then: scnas cv -o OUT --report")
         return None
     return write_report(out, plan, say)
 
