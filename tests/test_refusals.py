@@ -214,3 +214,41 @@ def test_a_job_claim_dies_with_its_process(tmp_path):
         holder.wait()
     with _job_claim(folder) as claimed:
         assert claimed
+
+
+# ------------------------------------------------------------ 14: scnas derive on an unfinished search
+
+
+def _searched(run, epoch, epochs):
+    import torch
+
+    from scnas.genotype import CELL_TYPES, PAPER_OPS, write_genotype
+    from scnas.search import cell_edges, derive_genotype
+
+    torch.manual_seed(0)
+    probabilities = {name: torch.softmax(torch.randn(len(cell_edges(2)), len(PAPER_OPS)), -1) for name in CELL_TYPES}
+    genotype = derive_genotype(probabilities, 2, list(PAPER_OPS), top_k=2,
+                               provenance={"epoch": epoch, "search": {"epochs": epochs}})
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    write_genotype(genotype, run / "genotype.yaml")
+
+
+def test_derive_says_when_the_search_did_not_finish_and_still_derives(cli, tmp_path):
+    _searched(tmp_path / "unfinished", 3, 10)
+    result = cli("derive", tmp_path / "unfinished", "-o", tmp_path / "a.yaml")
+    assert result.code == 0 and (tmp_path / "a.yaml").exists(), result
+    assert "the search did not finish: this genotype is from epoch 3 of 10" in result.err, result
+    assert f"continue the search with: scnas search -o {tmp_path / 'unfinished'} --resume" in result.err
+    _searched(tmp_path / "finished", 10, 10)
+    result = cli("derive", tmp_path / "finished", "-o", tmp_path / "b.yaml")
+    assert result.code == 0 and "did not finish" not in result.err, result
+
+
+def test_derive_on_a_search_killed_before_its_first_epoch_says_so(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    _refused(cli("derive", run, "-o", tmp_path / "a.yaml"), f"{run}: is a search that has not finished its first "
+             f"epoch", f"continue the search with: scnas search -o {run} --resume")
+    assert "not a search run folder" in cli("derive", tmp_path, "-o", tmp_path / "a.yaml").err
