@@ -54,7 +54,14 @@ def test_match_flops_refuses_a_number_that_is_not_positive_and_finite(cli, value
              f"--match-flops {value!r}", "positive")
 
 
-def test_plan_refuses_a_micro_batch_larger_than_the_share_and_nodes_beyond_the_bounds(cli):
+def test_plan_refuses_a_micro_batch_larger_than_the_share_and_nodes_beyond_the_bounds(cli, monkeypatch):
+    import scnas.search.memory
+
+    def never(*args, **kwargs):
+        raise AssertionError("a refused plan simulated a step")
+
+    monkeypatch.setattr(scnas.search.memory, "search_step_profile", never)
+    monkeypatch.setattr(planning, "training_step_profile", never)
     _refused(cli("plan", "minimal", "--micro-batch", "3", "--batch-size", "2"),
              "--micro-batch 3 is more patches than a process has: its share of the batch is 2")
     _refused(cli("plan", "minimal", "--micro-batch", "3", "--batch-size", "4", "--world-size", "2"), "share of "
