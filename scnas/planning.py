@@ -14,9 +14,21 @@ from typing import Any, Callable
 
 from scnas.build import BuildConfig
 from scnas.build.memory import (MemoryPlanError, StepProfile, choose_plan, largest_batch, largest_cubic_patch,
-                                training_step_profile)
+                                parameter_count, training_step_profile)
 from scnas.build.network import CHECKPOINT_MODES
 from scnas.genotype import Genotype
+
+LARGEST_STEM_PARAMETERS = 2**26
+"""The search for the largest stem that fits simulates networks of at most this many
+parameters (67 M: 10x the paper's network at stem 68, twice nnU-Net's largest 3D one; a few
+seconds a simulation on one CPU core, 1 GiB of memory); beyond it the report says "at least".
+With an unbounded budget the whole plan of uresnet took 2 minutes at 2**27 on one loaded core."""
+
+MAX_PLANNED_SEARCH_NODES = 8
+"""Search steps are simulated for at most this many nodes per cell (the paper: 4). The
+supernet grows with the square of the nodes (64 nodes: 2,144 edges per cell, each with up
+to 8 operations), and so does the simulation: one checkpointing mode took 10 s at 4 nodes,
+13 s at 8, 31 s at 16 on one CPU core (stem 8, patch 32^3)."""
 
 
 @dataclass
@@ -41,6 +53,7 @@ class MemoryReport:
     plan: dict[str, Any] | None = None     # what train/search would run with, or None
     refusal: str | None = None             # why nothing fits
     largest_stem: int | None = None
+    largest_stem_is_a_bound: bool = False   # the search for it stopped at LARGEST_STEM_PARAMETERS
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,11 +68,19 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
     """Predicted peak memory per process of one step (training when ``genotype`` is given,
     search otherwise) for every checkpointing mode; with ``available`` also the plan and the
     largest micro-batch, cubic patch and stem that fit. ``amp`` is off, fp16 or bf16."""
-    from scnas.search.memory import search_step_profile
+    from scnas.search.memory import search_step_profile, supernet_parameters
 
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} is the global batch: a multiple of --world-size {world}")
     share = batch_size // world
+    if micro_batch is not None and micro_batch > share:
+        raise ValueError(f"--micro-batch {micro_batch} is more patches than a process has: its share of the batch is "
+                         f"{share} (--batch-size {batch_size} over --world-size {world}); give at most {share}")
+    if genotype is None and nodes > MAX_PLANNED_SEARCH_NODES:
+        raise ValueError(f"--nodes {nodes}: scnas plan simulates search steps of at most {MAX_PLANNED_SEARCH_NODES} "
+                         f"nodes per cell (the paper: 4): the supernet grows with the square of the nodes ({nodes} "
+                         f"nodes: {2 * nodes + nodes * (nodes - 1) // 2:,} edges per cell, each with up to "
+                         f"{len(ops or [])} operations), and so does the time to simulate it")
     size = min(micro_batch or share, share)
     kind = "training" if genotype is not None else "search"
 
@@ -113,21 +134,42 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
         report.refusal = str(exc)
         return report
     if find_stem:
-        report.largest_stem = _largest_stem(build, profile_for, patch, plan.checkpoint, plan.micro_batch, available)
+        if genotype is not None:
+            def parameters(config: BuildConfig) -> int:
+                from scnas.build.network import build_network
+
+                return parameter_count(lambda: build_network(genotype, config))
+        else:
+            def parameters(config: BuildConfig) -> int:
+                return supernet_parameters(config, nodes, tuple(ops or []))
+        report.largest_stem, report.largest_stem_is_a_bound = _largest_stem(
+            build, profile_for, patch, plan.checkpoint, plan.micro_batch, available, parameters)
+        if report.largest_stem_is_a_bound:
+            report.notes.append(f"the largest stem that fits is at least {report.largest_stem}: the search for it "
+                                f"simulates networks of at most {LARGEST_STEM_PARAMETERS:,} parameters, and stem "
+                                f"{report.largest_stem + 1} has more")
     return report
 
 
-def _largest_stem(build: BuildConfig, profile_for, patch, mode: str, micro_batch: int, available: int) -> int:
+def _largest_stem(build: BuildConfig, profile_for, patch, mode: str, micro_batch: int, available: int,
+                  parameters: Callable[[BuildConfig], int]) -> tuple[int, bool]:
     """The largest stem width at which one micro-batch fits with ``mode`` (bisection; memory
-    grows with the stem)."""
+    grows with the stem), and whether the stem above it went unsimulated because its network
+    has more than :data:`LARGEST_STEM_PARAMETERS` parameters (then the answer is a lower bound).
+    Parameters grow with the square of the stem, so the work is bounded whatever the budget."""
     from scnas.build.memory import fits
+
+    too_large: set[int] = set()
 
     def ok(stem: int) -> bool:
         config = build.model_copy(update={"stem_channels": stem})
+        if parameters(config) > LARGEST_STEM_PARAMETERS:
+            too_large.add(stem)
+            return False
         return fits(profile_for(config)(mode, micro_batch).estimate(micro_batch, patch), available)
 
     low, high = build.stem_channels, build.stem_channels * 2
-    while ok(high) and high < 4096:
+    while ok(high):
         low, high = high, high * 2
     while high - low > 1:
         middle = (low + high) // 2
@@ -135,4 +177,4 @@ def _largest_stem(build: BuildConfig, profile_for, patch, mode: str, micro_batch
             low = middle
         else:
             high = middle
-    return low
+    return low, high in too_large

@@ -198,3 +198,79 @@ def test_convert_command_refuses_many_to_one_map_and_takes_darts_op(cli, tmp_pat
     assert done.code == 0, done
     assert genotype_hash(from_darts((tmp_path / "out.darts").read_text())) == genotype_hash(
         from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"}))
+
+
+# DARTS's genotypes.py: NASNet's normal cell (input 0 twice at node 3, input 1 twice at node 6).
+NASNET = ("Genotype(normal=[('sep_conv_5x5', 1), ('sep_conv_3x3', 0), ('sep_conv_5x5', 0), ('sep_conv_3x3', 0), "
+          "('avg_pool_3x3', 1), ('skip_connect', 0), ('avg_pool_3x3', 0), ('avg_pool_3x3', 0), "
+          "('sep_conv_3x3', 1), ('skip_connect', 1)], normal_concat=[2, 3, 4, 5, 6], "
+          "reduce=[('sep_conv_5x5', 1), ('sep_conv_7x7', 0), ('max_pool_3x3', 1), ('sep_conv_7x7', 0), "
+          "('avg_pool_3x3', 1), ('sep_conv_5x5', 0), ('skip_connect', 3), ('avg_pool_3x3', 2), "
+          "('sep_conv_3x3', 2), ('max_pool_3x3', 1)], reduce_concat=[4, 5, 6])")
+
+
+def _pairs(text):
+    from scnas.genotype.convert import _parse_darts_call
+
+    parsed = _parse_darts_call(text, None)
+    return parsed["normal"], parsed["reduce"]
+
+
+def test_a_darts_round_trip_keeps_darts_order_so_its_checkpoints_still_load(tmp_path):
+    """DARTS builds a cell's _ops in the order of its (op, input) pairs; DARTS_V2 lists node 4 of
+    normal as inputs (1, 0) and node 3 of reduce as (2, 1). Sorting them by input reordered
+    _ops, and a DARTS checkpoint no longer loaded (or, with equal shapes, swapped weights)."""
+    from scnas.genotype import read_genotype, write_genotype
+    from scnas.genotype.convert import DARTS_ORDER_KEY
+
+    genotype = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"})
+    assert getattr(genotype.provenance, DARTS_ORDER_KEY)["encoder_normal"][2] == [1, 0]
+    assert _pairs(to_darts(genotype)) == _pairs(DARTS_V2)
+    write_genotype(genotype, tmp_path / "v2.yaml")                      # through a YAML file, edges written by input
+    again = read_genotype(tmp_path / "v2.yaml")
+    assert genotype_hash(again) == genotype_hash(genotype)              # the order is provenance, not the cells
+    written = to_darts(again)
+    assert _pairs(written) == _pairs(DARTS_V2)
+    assert _pairs(to_darts(from_darts(written))) == _pairs(DARTS_V2)     # and again from the written DARTS text
+    # cells whose pairs are listed by input record nothing
+    by_input = DARTS_V2.replace("('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0)",
+                                "('skip_connect', 0), ('sep_conv_3x3', 1), ('skip_connect', 0)")
+    recorded = getattr(from_darts(by_input, op_map={"sep_conv_3x3": "conv_3x3x3"}).provenance, DARTS_ORDER_KEY)
+    assert sorted(recorded) == ["expansion", "reduction"]
+
+
+def test_a_stale_or_malformed_darts_order_is_ignored():
+    from scnas.genotype import genotype_from_data
+
+    data = from_darts(DARTS_V2, op_map={"sep_conv_3x3": "conv_3x3x3"}).to_dict()
+    for cell in ("encoder_normal", "decoder_normal"):     # node 4 now takes inputs 1 and 2: the recorded order is stale
+        for edge in data["cells"][cell]["edges"]:
+            if edge["to"] == 4 and edge["from"] == 0:
+                edge["from"] = 2
+    normal, reduce = _pairs(to_darts(genotype_from_data(data)))
+    assert normal[4:6] == [("sep_conv_3x3", 1), ("skip_connect", 2)] and reduce == _pairs(DARTS_V2)[1]
+    data["provenance"]["darts_order"] = {"encoder_normal": "no", "reduction": [[0, 1]]}
+    normal, reduce = _pairs(to_darts(genotype_from_data(data)))
+    assert reduce[2:4] == [("max_pool_3x3", 1), ("skip_connect", 2)]       # by input
+
+
+def test_darts_nasnet_is_refused_saying_why():
+    with pytest.raises(GenotypeError) as raised:
+        from_darts(NASNET, op_map={name: "conv_3x3x3" for name in ("sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7")})
+    message = str(raised.value)
+    assert "node 3 takes input 0 twice" in message and "NASNet and AmoebaNet" in message and "rule R6" in message
+
+
+def test_op_map_and_darts_op_may_be_repeated(cli, tmp_path):
+    src = tmp_path / "v2.darts"
+    src.write_text(DARTS_V2.replace("('max_pool_3x3', 1)], reduce_concat", "('sep_conv_5x5', 1)], reduce_concat"))
+    repeated = cli("convert", src, tmp_path / "a.yaml", "--op-map", "sep_conv_3x3=conv_3x3x3", "--op-map",
+                   "sep_conv_5x5=sep_dil4_conv_3x3x3")
+    assert repeated.code == 0, repeated
+    commas = cli("convert", src, tmp_path / "b.yaml", "--op-map", "sep_conv_3x3=conv_3x3x3,sep_conv_5x5=sep_dil4_conv_3x3x3")
+    assert (tmp_path / "a.yaml").read_text() == (tmp_path / "b.yaml").read_text() and commas.code == 0
+    written = cli("convert", tmp_path / "a.yaml", tmp_path / "a.darts", "--darts-op", "conv_3x3x3=conv3",
+                  "--darts-op", "sep_dil4_conv_3x3x3=dil5")
+    assert written.code == 0, written
+    normal, reduce = _pairs((tmp_path / "a.darts").read_text())
+    assert ("conv3", 0) in normal and ("dil5", 1) in reduce

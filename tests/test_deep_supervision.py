@@ -31,6 +31,23 @@ def test_weights_are_nnunets():
         assert sum(deep_supervision_weights(n)) == pytest.approx(1.0)
 
 
+def test_with_deep_supervision_training_mode_returns_a_list_even_without_heads():
+    """docs/network.md: in training mode with deep_supervision on, forward returns [main, heads...];
+    at depth 1 no decoder cell sits above level 0, so no head is built and the list is [main]."""
+    torch.manual_seed(0)
+    config = BuildConfig(stem_channels=2, in_channels=1, num_classes=2, depth=1, deep_supervision=True)
+    network = build_network(builtin_genotype("minimal"), config)
+    x = torch.randn(1, 1, 4, 4, 4)
+    assert len(network.heads) == 0
+    out = network.train()(x)
+    assert isinstance(out, list) and len(out) == 1 and out[0].shape == (1, 2, 4, 4, 4)
+    assert torch.equal(out[0], network.eval()(x))            # eval mode: the main output alone, the same logits
+    plain = build_network(builtin_genotype("minimal"), config.model_copy(update={"deep_supervision": False}))
+    assert isinstance(plain.train()(x), torch.Tensor)
+    two = build_network(builtin_genotype("minimal"), config.model_copy(update={"depth": 2}))
+    assert [o.shape[2:] for o in two.train()(torch.randn(1, 1, 8, 8, 8))] == [(8, 8, 8), (4, 4, 4)]
+
+
 def test_downsampled_target_takes_the_nearest_exact_voxel():
     labels = torch.arange(4 * 4 * 2).reshape(1, 4, 4, 2)
     # nearest-exact at factor 2 reads index 2i + 1; an axis of the same size is kept.

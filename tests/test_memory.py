@@ -262,7 +262,8 @@ def test_largest_stem_is_the_last_that_fits():
         return lambda mode, batch: _linear_profile(config.stem_channels ** 2 * 2**20 / 8**3)
 
     # fits while 512 MiB + stem^2 MiB <= 0.9 x 2 GiB = 1843.2 MiB, so up to stem 36
-    assert _largest_stem(BuildConfig(stem_channels=10), profile_for, (8, 8, 8), "off", 1, 2 * 2**30) == 36
+    assert _largest_stem(BuildConfig(stem_channels=10), profile_for, (8, 8, 8), "off", 1, 2 * 2**30,
+                         lambda config: 0) == (36, False)
 
 
 def test_old_settings_with_amp_as_a_bool_still_load():

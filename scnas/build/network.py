@@ -359,7 +359,7 @@ class MacroUNet(nn.Module):
             if slot.name in self.heads and supervise:
                 auxiliary.append(self.heads[slot.name](output))
         logits = self.out(outputs[-1])
-        if auxiliary:
+        if self.training and self.config.deep_supervision:   # a list even when no head is built (depth 1)
             return [logits, *reversed(auxiliary)]
         return logits
 
@@ -393,7 +393,10 @@ def check_spatial_size(size: tuple[int, ...], config: BuildConfig) -> None:
         raise BuildError(f"a patch has three spatial sizes (D, H, W); got {len(size)}: {size}")
     divisor = config.divisor
     for axis, n in zip("DHW", size):
-        if n <= 0 or n % divisor:
+        if n <= 0:
+            raise BuildError(f"spatial size {tuple(size)}: {axis}={n} is not positive; sizes are positive multiples "
+                             f"of 2**depth = {divisor} (depth {config.depth}), e.g. {divisor}")
+        if n % divisor:
             fit = max(divisor, round(n / divisor) * divisor)
             raise BuildError(f"spatial size {tuple(size)}: {axis}={n} is not a multiple of 2**depth = {divisor} "
                              f"(depth {config.depth}); pad or crop to a multiple, e.g. {fit}")

@@ -9,6 +9,8 @@ additions are not counted (they are a few percent of the convolution cost).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -221,8 +223,8 @@ def parse_flops_reference(text: str, config: BuildConfig, patch: tuple[int, int,
     except (ValueError, KeyError):
         raise BuildError(f"--match-flops {text!r}: give a genotype at a stem (e.g. uresnet@68) or FLOPs "
                          "(e.g. 425G)") from None
-    if value <= 0:
-        raise BuildError(f"--match-flops {text!r}: FLOPs must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise BuildError(f"--match-flops {text!r}: FLOPs must be a positive finite number (e.g. 425G)")
     return int(value), f"{text} FLOPs"
 
 

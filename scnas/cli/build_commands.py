@@ -67,6 +67,13 @@ def build(
                    "difference": flops / target - 1}
     stats = network_stats(genotype, config, patch, batch)
     if output:
+        from scnas.build.memory import format_bytes, physical_memory_bytes
+
+        host = physical_memory_bytes()
+        if host is not None and 4 * stats.params > host // 2:   # refused before allocating a single weight
+            raise BuildError(f"-o {output}: stem {stem} gives {stats.params:,} parameters, {format_bytes(4 * stats.params)} "
+                             f"of float32 weights to initialise and write; this machine has {format_bytes(host)} "
+                             "(at most half is used): use a smaller --stem")
         with torch.random.fork_rng(devices=[]):   # seeded here only: the caller's global RNG state is left as it was
             torch.manual_seed(seed)
             network = build_network(genotype, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,6 +14,7 @@ from scnas.cli.main import app, settings_error, stdout
 
 @app.command()
 def cv(
+    ctx: typer.Context,
     genotypes: Optional[list[str]] = typer.Argument(None, metavar="[GENOTYPE[@STEM]]...",
                                                     help="Genotype files or built-in names, optionally at a stem "
                                                          "(found.yaml uresnet@68); the first is the one compared "
@@ -70,24 +72,60 @@ def cv(
         write_report(output, say=stdout.out)
         return
     parse_shard(shard)
+    try:
+        chosen = sorted({int(f) for f in folds.split(",")}) if folds else None
+    except ValueError:
+        raise CVError(f"--folds {folds!r}: give comma-separated fold numbers, e.g. 0,1,2,3,4") from None
+    try:
+        train = TrainConfig(data=data or ".", patch=patch, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
+                            lr=lr, loss=loss, seed=seed, device=device, amp=amp, deep_supervision=deep_supervision)
+    except ValidationError as exc:
+        raise settings_error(exc, CVError) from None
+    # deep_supervision only when asked for: studies begun before it existed continue with the same arguments.
+    unset = set() if deep_supervision else {"deep_supervision"}
+    settings = train.model_dump(mode="json", exclude={"data", "fold", "stem", "spacing", *unset})
+    study = {"data": data, "spacing": list(spacing) if spacing else None, "folds": chosen, "random": random,
+             "random_seed": random_seed, "stem": stem}
     request = None
     if genotypes:
         if data is None:
             raise CVError("--data is required to start a study (a task folder or a prepared cache)")
-        try:
-            chosen = sorted({int(f) for f in folds.split(",")}) if folds else None
-        except ValueError:
-            raise CVError(f"--folds {folds!r}: give comma-separated fold numbers, e.g. 0,1,2,3,4") from None
-        try:
-            train = TrainConfig(data=data, patch=patch, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
-                                lr=lr, loss=loss, seed=seed, device=device, amp=amp, deep_supervision=deep_supervision)
-        except ValidationError as exc:
-            raise settings_error(exc, CVError) from None
-        # deep_supervision only when asked for: studies begun before it existed continue with the same arguments.
-        unset = set() if deep_supervision else {"deep_supervision"}
-        settings = train.model_dump(mode="json", exclude={"data", "fold", "stem", "spacing", *unset})
-        request = {"genotypes": list(genotypes), "data": data, "spacing": list(spacing) if spacing else None,
-                   "folds": chosen, "random": random, "random_seed": random_seed, "stem": stem, "train": settings}
+        request = {"genotypes": list(genotypes), **study, "train": settings}
     elif data is not None:
         raise CVError("give the genotypes to cross-validate (or leave --data out to continue the study in OUT)")
+    else:
+        _refuse_other_settings(ctx, output, study, train.model_dump(mode="json"))
     run_study(output, request, shard, progress=False, say=stdout.out)
+
+
+_TRAINING_FLAGS = {"patch": "patch", "batch_size": "batch_size", "epochs": "epochs", "steps": "steps_per_epoch",
+                   "lr": "lr", "loss": "loss", "deep_supervision": "deep_supervision", "seed": "seed",
+                   "device": "device", "amp": "amp"}
+"""Parameters of 'scnas cv' that are training settings of the study: parameter -> setting."""
+
+
+def _refuse_other_settings(ctx, output: str, study: dict, training: dict) -> None:
+    """Continuing a study ('scnas cv -o OUT' without genotypes) runs it with its own settings:
+    a setting given with another value than the study's is refused, naming both (ignoring
+    it silently would run something else than asked)."""
+    from scnas.train import TrainConfig
+    from scnas.train.cv import CVError, plan_study
+
+    given = {name: ("", name, study[name]) for name in ("folds", "spacing", "random", "random_seed", "stem")
+             if options.given_on_command_line(ctx, name)}
+    given.update({name: ("train", key, training[key]) for name, key in _TRAINING_FLAGS.items()
+                  if options.given_on_command_line(ctx, name)})
+    if not given:
+        return
+    stored = plan_study(Path(output), None, say=lambda _: None)["request"]
+    differing = []
+    for name, (part, key, value) in given.items():
+        # a training setting a study predates (deep_supervision) has its default there
+        old = stored["train"].get(key, TrainConfig.model_fields[key].default) if part else stored.get(key)
+        if value != old:
+            differing.append(f"{options.flag_name(ctx, name)} {options.shown(value)} (the study's: "
+                             f"{options.shown(old)})")
+    if differing:
+        raise CVError(f"continues the study with its own settings, but {'; '.join(differing)} "
+                      f"differ{'s' if len(differing) == 1 else ''}: leave {'it' if len(differing) == 1 else 'them'} "
+                      "out to continue, or start another study in another folder", source=output)

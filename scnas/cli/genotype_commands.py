@@ -100,14 +100,16 @@ def convert(
     target: str = typer.Argument(..., metavar="OUT", help="File to write ('-': stdout)."),
     from_format: Optional[str] = typer.Option(None, "--from", help=_FORMAT_HELP),
     to_format: Optional[str] = typer.Option(None, "--to", help=_FORMAT_HELP + " '-' defaults to yaml."),
-    op_map: Optional[str] = typer.Option(None, "--op-map", metavar="DARTS=SCNAS,...",
-                                         help="DARTS op names -> scnas ops, e.g. 'sep_conv_3x3=conv_3x3x3'. Writing DARTS, "
-                                              "each scnas op is written as the DARTS name mapped to it."),
-    darts_op: Optional[str] = typer.Option(
+    op_map: Optional[list[str]] = typer.Option(
+        None, "--op-map", metavar="DARTS=SCNAS,...",
+        help="DARTS op names -> scnas ops, e.g. 'sep_conv_3x3=conv_3x3x3'. Several: repeat the option or separate "
+             "entries with commas. Writing DARTS, each scnas op is written as the DARTS name mapped to it."),
+    darts_op: Optional[list[str]] = typer.Option(
         None, "--darts-op", metavar="SCNAS=DARTS,...",
-        help="Writing DARTS: the DARTS name to write for a scnas op, e.g. 'conv_3x3x3=sep_conv_3x3'. Needed for ops "
-             "with no DARTS counterpart (conv_3x3x3, sep_dil3/4) and to choose when --op-map maps several DARTS "
-             "names to one scnas op; 'conv_3x3x3=conv_3x3x3' keeps the scnas name."),
+        help="Writing DARTS: the DARTS name to write for a scnas op, e.g. 'conv_3x3x3=sep_conv_3x3'; several: repeat "
+             "the option or separate entries with commas. Needed for ops with no DARTS counterpart (conv_3x3x3, "
+             "sep_dil3/4) and to choose when --op-map maps several DARTS names to one scnas op; "
+             "'conv_3x3x3=conv_3x3x3' keeps the scnas name."),
     darts_cells: Optional[str] = typer.Option(
         None, "--darts-cells", metavar="MAP",
         help="Which scnas cells a DARTS cell stands for; default "
@@ -122,8 +124,8 @@ def convert(
     max_pool_3x3, avg_pool_3x3, dil_conv_3x3; others from --op-map, --darts-op or the names the
     genotype was read with) and the provenance in a trailing '# scnas-provenance:' comment.
     """
-    options = {"op_map": parse_op_map(op_map), "cells": parse_cell_map(darts_cells),
-               "darts_names": parse_darts_names(darts_op)}
+    options = {"op_map": parse_op_map(",".join(op_map or [])), "cells": parse_cell_map(darts_cells),
+               "darts_names": parse_darts_names(",".join(darts_op or []))}
     genotype = load_genotype(source, from_format, **options)
     write_genotype(genotype, target, to_format, **options)
     if target != "-":

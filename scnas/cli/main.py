@@ -158,6 +158,15 @@ def interrupted_message(args: list[str]) -> str:
                     f"continue with: {resume}")
         return ("interrupted before the first checkpoint: nothing to resume (cases already prepared are kept in "
                 f"the cache); start again with: {again}")
+    if command == "cv":
+        out = _option(args, "-o", "--output")
+        if out and (Path(out) / "cv.json").exists():
+            done = len(list(Path(out).glob("jobs/*/fold_*/evaluation.json")))
+            return (f"interrupted: {out} keeps the study: {done} finished job(s) (their evaluation.json), and the "
+                    "interrupted job resumes from its last training checkpoint; continue with: "
+                    f"scnas cv -o {shlex.quote(out)}" + (f" --shard {_option(args, '--shard')}"
+                                                         if _option(args, "--shard") else ""))
+        return f"interrupted before the study was planned: nothing to continue; start again with: {again}"
     if command == "data" and len(words) > 1 and words[1] == "prepare":
         return f"interrupted: the cases finished so far are kept in the cache; prepare the rest with: {again}"
     if command == "predict":

@@ -36,6 +36,27 @@ DEEP_SUPERVISION: bool = typer.Option(
                                                    "load with or without the heads.")
 
 
+def vocabulary(text: str | None, flag: str = "--ops") -> list[str] | None:
+    """A comma-separated op vocabulary as a list (None when not given); an unknown or repeated
+    name, or fewer than two, is refused naming the known ops."""
+    from scnas.errors import ScnasError
+    from scnas.genotype.ops import OPS, known_ops_text
+
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OPS]
+    if unknown:
+        raise ScnasError(f"{flag}: unknown op{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known ops: {known_ops_text()}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ScnasError(f"{flag}: {', '.join(repeated)} listed twice")
+    if len(names) < 2:
+        raise ScnasError(f"{flag}: a search chooses between at least two ops; got {len(names)}")
+    return names
+
+
 def fitting_overrides(checkpoint: Optional[str], micro_batch: Optional[int], gpu_memory: Optional[str]) -> dict:
     """The settings that fit a step into memory, as given on the command line (also on --resume)."""
     given = {"checkpoint": checkpoint, "micro_batch": micro_batch, "gpu_memory": gpu_memory}
@@ -49,7 +70,8 @@ def given_on_command_line(ctx, name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
 
 
-def _flag(ctx, name: str) -> str:
+def flag_name(ctx, name: str) -> str:
+    """The longest spelling of parameter ``name``'s flag (``--steps-per-epoch`` for ``steps``)."""
     for param in ctx.command.params:
         if param.name == name:
             return max(param.opts, key=len) if param.opts else name
@@ -70,17 +92,18 @@ def resume_settings(ctx, values: dict, renamed: dict[str, str], saved: dict, mak
     resumed = make_config({**saved, **given})
     old, new = original.model_dump(mode="json"), resumed.model_dump(mode="json")
     names = {param.name for param in ctx.command.params}
-    differing = [f"{_flag(ctx, renamed.get(key, key))} {_shown(new[key])} (the run's: {_shown(old[key])})"
+    differing = [f"{flag_name(ctx, renamed.get(key, key))} {shown(new[key])} (the run's: {shown(old[key])})"
                  for key in given if key not in RESUMABLE_CHANGES and new[key] != old[key]]
     if differing:
         raise error(f"--resume continues the run with its own settings, but {'; '.join(differing)} "
                     f"differ{'s' if len(differing) == 1 else ''}: leave {'it' if len(differing) == 1 else 'them'} out "
                     f"to resume, or start a new run in another folder (only "
-                    f"{', '.join(_flag(ctx, k) for k in RESUMABLE_CHANGES if k in names)} may change)", source=str(run))
+                    f"{', '.join(flag_name(ctx, k) for k in RESUMABLE_CHANGES if k in names)} may change)", source=str(run))
     return resumed
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A setting's value as it is typed on the command line."""
     if isinstance(value, list):
         return " ".join(map(str, value)) if all(not isinstance(v, str) for v in value) else ",".join(map(str, value))
     return str(value)

@@ -11,6 +11,7 @@ from rich.table import Table
 from scnas import defaults as D
 from scnas.cli import options
 from scnas.cli.main import app, stderr, stdout
+from scnas.genotype.model import MAX_NODES
 
 
 @app.command()
@@ -36,7 +37,8 @@ def plan(
     classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Classes including background (BraTS: 4 labels -> 4), "
                                                             "without --data."),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8),
-    nodes: int = typer.Option(D.NODES, "--nodes", min=1, help="Search: intermediate nodes per cell."),
+    nodes: int = typer.Option(D.NODES, "--nodes", min=1, max=MAX_NODES, help="Search: intermediate nodes per cell "
+                                                                          "(plans simulate at most 8)."),
     sampling: str = typer.Option(D.SAMPLING, "--sampling", help="Search: pair, one or full."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Search: comma-separated vocabulary (default: the paper's)."),
     deep_supervision: bool = options.DEEP_SUPERVISION,
@@ -58,6 +60,7 @@ def plan(
     """
     from scnas.build import BuildConfig
     from scnas.build.memory import MemoryPlanError, device_memory, format_bytes, parse_bytes
+    from scnas.build.network import check_spatial_size
     from scnas.errors import ScnasError
     from scnas.fileio import atomic_write_text
     from scnas.genotype import PAPER_OPS, load_genotype
@@ -91,13 +94,15 @@ def plan(
             dataset = read_dataset(data)
             in_channels, classes = len(dataset.channel_names), len(dataset.labels)
     genotype = load_genotype(genotype_path) if genotype_path else None
-    vocabulary = [o.strip() for o in ops.split(",")] if ops else list(PAPER_OPS)
+    vocabulary = options.vocabulary(ops) or list(PAPER_OPS)
     if deep_supervision and search:
         raise ScnasError("--deep-supervision plans retraining (with a GENOTYPE); a search has no heads")
     build = BuildConfig(stem_channels=stem or (48 if search else 68), in_channels=in_channels, num_classes=classes,
                         depth=depth, deep_supervision=deep_supervision)
-    if any(p % build.divisor for p in patch):
-        raise ScnasError(f"--patch {patch} must be a multiple of 2**depth = {build.divisor} per axis")
+    try:
+        check_spatial_size(tuple(patch), build)
+    except ScnasError as exc:
+        raise ScnasError(f"--patch {' '.join(map(str, patch))}: {exc}") from None
     try:
         report = memory_report(build, patch, batch_size or (1 if search else 8), amp, checkpoint, micro_batch,
                                available, world_size, genotype, nodes, vocabulary, sampling, not no_stem,
@@ -132,7 +137,8 @@ def plan(
         stdout.out(f"budget {format_bytes(available)}: {'scnas search' if search else 'scnas train'} would run with "
                    f"checkpointing {chosen['checkpoint']}, micro-batch {chosen['micro_batch']} (peak "
                    f"{format_bytes(chosen['predicted_peak_bytes'])})"
-                   + (f"; the largest stem that fits so is {report.largest_stem}" if report.largest_stem else ""))
+                   + (f"; the largest stem that fits so is {'at least ' if report.largest_stem_is_a_bound else ''}"
+                      f"{report.largest_stem}" if report.largest_stem else ""))
     if output:
         atomic_write_text(output, json.dumps(report.to_dict(), indent=2) + "\n")
         stdout.out(f"wrote {output}")

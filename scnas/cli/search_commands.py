@@ -169,11 +169,22 @@ def derive(
 
     if rule not in ("top-k", "argmax"):
         raise GenotypeError(f"--derive {rule!r}: use top-k or argmax")
-    path = Path(source) / "genotype.yaml" if Path(source).is_dir() else Path(source)
+    run = Path(source) if Path(source).is_dir() else None
+    path = run / "genotype.yaml" if run else Path(source)
     if not path.exists():
-        raise GenotypeError("does not exist" if not Path(source).is_dir() else "has no genotype.yaml (not a search "
-                            "run folder)", source=source)
+        if run and ((run / "checkpoint.pt").exists() or (run / "config.json").exists()):
+            raise GenotypeError("is a search that has not finished its first epoch: a genotype is derived at the end "
+                                f"of each epoch, and there is none yet; continue the search with: scnas search -o "
+                                f"{source} --resume", source=source)
+        raise GenotypeError("has no genotype.yaml (not a search run folder)" if run else "does not exist", source=source)
     genotype = read_genotype(path)
+    if path.name == "genotype.yaml":     # a run's latest genotype: say when the run stopped early
+        search = (genotype.provenance.search if genotype.provenance else None) or {}
+        epoch, epochs = genotype.provenance.epoch if genotype.provenance else None, search.get("epochs")
+        if isinstance(epoch, int) and isinstance(epochs, int) and epoch < epochs:
+            stderr.out(f"warning: {path}: the search did not finish: this genotype is from epoch {epoch} of {epochs} "
+                       f"(derived from it all the same); continue the search with: scnas search -o "
+                       f"{run or path.parent} --resume")
     derived = rederive(genotype, rule, top_k, str(path), max_free)
     write_genotype(derived, output)
     edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}

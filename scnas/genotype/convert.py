@@ -42,6 +42,10 @@ PROVENANCE_COMMENT = "# scnas-provenance: "
 DARTS code ignores it (it is a comment), scnas reads it back."""
 DARTS_OPS_KEY = "darts_ops"
 """Provenance field of a genotype read from DARTS: the DARTS op names it used, DARTS -> scnas."""
+DARTS_ORDER_KEY = "darts_order"
+"""Provenance field of a genotype read from DARTS whose pairs were not listed by input: per
+scnas cell, per intermediate node, the inputs in DARTS's order. DARTS builds a cell's ``_ops``
+in the order of its pairs, so writing DARTS again in that order keeps its checkpoints loading."""
 
 DEFAULT_DARTS_CELLS: dict[str, tuple[str, ...]] = {
     "normal": ("encoder_normal", "decoder_normal"),
@@ -207,6 +211,7 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
         raise GenotypeError("DARTS cells are empty", source=source)
     result: dict[str, Any] = {}
     used: dict[str, str] = {}
+    orders: dict[str, list[list[int]]] = {}
     for darts_cell, scnas_cells in cells.items():
         edges = []
         for i, (op, src) in enumerate(darts[darts_cell]):
@@ -220,16 +225,25 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
             if op != scnas_op:
                 used[op] = scnas_op
             if any(e["from"] == src and e["to"] == target for e in edges):
-                raise GenotypeError(f"DARTS {darts_cell}[{i}]: node {target} takes input {src} twice; scnas allows one "
-                                    "operation per pair of nodes", source=source)
+                raise GenotypeError(
+                    f"DARTS {darts_cell}[{i}]: node {target} takes input {src} twice (as the NASNet and AmoebaNet "
+                    "cells of DARTS's genotypes.py do); a scnas genotype identifies an edge by its two nodes, so "
+                    "a pair of nodes carries at most one operation (rule R6) and this cell cannot be converted. "
+                    "Genotypes found by DARTS's own search never repeat an input", source=source)
             edges.append({"from": src, "to": target, "op": scnas_op})
         cell = {"edges": edges, "concat": darts[f"{darts_cell}_concat"]}
+        order = [[e["from"] for e in edges if e["to"] == node] for node in range(NUM_INPUTS, NUM_INPUTS + nodes)]
         for name in scnas_cells:
             result[name] = cell
+            if any(sources != sorted(sources) for sources in order):
+                orders[name] = order
     data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "nodes": nodes, "ops": list(PAPER_OPS),
             "cells": {name: result[name] for name in CELL_TYPES}}
     if used:
         provenance[DARTS_OPS_KEY] = dict(sorted(used.items()))
+    provenance.pop(DARTS_ORDER_KEY, None)     # the order of this text, not of a comment written before
+    if orders:
+        provenance[DARTS_ORDER_KEY] = {name: orders[name] for name in CELL_TYPES if name in orders}
     if provenance:
         data["provenance"] = provenance
     return genotype_from_data(data, source)
@@ -280,7 +294,7 @@ def to_darts(genotype: Genotype, *, op_map: dict[str, str] | None = None,
         cell = genotype.cell(first)
         pairs = []
         for node in genotype.intermediate_nodes:
-            incoming = cell.incoming(node)
+            incoming = _in_darts_order(genotype, first, node)
             if len(incoming) != 2:
                 raise GenotypeError(f"cannot express in DARTS form: node {node} of {first} has {len(incoming)} "
                                     "incoming edge(s); DARTS cells have exactly two per node")
@@ -303,6 +317,22 @@ def to_darts(genotype: Genotype, *, op_map: dict[str, str] | None = None,
     if provenance:
         text += "\n" + PROVENANCE_COMMENT + json.dumps(provenance, sort_keys=True, separators=(",", ":"))
     return text
+
+
+def _in_darts_order(genotype: Genotype, cell_name: str, node: int) -> list:
+    """The edges into ``node`` in the order ``provenance.darts_order`` recorded when the genotype
+    was read from DARTS, or by input where it recorded none, or where the cell no longer has
+    exactly those inputs (edited since)."""
+    incoming = genotype.cell(cell_name).incoming(node)
+    recorded = getattr(genotype.provenance, DARTS_ORDER_KEY, None) if genotype.provenance else None
+    orders = recorded.get(cell_name) if isinstance(recorded, dict) else None
+    index = node - NUM_INPUTS
+    if not isinstance(orders, list) or len(orders) != genotype.nodes or not isinstance(orders[index], list):
+        return incoming
+    sources = orders[index]
+    if sorted(map(repr, sources)) != sorted(repr(edge.source) for edge in incoming):
+        return incoming
+    return sorted(incoming, key=lambda edge: sources.index(edge.source))
 
 
 # ----------------------------------------------------------------------------- one-line form

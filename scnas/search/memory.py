@@ -11,14 +11,15 @@ one, hence the maximum of both).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import torch
 
 from scnas.build import BuildConfig
 from scnas.metrics import soft_jaccard_loss
-from scnas.build.memory import (PeakTracker, StepProfile, _Simulation, emulate_autocast, larger, profile_step,
-                                storage_bytes)
+from scnas.build.memory import (PeakTracker, StepProfile, _Simulation, check_simulation_size, emulate_autocast,
+                                larger, parameter_count, profile_step, storage_bytes)
 from scnas.build.ops import make_op
 from scnas.genotype import CELL_TYPES
 from scnas.search.sampling import Draw, edge_weights, draw
@@ -82,9 +83,16 @@ def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], samplin
     return _profile_draw(config, nodes, ops, amp, checkpoint, batch, active, share)
 
 
+@lru_cache(maxsize=64)
+def supernet_parameters(config: BuildConfig, nodes: int, ops: tuple[str, ...]) -> int:
+    """Parameters of the supernet (every op on every edge), counted without allocating."""
+    return parameter_count(lambda: SuperNet(config, nodes, list(ops)))
+
+
 def _profile_draw(config: BuildConfig, nodes: int, ops: list[str], amp: str, checkpoint: str, batch: int,
                   active: torch.Tensor, share: int | None) -> StepProfile:
     edges = active.shape[0]
+    check_simulation_size(supernet_parameters(config, nodes, tuple(ops)), f"search stem {config.stem_channels}")
     with _Simulation():
         net = SuperNet(config, nodes, ops)
         net.train()

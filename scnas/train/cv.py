@@ -188,6 +188,39 @@ def _study_lock(out: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _finished(out: Path, job: Job, prefix: str, skipped: str, say: Callable[[str], None],
+              quiet: bool = False) -> bool:
+    """Whether ``job`` has its evaluation record (saying so); a damaged record is named (unless
+    ``quiet``) and the job counts as not done, so it is done again."""
+    try:
+        if job_record(out, job) is not None:
+            say(f"{prefix} {job.name}: {skipped}")
+            return True
+    except DamagedFileError as exc:
+        if not quiet:
+            say(f"{prefix} {exc}: doing it again")
+    return False
+
+
+@contextmanager
+def _job_claim(folder: Path):
+    """Whether this process may run the job in ``folder``: a non-blocking exclusive lock on
+    ``folder/.running``, held while the job runs, so that two processes continuing the same
+    study never train the same job twice. The kernel releases it when its process ends, even
+    by SIGKILL, so a killed job is free to be resumed at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".running", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _task_folder(data: str, cache) -> Path:
     """The task folder whose images are predicted and whose labels are the ground truth."""
     if (Path(data) / "dataset.json").exists():
@@ -395,14 +428,17 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     jobs = study_jobs(plan)
     mine = [job for position, job in enumerate(jobs) if position % count == index - 1]
     for number, job in enumerate(mine, start=1):
-        try:
-            if job_record(out, job) is not None:
-                say(f"[{number}/{len(mine)}] {job.name}: done before, skipped")
+        prefix = f"[{number}/{len(mine)}]"
+        if _finished(out, job, prefix, "done before, skipped", say):
+            continue
+        with _job_claim(out / "jobs" / job.genotype / f"fold_{job.fold}") as claimed:
+            if not claimed:
+                say(f"{prefix} {job.name}: being run by another process, skipped")
                 continue
-        except DamagedFileError as exc:
-            say(f"[{number}/{len(mine)}] {exc}: doing it again")
-        started = time.perf_counter()
-        record = run_job(out, plan, job, progress, say)
+            if _finished(out, job, prefix, "done by another process, skipped", say, quiet=True):
+                continue                      # finished by another process since it was checked
+            started = time.perf_counter()
+            record = run_job(out, plan, job, progress, say)
         say(f"[{number}/{len(mine)}] {job.name}: mean Dice {record['mean_over_classes']:.4f} over "
             f"{len(record['cases'])} validation case(s), last-epoch model (epoch {record['model_epoch']}), "
             f"{time.perf_counter() - started:.0f} s")
@@ -410,7 +446,7 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, shard: str
     if missing:
         say(f"{len(jobs) - len(missing)} of {len(jobs)} jobs done; waiting for: "
             f"{', '.join(job.name for job in missing[:6])}{' ...' if len(missing) > 6 else ''} "
-            "(other shards); then: scnas cv -o OUT --report")
+            "(other shards or processes); then: scnas cv -o OUT --report")
         return None
     return write_report(out, plan, say)
 

@@ -167,9 +167,13 @@ def _valid_cases() -> dict[str, dict]:
         "search": {"dataset": "Task01_BrainTumour", "fold": 0, "seed": 0, "sampling": "pair",
                    "task": "BRATS", "cases": ["BRATS_001", "BRATS_002", "BRATS_004"]},
         "probabilities": {"encoder_normal": [{"from": 0, "to": 2, "p": {op: 1 / 8 for op in PAPER_OPS}}]}}
+    # read from DARTS with node 2 of encoder_normal listed as inputs (1, 0): provenance, so the hash is base's
+    with_darts_order = base()
+    with_darts_order["provenance"] = {"darts_ops": {"skip_connect": "identity"},
+                                      "darts_order": {"encoder_normal": [[1, 0], [2]]}}
     return {"base": base(), "reordered": reordered, "dead-node": dead_node, "node-without-input-unused": lonely_node,
             "restricted-vocabulary": restricted, "minimal": minimal, "defaults": defaults,
-            "with-provenance": with_provenance}
+            "with-provenance": with_provenance, "with-darts-order": with_darts_order}
 
 
 def main() -> None:
