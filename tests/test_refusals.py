@@ -120,7 +120,8 @@ def study(tmp_path, cli, monkeypatch):
                    "16", "--folds", "0").code == 0
     out.mkdir()
     plan = {"format": cv.PLAN_FORMAT, "version": cv.PLAN_VERSION, "request": captured[0], "folds": [0],
-            "genotypes": [{"name": "minimal"}, {"name": "uresnet"}]}
+            "genotypes": [{"name": "minimal"}, {"name": "uresnet"}], "cache": "cache", "task": "task",
+            "labels": {"background": 0, "class1": 1}, "validation": {"0": ["case_0"]}}   # every field cv reads
     (out / "cv.json").write_text(json.dumps(plan))
     return out
 
@@ -179,7 +180,8 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
         else:
             second_started.set()
         folder = out_ / "jobs" / job.genotype / f"fold_{job.fold}"
-        (folder / cv.DONE).write_text(json.dumps({"genotype": job.genotype}))
+        (folder / cv.DONE).write_text(json.dumps({"genotype": job.genotype, "fold": job.fold,
+                                                  "model_selection": "last epoch", "mean": {"1": 0.5}}))
         return {"mean_over_classes": 0.5, "cases": ["a"], "model_epoch": 2}
 
     monkeypatch.setattr(cv, "run_job", run_job)

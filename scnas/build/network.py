@@ -359,7 +359,7 @@ class MacroUNet(nn.Module):
             if slot.name in self.heads and supervise:
                 auxiliary.append(self.heads[slot.name](output))
         logits = self.out(outputs[-1])
-        if self.training and self.config.deep_supervision:   # a list even when no head is built (depth 1)
+        if supervise and self.config.deep_supervision:   # a list even when no head is built (depth 1)
             return [logits, *reversed(auxiliary)]
         return logits
 
