@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from scnas.build import BuildConfig, build_network  # noqa: E402
 from scnas.metrics import soft_jaccard_loss  # noqa: E402
 from scnas.genotype import builtin_genotype, load_genotype, random_genotype  # noqa: E402
-from scnas.steps import Precision  # noqa: E402
+from scnas.engine.steps import Precision  # noqa: E402
 from scnas.train.inference import sliding_window, sliding_window_logits  # noqa: E402
 from scnas.train.predict import Predictor  # noqa: E402
 

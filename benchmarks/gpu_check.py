@@ -622,7 +622,7 @@ def item_compile(it: Item) -> None:
 
     import gpu_bench
     from scnas.build import BuildConfig, build_network
-    from scnas.compiling import compiled_for_inference
+    from scnas.engine.compiling import compiled_for_inference
     from scnas.genotype import builtin_genotype
 
     device = torch.device(it.device)

@@ -47,7 +47,7 @@ def measure(mode: str, patch: int, stem: int, steps: int, device: str, amp: str,
     from scnas.genotype import PAPER_OPS
     from scnas.search import Architecture, SuperNet
     from scnas.search.sampling import choices_from, draw, host_copy
-    from scnas.steps import Precision, accumulate_exact, fused_if_available, guarded_step
+    from scnas.engine.steps import Precision, accumulate_exact, fused_if_available, guarded_step
 
     ops = list(PAPER_OPS)
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)

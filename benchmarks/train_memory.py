@@ -43,7 +43,7 @@ def measure(genotype: str, stem: int, patch: int, batch: int, micro: int, steps:
 
     from scnas.build import BuildConfig, build_network
     from scnas.genotype import load_genotype
-    from scnas.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
+    from scnas.engine.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
 
     dev = torch.device(device)
     torch.manual_seed(0)

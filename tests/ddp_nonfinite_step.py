@@ -8,8 +8,8 @@ import torch
 
 from scnas.build import BuildConfig, build_network
 from scnas.genotype import builtin_genotype
-from scnas.processes import close_processes, setup_processes
-from scnas.steps import Precision, accumulate_exact, guarded_step, split_batch
+from scnas.engine.processes import close_processes, setup_processes
+from scnas.engine.steps import Precision, accumulate_exact, guarded_step, split_batch
 
 d = setup_processes("cpu")
 torch.manual_seed(0)

@@ -15,7 +15,7 @@ from scnas.build import BuildConfig, ModelFileError, build_network, load_weights
 from scnas.data import write_phantom_dataset
 from scnas.genotype import builtin_genotype
 from scnas.metrics import deep_supervision_weights, downsampled_target, soft_jaccard_loss, supervised_loss
-from scnas.steps import Precision, accumulate_exact, split_batch
+from scnas.engine.steps import Precision, accumulate_exact, split_batch
 from scnas.train import TrainConfig, run_training
 
 CPU = Precision("off", torch.device("cpu"))

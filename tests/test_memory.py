@@ -15,7 +15,7 @@ from scnas.build.memory import (MemoryPlanError, PeakTracker, StepProfile, _Simu
 from scnas.genotype import PAPER_OPS, random_genotype
 from scnas.search import Architecture, SuperNet
 from scnas.search.sampling import choices_from, draw_all, host_copy
-from scnas.steps import Precision, StepMeter, accumulate_exact, guarded_step, split_batch
+from scnas.engine.steps import Precision, StepMeter, accumulate_exact, guarded_step, split_batch
 
 OPS = list(PAPER_OPS)
 
@@ -147,7 +147,7 @@ def test_step_meter_counts_the_longest_non_finite_streak():
 
 def test_a_scaler_that_finds_no_scale_stops_the_run(tmp_path):
     from scnas.errors import ScnasError
-    from scnas.steps import SCALER_SKIP_LIMIT, read_checked
+    from scnas.engine.steps import SCALER_SKIP_LIMIT, read_checked
 
     meter = StepMeter(torch.device("cpu"), ["loss"])
     finite = torch.tensor(0.5)

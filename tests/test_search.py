@@ -199,7 +199,7 @@ def test_resume_needs_the_same_settings_and_a_new_run_an_empty_folder(search_cac
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(search_cache, tmp_path, monkeypatch):
-    from scnas import steps
+    from scnas.engine import steps
 
     config = _config(search_cache, epochs=4, steps_per_epoch=2, max_nonfinite=3)
 

@@ -80,12 +80,12 @@ def flag_name(ctx, name: str) -> str:
 
 def resume_settings(ctx, values: dict, renamed: dict[str, str], saved: dict, make_config, run, error):
     """The settings of a resumed run: the run's own (``saved``) with those the user gave that
-    may change on resume (``scnas.checkpoints.RESUMABLE_CHANGES``). ``values`` are the command's
+    may change on resume (``scnas.engine.checkpoints.RESUMABLE_CHANGES``). ``values`` are the command's
     settings by key, ``renamed`` maps a key to its parameter's name where they differ. A
     setting given explicitly with a value other than the run's is refused, naming it, the
     run's value and the one given (silently ignoring it would resume something else than
     asked)."""
-    from scnas.checkpoints import RESUMABLE_CHANGES
+    from scnas.engine.checkpoints import RESUMABLE_CHANGES
 
     given = {key: value for key, value in values.items() if given_on_command_line(ctx, renamed.get(key, key))}
     original = make_config(saved)

@@ -89,7 +89,7 @@ def search(
     from pydantic import ValidationError
 
     from scnas.search import SearchConfig, SearchError, run_search
-    from scnas.runs import read_run_config
+    from scnas.engine.runs import read_run_config
 
     run = Path(output)
     overrides: dict = {}

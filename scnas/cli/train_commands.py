@@ -65,7 +65,7 @@ def train(
 
     from scnas.genotype import genotype_from_data, load_genotype
     from scnas.train import TrainConfig, TrainError, run_training
-    from scnas.runs import read_run_config
+    from scnas.engine.runs import read_run_config
 
     run = Path(output)
     given = dict(data=data, fold=fold, stem=stem, patch=patch, batch_size=batch_size, epochs=epochs or 500,

@@ -9,12 +9,12 @@ from pydantic import Field, model_validator
 
 from scnas import defaults as D
 from scnas.genotype import MAX_NODES, OPS, PAPER_OPS
-from scnas.settings import RunSettings
+from scnas.engine.settings import RunSettings
 
 
 class SearchConfig(RunSettings):
     """Everything that defines a search run; saved as ``config.json`` in the run folder. The
-    settings shared with training are :class:`scnas.settings.RunSettings`'s; the paper's values
+    settings shared with training are :class:`scnas.engine.settings.RunSettings`'s; the paper's values
     for the search where they differ."""
 
     stem: int = Field(D.STEM_SEARCH, ge=1, description="stem channels during search (paper: 48)")

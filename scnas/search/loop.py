@@ -28,13 +28,13 @@ from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import write_genotype
 from scnas.metrics import LOSSES, jaccard_from_statistics, jaccard_statistics, soft_jaccard_loss
-from scnas.runs import RunLoop, read_run_checkpoint, validation_dice
+from scnas.engine.runs import RunLoop, read_run_checkpoint, validation_dice
 from scnas.search.config import SearchConfig
 from scnas.search.derive import alpha_movement, derivation_name, derive_genotype, free_mass
 from scnas.search.memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
-from scnas.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
+from scnas.engine.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
 
 CHECKPOINT_FORMAT = "scnas-search-checkpoint"
 CHECKPOINT_VERSION = 2   # 2: the supernet is the builder's U-Net (module names changed), gradient scalers
@@ -69,7 +69,7 @@ def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = 
 
 
 class SearchLoop(RunLoop):
-    """The bi-level search in the shared run skeleton (:class:`scnas.runs.RunLoop`)."""
+    """The bi-level search in the shared run skeleton (:class:`scnas.engine.runs.RunLoop`)."""
 
     kind, error, losses, rate_option = "search", SearchError, ("theta", "alpha"), "--theta-lr"
     checkpoint_format, checkpoint_version = CHECKPOINT_FORMAT, CHECKPOINT_VERSION

@@ -410,7 +410,7 @@ def run_job(out: Path, plan: dict[str, Any], job: Job, progress: bool = False,
 
 
 def _device(device: str) -> str:
-    from scnas.processes import resolve_device
+    from scnas.engine.processes import resolve_device
 
     return resolve_device(device, CVError).type
 

@@ -24,7 +24,7 @@ import torch
 
 from scnas import defaults as D
 from scnas.build.model_file import ModelFileError
-from scnas.compiling import compiled_for_inference
+from scnas.engine.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, is_nifti, load_case, strip_nifti_ending
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
 from scnas.errors import OutputError, Problem, ScnasError
@@ -123,8 +123,8 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
     to eager with a notice. On CUDA, ``cudnn.benchmark`` is switched on (windows all have the
     patch's shape, so the fastest convolution algorithms are searched once)."""
     from scnas.build.model_file import read_any_model_info
-    from scnas.processes import resolve_device
-    from scnas.steps import AMP_CHOICES, resolve_amp
+    from scnas.engine.processes import resolve_device
+    from scnas.engine.steps import AMP_CHOICES, resolve_amp
 
     target = resolve_device(device, PredictError)
     info = read_any_model_info(model_path)
@@ -153,7 +153,7 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
         raise ModelFileError("--backend torch needs the .safetensors model file (or use --backend onnxruntime)",
                              source=str(model_path))
     from scnas.build import load_model
-    from scnas.steps import Precision
+    from scnas.engine.steps import Precision
 
     model = load_model(model_path, str(target))
     precision = Precision(amp, target)

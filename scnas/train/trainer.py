@@ -25,7 +25,7 @@ from pydantic import Field
 from scnas import defaults as D
 from scnas.build import build_network, save_model
 from scnas.build.memory import MemoryPlan, plan_training_step
-from scnas.compiling import compile_for_training
+from scnas.engine.compiling import compile_for_training
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device
@@ -33,9 +33,9 @@ from scnas.errors import ScnasError
 from scnas.figures import plot_history
 from scnas.genotype import Genotype
 from scnas.metrics import LOSSES, deep_supervision_weights
-from scnas.runs import RunLoop, validation_dice
-from scnas.settings import RunSettings
-from scnas.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
+from scnas.engine.runs import RunLoop, validation_dice
+from scnas.engine.settings import RunSettings
+from scnas.engine.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch
 
 CHECKPOINT_FORMAT = "scnas-train-checkpoint"
 CHECKPOINT_VERSION = 2   # 2: --batch-size is the global batch; gradient scaler
@@ -47,7 +47,7 @@ class TrainError(ScnasError):
 
 class TrainConfig(RunSettings):
     """Everything that defines a training run (saved as ``config.json``). The settings shared
-    with the search are :class:`scnas.settings.RunSettings`'s; the paper's retraining values."""
+    with the search are :class:`scnas.engine.settings.RunSettings`'s; the paper's retraining values."""
 
     stem: int = Field(D.STEM_TRAIN, ge=1, description="paper: 68 for retraining")
     batch_size: int = Field(D.TRAIN_BATCH_SIZE, ge=1, description="patches per step over all processes (paper: 8); a "
@@ -125,7 +125,7 @@ def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.Path
 
 
 class TrainingLoop(RunLoop):
-    """Retraining a genotype in the shared run skeleton (:class:`scnas.runs.RunLoop`)."""
+    """Retraining a genotype in the shared run skeleton (:class:`scnas.engine.runs.RunLoop`)."""
 
     kind, error, losses, rate_option = "train", TrainError, ("loss",), "--lr"
     checkpoint_format, checkpoint_version = CHECKPOINT_FORMAT, CHECKPOINT_VERSION

@@ -22,17 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from scnas import __version__
 from scnas.build import BuildConfig
 from scnas.build.memory import MemoryPlan, MemoryPlanError
-from scnas.checkpoints import (CHECKPOINT_FIX, check_resume_precision, check_resume_settings, read_checkpoint,
+from scnas.engine.checkpoints import (CHECKPOINT_FIX, check_resume_precision, check_resume_settings, read_checkpoint,
                                save_checkpoint)
 from scnas.errors import ScnasError
 from scnas.figures import PLOT_EVERY_SECONDS
 from scnas.fileio import atomic_write_text, ensure_folder
 from scnas.metrics import dice_per_class
-from scnas.processes import Processes, memory_budget, setup_processes
+from scnas.engine.processes import Processes, memory_budget, setup_processes
 from scnas.progress import StepBar
 from scnas.records import check_shape, damaged, read_json
-from scnas.settings import RunSettings
-from scnas.steps import Precision, StepMeter, out_of_memory, read_checked, resolve_amp
+from scnas.engine.settings import RunSettings
+from scnas.engine.steps import Precision, StepMeter, out_of_memory, read_checked, resolve_amp
 
 CHECKPOINT = "checkpoint.pt"
 RUN_CONFIG_FIX = ("--resume cannot read the run's settings from it: start the run again in another folder, or put "
