@@ -21,7 +21,7 @@ from scnas.search.supernet import NORMALISED_IN_SEARCH, EdgeChoice, MixedEdge
 
 OPS = list(PAPER_OPS)
 UNIFORM = 1 / len(OPS)
-DEMO_ALPHA_LR = 0.1   # what scnas/demo.py passes to SearchConfig (alpha_lr) for its 40 alpha steps
+DEMO_ALPHA_LR = 0.1   # what scnas/apps/demo.py passes to SearchConfig (alpha_lr) for its 40 alpha steps
 
 
 @pytest.fixture(autouse=True)

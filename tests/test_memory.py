@@ -246,7 +246,7 @@ def test_plan_command(cli, tmp_path):
 
 def test_memory_report_compares_every_mode():
     from scnas.genotype import builtin_genotype
-    from scnas.planning import memory_report
+    from scnas.apps.memory_report import memory_report
 
     report = memory_report(BuildConfig(stem_channels=4, in_channels=1, num_classes=2), (16, 16, 16), 2, "off",
                            available=2**30, genotype=builtin_genotype("uresnet"), find_stem=False)
@@ -256,7 +256,7 @@ def test_memory_report_compares_every_mode():
 
 
 def test_largest_stem_is_the_last_that_fits():
-    from scnas.planning import _largest_stem
+    from scnas.apps.memory_report import _largest_stem
 
     def profile_for(config):   # transient memory grows with the square of the stem
         return lambda mode, batch: _linear_profile(config.stem_channels ** 2 * 2**20 / 8**3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import scnas.planning as planning
+import scnas.apps.memory_report as planning
 from scnas.build import BuildConfig
 from scnas.build.memory import parameter_count
 from scnas.build.network import build_network

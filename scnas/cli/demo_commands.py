@@ -19,7 +19,7 @@ def demo(
     the results. Runs on one torch thread unless --threads (or OMP_NUM_THREADS) says otherwise,
     so that its numbers are the README's on any machine with the same kind of CPU.
     """
-    from scnas.demo import run_demo
+    from scnas.apps.demo import run_demo
     from scnas.threads import reproducible_threads
 
     threads = reproducible_threads()

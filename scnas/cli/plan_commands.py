@@ -64,7 +64,7 @@ def plan(
     from scnas.errors import ScnasError
     from scnas.fileio import atomic_write_text
     from scnas.genotype import PAPER_OPS, load_genotype
-    from scnas.planning import memory_report
+    from scnas.apps.memory_report import memory_report
 
     if search == (genotype_path is not None):
         raise ScnasError("give a GENOTYPE to plan retraining, or --search to plan a search (not both)")
