@@ -56,9 +56,9 @@ def measured_code():
 
 def predict(genotype: str | None, stem: int, batch: int, amp: str, checkpoint: str, draw: str = "typical") -> float:
     from scnas.build import BuildConfig
-    from scnas.build.memory import training_step_profile
+    from scnas.build.memory_plan import training_step_profile
     from scnas.genotype import PAPER_OPS, load_genotype
-    from scnas.search.memory import search_step_profile
+    from scnas.search.supernet_memory import search_step_profile
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
     if genotype is None:
@@ -76,9 +76,9 @@ def main() -> None:
     from rich.table import Table
 
     from scnas.build import BuildConfig
-    from scnas.build.memory import MemoryPlanError, plan_training_step
+    from scnas.build.memory_plan import MemoryPlanError, plan_training_step
     from scnas.genotype import PAPER_OPS, load_genotype
-    from scnas.search.memory import plan_search_step
+    from scnas.search.supernet_memory import plan_search_step
 
     console = Console()
     rows = []

@@ -30,9 +30,9 @@ def predict(mode: str, patch: int, stem: int, device: str, amp: str, checkpoint:
     """The planner's peak (MiB) for the measured step: the same draws; on the CPU without the
     GPU workspace allowance."""
     from scnas.build import BuildConfig
-    from scnas.build.memory import WORKSPACE_BYTES
+    from scnas.build.memory_plan import WORKSPACE_BYTES
     from scnas.genotype import PAPER_OPS
-    from scnas.search.memory import search_step_profile
+    from scnas.search.supernet_memory import search_step_profile
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
     profile = search_step_profile(config, 4, list(PAPER_OPS), mode, amp, checkpoint, 1, "typical")

@@ -27,7 +27,7 @@ GENOTYPES = {"uresnet": "uresnet", "dense": "docs/images/dense-genotype.yaml"}
 
 def predict(genotype: str, stem: int, patch: int, micro: int, device: str, amp: str, checkpoint: str) -> float:
     from scnas.build import BuildConfig
-    from scnas.build.memory import WORKSPACE_BYTES, training_step_profile
+    from scnas.build.memory_plan import WORKSPACE_BYTES, training_step_profile
     from scnas.genotype import load_genotype
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)

@@ -222,7 +222,7 @@ def test_model_files_load_with_or_without_the_heads(trained, tmp_path):
 
 def test_the_memory_plan_simulates_the_heads_loss(monkeypatch):
     import scnas.metrics
-    from scnas.build.memory import training_step_profile
+    from scnas.build.memory_plan import training_step_profile
 
     seen = []
     original = scnas.metrics.supervised_loss

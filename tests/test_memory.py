@@ -10,7 +10,7 @@ import torch
 
 from scnas.build import BuildConfig, build_network
 from scnas.metrics import soft_jaccard_loss
-from scnas.build.memory import (MemoryPlanError, PeakTracker, StepProfile, _Simulation, choose_plan, format_bytes,
+from scnas.build.memory_plan import (MemoryPlanError, PeakTracker, StepProfile, _Simulation, choose_plan, format_bytes,
                                 parse_bytes, training_step_profile)
 from scnas.genotype import PAPER_OPS, random_genotype
 from scnas.search import Architecture, SuperNet

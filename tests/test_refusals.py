@@ -8,7 +8,7 @@ import pytest
 
 import scnas.apps.memory_report as planning
 from scnas.build import BuildConfig
-from scnas.build.memory import parameter_count
+from scnas.build.memory_plan import parameter_count
 from scnas.build.network import build_network
 from scnas.genotype import builtin_genotype
 
@@ -55,12 +55,12 @@ def test_match_flops_refuses_a_number_that_is_not_positive_and_finite(cli, value
 
 
 def test_plan_refuses_a_micro_batch_larger_than_the_share_and_nodes_beyond_the_bounds(cli, monkeypatch):
-    import scnas.search.memory
+    import scnas.search.supernet_memory
 
     def never(*args, **kwargs):
         raise AssertionError("a refused plan simulated a step")
 
-    monkeypatch.setattr(scnas.search.memory, "search_step_profile", never)
+    monkeypatch.setattr(scnas.search.supernet_memory, "search_step_profile", never)
     monkeypatch.setattr(planning, "training_step_profile", never)
     _refused(cli("plan", "minimal", "--micro-batch", "3", "--batch-size", "2"),
              "--micro-batch 3 is more patches than a process has: its share of the batch is 2")

@@ -2,7 +2,7 @@
 mode side by side, the plan ``scnas train`` / ``scnas search`` would pick, and the largest
 micro-batch, patch and stem that fit a memory budget.
 
-Predictions come from :mod:`scnas.build.memory` (training) and :mod:`scnas.search.memory`
+Predictions come from :mod:`scnas.build.memory_plan` (training) and :mod:`scnas.search.supernet_memory`
 (search): a step run at two small sizes under an allocation tracker and extrapolated
 exactly in batch x voxels.
 """
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from scnas.build import BuildConfig
-from scnas.build.memory import (MemoryPlanError, StepProfile, choose_plan, largest_batch, largest_cubic_patch,
+from scnas.build.memory_plan import (MemoryPlanError, StepProfile, choose_plan, largest_batch, largest_cubic_patch,
                                 parameter_count, training_step_profile)
 from scnas.build.network import CHECKPOINT_MODES
 from scnas.genotype import Genotype
@@ -68,7 +68,7 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
     """Predicted peak memory per process of one step (training when ``genotype`` is given,
     search otherwise) for every checkpointing mode; with ``available`` also the plan and the
     largest micro-batch, cubic patch and stem that fit. ``amp`` is off, fp16 or bf16."""
-    from scnas.search.memory import search_step_profile, supernet_parameters
+    from scnas.search.supernet_memory import search_step_profile, supernet_parameters
 
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} is the global batch: a multiple of --world-size {world}")
@@ -109,7 +109,7 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
             typical = search_step_profile(build, nodes, ops, sampling, amp, mode, size, "typical", share)
             row.typical_peak = typical.estimate(size, patch).peak
         if available is not None:
-            from scnas.build.memory import fits
+            from scnas.build.memory_plan import fits
 
             row.fits = fits(estimate, available)
             single = profile_of(mode, 1)
@@ -157,7 +157,7 @@ def _largest_stem(build: BuildConfig, profile_for, patch, mode: str, micro_batch
     grows with the stem), and whether the stem above it went unsimulated because its network
     has more than :data:`LARGEST_STEM_PARAMETERS` parameters (then the answer is a lower bound).
     Parameters grow with the square of the stem, so the work is bounded whatever the budget."""
-    from scnas.build.memory import fits
+    from scnas.build.memory_plan import fits
 
     too_large: set[int] = set()
 

@@ -77,7 +77,7 @@ def memory_budget(gpu_memory: str | None, processes: Processes) -> int | None:
     """Bytes a step may use on each process: ``gpu_memory`` when given, else the CUDA device's
     free memory (None on the CPU: nothing is planned). Under torchrun the smallest over all
     processes, so that every process makes the same plan (or refuses the same way)."""
-    from scnas.build.memory import device_memory, parse_bytes
+    from scnas.build.memory_plan import device_memory, parse_bytes
 
     available = parse_bytes(gpu_memory) if gpu_memory else device_memory(processes.device)
     if processes.world > 1:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scnas import __version__
 from scnas.build import BuildConfig
-from scnas.build.memory import MemoryPlan, MemoryPlanError
+from scnas.build.memory_plan import MemoryPlan, MemoryPlanError
 from scnas.engine.checkpoints import (CHECKPOINT_FIX, check_resume_precision, check_resume_settings, read_checkpoint,
                                save_checkpoint)
 from scnas.errors import ScnasError

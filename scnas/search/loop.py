@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from scnas import __version__
-from scnas.build.memory import MemoryPlan
+from scnas.build.memory_plan import MemoryPlan
 from scnas.data import architecture_split, fold_cases
 from scnas.data.augment import default_augmentation
 from scnas.data.loader import PatchDataset, PatchLoader, resolve_loader_workers, to_device
@@ -31,7 +31,7 @@ from scnas.metrics import LOSSES, jaccard_from_statistics, jaccard_statistics, s
 from scnas.engine.runs import RunLoop, read_run_checkpoint, validation_dice
 from scnas.search.config import SearchConfig
 from scnas.search.derive import alpha_movement, derivation_name, derive_genotype, free_mass
-from scnas.search.memory import plan_search_step
+from scnas.search.supernet_memory import plan_search_step
 from scnas.search.sampling import argmax_choices, choices_from, draw_all, host_copy
 from scnas.search.supernet import Architecture, SuperNet
 from scnas.engine.steps import Precision, accumulate_exact, fused_if_available, guarded_step, split_batch

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from scnas import defaults as D
 from scnas.build import build_network, save_model
-from scnas.build.memory import MemoryPlan, plan_training_step
+from scnas.build.memory_plan import MemoryPlan, plan_training_step
 from scnas.engine.compiling import compile_for_training
 from scnas.data import Cache, fold_cases
 from scnas.data.augment import default_augmentation

@@ -18,7 +18,7 @@ import torch
 
 from scnas.build import BuildConfig
 from scnas.metrics import soft_jaccard_loss
-from scnas.build.memory import (PeakTracker, StepProfile, _Simulation, check_simulation_size, emulate_autocast,
+from scnas.build.memory_plan import (PeakTracker, StepProfile, _Simulation, check_simulation_size, emulate_autocast,
                                 larger, parameter_count, profile_step, storage_bytes)
 from scnas.build.ops import make_op
 from scnas.genotype import CELL_TYPES
@@ -115,8 +115,8 @@ def _profile_draw(config: BuildConfig, nodes: int, ops: list[str], amp: str, che
 
 def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], sampling: str, amp: str, patch,
                      share: int, checkpoint: str, micro_batch: int | None, available: int | None):
-    """The :class:`~scnas.build.memory.MemoryPlan` of a search (planned with the ``bound`` draw)."""
-    from scnas.build.memory import choose_plan
+    """The :class:`~scnas.build.memory_plan.MemoryPlan` of a search (planned with the ``bound`` draw)."""
+    from scnas.build.memory_plan import choose_plan
 
     cache: dict[tuple[str, int], StepProfile] = {}
 
