@@ -10,8 +10,9 @@ import torch
 
 from scnas.build import BuildConfig, build_network
 from scnas.metrics import soft_jaccard_loss
-from scnas.build.memory_plan import (MemoryPlanError, PeakTracker, StepProfile, _Simulation, choose_plan, format_bytes,
-                                parse_bytes, training_step_profile)
+from scnas.build.allocations import PeakTracker
+from scnas.build.memory_plan import MemoryPlanError, StepProfile, _Simulation, choose_plan, training_step_profile
+from scnas.byte_sizes import format_bytes, parse_bytes
 from scnas.genotype import PAPER_OPS, random_genotype
 from scnas.search import Architecture, SuperNet
 from scnas.search.sampling import choices_from, draw_all, host_copy

@@ -1,218 +1,37 @@
-"""Predicting the peak memory of a training or search step without running it at full size.
+"""Predicting the peak memory of a training or search step without running it at full size,
+and the plan that fits a step into a budget (activation checkpointing, micro-batch).
 
-A step (forward, loss, backward) is run under a dispatch mode that records the bytes of
-every tensor storage from the moment an operation creates it until its last reference dies:
-what a caching allocator's ``max_memory_allocated`` counts. Activation checkpointing,
-in-place operations, what autograd saves for backward and when it frees it are therefore
-accounted for by PyTorch itself rather than modelled here.
+The step runs for real on the CPU, twice, at two tiny sizes, under the allocation tracker
+(:mod:`scnas.build.allocations`). Every tensor of these networks either scales with batch x
+voxels (activations and their gradients) or does not depend on them (weights, gradients of
+weights), and the sequence of allocations does not depend on the size, so the live bytes
+after the i-th allocation are an affine function of batch x voxels: two runs give it exactly,
+and the peak at any batch and patch is the largest of those functions there
+(:class:`StepProfile`). This is much faster than running the step on the ``meta`` device at
+full size, and gives the same figures (docs/benchmarks.md).
 
-The step runs for real on the CPU, twice, at two tiny sizes. Every tensor of these networks
-either scales with batch x voxels (activations and their gradients) or does not depend on
-them (weights, gradients of weights), and the sequence of allocations does not depend on
-the size, so the live bytes after the i-th allocation are an affine function of batch x
-voxels: two runs give it exactly, and the peak at any batch and patch is the largest of
-those functions there (:class:`StepProfile`). This takes about a second where running the
-step on the ``meta`` device at full size takes ten to twenty (its shape functions are
-Python); on the networks of the GPU measurements in docs/benchmarks.md both give the same
-figures.
-
-Mixed precision is emulated with CUDA autocast's rule for the operations these networks use
-(:func:`emulate_autocast`). Not simulated: cuDNN workspaces and allocator rounding and
-fragmentation, covered by :data:`WORKSPACE_BYTES` and the ``headroom`` of :func:`fits`.
+Mixed precision is emulated (:mod:`scnas.build.autocast_emulation`). Not simulated: cuDNN
+workspaces and allocator rounding and fragmentation, covered by :data:`WORKSPACE_BYTES` and
+the ``headroom`` of :func:`fits`.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from scnas.build.allocations import PeakTracker, storage_bytes
+from scnas.build.autocast_emulation import emulate_autocast
+from scnas.byte_sizes import format_bytes
 
 WORKSPACE_BYTES = 512 * 2**20
 """Added to every prediction for convolution workspaces (cuDNN picks them per algorithm; a few
 hundred MiB for 3D convolutions of these sizes) and the CUDA allocator's rounding."""
-
-
-class PeakTracker(TorchDispatchMode):
-    """Live bytes of the tensor storages created while the mode is active, recorded after
-    every allocation (``timeline``), and their peak."""
-
-    active: "PeakTracker | None" = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.paused = 0
-        self.timeline: list[int] = []
-        self._seen: set[int] = set()
-
-    def __enter__(self):
-        self._previous, PeakTracker.active = PeakTracker.active, self
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        PeakTracker.active = self._previous
-        return super().__exit__(*exc)
-
-    def add(self, tensor: torch.Tensor) -> None:
-        """Count ``tensor``'s storage from now until it dies (once per storage)."""
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._seen:
-            return
-        nbytes = storage.nbytes()
-        self._seen.add(key)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        self.timeline.append(self.live)
-        weakref.finalize(storage, self._free, key, nbytes)
-
-    def _free(self, key: int, nbytes: int) -> None:
-        if key in self._seen:
-            self._seen.discard(key)
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.paused:
-            for value in tree_flatten(out)[0]:
-                if isinstance(value, torch.Tensor):
-                    self.add(value)
-        return out
-
-
-class _Untracked:
-    """Work the tracker must not see (the float32 arithmetic behind an emulated half-precision
-    convolution); tensors it produces can be counted afterwards with ``PeakTracker.add``."""
-
-    def __enter__(self):
-        if PeakTracker.active is not None:
-            PeakTracker.active.paused += 1
-
-    def __exit__(self, *exc):
-        if PeakTracker.active is not None:
-            PeakTracker.active.paused -= 1
-
-
-def _counted(*tensors: torch.Tensor | None) -> None:
-    if PeakTracker.active is not None:
-        for tensor in tensors:
-            if tensor is not None:
-                PeakTracker.active.add(tensor)
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    seen, total = set(), 0
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if id(storage) not in seen:
-            seen.add(id(storage))
-            total += storage.nbytes()
-    return total
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixed precision
-
-
-def emulate_autocast(model: nn.Module, amp: str) -> None:
-    """Make ``model``'s convolutions behave as under CUDA autocast with ``amp`` (fp16/bf16),
-    on the CPU: input, weight and bias are cast to the low precision above autograd, so
-    backward keeps the low-precision copies, as with autocast. Every other operation of
-    these networks follows its inputs under autocast (instance norm, activations, pooling,
-    additions; scnas keeps its trilinear upsampling in the input's precision), so nothing else
-    changes, except that average pooling, which the CPU lacks in half precision, is computed
-    as a depthwise convolution that keeps the same tensors. For simulations only: it rebinds
-    ``forward`` of modules of ``model``."""
-    from scnas.build.ops import AvgPool3x3x3
-
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return
-    for module in model.modules():
-        if isinstance(module, nn.Conv3d):
-            module.forward = _low_precision_conv(module, dtype)
-        elif isinstance(module, nn.ConvTranspose3d):
-            module.forward = _low_precision_transposed(module, dtype)
-        elif isinstance(module, AvgPool3x3x3):
-            module.forward = _box_mean_as_conv(module)
-
-
-class _LowPrecisionConv(torch.autograd.Function):
-    """A convolution with the tensors of a half-precision one (inputs and weights kept for
-    backward in ``x.dtype``, outputs and input gradients in ``x.dtype``), computed in float32:
-    CPUs without half-precision units run 3D convolutions 100x slower in half precision."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, transposed, stride, padding, dilation, output_padding, groups):
-        with _Untracked():
-            y = torch.ops.aten.convolution(x.float(), weight.float(), None if bias is None else bias.float(), stride,
-                                           padding, dilation, transposed, output_padding, groups).to(x.dtype)
-        _counted(y)
-        ctx.save_for_backward(x, weight)
-        ctx.settings = (bias is not None, stride, padding, dilation, transposed, output_padding, groups)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        has_bias, stride, padding, dilation, transposed, output_padding, groups = ctx.settings
-        with _Untracked():
-            bias_sizes = [weight.shape[1] * groups if transposed else weight.shape[0]] if has_bias else None
-            grads = torch.ops.aten.convolution_backward(
-                grad.float(), x.float(), weight.float(), bias_sizes, stride, padding, dilation, transposed,
-                output_padding, groups, [True, True, has_bias])
-            grad_x, grad_w, grad_b = (None if g is None else g.to(x.dtype) for g in grads)
-        _counted(grad_x, grad_w, grad_b)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
-
-
-def _low_precision_conv(module: nn.Conv3d, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = None if module.bias is None else module.bias.to(dtype)
-        return _LowPrecisionConv.apply(x.to(dtype), module.weight.to(dtype), bias, False, list(module.stride),
-                                       list(module.padding), list(module.dilation), [0, 0, 0], module.groups)
-    return forward
-
-
-def _low_precision_transposed(module: nn.ConvTranspose3d, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = None if module.bias is None else module.bias.to(dtype)
-        return _LowPrecisionConv.apply(x.to(dtype), module.weight.to(dtype), bias, True, list(module.stride),
-                                       list(module.padding), list(module.dilation), list(module.output_padding),
-                                       module.groups)
-    return forward
-
-
-def _box_mean_as_conv(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    from scnas.build import ops
-
-    # Same tensors as AvgPool3x3x3.forward: torch's avg_pool3d where every axis has >= 3 voxels
-    # (it keeps its input, alive anyway, and makes the output); otherwise the explicit form's
-    # padded input (kept for backward), output, and one-channel count of real voxels.
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        kernel = torch.full((channels, 1, 3, 3, 3), 1 / 27, dtype=x.dtype, device=x.device)
-        stride = [module.stride] * 3
-        if ops.TORCH_AVG_POOL and min(x.shape[2:]) >= 3:
-            return _LowPrecisionConv.apply(x, kernel, None, False, stride, [1, 1, 1], [1, 1, 1], [0, 0, 0], channels)
-        box_mean = _LowPrecisionConv.apply(F.pad(x, (1, 1, 1, 1, 1, 1)), kernel, None, False, stride, [0, 0, 0],
-                                           [1, 1, 1], [0, 0, 0], channels)
-        ones = F.pad(torch.ones_like(x[:1, :1]), (1, 1, 1, 1, 1, 1))
-        real = _LowPrecisionConv.apply(ones, kernel[:1], None, False, stride, [0, 0, 0], [1, 1, 1], [0, 0, 0], 1)
-        return box_mean / real
-    return forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,27 +145,6 @@ def largest_cubic_patch(profile: StepProfile, batch: int, available: int, diviso
     return best
 
 
-def parse_bytes(text: str) -> int:
-    """'24GiB', '24 GB', '12G', '800MiB', '1.5TiB' or a plain number of bytes -> bytes.
-    Decimal units (GB) are powers of 1000, binary ones (GiB, and the bare letter G) of 1024."""
-    units = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-             "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abgikmt")
-    unit = cleaned[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a memory size (examples: 24GiB, 16GB, 800MiB)") from None
-    if unit not in units or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a memory size (examples: 24GiB, 16GB, 800MiB)")
-    return int(value * units[unit])
-
-
-def format_bytes(nbytes: float) -> str:
-    if nbytes >= 2**40:
-        return f"{nbytes / 2**40:,.1f} TiB"
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,12 +344,3 @@ def plan_training_step(genotype, config, amp: str, patch: Sequence[int], share: 
         return cache[mode, batch]
 
     return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Bytes free for a run on ``device``: CUDA's free memory plus what this process's allocator
-    already holds; None on the CPU (no budget is enforced there unless one is given)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device))

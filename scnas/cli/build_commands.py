@@ -67,7 +67,8 @@ def build(
                    "difference": flops / target - 1}
     stats = network_stats(genotype, config, patch, batch)
     if output:
-        from scnas.build.memory_plan import format_bytes, physical_memory_bytes
+        from scnas.build.memory_plan import physical_memory_bytes
+        from scnas.byte_sizes import format_bytes
 
         host = physical_memory_bytes()
         if host is not None and 4 * stats.params > host // 2:   # refused before allocating a single weight

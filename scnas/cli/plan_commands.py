@@ -59,7 +59,9 @@ def plan(
       scnas plan --search --stem 68 --amp fp16 --gpu-memory 12GiB
     """
     from scnas.build import BuildConfig
-    from scnas.build.memory_plan import MemoryPlanError, device_memory, format_bytes, parse_bytes
+    from scnas.build.memory_plan import MemoryPlanError
+    from scnas.byte_sizes import format_bytes, parse_bytes
+    from scnas.engine.processes import device_memory
     from scnas.build.network import check_spatial_size
     from scnas.errors import ScnasError
     from scnas.fileio import atomic_write_text

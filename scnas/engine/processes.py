@@ -77,7 +77,7 @@ def memory_budget(gpu_memory: str | None, processes: Processes) -> int | None:
     """Bytes a step may use on each process: ``gpu_memory`` when given, else the CUDA device's
     free memory (None on the CPU: nothing is planned). Under torchrun the smallest over all
     processes, so that every process makes the same plan (or refuses the same way)."""
-    from scnas.build.memory_plan import device_memory, parse_bytes
+    from scnas.byte_sizes import parse_bytes
 
     available = parse_bytes(gpu_memory) if gpu_memory else device_memory(processes.device)
     if processes.world > 1:
@@ -86,3 +86,12 @@ def memory_budget(gpu_memory: str | None, processes: Processes) -> int | None:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         available = None if value.item() == float("inf") else int(value.item())
     return available
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device``: CUDA's free memory plus what this process's allocator
+    already holds; None on the CPU (no budget is enforced there unless one is given)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device))

@@ -67,7 +67,7 @@ class RunSettings(BaseModel):
     @classmethod
     def _memory(cls, value):
         if value is not None:
-            from scnas.build.memory_plan import parse_bytes
+            from scnas.byte_sizes import parse_bytes
 
             parse_bytes(value)
         return value

@@ -18,8 +18,10 @@ import torch
 
 from scnas.build import BuildConfig
 from scnas.metrics import soft_jaccard_loss
-from scnas.build.memory_plan import (PeakTracker, StepProfile, _Simulation, check_simulation_size, emulate_autocast,
-                                larger, parameter_count, profile_step, storage_bytes)
+from scnas.build.allocations import PeakTracker, storage_bytes
+from scnas.build.autocast_emulation import emulate_autocast
+from scnas.build.memory_plan import (StepProfile, _Simulation, check_simulation_size, larger, parameter_count,
+                                     profile_step)
 from scnas.build.ops import make_op
 from scnas.genotype import CELL_TYPES
 from scnas.search.sampling import Draw, edge_weights, draw
