@@ -5,13 +5,14 @@ hash genotypes. Start with :func:`load_genotype` and :func:`write_genotype`.
 """
 
 from scnas.errors import GenotypeError
-from scnas.genotype.builtin import BUILTIN_NAMES, builtin_genotype, random_genotype
+from scnas.genotype.builtin import BUILTIN_NAMES, builtin_genotype, load_genotype, random_genotype
 from scnas.genotype.canonical import Change, canonical_dict, diff, genotype_hash, normalized, short_hash
-from scnas.genotype.io import dumps_genotype, genotype_from_data, load_genotype, parse_genotype, read_genotype, write_genotype
+from scnas.genotype.io import dumps_genotype, parse_genotype, read_genotype, write_genotype
 from scnas.genotype.migrate import CURRENT_VERSION
 from scnas.genotype.model import CELL_TYPES, FORMAT_NAME, MAX_NODES, NUM_INPUTS, Cell, Edge, Genotype
 from scnas.genotype.ops import OPS, PAPER_OPS, OpSpec
 from scnas.genotype.schema import json_schema
+from scnas.genotype.validation import genotype_from_data
 
 __all__ = [
     "BUILTIN_NAMES", "CELL_TYPES", "CURRENT_VERSION", "FORMAT_NAME", "MAX_NODES", "NUM_INPUTS", "OPS", "PAPER_OPS",

@@ -19,9 +19,9 @@ from typing import Any
 
 from scnas.errors import GenotypeError
 from scnas.genotype.canonical import canonical_dict
-from scnas.genotype.io import genotype_from_data
 from scnas.genotype.model import CELL_TYPES, FORMAT_NAME, FORMAT_VERSION, NUM_INPUTS, Genotype
 from scnas.genotype.ops import OPS, PAPER_OPS, ZERO
+from scnas.genotype.validation import genotype_from_data
 
 DARTS_OP_NAMES: dict[str, str] = {
     "none": ZERO,

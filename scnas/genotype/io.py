@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from scnas.errors import GenotypeError, Problem
+from scnas.errors import GenotypeError
 from scnas.fileio import STDIO, atomic_write_text, read_bytes_bounded
+from scnas.genotype import convert
 from scnas.genotype.canonical import normalized
-from scnas.genotype.migrate import migrate
-from scnas.genotype.model import MAX_NODES, Genotype
+from scnas.genotype.model import Genotype
+from scnas.genotype.validation import genotype_from_data
 
 MAX_BYTES = 1 << 20
 """Genotype files larger than this (1 MiB) are refused; real ones are a few KiB."""
@@ -199,37 +199,9 @@ def format_for_path(path: str | os.PathLike, explicit: str | None = None) -> str
     return SUFFIXES.get(Path(str(path)).suffix.lower())
 
 
-def genotype_from_data(data: Any, source: str | None = None) -> Genotype:
-    """Validate plain data (as parsed from JSON/YAML), migrating older versions forward."""
-    data = migrate(data, source)
-    try:
-        return Genotype.model_validate(data)
-    except ValidationError as exc:
-        raise GenotypeError(problems=[_problem_from_pydantic(e) for e in exc.errors()], source=source) from None
-    except GenotypeError as exc:
-        raise exc.with_source(source) if source else exc
-    except RecursionError:
-        raise GenotypeError("document is nested too deeply", source=source) from None
-
-
-def _problem_from_pydantic(error: dict[str, Any]) -> Problem:
-    path = ""
-    for part in error["loc"]:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    message = {"missing": "required field is missing",
-               "extra_forbidden": "unknown field (see docs/genotype-format.md for the fields)"}.get(error["type"], error["msg"])
-    if error["type"] not in ("missing",):
-        message += f" (got {error['input']!r:.60})"
-    if path == "nodes" and error["type"] == "less_than_equal":
-        message += f": a genotype has at most {MAX_NODES} intermediate nodes (docs/genotype-format.md, rule S7)"
-    return Problem(path, message)
-
-
 def parse_genotype(text: str, fmt: str, source: str | None = None, **options: Any) -> Genotype:
     """Parse genotype text of a known format; ``options`` (``op_map``, ``cells``, ``darts_names``) go to the
     DARTS reader and are ignored by the others."""
-    from scnas.genotype import convert  # convert builds on this module's validation
-
     if not text.strip():
         raise GenotypeError("file is empty", source=source)
     try:
@@ -259,23 +231,6 @@ def read_genotype(path: str | os.PathLike, fmt: str | None = None, **options: An
     return parse_genotype(text, fmt, source, **options)
 
 
-def load_genotype(spec: str | os.PathLike, fmt: str | None = None, **options: Any) -> Genotype:
-    """A genotype from a file path or, when no such file exists, a built-in name. ``fmt`` and
-    ``options`` are as for :func:`read_genotype`."""
-    from scnas.genotype.builtin import BUILTIN_NAMES, builtin_genotype
-
-    text = str(spec)
-    if text == STDIO or Path(text).exists():
-        return read_genotype(spec, fmt, **options)
-    if text in BUILTIN_NAMES:
-        return builtin_genotype(text)
-    if Path(text).suffix.lower() in SUFFIXES or os.sep in text:
-        return read_genotype(spec, fmt, **options)  # reports the missing file
-    raise GenotypeError(f"no such file, and no built-in genotype of that name (built-ins: {', '.join(BUILTIN_NAMES)})",
-                        source=text)
-
-
-# ----------------------------------------------------------------------------- writing text
 
 class _Flow(dict):
     """A mapping written on one line in YAML."""
@@ -316,8 +271,6 @@ def _yaml_layout(data: dict[str, Any]) -> dict[str, Any]:
 def dumps_genotype(genotype: Genotype, fmt: str = "yaml", **options: Any) -> str:
     """The genotype as text (edges in canonical order); ``options`` (``op_map``, ``cells``, ``darts_names``) go
     to the DARTS writer and are ignored by the others."""
-    from scnas.genotype import convert
-
     data = normalized(genotype).to_dict()
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"

@@ -1,4 +1,5 @@
-"""Genotypes that ship with scnas, and a seeded random genotype generator.
+"""Genotypes that ship with scnas, a seeded random genotype generator, and
+:func:`load_genotype`, which takes a file path or a built-in name.
 
 Built-ins are YAML files in this folder (package data); their names work wherever a
 genotype path does. Random genotypes give baselines of the same size as a searched one.
@@ -6,11 +7,16 @@ genotype path does. Random genotypes give baselines of the same size as a search
 
 from __future__ import annotations
 
+import os
 import random
 from functools import cache
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 from scnas.errors import GenotypeError
+from scnas.fileio import STDIO
+from scnas.genotype.io import SUFFIXES, parse_genotype, read_genotype
 from scnas.genotype.model import CELL_TYPES, FORMAT_NAME, FORMAT_VERSION, MAX_NODES, NUM_INPUTS, Genotype
 from scnas.genotype.ops import PAPER_OPS, ZERO
 
@@ -24,8 +30,6 @@ def _builtin_text(name: str) -> str:
 
 def builtin_genotype(name: str) -> Genotype:
     """The built-in genotype ``name`` (see :data:`BUILTIN_NAMES`)."""
-    from scnas.genotype.io import parse_genotype
-
     if name not in BUILTIN_NAMES:
         raise GenotypeError(f"no built-in genotype {name!r}; built-ins: {', '.join(BUILTIN_NAMES)}")
     return parse_genotype(_builtin_text(name), "yaml", source=f"builtin:{name}")
@@ -56,3 +60,17 @@ def random_genotype(seed: int, nodes: int = 4, ops: list[str] | tuple[str, ...] 
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "nodes": nodes, "ops": vocabulary, "cells": cells,
         "provenance": {"description": f"random genotype, seed {seed}, {inputs_per_node} inputs per node"},
     })
+
+
+def load_genotype(spec: str | os.PathLike, fmt: str | None = None, **options: Any) -> Genotype:
+    """A genotype from a file path or, when no such file exists, a built-in name. ``fmt`` and
+    ``options`` are as for :func:`read_genotype`."""
+    text = str(spec)
+    if text == STDIO or Path(text).exists():
+        return read_genotype(spec, fmt, **options)
+    if text in BUILTIN_NAMES:
+        return builtin_genotype(text)
+    if Path(text).suffix.lower() in SUFFIXES or os.sep in text:
+        return read_genotype(spec, fmt, **options)  # reports the missing file
+    raise GenotypeError(f"no such file, and no built-in genotype of that name (built-ins: {', '.join(BUILTIN_NAMES)})",
+                        source=text)
