@@ -1,9 +1,8 @@
 """How many CPU threads torch uses in the scnas process.
 
 torch starts one thread per physical core and its OpenMP threads wait for each other at every
-operation, so a core taken by another job stalls them all: on a 2-core machine with one other
-job running, a demo training step took 21.5 s with torch's 2 threads against 0.8 s with one
-(issue 17; ``benchmarks`` and the README say more). scnas therefore chooses:
+operation, so a core taken by another job stalls them all (docs/benchmarks.md, "Threads").
+scnas therefore chooses:
 
 1. ``--threads N`` (or ``SCNAS_THREADS``), when given;
 2. else ``OMP_NUM_THREADS``, when set (the usual way to limit OpenMP);

@@ -173,3 +173,23 @@ def test_the_layers_in_the_docs_are_the_tested_ones():
     assert [line.split(":")[0] for line in lines] == expected
     base = lines[-1].split(":", 1)[1]
     assert [name.strip() for name in base.split(",")] == [m.removeprefix("scnas.") for m in LAYERS[0]["base"][1:]]
+
+
+MEASUREMENT_OR_HISTORY = re.compile(
+    r"\bissue \d+|\b[ABH]\d00\b|\b\d+(\.\d+)?\s*ms\b|\b\d+\.\d+\s*s\b|\btook \d|\b\d+ of \d+ runs"
+    r"|\bscnas \d+\.\d+\b|\b\d+(\.\d+)?x (faster|slower)\b")
+"""Issue numbers, GPU models, timings, run counts, old versions: what goes stale in a docstring."""
+
+
+def test_docstrings_carry_no_measurements_or_history():
+    # Docstrings say what and why; figures live in docs/benchmarks.md, history in commit messages.
+    found = []
+    for name, (path, tree) in _modules().items():
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            for statement in body if isinstance(body, list) else []:
+                if (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                        and isinstance(statement.value.value, str)):
+                    found += [f"{name}:{statement.lineno}: {match.group(0)!r}"
+                              for match in MEASUREMENT_OR_HISTORY.finditer(statement.value.value)]
+    assert found == []

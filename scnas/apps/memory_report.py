@@ -20,15 +20,14 @@ from scnas.genotype import Genotype
 
 LARGEST_STEM_PARAMETERS = 2**26
 """The search for the largest stem that fits simulates networks of at most this many
-parameters (67 M: 10x the paper's network at stem 68, twice nnU-Net's largest 3D one; a few
-seconds a simulation on one CPU core, 1 GiB of memory); beyond it the report says "at least".
-With an unbounded budget the whole plan of uresnet took 2 minutes at 2**27 on one loaded core."""
+parameters (67 M: 10x the paper's network at stem 68, twice nnU-Net's largest 3D one), so
+that its time is bounded whatever the budget; beyond it the report says "at least"
+(timings: docs/benchmarks.md, "Figures behind constants")."""
 
 MAX_PLANNED_SEARCH_NODES = 8
 """Search steps are simulated for at most this many nodes per cell (the paper: 4). The
 supernet grows with the square of the nodes (64 nodes: 2,144 edges per cell, each with up
-to 8 operations), and so does the simulation: one checkpointing mode took 10 s at 4 nodes,
-13 s at 8, 31 s at 16 on one CPU core (stem 8, patch 32^3)."""
+to 8 operations), and so does the time to simulate it (docs/memory.md)."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ def emulate_autocast(model: nn.Module, amp: str) -> None:
 class _LowPrecisionConv(torch.autograd.Function):
     """A convolution with the tensors of a half-precision one (inputs and weights kept for
     backward in ``x.dtype``, outputs and input gradients in ``x.dtype``), computed in float32:
-    CPUs without half-precision units run 3D convolutions 100x slower in half precision."""
+    CPUs without half-precision units run 3D convolutions far slower in half precision."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, stride, padding, dilation, output_padding, groups):

@@ -152,8 +152,8 @@ def largest_cubic_patch(profile: StepProfile, batch: int, available: int, diviso
 
 SIMULATION_BYTES_PER_PARAMETER = 16
 """This machine's memory a simulated step holds per network parameter: float32 weights, their
-gradients and the half-precision copies (13 bytes measured: 1.2 GiB more at stem 256 than at
-stem 8, 96 M parameters, uresnet, fp16)."""
+gradients and the half-precision copies, with a margin over the measured figure
+(docs/benchmarks.md, "Figures behind constants")."""
 
 
 def parameter_count(make: Callable[[], nn.Module]) -> int:

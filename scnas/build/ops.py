@@ -37,23 +37,12 @@ def _bf16_on_the_cpu(x: torch.Tensor) -> bool:
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that works around a CPU dispatch heuristic and a CPU bfloat16 bug of torch.
 
-    torch runs a float32 CPU convolution with oneDNN only if batch > 1 or N*C*D*H > 20480 (a
-    2D-era rule that ignores the last axis of a 3D input); otherwise it uses ``slow_conv3d``,
-    5-10x slower for 3x3x3 kernels. This class sends exactly those convolutions (batch 1, not
-    grouped, kernel larger than 1) to oneDNN directly: same arithmetic up to float rounding,
-    same gradients. It never does so while exporting, tracing or compiling, on other devices
-    or dtypes, or where the oneDNN op is missing.
-
-    In bfloat16 on the CPU (``--amp bf16``), oneDNN's backward-weights kernel of a dense
-    convolution whose input is shorter than the kernel along the first spatial axis (depth 2
-    for 3x3x3: the deepest level of a 16-voxel-deep patch after three down-samplings) reads
-    memory it never wrote: the weight gradient changes from call to call on the same tensors,
-    often to 1e30 or NaN (torch 2.13; 12 or fewer channels were spared, 16 and more were not,
-    see tests/test_build.py::test_bf16_cpu_gradients_of_a_shallow_input_are_exact). Training
-    then skipped steps for non-finite gradients. Exactly those convolutions, when gradients
-    are being recorded, are computed in float32 from the same inputs and returned in
-    bfloat16: they are a few voxels deep (a bf16 step of uresnet-16 on 16x64x64 patches took
-    0.393 s with this, 0.388 s without); inference and other devices are untouched."""
+    Float32 CPU convolutions that torch's heuristic (batch 1 and N*C*D*H <= 20480) leaves to
+    its slow ``slow_conv3d`` go to oneDNN directly: same arithmetic up to rounding. In bfloat16
+    on the CPU, oneDNN's weight gradient is garbage when the input is shallower than the kernel
+    along depth, so exactly those convolutions are computed in float32 while gradients are
+    recorded. Neither applies on other devices, while exporting, tracing or compiling, or
+    where the oneDNN op is missing (figures: docs/benchmarks.md "Builder", docs/training.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dim() != 5 or self.groups != 1 or self.padding_mode != "zeros"
@@ -124,12 +113,11 @@ class MaxPool3x3x3(nn.Module):
     """3x3x3 max pooling, padding 1; exactly ``nn.MaxPool3d(3, stride, 1)``.
 
     On the CPU without gradients (inference) it is computed in the channels-last-3d layout,
-    where torch's CPU kernel was measured 1.5-7x faster (benchmarks/build_bench.py), and
-    returned contiguous. Not on other devices (on CUDA the two layout copies are pure cost),
-    not while exporting, tracing or compiling, and never with gradients: the channels-last
-    gradient it hands back made torch's CPU instance norm compute wrong weight gradients at
-    batch 1 (scnas 0.1 trained with them; see
-    tests/test_build.py::test_gradients_of_a_batch_are_the_sum_of_its_samples)."""
+    where torch's CPU kernel is faster (docs/benchmarks.md, "Builder"), and returned
+    contiguous. Not on other devices (on CUDA the two layout copies are pure cost), not while
+    exporting, tracing or compiling, and never with gradients: the channels-last gradient makes
+    torch's CPU instance norm compute wrong weight gradients at batch 1
+    (tests/test_build.py::test_gradients_of_a_batch_are_the_sum_of_its_samples)."""
 
     def __init__(self, stride: int):
         super().__init__()
@@ -144,7 +132,7 @@ class MaxPool3x3x3(nn.Module):
 
 TORCH_AVG_POOL = True
 """Let :class:`AvgPool3x3x3` use torch's avg_pool3d where torch takes the input (else always the
-explicit form, as scnas 0.2 did): a switch for benchmarks that compare with the old code."""
+explicit form): a switch for benchmarks that compare the two."""
 
 
 class AvgPool3x3x3(nn.Module):

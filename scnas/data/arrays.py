@@ -7,10 +7,10 @@ blocks compressed independently, so that slicing a patch decompresses only the b
 touches. The parameters were chosen by measurement (``benchmarks/data_bench.py``, table in
 docs/benchmarks.md) on a BraTS-size case:
 
-- one channel per chunk, chunks of 64³ voxels and blocks of 32³: a random 128³ patch
-  decompresses ~1.4x its own voxels; larger blocks read more, smaller ones add overhead;
+- one channel per chunk, chunks of 64³ voxels and blocks of 32³: a random patch decompresses
+  little more than its own voxels; larger blocks read more, smaller ones add overhead;
 - LZ4 at level 5 without the byte shuffle: as small as LZ4 with shuffle on half floats and
-  the fastest to read (ZSTD saves ~20 % more bytes and reads ~1.6x slower);
+  the fastest to read (ZSTD is smaller and slower to read);
 - one decompression thread: loaders run one process per core already.
 """
 

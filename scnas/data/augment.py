@@ -6,7 +6,7 @@ mirroring 0.5 per axis). An :class:`Augmentation` first **draws** a :class:`Reci
 the same patch in any process), then **applies** it to torch tensors on any device: in the
 loader worker when training runs on the CPU, on the GPU after the copy when it runs on CUDA
 (``scnas.data.loader``), where the spatial transform is one ``grid_sample`` call on the device
-instead of ~0.4 s of a CPU core per patch (docs/benchmarks.md; its GPU time is not measured yet).
+instead of a fraction of a second of a CPU core per patch (docs/benchmarks.md, "Data").
 
 **Spatial transform without artefacts.** Rotating or scaling an already cropped patch fills its
 corners with zeros that are not in the image (up to 20 % of a patch at 15 degrees). nnU-Net
@@ -15,8 +15,8 @@ rotation) and the final patch from the transformed one. Here the transform is dr
 reading, :meth:`SpatialTransform.margin` gives the exact region the rotated, scaled patch
 covers (plus one voxel for interpolation), only that region is read, and one
 ``torch.nn.functional.grid_sample`` maps it to the patch grid: trilinear for the image (as
-nnU-Net v2's batchgeneratorsv2; scipy's cubic spline per channel, used before, cost ~0.3 s a
-patch and its overshoot brings nothing to z-scored intensities), nearest neighbour for the
+nnU-Net v2's batchgeneratorsv2; a cubic spline costs far more and its overshoot brings
+nothing to z-scored intensities), nearest neighbour for the
 label, so labels keep their values. Only a patch at the border of the volume still gets zeros,
 where the volume has no voxels.
 """

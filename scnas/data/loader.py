@@ -11,7 +11,7 @@ On CUDA the workers only read: each patch's region (enlarged where it is rotated
 cache's storage type (half floats: half the bytes to copy), its label and its drawn
 augmentation :class:`~scnas.data.augment.Recipe` arrive in pinned memory, are copied without
 blocking and augmented on the GPU (:func:`to_device`), where the rotation's ``grid_sample``
-takes a millisecond instead of ~0.4 s of a worker's core. On the CPU the worker augments, and
+is cheap instead of costing a worker's core (docs/benchmarks.md). On the CPU the worker augments, and
 the batch is ready as it comes. Each worker keeps ``prefetch`` batches ready.
 """
 

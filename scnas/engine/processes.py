@@ -63,11 +63,9 @@ def setup_processes(device: str, error: type[ScnasError] = ScnasError) -> Proces
 def close_processes() -> None:
     """Leave the process group. Registered at exit by :func:`setup_processes`: a process that
     ends without it can abort (SIGABRT) while the interpreter shuts down, when gloo's worker
-    threads still hold tensors of the last collective. Garbage is collected first: unreachable
-    objects of the last steps (reference cycles around DistributedDataParallel and autograd)
-    destroyed only at shutdown, after the group, aborted the same way ("terminate called without
-    an active exception") in 8 of 31 runs of tests/ddp_nonfinite_step.py, and in none of 30 with
-    the collection."""
+    threads still hold tensors of the last collective. Garbage is collected first, so that
+    reference cycles around DistributedDataParallel and autograd are not destroyed after the
+    group, which aborts the same way (docs/benchmarks.md, "Figures behind constants")."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

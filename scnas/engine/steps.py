@@ -28,8 +28,8 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: fp16 on CUDA (faster than bf16 for cuDNN's 3D convolutions on an H200:
-    uresnet-68 inference 48.9 vs 70.3 ms, a training step 232 vs 264 ms), off on the CPU."""
+    """``auto``: fp16 on CUDA (faster than bf16 for cuDNN's 3D convolutions: docs/memory.md),
+    off on the CPU."""
     if amp == "auto":
         return "fp16" if device.type == "cuda" else "off"
     return amp

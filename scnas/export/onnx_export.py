@@ -4,7 +4,7 @@ Exporter: torch's ``dynamo=True`` exporter at opset 18, with dynamic batch and s
 (spatial sizes as multiples of 2**depth, expressed with ``torch.export.Dim``), the ONNX graph
 optimiser on, and everything in one file. The legacy TorchScript exporter is deprecated and
 cannot export the layout changes in scnas's max pooling; the dynamo exporter is slower to run
-(10-20 s for a network) but is torch's supported path.
+(docs/benchmarks.md, "Export") but is torch's supported path.
 
 The model's description (genotype, build config, scnas version, preprocessing when known)
 goes into the ONNX ``metadata_props`` under the same keys as in safetensors model files, so
