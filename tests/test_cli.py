@@ -156,6 +156,26 @@ def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, mon
         torch.set_num_threads(before)
 
 
+def test_help_prints_no_thread_notice_and_sets_no_threads(cli, monkeypatch):
+    import torch
+
+    from scnas import threads
+
+    monkeypatch.delenv("SCNAS_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "other_load", lambda: 1.2)   # a busy machine: computing commands would say so
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for args in (("cv", "--help"), ("search", "-h"), ("--threads", "1", "train", "--help")):
+            result = cli(*args)
+            assert result.code == 0 and "Usage" in result.out, result
+            assert "thread(s)" not in result.err and torch.get_num_threads() == 2, (args, result.err)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_command_line_defaults_are_the_librarys():
     # One source of defaults: every option that names a config field (or a predict_folder
     # parameter) and has a default shows the library's default, for every command.

@@ -57,6 +57,8 @@ def _root(
              "loader workers use one each)."),
 ) -> None:
     """Root options; the commands do the work."""
+    if (context.obj or {}).get("help"):   # a command's --help prints text only: no torch, no thread notice
+        return
     from scnas.threads import apply_threads
 
     chosen, why = apply_threads(threads)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands()
     try:
         # Standalone mode: typer reports usage errors itself and always ends in SystemExit.
-        app(args=args, prog_name="scnas")
+        app(args=args, prog_name="scnas", obj={"help": any(a in ("-h", "--help") for a in args)})
     except SystemExit as exc:
         code = exc.code
         if code == 130 and _interrupted_by_user(exc):   # typer turns Ctrl-C into a silent exit 130
