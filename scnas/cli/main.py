@@ -43,6 +43,7 @@ def _version(value: bool) -> None:
 
 
 COMPUTING = {"search", "train", "predict", "cv", "export-onnx"}   # where threads matter enough to say (demo: one)
+GENOTYPE_ONLY = {"validate", "show", "diff", "convert", "schema", "genotype"}   # never import torch
 
 
 @app.callback()
@@ -57,8 +58,8 @@ def _root(
              "loader workers use one each)."),
 ) -> None:
     """Root options; the commands do the work."""
-    if (context.obj or {}).get("help"):   # a command's --help prints text only: no torch, no thread notice
-        return
+    if (context.obj or {}).get("help") or context.invoked_subcommand in GENOTYPE_ONLY:
+        return   # help prints text only, genotype commands run without torch: no threads to choose, no notice
     from scnas.threads import apply_threads
 
     chosen, why = apply_threads(threads)
