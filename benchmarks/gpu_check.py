@@ -219,10 +219,10 @@ def item_cli(it: Item) -> None:
     """The command line on the device, on a tiny phantom task."""
     dev = it.device
     if it.full:
-        phantom = ["--cases", "6", "--channels", "4", "--classes", "3", "--shape", "64", "64", "48"]
+        phantom = ["--cases", "6", "--channels", "4", "--classes", "4", "--shape", "64", "64", "48"]
         small = ["--stem", "8", "--patch", "32", "32", "32", "--epochs", "1", "--steps-per-epoch", "3", "--workers", "2"]
     else:
-        phantom = ["--cases", "6", "--channels", "2", "--classes", "2", "--shape", "24", "24", "16"]
+        phantom = ["--cases", "6", "--channels", "2", "--classes", "3", "--shape", "24", "24", "16"]
         small = ["--stem", "4", "--patch", "16", "16", "16", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0"]
     task = it.work / "task"
     status, _, _ = it.scnas("phantom", "data", "phantom", str(task), *phantom, "--spacing", "1", "1", "1", "--force")

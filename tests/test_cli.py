@@ -141,19 +141,52 @@ def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, mon
 
     before = torch.get_num_threads()
     try:
-        result = cli("--threads", "1", "genotype", "list")
+        quiet = ("build", "minimal", "--stem", "2", "--patch", "16", "16", "16")   # uses torch, computes little
+        result = cli("--threads", "1", *quiet)
         assert result.code == 0 and torch.get_num_threads() == 1 and "thread" not in result.err
         monkeypatch.delenv("SCNAS_THREADS")
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(threads, "usable_cores", lambda: 2)
         monkeypatch.setattr(threads, "other_load", lambda: 1.2)
-        result = cli("genotype", "list")
-        assert result.code == 0 and torch.get_num_threads() == 1 and result.err == ""   # nothing computed: quiet
+        result = cli(*quiet)
+        assert result.code == 0 and torch.get_num_threads() == 1 and result.err == ""   # little computed: quiet
         result = cli("predict", "uresnet", "-i", "nowhere", "-o", "nowhere-out")
         assert result.code != 0 and torch.get_num_threads() == 1
         assert "using 1 torch thread(s) (2 cores, load 1.2 from other processes); --threads N" in result.err
     finally:
         torch.set_num_threads(before)
+
+
+def test_help_prints_no_thread_notice_and_sets_no_threads(cli, monkeypatch):
+    import torch
+
+    from scnas import threads
+
+    monkeypatch.delenv("SCNAS_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "other_load", lambda: 1.2)   # a busy machine: computing commands would say so
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for args in (("cv", "--help"), ("search", "-h"), ("--threads", "1", "train", "--help")):
+            result = cli(*args)
+            assert result.code == 0 and "Usage" in result.out, result
+            assert "thread(s)" not in result.err and torch.get_num_threads() == 2, (args, result.err)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_genotype_commands_run_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from scnas.cli.main import main; "
+            "codes = [main(args) for args in (['validate', 'uresnet'], ['show', 'minimal'], ['genotype', 'list'], "
+            "['--threads', '1', 'diff', 'uresnet', 'uresnet'])]; "
+            "sys.exit(3 if 'torch' in sys.modules else max(codes))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr   # 3: torch was imported (seconds, for a YAML file)
 
 
 def test_command_line_defaults_are_the_librarys():

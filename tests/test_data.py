@@ -521,3 +521,18 @@ def test_nifti_endings_are_stripped_by_one_helper_for_both_endings(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cases = {case.case_id: [p.name for p in case.images] for case in find_cases(tmp_path)}
     assert cases == {"single": ["single.nii"], "x": ["x_0000.nii", "x_0001.nii.gz"]}
+
+
+def test_phantom_classes_count_background_as_build_and_nnunet_do(cli, tmp_path):
+    from scnas.data import read_dataset
+
+    for given, labels in (([], 4), (["--classes", "2"], 2), (["--classes", "3"], 3)):
+        out = tmp_path / f"p{labels}"
+        result = cli("data", "phantom", out, "--cases", "2", "--shape", "12", "12", "8", "--channels", "1", *given)
+        assert result.code == 0 and f"{labels} classes (labels 0..{labels - 1})" in result.out, result
+        assert sorted(read_dataset(out).labels.values()) == list(range(labels))   # dataset.json: 0..K-1
+        drawn = set()
+        for path in sorted((out / "labelsTr").glob("*.nii.gz")):
+            drawn |= set(np.unique(np.asarray(nib.load(path).dataobj)).astype(int).tolist())
+        assert drawn == set(range(labels))   # every label appears, none beyond K-1
+    assert cli("data", "phantom", tmp_path / "one", "--classes", "1").code == 2   # background alone: refused

@@ -128,3 +128,13 @@ def test_draw_command_from_genotype_and_model_file(cli, tmp_path, uresnet):
     assert result.code == 1 and "--alpha needs" in result.err and not (tmp_path / "c.dot").exists()
     result = cli("draw", "uresnet", "--cell", "middle", "-o", tmp_path / "d.dot")
     assert result.code == 1 and "unknown cell type 'middle'" in result.err
+
+
+def test_draw_network_takes_the_tasks_channels_and_classes_as_build_does(cli, tmp_path):
+    args = ("--network", "--stem", "4", "--in-channels", "1", "--classes", "2")
+    assert cli("draw", "uresnet", *args, "-o", tmp_path / "net.dot").code == 0
+    drawn = (tmp_path / "net.dot").read_text()
+    assert "input\n1 ch" in drawn and "out (1x1x1)\n2 classes" in drawn
+    assert cli("build", "uresnet", *args[1:], "-o", tmp_path / "m.safetensors").code == 0   # the same options
+    assert cli("draw", tmp_path / "m.safetensors", "--network", "-o", tmp_path / "m.dot").code == 0
+    assert (tmp_path / "m.dot").read_text() == drawn

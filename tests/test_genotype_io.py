@@ -217,3 +217,23 @@ def test_yaml_merge_key_is_refused_by_name(tmp_path, small_doc):
     text = text.replace("  reduction:\n", "  reduction:\n    <<: *enc\n", 1).replace("  encoder_normal:\n", "  encoder_normal: &enc\n", 1)
     message = _error(_write(tmp_path, "merge.yaml", text))
     assert "merge key '<<'" in message and "line " in message and message.startswith(str(tmp_path / "merge.yaml"))
+
+
+def test_scnas_shows_one_short_hash_the_first_12_digits_of_the_full_one(cli, uresnet):
+    import re
+
+    from conftest import ROOT
+    from scnas.genotype import SHORT_HASH_DIGITS, short_hash
+
+    full = genotype_hash(uresnet)
+    assert re.fullmatch(r"[0-9a-f]{64}", full) and SHORT_HASH_DIGITS == 12
+    assert short_hash(uresnet) == short_hash(full) == full[:12]
+    spec = " ".join((ROOT / "docs" / "genotype-format.md").read_text().split())
+    assert "scnas shows the first 12 hex digits (the short hash" in spec   # the length the spec states
+    for args in (("validate", "uresnet"), ("show", "uresnet")):
+        printed = cli(*args).out
+        assert full[:12] in printed and full[:13] not in printed, args
+    # one definition: no other module cuts a genotype hash to a length of its own
+    for path in (ROOT / "scnas").rglob("*.py"):
+        if path.name != "canonical.py":
+            assert not re.search(r"genotype_hash[^\n]*\[:\d*\]", path.read_text()), path

@@ -22,7 +22,8 @@ class BuildConfig(BaseModel):
     stem_channels: int = Field(D.STEM_TRAIN, ge=1, description="channels of the stem output (level 0); level l cells are "
                                                      "stem_channels * 2**l wide")
     in_channels: int = Field(D.IN_CHANNELS, ge=1, description="input image channels (MRI sequences, CT: 1)")
-    num_classes: int = Field(D.NUM_CLASSES, ge=1, description="output channels (logits), one per class the loss sees")
+    num_classes: int = Field(D.NUM_CLASSES, ge=1, description="classes including background: output channels "
+                                                            "(logits), one per class the loss sees")
     depth: int = Field(D.DEPTH, ge=1, le=8, description="number of down-samplings (reduction cells); inputs must be "
                                                    "divisible by 2**depth")
     upsampling: Literal["trilinear", "transposed"] = Field(

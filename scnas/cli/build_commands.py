@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stdout
 from scnas.genotype import load_genotype, short_hash
 
@@ -22,8 +23,8 @@ def build(
     genotype_path: str = typer.Argument(..., metavar="GENOTYPE", help="Genotype file or built-in name."),
     stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="Stem channels; level-l cells are stem * 2**l wide "
                                                       "(paper: 48 for search, 68 for retraining)."),
-    in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="Input channels (BraTS: 4 MRI sequences; CT: 1)."),
-    classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Output channels (logits)."),
+    in_channels: int = options.in_channels_option(),
+    classes: int = options.classes_option(),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
     upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
     deep_supervision: bool = typer.Option(D.DEEP_SUPERVISION, "--deep-supervision", help="Add 1x1x1 heads on coarser "

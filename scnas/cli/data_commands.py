@@ -17,7 +17,11 @@ def phantom(
     out: str = typer.Argument(..., metavar="OUT", help="Folder to create (an MSD-layout task folder)."),
     cases: int = typer.Option(20, "--cases", min=1, help="Number of training cases."),
     channels: int = typer.Option(4, "--channels", min=1, max=8, help="Image channels (modalities)."),
-    classes: int = typer.Option(3, "--classes", min=1, max=8, help="Foreground classes (nested blobs)."),
+    classes: int = typer.Option(4, "--classes", min=2, max=9, metavar="K", help="Classes including background, as 'scnas build "
+                                                                   "--classes', nnU-Net's labels and MONAI's "
+                                                                   "out_channels count them: labels 0..K-1, K-1 nested "
+                                                                   "blobs (it used to count the blobs: add one to an old "
+                                                                   "command)."),
     shape: tuple[int, int, int] = typer.Option((48, 48, 24), "--shape", help="Voxels per axis."),
     spacing: tuple[float, float, float] = typer.Option((1.0, 1.0, 2.5), "--spacing", help="Voxel size in mm (anisotropic "
                                                                                           "by default)."),
@@ -29,8 +33,9 @@ def phantom(
     """Write a synthetic dataset a small network can learn to segment (for demos and tests)."""
     from scnas.data import write_phantom_dataset
 
-    path = write_phantom_dataset(out, cases, channels, classes, shape, spacing, seed, layout, force)
-    stdout.out(f"wrote {path}: {cases} cases, {channels} channels, {classes} classes, shape {shape}, spacing {spacing}")
+    path = write_phantom_dataset(out, cases, channels, classes - 1, shape, spacing, seed, layout, force)   # blobs
+    stdout.out(f"wrote {path}: {cases} cases, {channels} channels, {classes} classes (labels 0..{classes - 1}), "
+               f"shape {shape}, spacing {spacing}")
 
 
 @data_app.command("prepare")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stdout
 
 MODEL_SUFFIXES = (".safetensors", ".onnx")
@@ -30,8 +31,8 @@ def export_onnx_command(
                                                            "cpu, cuda or tensorrt."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime against PyTorch."),
     stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="For a genotype: stem channels."),
-    in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="For a genotype: input channels."),
-    classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="For a genotype: output channels."),
+    in_channels: int = options.in_channels_option("For a genotype: "),
+    classes: int = options.classes_option("For a genotype: "),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="For a genotype: down-samplings."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -106,6 +107,8 @@ def draw(
     network: bool = typer.Option(False, "--network", help="Draw the whole U-Net instead of the cells."),
     stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="With --network and a genotype: stem channels."),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="With --network and a genotype: down-samplings."),
+    in_channels: int = options.in_channels_option("With --network and a genotype: "),
+    classes: int = options.classes_option("With --network and a genotype: "),
 ) -> None:
     """Draw the cells of a genotype as in the paper's Figure 2, or the whole network (Figure 1).
 
@@ -122,7 +125,8 @@ def draw(
         genotype, config = model.genotype, model.config
     else:
         from scnas.build import BuildConfig
-        genotype, config = load_genotype(source), BuildConfig(stem_channels=stem, depth=depth)
+        genotype, config = load_genotype(source), BuildConfig(stem_channels=stem, depth=depth, in_channels=in_channels,
+                                                              num_classes=classes)
     if network:
         graph = network_graph(genotype, config)
     else:

@@ -43,6 +43,7 @@ def _version(value: bool) -> None:
 
 
 COMPUTING = {"search", "train", "predict", "cv", "export-onnx"}   # where threads matter enough to say (demo: one)
+GENOTYPE_ONLY = {"validate", "show", "diff", "convert", "schema", "genotype"}   # never import torch
 
 
 @app.callback()
@@ -57,6 +58,8 @@ def _root(
              "loader workers use one each)."),
 ) -> None:
     """Root options; the commands do the work."""
+    if (context.obj or {}).get("help") or context.invoked_subcommand in GENOTYPE_ONLY:
+        return   # help prints text only, genotype commands run without torch: no threads to choose, no notice
     from scnas.threads import apply_threads
 
     chosen, why = apply_threads(threads)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands()
     try:
         # Standalone mode: typer reports usage errors itself and always ends in SystemExit.
-        app(args=args, prog_name="scnas")
+        app(args=args, prog_name="scnas", obj={"help": any(a in ("-h", "--help") for a in args)})
     except SystemExit as exc:
         code = exc.code
         if code == 130 and _interrupted_by_user(exc):   # typer turns Ctrl-C into a silent exit 130

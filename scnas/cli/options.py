@@ -36,6 +36,24 @@ DEEP_SUPERVISION: bool = typer.Option(
                                                    "load with or without the heads.")
 
 
+
+def in_channels_option(when: str = "") -> int:
+    """``--in-channels``, as build, export-onnx and draw take it (``when``: e.g. "For a genotype: ")."""
+    return typer.Option(D.IN_CHANNELS, "--in-channels", min=1,
+                        help=_prefixed(when, "input channels (BraTS: 4 MRI sequences; CT: 1)."))
+
+
+def classes_option(when: str = "") -> int:
+    """``--classes``: classes including background wherever scnas takes it (``data phantom`` too)."""
+    return typer.Option(D.NUM_CLASSES, "--classes", min=1,
+                        help=_prefixed(when, "classes including background, the network's output channels (MONAI's "
+                                             "out_channels, nnU-Net's number of labels; BraTS: 4)."))
+
+
+def _prefixed(when: str, text: str) -> str:
+    return when + text if when else text[0].upper() + text[1:]
+
+
 def vocabulary(text: str | None, flag: str = "--ops") -> list[str] | None:
     """A comma-separated op vocabulary as a list (None when not given); an unknown or repeated
     name, or fewer than two, is refused naming the known ops."""

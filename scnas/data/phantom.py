@@ -59,6 +59,8 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
                           seed: int = 0, layout: str = "msd", force: bool = False) -> Path:
     """Write a phantom task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) at ``out``.
 
+    ``classes`` counts the foreground blobs (labels 1..classes, with background 0); the
+    command line's ``--classes`` counts background too, as ``BuildConfig.num_classes`` does.
     ``layout`` "msd" writes the MSD v1 flavour (4D images), "nnunetv2" one file per channel.
     The folder appears complete or not at all (written beside it, then renamed)."""
     if not 1 <= channels <= len(CHANNEL_NAMES) or not 1 <= classes <= 8 or cases < 1:

@@ -29,6 +29,7 @@ from scnas.build.model_file import model_metadata, read_any_model_info, read_onn
 from scnas.build.network import check_spatial_size
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_bytes, ensure_writable
+from scnas.genotype import short_hash
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -151,7 +152,7 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
     for key, value in properties.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "scnas"
-    proto.doc_string = f"scnas network, genotype {properties['genotype_hash'][:12]}; see metadata_props"
+    proto.doc_string = f"scnas network, genotype {short_hash(properties['genotype_hash'])}; see metadata_props"
     data = proto.SerializeToString()
     try:
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)

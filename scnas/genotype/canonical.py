@@ -28,15 +28,23 @@ def canonical_dict(genotype: Genotype) -> dict[str, Any]:
             "cells": {name: _canonical_cell(genotype.cell(name)) for name in CELL_TYPES}}
 
 
+SHORT_HASH_DIGITS = 12
+"""How many leading hex digits of :func:`genotype_hash` scnas shows (:func:`short_hash`)."""
+
+
 def genotype_hash(genotype: Genotype) -> str:
-    """SHA-256 (hex) of the canonical form; equal for documents describing the same cells."""
+    """SHA-256 of the canonical form, all 64 hex digits (what files record); equal for
+    documents describing the same cells. Output for people shows :func:`short_hash`."""
     text = json.dumps(canonical_dict(genotype), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def short_hash(genotype: Genotype) -> str:
-    """The first 12 hex digits of :func:`genotype_hash`, for display."""
-    return genotype_hash(genotype)[:12]
+def short_hash(genotype: Genotype | str) -> str:
+    """The hash as scnas shows it: the first ``SHORT_HASH_DIGITS`` (12) hex digits of
+    :func:`genotype_hash`, of a genotype or of a full hash already computed. 12 digits (48
+    bits) keep accidental collisions unlikely below millions of genotypes and fit a line."""
+    full = genotype if isinstance(genotype, str) else genotype_hash(genotype)
+    return full[:SHORT_HASH_DIGITS]
 
 
 def normalized(genotype: Genotype) -> Genotype:
