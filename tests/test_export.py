@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from scnas.build import BuildConfig, BuildError, ModelFileError, build_network, save_model
+from scnas.build import (BuildConfig, BuildError, ModelFileError, build_network, read_any_model_info, read_onnx_info,
+                         save_model)
 from scnas.errors import OutputError
-from scnas.export import ExportError, export_onnx, read_any_model_info, read_onnx_info
+from scnas.export import ExportError, export_onnx
 from scnas.export import onnx_export
 from scnas.genotype import OPS, builtin_genotype, genotype_hash, random_genotype
 

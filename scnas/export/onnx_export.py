@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scnas.build import BuildError, SCNASUNet
-from scnas.build.model_file import model_metadata, read_any_model_info, read_onnx_info
+from scnas.build.model_file import model_metadata
 from scnas.build.network import check_spatial_size
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_bytes, ensure_writable
@@ -217,5 +217,4 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
 
 
 __all__ = ["ExportError", "ExportReport", "FP16_MIN_LABEL_AGREEMENT", "ParityCheck", "TOLERANCE", "default_check_shapes",
-           "export_onnx",
-           "read_any_model_info", "read_onnx_info"]
+           "export_onnx"]
