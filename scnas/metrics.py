@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from scnas.defaults import LOSS_CHOICES
+
 
 def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The sums the soft Jaccard loss is made of, per class: row 0 the soft intersection
@@ -25,7 +27,7 @@ def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.stack([intersection, probs.sum(dims) + onehot.sum(dims)])
 
 
-LOSSES = {"jaccard": False, "jaccard-fg": True}
+LOSSES = {name: name.endswith("-fg") for name in LOSS_CHOICES}
 """The loss settings (``--loss``) and whether each leaves the background class (0) out."""
 
 

@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from scnas.defaults import AMP_CHOICES  # noqa: F401  (re-exported: the choices of resolve_amp)
 from scnas.metrics import supervised_from_statistics, supervised_statistics
 from scnas.errors import ScnasError
 
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

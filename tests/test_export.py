@@ -137,7 +137,7 @@ def test_unavailable_provider_and_missing_onnxruntime(tmp_path, monkeypatch):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(ExportError, match="has no CUDAExecutionProvider .*pip install 'scnas\\[gpu\\]'"):
             export_onnx(net, tmp_path / "x.onnx", provider="cuda")
-    with pytest.raises(ExportError, match="unknown provider 'tpu'"):
+    with pytest.raises(ExportError, match="--provider must be cpu, cuda or tensorrt, not 'tpu'"):
         export_onnx(net, tmp_path / "x.onnx", provider="tpu")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ExportError, match="needs onnxruntime, which is not installed"):

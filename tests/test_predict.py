@@ -164,7 +164,7 @@ def test_device_precision_and_compile_choices_that_cannot_be_honoured(model_and_
         result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--device", "cuda")
         assert result.code == 1 and "no CUDA device is available here (use --device cpu or auto)" in result.err
     result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--device", "tpu")
-    assert result.code == 1 and "--device 'tpu': expected auto, cpu or cuda" in result.err
+    assert result.code == 1 and "--device must be auto, cpu or cuda, not 'tpu'" in result.err
     result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--amp", "fp8")
     assert result.code == 1 and "--amp must be auto, off, fp16 or bf16" in result.err
     assert not list((tmp_path / "o").glob("*.nii.gz"))

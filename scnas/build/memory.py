@@ -35,7 +35,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from scnas.defaults import PRECISIONS
+
+AMP_DTYPES = dict(zip(PRECISIONS, (None, torch.float16, torch.bfloat16)))
 
 WORKSPACE_BYTES = 512 * 2**20
 """Added to every prediction for convolution workspaces (cuDNN picks them per algorithm; a few

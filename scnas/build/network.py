@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from scnas.build.config import BuildConfig, BuildError
 from scnas.build.ops import ActConvNorm, Conv3d, make_op
+from scnas.defaults import CHECKPOINT_MODES
 from scnas.genotype import CELL_TYPES, NUM_INPUTS, Cell, Genotype
 
 
@@ -256,12 +257,6 @@ def live_cells(graphs: Mapping[str, CellGraph], layout: list[CellSlot], wiring: 
 def genotype_graphs(genotype: Genotype) -> dict[str, CellGraph]:
     """The wiring of each cell type of ``genotype`` (dead nodes left out)."""
     return {name: CellGraph.of(genotype.cell(name), genotype.nodes) for name in CELL_TYPES}
-
-
-CHECKPOINT_MODES = ("off", "cells", "edges")
-"""Activation checkpointing: ``off`` keeps every activation for backward; ``cells`` keeps only
-the cell boundaries and recomputes one cell at a time during backward; ``edges`` also
-recomputes each edge inside the recomputed cell (least memory, one more forward)."""
 
 
 class MacroUNet(nn.Module):

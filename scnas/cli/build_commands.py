@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stdout
 from scnas.genotype import load_genotype, short_hash
 
@@ -25,7 +26,7 @@ def build(
     in_channels: int = typer.Option(D.IN_CHANNELS, "--in-channels", min=1, help="Input channels (BraTS: 4 MRI sequences; CT: 1)."),
     classes: int = typer.Option(D.NUM_CLASSES, "--classes", min=1, help="Output channels (logits)."),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
-    upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
+    upsampling: str = options.UPSAMPLING,
     deep_supervision: bool = typer.Option(D.DEEP_SUPERVISION, "--deep-supervision", help="Add 1x1x1 heads on coarser "
                                                                                       "decoder cells (trained by 'scnas train --deep-supervision')."),
     patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="D H W of the input for the cost figures."),
@@ -51,8 +52,6 @@ def build(
 
     from scnas.build import BuildConfig, BuildError, build_network, network_stats, save_model
 
-    if upsampling not in ("trilinear", "transposed"):
-        raise BuildError(f"--upsampling must be trilinear or transposed, not {upsampling!r}")
     genotype = load_genotype(genotype_path)
     config = BuildConfig(stem_channels=stem, in_channels=in_channels, num_classes=classes, depth=depth,
                          upsampling=upsampling, deep_supervision=deep_supervision)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stderr, stdout
 
 data_app = typer.Typer(help="Datasets: synthetic phantoms, preprocessing into a cache, checks.", no_args_is_help=True)
@@ -44,7 +46,7 @@ def prepare(
     workers: str = typer.Option("auto", "--workers", help="Processes preparing cases in parallel: a number, or auto "
                                                           "(one per usable core; each needs about 3x a prepared "
                                                           "case's float32 size in memory: 0.8 GB for BraTS at 0.7 mm)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Image storage: float16 (half the bytes, ~3 significant "
+    dtype: str = options.choice(D.IMAGE_DTYPE, "--dtype", D.IMAGE_DTYPE_CHOICES, help="Image storage: float16 (half the bytes, ~3 significant "
                                                          "digits of the z-scores) or float32 (lossless)."),
     force: bool = typer.Option(False, "--force", help="Prepare every case again (and replace other settings)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="A splits_final.json to use instead of nnU-Net's "
@@ -59,12 +61,10 @@ def prepare(
     flipped byte) is named and prepared again. A cache made with other settings is refused.
     Writes splits_final.json beside the cases, as nnU-Net does.
     """
-    from scnas.data import DatasetError, PrepareSettings, prepare_dataset
+    from scnas.data import PrepareSettings, prepare_dataset
     from scnas.data.cache import shared_cache_folder
     from scnas.data.preprocess import resolve_workers
 
-    if dtype not in ("float16", "float32"):
-        raise DatasetError(f"--dtype must be float16 or float32, not {dtype!r}")
     settings = PrepareSettings(target_spacing=spacing, image_dtype=dtype)
     target = output or shared_cache_folder(dataset, settings)
     report = prepare_dataset(dataset, target, settings, resolve_workers(workers), force, splits)

@@ -7,27 +7,50 @@ from typing import Optional
 import typer
 
 from scnas import defaults as D
+from scnas.errors import ScnasError, check_choice
+
+
+class Choice:
+    """Parses an option restricted to ``choices``, one of :mod:`scnas.defaults`' tuples (the
+    very object the library checks against): another value is refused as one line, "--amp must
+    be auto, off, fp16 or bf16, not 'fp8'", exit 1, before the command runs."""
+
+    def __init__(self, flag: str, choices: tuple[str, ...]):
+        self.flag, self.choices = flag, choices
+
+    def __call__(self, value: str) -> str:
+        return check_choice(value, self.choices, self.flag, ScnasError)
+
+
+def choice(default: str | None, flag: str, choices: tuple[str, ...], help: str) -> str:
+    """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help)."""
+    return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help)
+
 
 MICRO_BATCH: Optional[int] = typer.Option(
     None, "--micro-batch", min=1, help="Patches per forward pass; gradients accumulate exactly over a process's share "
                                        "(default: the largest that fits). With --resume: may change.")
-CHECKPOINT: Optional[str] = typer.Option(
-    None, "--checkpoint", help="Activation checkpointing: off, cells, edges (least memory, most recomputation), or "
+CHECKPOINT: Optional[str] = choice(
+    None, "--checkpoint", D.CHECKPOINT_CHOICES, help="Activation checkpointing: off, cells, edges (least memory, most recomputation), or "
                                "auto: the cheapest that fits the GPU [default: auto].")
 GPU_MEMORY: Optional[str] = typer.Option(
     None, "--gpu-memory", help="Memory to plan for, e.g. 24GiB (default: the CUDA device's free memory). A setting "
                                "that cannot fit is refused before the first step.")
-AMP: str = typer.Option(D.AMP, "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
+AMP: str = choice(D.AMP, "--amp", D.AMP_CHOICES, help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
                                               "on CUDA, off on CPU.")
 COMPILE: bool = typer.Option(False, "--compile", help="torch.compile the network: the first step pays the compilation "
                                                     "(printed, about a minute at stem 68), later ones run faster on a GPU. "
                                                     "Pays for long runs; on the CPU rarely. Falls back to eager, with a "
                                                     "notice, where compilation fails.")
 
-LOSS: str = typer.Option(D.LOSS, "--loss", help="jaccard: soft Jaccard distance averaged over all classes, "
+LOSS: str = choice(D.LOSS, "--loss", D.LOSS_CHOICES, help="jaccard: soft Jaccard distance averaged over all classes, "
                                                     "background included (the paper's loss as scnas reads it); "
                                                     "jaccard-fg: over the foreground classes only (nnU-Net leaves "
                                                     "background out of its Dice loss).")
+
+DEVICE: str = choice(D.DEVICE, "--device", D.DEVICE_CHOICES, help="auto (CUDA when available), cpu or cuda.")
+UPSAMPLING: str = choice(D.UPSAMPLING, "--upsampling", D.UPSAMPLING_CHOICES, help="trilinear (interpolation, then a "
+                         "1x1x1 convolution) or transposed (a transposed convolution).")
 
 DEEP_SUPERVISION: bool = typer.Option(
     D.DEEP_SUPERVISION, "--deep-supervision", help="Also train 1x1x1 heads on the coarser decoder levels (nnU-Net's "

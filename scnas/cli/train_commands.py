@@ -39,7 +39,7 @@ def train(
     seed: int = typer.Option(D.SEED, "--seed"),
     workers: str = typer.Option(D.WORKERS, "--workers", help="Data loader processes: a number, or auto (on CUDA one "
                                                           "per core, one core left for training; on the CPU none)."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
+    device: str = options.DEVICE,
     amp: str = options.AMP,
     compile: bool = options.COMPILE,
     deep_supervision: bool = options.DEEP_SUPERVISION,
@@ -103,13 +103,14 @@ def predict(
     inputs: str = typer.Option(..., "-i", "--input", help="A NIfTI image, or a folder of them (CASE_0000.nii.gz, "
                                                           "CASE_0001.nii.gz, ... are the channels of one case)."),
     output: str = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz)."),
-    backend: str = typer.Option("torch", "--backend", help="torch (.safetensors) or onnxruntime (.onnx)."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto (CUDA when available), cpu or cuda. On a GPU windows "
+    backend: str = options.choice(D.BACKEND, "--backend", D.BACKEND_CHOICES,
+                                  help="torch (.safetensors) or onnxruntime (.onnx)."),
+    device: str = options.choice(D.DEVICE, "--device", D.DEVICE_CHOICES, help="auto (CUDA when available), cpu or cuda. On a GPU windows "
                                                         "are cut, mirrored, predicted and blended on the device."),
     overlap: float = typer.Option(D.OVERLAP, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
     batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, "--batch-size", min=1, help="Windows per forward pass."),
-    amp: str = typer.Option(D.AMP, "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
+    amp: str = options.choice(D.AMP, "--amp", D.AMP_CHOICES, help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
                                                   "fp16 on CUDA, off on CPU (fp16 runs there too, emulated and slower)."),
     compile: bool = options.COMPILE,
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scnas import __version__
+from scnas import defaults as D
 from scnas.data.dataset import Case, Dataset, DatasetError, LoadedCase, load_case, read_dataset
 from scnas.data.splits import kfold_splits, read_splits, write_splits
 from scnas.errors import DamagedFileError, OutputError, Problem
@@ -55,8 +56,8 @@ class PrepareSettings(BaseModel):
     label_interpolation: str = "per-label-linear"
     normalization: str = "zscore-nonzero"
     crop: str = "nonzero"
-    image_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="how images are stored: float16 (half the bytes; z-scores keep ~3 significant "
+    image_dtype: Literal[D.IMAGE_DTYPE_CHOICES] = Field(
+        D.IMAGE_DTYPE, description="how images are stored: float16 (half the bytes; z-scores keep ~3 significant "
                                "digits) or float32 (lossless)")
 
 

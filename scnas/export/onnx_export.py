@@ -27,12 +27,13 @@ import torch
 from scnas.build import BuildError, SCNASUNet
 from scnas.build.model_file import model_metadata
 from scnas.build.network import check_spatial_size
-from scnas.errors import ScnasError
+from scnas.defaults import ONNX_PROVIDER_CHOICES
+from scnas.errors import ScnasError, check_choice
 from scnas.fileio import atomic_write_bytes, ensure_writable
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDERS = dict(zip(ONNX_PROVIDER_CHOICES, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")))
 TOLERANCE = (1e-4, 1e-3)
 """(atol, rtol): the float32 graph passes when max|onnx - torch| <= atol + rtol * max|torch|.
 Randomly initialised, InstanceNorm-heavy networks differ by up to ~1e-4 of the output range
@@ -182,8 +183,7 @@ def _session_factory(provider: str):
     except ImportError:
         raise ExportError("verification needs onnxruntime, which is not installed: pip install 'scnas[cpu]' "
                           "(or 'scnas[gpu]' for CUDA/TensorRT; never both), or export with --no-verify") from None
-    if provider not in PROVIDERS:
-        raise ExportError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    check_choice(provider, ONNX_PROVIDER_CHOICES, "--provider", ExportError)
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:
         hint = ("install the GPU build instead of the CPU one: pip uninstall onnxruntime && pip install 'scnas[gpu]'"

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scnas.defaults import SAMPLING_CHOICES
+from scnas.errors import spoken
 from scnas.search.supernet import EdgeChoice
 
 
@@ -65,7 +67,7 @@ def draw(alpha_host: torch.Tensor, mode: str, tau: float, generator: torch.Gener
         active[rows, first] = True
         active[rows, other + (other >= first).long()] = True
     else:
-        raise ValueError(f"unknown sampling {mode!r}; expected pair, one or full")
+        raise ValueError(f"unknown sampling {mode!r}; expected {spoken(SAMPLING_CHOICES)}")
     return Draw(mode, noise, active)
 
 
@@ -156,4 +158,4 @@ def sample_full(alpha: torch.Tensor, tau: float = 1.0, generator: torch.Generato
     return _dense(alpha, "full", tau, generator)
 
 
-SAMPLERS = {"pair": sample_pair, "one": sample_one, "full": sample_full}
+SAMPLERS = dict(zip(SAMPLING_CHOICES, (sample_pair, sample_one, sample_full)))

@@ -27,7 +27,7 @@ from scnas.build.model_file import ModelFileError
 from scnas.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, is_nifti, load_case, strip_nifti_ending
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
-from scnas.errors import OutputError, Problem, ScnasError
+from scnas.errors import OutputError, Problem, ScnasError, check_choice
 from scnas.fileio import ensure_folder, give_default_mode
 from scnas.train.inference import TensorPredictFn, sliding_window_logits
 
@@ -126,13 +126,13 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
     from scnas.processes import resolve_device
     from scnas.steps import AMP_CHOICES, resolve_amp
 
+    check_choice(backend, D.BACKEND_CHOICES, "--backend", PredictError)
+    check_choice(amp, AMP_CHOICES, "--amp", PredictError)
     target = resolve_device(device, PredictError)
     info = read_any_model_info(model_path)
     if not info.preprocessing or "target_spacing" not in info.preprocessing or "patch_size" not in info.preprocessing:
         raise ModelFileError("has no preprocessing settings (target_spacing, patch_size) in its metadata; models "
                              "written by 'scnas train' have them", source=str(model_path))
-    if amp not in AMP_CHOICES:
-        raise PredictError(f"--amp must be auto, off, fp16 or bf16, not {amp!r}")
     patch = tuple(int(p) for p in info.preprocessing["patch_size"])
     onnx_file = str(model_path).lower().endswith(".onnx")
     common = dict(preprocessing=info.preprocessing, patch=patch, num_classes=info.config.num_classes,
@@ -147,8 +147,6 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
             raise PredictError(f"--amp {amp} applies to the torch backend; for half precision in onnxruntime export "
                                "with 'scnas export-onnx --fp16'")
         return Predictor(_onnx_runner(model_path, target, say), device=torch.device("cpu"), amp="off", **common)
-    if backend != "torch":
-        raise PredictError(f"unknown backend {backend!r}: torch or onnxruntime")
     if onnx_file:
         raise ModelFileError("--backend torch needs the .safetensors model file (or use --backend onnxruntime)",
                              source=str(model_path))

@@ -1,0 +1,113 @@
+"""The package's interface: every choice written once, and public functions that cannot be
+called with their arguments in the wrong order."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import get_args
+
+import scnas
+from scnas import defaults as D
+
+ROOT = Path(scnas.__file__).parent
+
+CHOICES = {name: value for name, value in vars(D).items() if name.endswith("_CHOICES") or name in ("PRECISIONS",
+                                                                                                   "CHECKPOINT_MODES")}
+
+CLI_CHOICES = {   # (command, flag): the name of the defaults tuple its values must be one of
+    ("search", "--checkpoint"): "CHECKPOINT_CHOICES", ("train", "--checkpoint"): "CHECKPOINT_CHOICES",
+    ("plan", "--checkpoint"): "CHECKPOINT_CHOICES",
+    ("search", "--amp"): "AMP_CHOICES", ("train", "--amp"): "AMP_CHOICES", ("cv", "--amp"): "AMP_CHOICES",
+    ("predict", "--amp"): "AMP_CHOICES", ("plan", "--amp"): "AMP_CHOICES",
+    ("search", "--device"): "DEVICE_CHOICES", ("train", "--device"): "DEVICE_CHOICES",
+    ("cv", "--device"): "DEVICE_CHOICES", ("predict", "--device"): "DEVICE_CHOICES",
+    ("search", "--loss"): "LOSS_CHOICES", ("train", "--loss"): "LOSS_CHOICES", ("cv", "--loss"): "LOSS_CHOICES",
+    ("search", "--sampling"): "SAMPLING_CHOICES", ("plan", "--sampling"): "SAMPLING_CHOICES",
+    ("search", "--tau-schedule"): "TAU_SCHEDULE_CHOICES",
+    ("search", "--derive"): "DERIVE_CHOICES", ("derive", "--derive"): "DERIVE_CHOICES",
+    ("build", "--upsampling"): "UPSAMPLING_CHOICES", ("nnunet-plans", "--upsampling"): "UPSAMPLING_CHOICES",
+    ("prepare", "--dtype"): "IMAGE_DTYPE_CHOICES", ("predict", "--backend"): "BACKEND_CHOICES",
+    ("export-onnx", "--provider"): "ONNX_PROVIDER_CHOICES",
+}
+
+
+def _commands(typer_app, prefix=""):
+    for info in typer_app.registered_commands:
+        yield info.name or info.callback.__name__.replace("_", "-"), info.callback
+    for group in typer_app.registered_groups:
+        yield from _commands(group.typer_instance)
+
+
+def _cli_choices() -> dict[tuple[str, str], tuple]:
+    from scnas.cli.main import _register_commands, app
+    from scnas.cli.options import Choice
+
+    _register_commands()
+    found = {}
+    for command, callback in _commands(app):
+        for parameter in inspect.signature(callback).parameters.values():
+            parser = getattr(parameter.default, "parser", None)
+            if isinstance(parser, Choice):
+                found[command, parser.flag] = parser.choices
+    return found
+
+
+def test_the_cli_checks_each_choice_against_the_librarys_own_tuple():
+    found = _cli_choices()
+    assert sorted(found) == sorted(CLI_CHOICES)
+    for key, name in CLI_CHOICES.items():
+        assert found[key] is CHOICES[name], key   # the very object, not an equal copy
+
+
+def test_the_library_uses_the_same_choices():
+    from scnas.build import BuildConfig, network
+    from scnas.data.preprocess import PrepareSettings
+    from scnas.export import onnx_export
+    from scnas import metrics, processes, steps
+    from scnas.search import sampling
+    from scnas.search.config import SearchConfig
+    from scnas.settings import RunSettings
+
+    assert steps.AMP_CHOICES is D.AMP_CHOICES and D.AMP_CHOICES[1:] == D.PRECISIONS
+    assert network.CHECKPOINT_MODES is D.CHECKPOINT_MODES and D.CHECKPOINT_CHOICES[1:] == D.CHECKPOINT_MODES
+    assert processes.DEVICE_CHOICES is D.DEVICE_CHOICES and sampling.SAMPLING_CHOICES is D.SAMPLING_CHOICES
+    assert tuple(metrics.LOSSES) == D.LOSS_CHOICES and tuple(onnx_export.PROVIDERS) == D.ONNX_PROVIDER_CHOICES
+    literals = {(RunSettings, "checkpoint"): D.CHECKPOINT_CHOICES, (RunSettings, "amp"): D.AMP_CHOICES,
+                (RunSettings, "device"): D.DEVICE_CHOICES, (RunSettings, "loss"): D.LOSS_CHOICES,
+                (SearchConfig, "sampling"): D.SAMPLING_CHOICES, (SearchConfig, "tau_schedule"): D.TAU_SCHEDULE_CHOICES,
+                (SearchConfig, "derive"): D.DERIVE_CHOICES, (BuildConfig, "upsampling"): D.UPSAMPLING_CHOICES,
+                (PrepareSettings, "image_dtype"): D.IMAGE_DTYPE_CHOICES}
+    for (model, field), choices in literals.items():
+        assert get_args(model.model_fields[field].annotation) == choices, (model.__name__, field)
+
+
+def test_no_choice_is_typed_again_outside_defaults():
+    # A tuple, list, set, dict or Literal of strings that spells out a whole set of choices
+    # anywhere but scnas/defaults.py is a second copy that can drift from the first.
+    whole_sets = {frozenset(choices): name for name, choices in CHOICES.items()}
+    copies = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path == ROOT / "defaults.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                elements = node.elts
+            elif isinstance(node, ast.Dict):
+                elements = node.keys
+            elif isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "Literal":
+                elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            else:
+                continue
+            strings = frozenset(e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str))
+            if len(strings) >= 2 and strings in whole_sets:
+                copies.append(f"{path.relative_to(ROOT)}:{node.lineno}: {whole_sets[strings]}")
+    assert copies == []
+
+
+def test_a_value_outside_the_choices_is_one_line_naming_them(cli):
+    result = cli("plan", "uresnet", "--amp", "fp8")
+    assert result.code == 1 and result.err == "error: --amp must be auto, off, fp16 or bf16, not 'fp8'\n"
+    result = cli("build", "uresnet", "--upsampling", "nearest")
+    assert result.code == 1 and result.err == "error: --upsampling must be trilinear or transposed, not 'nearest'\n"
