@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_e
 device (a change of precision that would follow, ``--amp auto``, is refused separately)."""
 
 
-def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
+def check_resume_settings(saved, current, run: Path, *, error: type[ScnasError]) -> None:
     """Refuse to resume with settings other than the run's own, except :data:`RESUMABLE_CHANGES`."""
     old, new = saved.model_dump(), current.model_dump()
     differing = sorted(k for k, v in new.items() if k not in RESUMABLE_CHANGES and old[k] != v)
@@ -51,7 +51,7 @@ def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) ->
                     "may change)", source=str(run))
 
 
-def check_resume_precision(saved: str | None, now: str, run: Path, error: type[ScnasError]) -> None:
+def check_resume_precision(saved: str | None, now: str, run: Path, *, error: type[ScnasError]) -> None:
     """Refuse to continue a run at another precision than it started with (``--amp auto``
     means fp16 on CUDA and off on the CPU, so moving a run between them would change it)."""
     if saved is not None and saved != now:

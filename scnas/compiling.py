@@ -45,7 +45,7 @@ def compiled_for_inference(model: nn.Module, say: Callable[[str], None]) -> Call
     return run
 
 
-def compile_for_training(net: nn.Module, example: torch.Tensor, autocast, say: Callable[[str], None]) -> bool:
+def compile_for_training(net: nn.Module, example: torch.Tensor, autocast, *, say: Callable[[str], None]) -> bool:
     """Compile ``net`` in place (``nn.Module.compile``: parameter names, state dicts and model
     files stay as they are) and compile forward and backward now, on ``example`` (one
     micro-batch, under ``autocast``), so that the time is printed and a failure falls back to

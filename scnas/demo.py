@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 
 def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = print,
-             threads: int | None = None) -> dict[str, Any]:
+             *, threads: int | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary; ``quick`` shrinks every step (CI smoke);
     ``threads``: torch's thread count, recorded in the summary (results depend on it)."""
     import torch

@@ -68,7 +68,7 @@ def spoken(choices) -> str:
     return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
-def check_choice(value, choices: tuple, what: str, error: type[ScnasError] = ScnasError):
+def check_choice(value, choices: tuple, what: str, *, error: type[ScnasError] = ScnasError):
     """``value`` when it is one of ``choices`` (a tuple of :mod:`scnas.defaults`); otherwise
     ``error``: "WHAT must be a, b or c, not 'value'"."""
     if value not in choices:

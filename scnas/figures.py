@@ -39,7 +39,7 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_history(path: Path, history: list[dict], losses: dict[str, str], dice: tuple[str, str],
+def plot_history(path: Path, history: list[dict], losses: dict[str, str], *, dice: tuple[str, str],
                  columns: int = 3) -> None:
     """Losses over epochs (``losses``: record key -> label; left axis, soft Jaccard distance)
     and a Dice (``dice``: key, label; right axis, dashed), written as PNG to ``path``."""

@@ -40,7 +40,7 @@ def jaccard_from_statistics(statistics: torch.Tensor, eps: float = 1e-5, foregro
 
 
 def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
-                      foreground_only: bool = False) -> torch.Tensor:
+                      *, foreground_only: bool = False) -> torch.Tensor:
     """Mean over classes (background included unless ``foreground_only``) of 1 - soft IoU, over
     the whole batch (the intersections and unions are sums over all patches and voxels).
 
@@ -104,7 +104,7 @@ def supervised_statistics(outputs: torch.Tensor | Sequence[torch.Tensor], target
 
 
 def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float], eps: float = 1e-5,
-                               foreground_only: bool = False) -> torch.Tensor:
+                               *, foreground_only: bool = False) -> torch.Tensor:
     """The deep-supervision loss from :func:`supervised_statistics`: the ``weights``-weighted sum
     of each output's soft Jaccard loss (an output of weight 0 still takes part, with a zero
     gradient, so that every head's weights are used, as DistributedDataParallel requires)."""
@@ -116,8 +116,9 @@ def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float
 
 
 def supervised_loss(outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, weights: Sequence[float],
-                    eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
+                    *, eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
     """nnU-Net's deep-supervision loss of one batch: the ``weights``-weighted sum of the soft
     Jaccard loss of each output ([main, coarser heads...]) against the target downsampled to
     that output's shape (:func:`downsampled_target`)."""
-    return supervised_from_statistics(supervised_statistics(outputs, target), weights, eps, foreground_only)
+    return supervised_from_statistics(supervised_statistics(outputs, target), weights, eps,
+                                      foreground_only=foreground_only)

@@ -35,7 +35,7 @@ class Processes:
 def resolve_device(device: str, error: type[ScnasError] = ScnasError) -> torch.device:
     """``auto``: CUDA when a device is available, else the CPU. ``cuda`` without one, or a name
     other than auto, cpu and cuda, is refused with a message that says what to use."""
-    check_choice(device, DEVICE_CHOICES, "--device", error)
+    check_choice(device, DEVICE_CHOICES, "--device", error=error)
     if device == "cuda" and not torch.cuda.is_available():
         raise error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")

@@ -86,10 +86,10 @@ def read_json(path: str | os.PathLike, fix: str, shape: Any = None) -> Any:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise damaged(path, f"is damaged: not valid JSON ({exc}; truncated?)", fix) from None
-    return value if shape is None else check_shape(value, shape, path, fix)
+    return value if shape is None else check_shape(value, shape, path, fix=fix)
 
 
-def check_shape(value: Any, shape: Any, path: str | os.PathLike, fix: str, strict: bool = False) -> Any:
+def check_shape(value: Any, shape: Any, path: str | os.PathLike, *, fix: str, strict: bool = False) -> Any:
     """``value`` (read from ``path``) validated as ``shape`` (see :func:`read_json`); ``strict``:
     no conversions (``"3"`` is no int)."""
     from pydantic import TypeAdapter, ValidationError
@@ -102,7 +102,7 @@ def check_shape(value: Any, shape: Any, path: str | os.PathLike, fix: str, stric
     return adapter.dump_python(checked)
 
 
-def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, dtype=None, columns: int | None = None):
+def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, *, dtype=None, columns: int | None = None):
     """A ``.npy`` array (never unpickled), checked against its checksum, ``dtype`` and, for a
     2-D table, its number of ``columns``."""
     import io
@@ -121,7 +121,7 @@ def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, dty
     return array
 
 
-def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, shape=None, dtype=None):
+def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, *, shape=None, dtype=None):
     """A read-only Blosc2 array view of a ``.b2nd`` file (memory-mapped; slicing returns numpy),
     after checking the file against its checksum (None: not checked) and the array against
     ``shape`` and ``dtype``."""

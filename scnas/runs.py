@@ -68,7 +68,7 @@ class RunLoop:
     folders: ClassVar[tuple[str, ...]] = ()  # made in the run folder
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
 
-    def __init__(self, config: RunSettings, run_dir, resume: bool = False, progress: bool = True,
+    def __init__(self, config: RunSettings, run_dir, resume: bool = False, *, progress: bool = True,
                  say: Callable[[str], None] = lambda line: None):
         self.run, self.progress, self.say = Path(run_dir), progress, say
         self.d = d = setup_processes(config.device, self.error)
@@ -85,7 +85,7 @@ class RunLoop:
             for folder in (self.run, *(self.run / name for name in self.folders)):
                 ensure_folder(folder, self.error, "a run folder")
         d.barrier()
-        self.cache = open_or_prepare(config.data, config.spacing, d, say)
+        self.cache = open_or_prepare(config.data, config.spacing, d, say=say)
         self.config = config = config.model_copy(update={"spacing": self.cache.spacing})   # as used
         self.build = BuildConfig(stem_channels=config.stem, in_channels=len(self.cache.channel_names),
                                  num_classes=len(self.cache.labels), depth=config.depth, **self.build_settings())
@@ -110,7 +110,7 @@ class RunLoop:
                           CHECKPOINT_FIX) from None
         if config.spacing is None:   # not asked for: the run's own (resolved when it started)
             config = config.model_copy(update={"spacing": saved.spacing})
-        check_resume_settings(saved, config, self.run, self.error)
+        check_resume_settings(saved, config, self.run, error=self.error)
         self.state = state
         return config
 
@@ -175,16 +175,17 @@ class RunLoop:
                         (stop_after_epochs is not None and epochs_done >= stop_after_epochs):
                     break
         except torch.cuda.OutOfMemoryError:
-            raise out_of_memory(self.error, self.epoch, self.plan.describe(), self.checkpoint_path,
-                                self.plan_command) from None
+            raise out_of_memory(self.error, self.epoch, self.plan.describe(), checkpoint=self.checkpoint_path,
+                                plan_command=self.plan_command) from None
         finally:
             bar.stop()
         self.finish()
         return self.result()
 
     def _checked(self, meter: StepMeter, step: int) -> dict:
-        return read_checked(meter, self.config.max_nonfinite, self.error, self.epoch, step, self.checkpoint_path,
-                            self.rate_option)
+        return read_checked(meter, self.config.max_nonfinite, self.error, epoch=self.epoch, step=step,
+                            checkpoint=self.checkpoint_path,
+                            rate_option=self.rate_option)
 
     def _save(self, meter: StepMeter) -> None:
         """Checkpoint where the run stands (main process), unless a weight is not finite: a
@@ -200,7 +201,7 @@ class RunLoop:
             **self.snapshot()})
 
     def _restore(self, state: dict[str, Any]) -> None:
-        check_resume_precision(state.get("amp"), self.amp, self.run, self.error)
+        check_resume_precision(state.get("amp"), self.amp, self.run, error=self.error)
         try:   # a tensor of another shape or type, a missing or mistyped entry
             self.restore(state)
             torch.set_rng_state(state["torch_rng"])
@@ -288,7 +289,7 @@ def read_run_checkpoint(path: Path, kind: type[RunLoop]) -> dict[str, Any]:
     if state.get("version") != kind.checkpoint_version:
         raise kind.error(f"is a version-{state.get('version')} checkpoint from an older scnas; {kind.outdated}",
                          source=str(path))
-    check_shape(state, RunState, path, CHECKPOINT_FIX, strict=True)
+    check_shape(state, RunState, path, fix=CHECKPOINT_FIX, strict=True)
     return state
 
 
@@ -317,10 +318,19 @@ def check_optimiser_state(optimiser: torch.optim.Optimizer) -> None:
 
 
 @torch.no_grad()
-def validation_dice(logits_of: Callable[[torch.Tensor], torch.Tensor], data, batch_size: int, num_classes: int,
+def validation_dice(logits_of: Callable[[torch.Tensor], torch.Tensor], data, batch_size: int, *, num_classes: int,
                     device: torch.device, precision: Precision) -> float:
     """Mean foreground Dice over the fixed patches of ``data`` (nnU-Net's "pseudo Dice": the
-    patches pooled, each class's Dice, the mean of those present)."""
+    patches pooled, each class's Dice, the mean of those present).
+
+    Args:
+        logits_of: the network's forward pass (eval mode).
+        data: the fixed validation patches (image, label) pairs.
+        batch_size: patches per forward pass.
+        num_classes: K, including background.
+        device: where the network runs.
+        precision: the autocast to run in.
+    """
     predictions, targets = [], []
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
@@ -332,13 +342,22 @@ def validation_dice(logits_of: Callable[[torch.Tensor], torch.Tensor], data, bat
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def open_or_prepare(data: str, spacing, processes: Processes, say=lambda line: None, poll_seconds: float = 5.0,
+def open_or_prepare(data: str, spacing, processes: Processes, *, say=lambda line: None, poll_seconds: float = 5.0,
                     start_timeout: float = 600.0):
     """``data`` as a prepared cache: a cache folder itself, or a task folder that the main
     process prepares into its shared cache (``scnas.data.cache.shared_cache_folder``) with
     one worker per usable core, alone or under torchrun. The other processes wait by
     watching the file system rather than at a collective, which would time out (after 30
-    minutes by default) on a task the size of BraTS."""
+    minutes by default) on a task the size of BraTS.
+
+    Args:
+        data: a prepared cache folder or a task folder.
+        spacing: the target spacing for a task folder (None: 0.7 mm).
+        processes: this process's place under torchrun.
+        say: prints notices (main process).
+        poll_seconds: how often the other processes look for the finished cache.
+        start_timeout: how long they wait for the main process to start preparing.
+    """
     import time as _time
 
     from scnas.data.cache import DEFAULT_SPACING, Cache, open_or_prepare as _open, shared_cache_folder

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -235,6 +235,7 @@ class StepProfile:
     base: tuple[float, ...]
     slope: tuple[float, ...]
     persistent: int
+    _: KW_ONLY
     batch: int
 
     def transient(self, batch: int, patch: Sequence[int]) -> int:
@@ -250,11 +251,11 @@ def larger(first: StepProfile, second: StepProfile) -> StepProfile:
     """A profile whose peak is the larger of two profiles' at every size (their allocation
     sequences side by side: the peak is a maximum over allocations)."""
     return StepProfile(first.base + second.base, first.slope + second.slope,
-                       max(first.persistent, second.persistent), first.batch)
+                       max(first.persistent, second.persistent), batch=first.batch)
 
 
 def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor: int, persistent: int,
-                 batch: int = 1) -> StepProfile:
+                 *, batch: int = 1) -> StepProfile:
     """Run ``run_step(batch, patch)`` at two small patches under the tracker and fit the affine
     profile. ``run_step`` must allocate its inputs itself and take the same path at any size."""
     timelines, units = [], []
@@ -271,7 +272,7 @@ def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor:
                            "allocations); its memory cannot be extrapolated")
     slope = tuple((b - a) / (units[1] - units[0]) for a, b in zip(small, large))
     base = tuple(a - s * units[0] for a, s in zip(small, slope))
-    return StepProfile(base, slope, persistent, batch)
+    return StepProfile(base, slope, persistent, batch=batch)
 
 
 @dataclass
@@ -301,7 +302,7 @@ def fits(estimate_: MemoryEstimate, available: int, headroom: float = HEADROOM) 
     return estimate_.peak <= available * headroom
 
 
-def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, limit: int = 4096,
+def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, *, limit: int = 4096,
                   headroom: float = HEADROOM) -> int:
     """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``."""
     if not fits(profile.estimate(1, patch), available, headroom):
@@ -316,7 +317,7 @@ def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, li
     return low
 
 
-def largest_cubic_patch(profile: StepProfile, batch: int, available: int, divisor: int, limit: int = 1024,
+def largest_cubic_patch(profile: StepProfile, batch: int, available: int, *, divisor: int, limit: int = 1024,
                         headroom: float = HEADROOM) -> int:
     """The largest edge n (a multiple of ``divisor``, 0 if none) such that a step on
     batch x n^3 patches fits into ``available`` bytes."""
@@ -425,7 +426,7 @@ class _Simulation:
             _SIMULATIONS.release()
 
 
-def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1,
+def training_step_profile(genotype, config, amp: str = "off", *, checkpoint: str = "off", batch: int = 1,
                           share: int | None = None) -> StepProfile:
     """The memory profile of one training step of ``build_network(genotype, config)`` on a
     micro-batch of ``batch`` patches: forward, soft Jaccard loss (with ``config.deep_supervision``
@@ -458,7 +459,7 @@ def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = 
             for p in params:
                 p.grad = None
 
-        return profile_step(run_step, config.divisor, 3 * storage_bytes(params), batch)
+        return profile_step(run_step, config.divisor, 3 * storage_bytes(params), batch=batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +478,7 @@ class MemoryPlan:
     checkpoint: str
     micro_batch: int
     estimate: MemoryEstimate | None = None
+    _: KW_ONLY
     available: int | None = None
 
     def describe(self) -> str:
@@ -492,7 +494,7 @@ class MemoryPlan:
                 "available_bytes": self.available}
 
 
-def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[int], share: int, checkpoint: str,
+def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[int], share: int, *, checkpoint: str,
                 micro_batch: int | None, available: int | None, divisor: int) -> MemoryPlan:
     """The cheapest way to run a step of ``share`` patches per process within ``available``
     bytes. ``checkpoint`` ``auto`` tries off, cells, edges in that order; ``micro_batch`` None
@@ -501,7 +503,17 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
 
     Gradient accumulation is preferred to checkpointing: with the exact batch loss it costs
     one gradient-free forward pass per further micro-batch, checkpointing one forward pass
-    per micro-batch."""
+    per micro-batch.
+
+    Args:
+        profile_of: the step's memory profile for (checkpointing mode, micro-batch).
+        patch: the patch size.
+        share: patches per process and step.
+        checkpoint: a checkpointing mode, or ``auto``.
+        micro_batch: patches per forward pass (None: the largest that fits).
+        available: the memory budget in bytes (None: nothing to check).
+        divisor: patch sizes must be multiples of this (for the suggestions of a refusal).
+    """
     from scnas.build.network import CHECKPOINT_MODES
 
     modes = list(CHECKPOINT_MODES) if checkpoint == "auto" else [checkpoint]
@@ -513,7 +525,7 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
             size = min(micro_batch, share)
             profile = profile_of(mode, size)
             if fits(profile.estimate(size, patch), available):
-                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available=available)
             last = (mode, profile)
             continue
         single = profile_of(mode, 1)
@@ -522,13 +534,13 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
         while size >= 1:
             profile = single if size == 1 else profile_of(mode, size)
             if fits(profile.estimate(size, patch), available):
-                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available=available)
             size -= 1
     assert last is not None
     mode, profile = last
     size = micro_batch or 1
     needed = profile.estimate(size, patch).peak
-    edge = largest_cubic_patch(profile, size, available, divisor)
+    edge = largest_cubic_patch(profile, size, available, divisor=divisor)
     hint = (f"a patch of {edge}x{edge}x{edge} fits with checkpointing {mode}" if edge
             else "no patch fits: use a smaller --stem, or a GPU with more memory")
     raise MemoryPlanError(
@@ -537,17 +549,29 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
         f"{hint[0].upper() + hint[1:]}; 'scnas plan' shows the options")
 
 
-def plan_training_step(genotype, config, amp: str, patch: Sequence[int], share: int, checkpoint: str,
+def plan_training_step(genotype, config, amp: str, *, patch: Sequence[int], share: int, checkpoint: str,
                        micro_batch: int | None, available: int | None) -> MemoryPlan:
-    """The :class:`MemoryPlan` of retraining ``genotype`` (see :func:`choose_plan`)."""
+    """The :class:`MemoryPlan` of retraining ``genotype`` (see :func:`choose_plan`).
+
+    Args:
+        genotype: the cells of the network to retrain.
+        config: the network's settings.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        patch: the patch size.
+        share: patches per process and step.
+        checkpoint: a checkpointing mode, or ``auto``: the cheapest that fits.
+        micro_batch: patches per forward pass (None: the largest that fits).
+        available: the memory budget in bytes (None: nothing to check).
+    """
     cache: dict[tuple[str, int], StepProfile] = {}
 
     def profile_of(mode: str, batch: int) -> StepProfile:
         if (mode, batch) not in cache:
-            cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch, share)
+            cache[mode, batch] = training_step_profile(genotype, config, amp, checkpoint=mode, batch=batch, share=share)
         return cache[mode, batch]
 
-    return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
+    return choose_plan(profile_of, patch, share, checkpoint=checkpoint, micro_batch=micro_batch, available=available,
+                       divisor=config.divisor)
 
 
 def device_memory(device: torch.device) -> int | None:

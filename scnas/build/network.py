@@ -60,7 +60,7 @@ class Resample(nn.Module):
     """Brings a cell input to the cell's working level and node width:
     LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up."""
 
-    def __init__(self, c_in: int, c_out: int, levels_up: int, config: BuildConfig):
+    def __init__(self, c_in: int, c_out: int, levels_up: int, *, config: BuildConfig):
         super().__init__()
         slope = config.negative_slope
         self.scale = 2 ** levels_up if levels_up > 0 else 1
@@ -146,7 +146,7 @@ class CellModule(nn.Module):
     ``checkpoint_edges`` recomputes each edge's internals during backward instead of keeping
     them (activation checkpointing inside the cell); results and gradients are unchanged."""
 
-    def __init__(self, graph: CellGraph, cell_type: str, level: int, inputs: tuple[tuple[int, int], tuple[int, int]],
+    def __init__(self, graph: CellGraph, cell_type: str, level: int, *, inputs: tuple[tuple[int, int], tuple[int, int]],
                  nodes: int, config: BuildConfig, make_edge: EdgeFactory):
         super().__init__()
         self.graph = graph
@@ -156,7 +156,7 @@ class CellModule(nn.Module):
         self.preprocess = nn.ModuleDict()
         for index, (channels, input_level) in enumerate(inputs):
             if index in graph.used_inputs:
-                self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config)
+                self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config=config)
         self.edges = nn.ModuleDict()
         for source, target in graph.edges:
             stride = 2 if cell_type == "reduction" and source < NUM_INPUTS else 1
@@ -266,7 +266,7 @@ class MacroUNet(nn.Module):
     are absent from ``cells``."""
 
     def __init__(self, config: BuildConfig, nodes: int, graphs: Mapping[str, CellGraph],
-                 edge_factory: Callable[[str], EdgeFactory]):
+                 *, edge_factory: Callable[[str], EdgeFactory]):
         super().__init__()
         self.config, self.nodes = config, nodes
         self.layout = macro_layout(config.depth)
@@ -286,12 +286,14 @@ class MacroUNet(nn.Module):
             if k not in live:
                 continue
             inputs = (shapes[wiring.inputs[0]], shapes[wiring.inputs[1]])
-            cell = CellModule(graph, slot.cell_type, slot.level, inputs, nodes, config, edge_factory(slot.cell_type))
+            cell = CellModule(graph, slot.cell_type, slot.level, inputs=inputs, nodes=nodes, config=config,
+                              make_edge=edge_factory(slot.cell_type))
             self.cells[slot.name] = cell
             if wiring.skip is not None and "1" in cell.preprocess:
                 skip_channels, current_channels = shapes[wiring.skip][0], inputs[1][0]
                 if skip_channels != current_channels:
-                    self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, 1, slope)
+                    self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, stride=1,
+                                                        negative_slope=slope)
             if config.deep_supervision and slot.cell_type == "decoder_normal" and slot.level > 0:
                 supervised.append((slot.name, cell.out_channels))
         self.out_channels = [channels for channels, _ in shapes[1:]]
@@ -371,10 +373,10 @@ class SCNASUNet(MacroUNet):
 
         def edge_factory(cell_type: str) -> EdgeFactory:
             ops = {(edge.source, edge.target): edge.op for edge in genotype.cell(cell_type).edges}
-            return lambda source, target, width, stride: make_op(ops[source, target], width, width, stride,
-                                                                 config.negative_slope)
+            return lambda source, target, width, stride: make_op(ops[source, target], width, width, stride=stride,
+                                                                 negative_slope=config.negative_slope)
 
-        super().__init__(config, genotype.nodes, graphs, edge_factory)
+        super().__init__(config, genotype.nodes, graphs, edge_factory=edge_factory)
         self.genotype = genotype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

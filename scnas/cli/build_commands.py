@@ -60,11 +60,11 @@ def build(
         from scnas.build.stats import match_flops, parse_flops_reference
 
         target, described = parse_flops_reference(match, config, patch)
-        stem, flops = match_flops(genotype, target, config, patch)
+        stem, flops = match_flops(genotype, target, config, patch=patch)
         config = config.model_copy(update={"stem_channels": stem})
         matched = {"reference": described, "reference_flops": target, "stem": stem, "flops": flops,
                    "difference": flops / target - 1}
-    stats = network_stats(genotype, config, patch, batch)
+    stats = network_stats(genotype, config, patch, batch=batch)
     if output:
         from scnas.build.memory import format_bytes, physical_memory_bytes
 

@@ -31,7 +31,8 @@ def phantom(
     """Write a synthetic dataset a small network can learn to segment (for demos and tests)."""
     from scnas.data import write_phantom_dataset
 
-    path = write_phantom_dataset(out, cases, channels, classes, shape, spacing, seed, layout, force)
+    path = write_phantom_dataset(out, cases, channels, classes=classes, shape=shape, spacing=spacing, seed=seed,
+                                 layout=layout, force=force)
     stdout.out(f"wrote {path}: {cases} cases, {channels} channels, {classes} classes, shape {shape}, spacing {spacing}")
 
 
@@ -67,7 +68,8 @@ def prepare(
 
     settings = PrepareSettings(target_spacing=spacing, image_dtype=dtype)
     target = output or shared_cache_folder(dataset, settings)
-    report = prepare_dataset(dataset, target, settings, resolve_workers(workers), force, splits)
+    report = prepare_dataset(dataset, target, settings, workers=resolve_workers(workers), force=force,
+                             splits_file=splits)
     for line in report.damaged:
         stderr.out(f"prepared again: {line}")
     rate = len(report.prepared) / report.seconds if report.seconds > 0 and report.prepared else 0.0

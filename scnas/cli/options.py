@@ -19,10 +19,10 @@ class Choice:
         self.flag, self.choices = flag, choices
 
     def __call__(self, value: str) -> str:
-        return check_choice(value, self.choices, self.flag, ScnasError)
+        return check_choice(value, self.choices, self.flag, error=ScnasError)
 
 
-def choice(default: str | None, flag: str, choices: tuple[str, ...], help: str) -> str:
+def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: str) -> str:
     """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help)."""
     return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help)
 
@@ -101,7 +101,7 @@ def flag_name(ctx, name: str) -> str:
     return name
 
 
-def resume_settings(ctx, values: dict, renamed: dict[str, str], saved: dict, make_config, run, error):
+def resume_settings(ctx, values: dict, renamed: dict[str, str], *, saved: dict, make_config, run, error):
     """The settings of a resumed run: the run's own (``saved``) with those the user gave that
     may change on resume (``scnas.checkpoints.RESUMABLE_CHANGES``). ``values`` are the command's
     settings by key, ``renamed`` maps a key to its parameter's name where they differ. A

@@ -105,8 +105,10 @@ def plan(
     except ScnasError as exc:
         raise ScnasError(f"--patch {' '.join(map(str, patch))}: {exc}") from None
     try:
-        report = memory_report(build, patch, batch_size or (1 if search else 8), amp, checkpoint, micro_batch,
-                               available, world_size, genotype, nodes, vocabulary, sampling, not no_stem,
+        report = memory_report(build, patch, batch_size or (1 if search else 8), amp=amp, checkpoint=checkpoint,
+                               micro_batch=micro_batch,
+                               available=available, world=world_size, genotype=genotype, nodes=nodes, ops=vocabulary,
+                               sampling=sampling, find_stem=not no_stem,
                                progress=lambda message: stderr.out(message, style="dim"))
     except (ValueError, MemoryPlanError) as exc:
         raise ScnasError(str(exc)) from None

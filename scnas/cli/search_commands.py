@@ -116,8 +116,9 @@ def search(
         if not saved.exists():
             raise SearchError("has no config.json: nothing to resume", source=str(run))
         config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps", "checkpoint_every_steps":
-                                                      "checkpoint_every"}, read_run_config(saved, "search")["search"],
-                                         make_config, run, SearchError)
+                                                      "checkpoint_every"}, saved=read_run_config(saved,
+                                                                                                 "search")["search"],
+                                         make_config=make_config, run=run, error=SearchError)
     else:
         if demo:
             from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
@@ -185,7 +186,7 @@ def derive(
             stderr.out(f"warning: {path}: the search did not finish: this genotype is from epoch {epoch} of {epochs} "
                        f"(derived from it all the same); continue the search with: scnas search -o "
                        f"{run or path.parent} --resume")
-    derived = rederive(genotype, rule, top_k, str(path), max_free)
+    derived = rederive(genotype, rule, top_k, source=str(path), max_free=max_free)
     write_genotype(derived, output)
     edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}
     stdout.out(f"{output}: hash {short_hash(derived)}, edges per cell {edges}")

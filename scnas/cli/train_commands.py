@@ -77,8 +77,8 @@ def train(
             if not saved.exists():
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
             stored = read_run_config(saved, "train", "genotype")
-            config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, stored["train"],
-                                             TrainConfig.model_validate, run, TrainError)
+            config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, saved=stored["train"],
+                                             make_config=TrainConfig.model_validate, run=run, error=TrainError)
             genotype = genotype_from_data(stored["genotype"], source=str(saved))
             _check_resumed_genotype(genotype, genotype_path, run)
         else:
@@ -130,7 +130,8 @@ def predict(
     if validation_of:
         only = _validation_cases(validation_of)
         check_unselected(read_any_model_info(model_path).metadata, only, model_path)
-    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp,
+    written = predict_folder(model_path, inputs, output, backend=backend, device=device, overlap=overlap, tta=tta,
+                             batch_size=batch_size, only=only, amp=amp,
                              compile=compile, say=stderr.out)
     stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
 
@@ -153,7 +154,8 @@ def evaluate(
     from scnas.train import evaluate_folders, write_evaluation
 
     wanted = [int(v) for v in labels.split(",")] if labels else None
-    result = evaluate_folders(predictions, truth, wanted, _validation_cases(validation_of) if validation_of else None)
+    result = evaluate_folders(predictions, truth, wanted,
+                              cases=_validation_cases(validation_of) if validation_of else None)
     table = Table("case", *[f"Dice {label}" for label in result.labels])
     for case, scores in result.cases.items():
         table.add_row(case, *[f"{scores[label]:.4f}" for label in result.labels])

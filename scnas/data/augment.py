@@ -63,7 +63,7 @@ class SpatialTransform:
         return tuple(int(max(0, math.ceil(r - h - 1e-9))) + 1 for r, h in zip(reach, half))
 
     @staticmethod
-    def apply(image: Tensor, label: Tensor, matrix: np.ndarray, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def apply(image: Tensor, label: Tensor, matrix: np.ndarray, *, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Sample the (C, *size) patch and its label from the region (read with ``margin``
         around the patch, so both share its centre)."""
         region = np.asarray(image.shape[1:])
@@ -187,11 +187,11 @@ class Augmentation:
         return SpatialTransform.margin(recipe.matrix, size)
 
     @staticmethod
-    def apply(image: Tensor, label: Tensor, recipe: Recipe, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def apply(image: Tensor, label: Tensor, recipe: Recipe, *, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """The augmented (C, *size) float image and its label from the region read with
         ``margin`` (changes ``image`` in place)."""
         if recipe.matrix is not None:
-            image, label = SpatialTransform.apply(image, label, recipe.matrix, size)
+            image, label = SpatialTransform.apply(image, label, recipe.matrix, size=size)
         for transform, params in recipe.steps:
             image, label = transform.apply(image, label, params)
         return image, label

@@ -9,7 +9,7 @@ from scnas.data.cache import Cache, CachedCase
 from scnas.data.dataset import DatasetError
 
 
-def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...],
+def extract_patch(image, label, start: tuple[int, ...], *, size: tuple[int, ...],
                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The (C, *size) image (``dtype``; None: as stored) and (*size) int16 label patch whose
     corner is ``start`` (may lie outside the volume: outside voxels are 0, i.e. the normalised
@@ -39,7 +39,7 @@ def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...],
 
 
 def patch_start(rng: np.random.Generator, spatial: tuple[int, ...], size: tuple[int, ...],
-                centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
+                *, centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """A corner for a patch: around ``centre`` (kept inside the volume where the volume is
     large enough), or uniformly at random; a volume smaller than the patch is centred."""
     start = []
@@ -60,7 +60,7 @@ class PatchSampler:
     foreground label present in the case (nnU-Net forces a third of each batch likewise)."""
 
     def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int],
-                 foreground_share: float = 1 / 3):
+                 *, foreground_share: float = 1 / 3):
         if not case_ids:
             raise DatasetError("no cases to sample patches from")
         if not 0.0 <= foreground_share <= 1.0:
@@ -86,7 +86,7 @@ class PatchSampler:
             value = values[int(rng.integers(len(values)))]
             rows = case.foreground[case.foreground[:, 0] == value]
             centre = tuple(int(v) for v in rows[int(rng.integers(len(rows)))][1:])
-        return case, patch_start(rng, spatial, self.patch_size, centre), forced
+        return case, patch_start(rng, spatial, self.patch_size, centre=centre), forced
 
     def sample(self, rng: np.random.Generator, margin: tuple[int, ...] = (0, 0, 0),
                dtype=np.float32) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -95,6 +95,6 @@ class PatchSampler:
         axis (for a spatial transform)."""
         case, start, forced = self.choose(rng)
         region = tuple(p + 2 * m for p, m in zip(self.patch_size, margin))
-        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), region,
-                                     dtype)
+        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), size=region,
+                                     dtype=dtype)
         return image, label, forced

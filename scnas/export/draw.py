@@ -93,7 +93,7 @@ def _alpha_edges(graph: graphviz.Digraph, genotype: Genotype, cell_type: str, pr
 
 
 def cells_graph(genotype: Genotype, cells: list[str] | None = None, alpha: bool = False,
-                title: str | None = None) -> graphviz.Digraph:
+                *, title: str | None = None) -> graphviz.Digraph:
     """Figure-2-style drawing of the given cells (default: all four), side by side."""
     cells = cells or list(CELL_TYPES)
     for name in cells:

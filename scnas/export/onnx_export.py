@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from scnas.build import BuildError, SCNASUNet
 from scnas.build.model_file import model_metadata
 from scnas.build.network import check_spatial_size
+from scnas import defaults as D
 from scnas.defaults import ONNX_PROVIDER_CHOICES
 from scnas.errors import ScnasError, check_choice
 from scnas.fileio import atomic_write_bytes, ensure_writable
@@ -56,6 +57,7 @@ class ParityCheck:
     dtype: str
     shape: tuple[int, ...]
     max_abs: float
+    _: KW_ONLY
     max_rel: float           # max_abs / max|torch output|
     label_agreement: float   # share of voxels whose argmax class equals PyTorch's
     passed: bool
@@ -66,6 +68,7 @@ class ExportReport:
     path: str
     dtype: str
     opset: int
+    _: KW_ONLY
     export_seconds: float
     file_bytes: int
     provider: str | None
@@ -111,7 +114,7 @@ def _onnx_model(model: SCNASUNet, dtype: torch.dtype = torch.float32):
 
 
 def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dict[str, Any] | None = None,
-                fp16: bool = False, verify: bool = True, provider: str = "cpu",
+                fp16: bool = False, verify: bool = True, provider: str = D.ONNX_PROVIDER,
                 check_shapes: list[tuple[int, ...]] | None = None,
                 metadata: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` to one ONNX file at ``path``.
@@ -158,8 +161,9 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    report = ExportReport(str(path), "float16" if fp16 else "float32", OPSET, seconds, len(data),
-                          provider if verify else None)
+    report = ExportReport(str(path), "float16" if fp16 else "float32", OPSET, export_seconds=seconds,
+                          file_bytes=len(data),
+                          provider=provider if verify else None)
     if session_factory is not None:
         graphs = [("float32", float32_proto.SerializeToString() if fp16 else data)] + ([("float16", data)] if fp16 else [])
         for dtype, graph in graphs:
@@ -183,7 +187,7 @@ def _session_factory(provider: str):
     except ImportError:
         raise ExportError("verification needs onnxruntime, which is not installed: pip install 'scnas[cpu]' "
                           "(or 'scnas[gpu]' for CUDA/TensorRT; never both), or export with --no-verify") from None
-    check_choice(provider, ONNX_PROVIDER_CHOICES, "--provider", ExportError)
+    check_choice(provider, ONNX_PROVIDER_CHOICES, "--provider", error=ExportError)
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:
         hint = ("install the GPU build instead of the CPU one: pip uninstall onnxruntime && pip install 'scnas[gpu]'"
@@ -204,7 +208,7 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
         expected = model(x).numpy()
     got = session.run(None, {INPUT_NAME: x.numpy()})[0].astype(np.float32)
     if got.shape != expected.shape or not np.isfinite(got).all():
-        return ParityCheck(dtype, tuple(shape), float("inf"), float("inf"), 0.0, False)
+        return ParityCheck(dtype, tuple(shape), float("inf"), max_rel=float("inf"), label_agreement=0.0, passed=False)
     max_abs = float(np.abs(got - expected).max())
     scale = float(np.abs(expected).max())
     max_rel = max_abs / max(scale, 1e-12)
@@ -213,7 +217,7 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
         passed = max_abs <= TOLERANCE[0] + TOLERANCE[1] * scale
     else:
         passed = agreement >= FP16_MIN_LABEL_AGREEMENT and max_rel <= FP16_MAX_REL
-    return ParityCheck(dtype, tuple(shape), max_abs, max_rel, agreement, passed)
+    return ParityCheck(dtype, tuple(shape), max_abs, max_rel=max_rel, label_agreement=agreement, passed=passed)
 
 
 __all__ = ["ExportError", "ExportReport", "FP16_MIN_LABEL_AGREEMENT", "ParityCheck", "TOLERANCE", "default_check_shapes",

@@ -13,7 +13,7 @@ import torch
 
 
 def dominant_eigenvalue(loss: torch.Tensor, params: list[torch.Tensor], iterations: int,
-                        generator: torch.Generator | None = None) -> float:
+                        *, generator: torch.Generator | None = None) -> float:
     """The eigenvalue of largest magnitude of d2 loss / d params2, by ``iterations`` steps of
     power iteration from a random start (drawn from ``generator``, on the host). ``loss`` must
     have been computed with a graph to ``params``; the graph is kept between iterations."""

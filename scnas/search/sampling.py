@@ -44,7 +44,7 @@ def gumbel_softmax(alpha: torch.Tensor, tau: float, noise: torch.Tensor) -> torc
     return torch.softmax((alpha + noise.to(alpha.device, non_blocking=True)) / tau, dim=-1)
 
 
-def draw(alpha_host: torch.Tensor, mode: str, tau: float, generator: torch.Generator | None = None) -> Draw:
+def draw(alpha_host: torch.Tensor, mode: str, tau: float, *, generator: torch.Generator | None = None) -> Draw:
     """Decide, on the host, the operations of every edge for one alpha (edges, ops).
 
     ``pair`` (Algorithm 1): o1 ~ z_bar, then o2 uniformly among the other |O| - 1 operations:
@@ -93,10 +93,10 @@ def edge_weights(alpha: torch.Tensor, drawn: Draw, tau: float) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def draw_all(alpha_host: dict[str, torch.Tensor], mode: str, tau: float, generator: torch.Generator | None = None
+def draw_all(alpha_host: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None
              ) -> dict[str, Draw]:
     """:func:`draw` for every cell type (in the order of ``alpha_host``)."""
-    return {name: draw(alpha, mode, tau, generator) for name, alpha in alpha_host.items()}
+    return {name: draw(alpha, mode, tau, generator=generator) for name, alpha in alpha_host.items()}
 
 
 def choices_from(alphas: dict[str, torch.Tensor], draws: dict[str, Draw], tau: float) -> dict[str, list[EdgeChoice]]:
@@ -113,12 +113,12 @@ def choices_from(alphas: dict[str, torch.Tensor], draws: dict[str, Draw], tau: f
     return choices
 
 
-def sample_choices(alphas: dict[str, torch.Tensor], mode: str, tau: float, generator: torch.Generator | None = None,
+def sample_choices(alphas: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None,
                    alpha_host: dict[str, torch.Tensor] | None = None) -> dict[str, list[EdgeChoice]]:
     """Draw and weigh in one call (see :func:`draw_all`, :func:`choices_from`)."""
     if alpha_host is None:
         alpha_host = host_copy(alphas)
-    return choices_from(alphas, draw_all(alpha_host, mode, tau, generator), tau)
+    return choices_from(alphas, draw_all(alpha_host, mode, tau, generator=generator), tau)
 
 
 def argmax_choices(alphas: dict[str, torch.Tensor]) -> dict[str, list[EdgeChoice]]:
@@ -140,7 +140,7 @@ def host_copy(alphas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _dense(alpha: torch.Tensor, mode: str, tau: float, generator: torch.Generator | None) -> torch.Tensor:
-    return edge_weights(alpha, draw(alpha.detach().float().cpu(), mode, tau, generator), tau)
+    return edge_weights(alpha, draw(alpha.detach().float().cpu(), mode, tau, generator=generator), tau)
 
 
 def sample_pair(alpha: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:

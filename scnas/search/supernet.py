@@ -56,11 +56,12 @@ class MixedEdge(nn.Module):
     operations of :data:`NORMALISED_IN_SEARCH` are followed by an affine-free InstanceNorm
     (no parameters, no buffers: the state dict is the same either way)."""
 
-    def __init__(self, ops: list[str], channels: int, stride: int, negative_slope: float,
+    def __init__(self, ops: list[str], channels: int, stride: int, *, negative_slope: float,
                  normalise_pooling: bool = True):
         super().__init__()
         self.names = list(ops)
-        self.ops = nn.ModuleList(make_op(name, channels, channels, stride, negative_slope) for name in ops)
+        self.ops = nn.ModuleList(make_op(name, channels, channels, stride=stride,
+                                         negative_slope=negative_slope) for name in ops)
         self.zero_index = self.names.index(ZERO) if ZERO in self.names else None
         self.norms = nn.ModuleDict({
             str(index): nn.InstanceNorm3d(channels, affine=False, track_running_stats=False)
@@ -98,14 +99,15 @@ class SuperNet(MacroUNet):
     (see :func:`scnas.search.sampling.sample_choices`). ``normalise_pooling``: see
     :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations)."""
 
-    def __init__(self, config: BuildConfig, nodes: int, ops: list[str], normalise_pooling: bool = True):
+    def __init__(self, config: BuildConfig, nodes: int, ops: list[str], *, normalise_pooling: bool = True):
         graph = CellGraph.complete(nodes)
         slope = config.negative_slope
 
         def edge_factory(cell_type: str) -> EdgeFactory:
-            return lambda source, target, width, stride: MixedEdge(ops, width, stride, slope, normalise_pooling)
+            return lambda source, target, width, stride: MixedEdge(ops, width, stride, negative_slope=slope,
+                                                                   normalise_pooling=normalise_pooling)
 
-        super().__init__(config, nodes, {name: graph for name in CELL_TYPES}, edge_factory)
+        super().__init__(config, nodes, {name: graph for name in CELL_TYPES}, edge_factory=edge_factory)
         self.ops = list(ops)
 
     def forward(self, x: torch.Tensor, choices: dict[str, list[EdgeChoice]]) -> torch.Tensor:
