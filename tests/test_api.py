@@ -160,3 +160,24 @@ def test_no_public_function_takes_more_than_three_positional_parameters():
             too_many.append(f"{name}({', '.join(p.name for p in positional)})")
     assert too_many == []
 
+
+
+def test_a_run_loop_is_made_without_touching_anything_until_it_runs(tmp_path):
+    import pytest
+
+    from scnas.errors import ScnasError
+    from scnas.genotype import builtin_genotype
+    from scnas.train.trainer import TrainConfig, TrainingLoop
+
+    loop = TrainingLoop(builtin_genotype("minimal"), TrainConfig(data=str(tmp_path / "no-task")), tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not loop.initialized   # no folder, no data, no processes
+    with pytest.raises(ScnasError, match="no-task"):
+        loop.execute()                                                    # initialize() finds the missing task
+
+
+def test_every_step_and_hook_of_the_run_loop_says_when_it_is_called():
+    from scnas.runs import RunLoop
+
+    undocumented = [name for name, member in vars(RunLoop).items()
+                    if callable(member) and not name.startswith("_") and not (member.__doc__ or "").strip()]
+    assert undocumented == []

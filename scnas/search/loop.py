@@ -95,9 +95,8 @@ class SearchLoop(RunLoop):
                                 share=self.share, checkpoint=c.checkpoint,
                                 micro_batch=c.micro_batch, available=available)
 
-    def __init__(self, config: SearchConfig, run_dir, resume: bool = False, *, progress: bool = True,
-                 say: Callable[[str], None] = lambda line: None):
-        super().__init__(config, run_dir, resume, progress=progress, say=say)
+    def setup(self) -> None:
+        """The fold's training cases split into the weight and architecture sets."""
         c = self.config
         train_ids, _ = fold_cases(self.cache.splits, c.fold)   # the validation cases stay out of the search
         self.weight_ids, self.arch_ids = architecture_split(train_ids, seed=c.seed,

@@ -149,8 +149,12 @@ class TrainingLoop(RunLoop):
 
     def __init__(self, genotype: Genotype, config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = True,
                  say: Callable[[str], None] = print):
+        """Store the settings (see :class:`scnas.runs.RunLoop`); ``genotype`` is the network to train."""
         self.genotype = genotype
         super().__init__(config, run_dir, resume, progress=progress, say=say)
+
+    def setup(self) -> None:
+        """The fold's training and validation cases, the preprocessing model files record."""
         self.train_ids, self.val_ids = fold_cases(self.cache.splits, self.config.fold)
         self.preprocessing = preprocessing_metadata(self.cache, self.config)
         self.best = -1.0
