@@ -181,3 +181,27 @@ def test_every_step_and_hook_of_the_run_loop_says_when_it_is_called():
     undocumented = [name for name, member in vars(RunLoop).items()
                     if callable(member) and not name.startswith("_") and not (member.__doc__ or "").strip()]
     assert undocumented == []
+
+
+def test_the_top_level_package_exports_each_stage_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, scnas; loaded = sorted(m for m in sys.modules if m.startswith('scnas.') or m in "
+            "('torch', 'pydantic', 'numpy')); print(loaded); sys.exit(bool(loaded))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout   # 'import scnas' imports none of its modules (nor torch)
+    assert set(scnas.__all__) <= set(dir(scnas))
+    for name in scnas.__all__:
+        value = getattr(scnas, name)
+        home = scnas._EXPORTS.get(name)
+        assert home is None or value is getattr(__import__(home, fromlist=[name]), name), name
+    from scnas.train import cv
+
+    assert {"run_study", "plan_study", "write_report"} <= set(scnas.__all__) and scnas.run_study is cv.run_study
+    try:
+        scnas.no_such_thing
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
