@@ -44,6 +44,8 @@ DERIVE = "top-k"
 TOP_K = 2
 
 # Data preparation (PrepareSettings)
+SPACING = (0.7, 0.7, 0.7)   # mm; paper: 0.7 isotropic
+LAYOUT = "msd"              # of synthetic task folders (phantoms, planted)
 IMAGE_DTYPE = "float16"     # half the bytes of float32
 
 # Prediction (predict_folder)
@@ -69,5 +71,6 @@ SAMPLING_CHOICES = ("pair", "one", "full")            # Algorithm 1, GDAS-like, 
 TAU_SCHEDULE_CHOICES = ("linear", "exponential")
 DERIVE_CHOICES = ("top-k", "argmax")
 IMAGE_DTYPE_CHOICES = ("float16", "float32")          # how a prepared cache stores images
+LAYOUT_CHOICES = ("msd", "nnunetv2")                  # synthetic task folders: 4D images, or a file per channel
 BACKEND_CHOICES = ("torch", "onnxruntime")            # what runs a model file for prediction
 ONNX_PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt")   # onnxruntime execution providers an export is checked on

@@ -28,7 +28,7 @@ CLI_CHOICES = {   # (command, flag): the name of the defaults tuple its values m
     ("search", "--tau-schedule"): "TAU_SCHEDULE_CHOICES",
     ("search", "--derive"): "DERIVE_CHOICES", ("derive", "--derive"): "DERIVE_CHOICES",
     ("build", "--upsampling"): "UPSAMPLING_CHOICES", ("nnunet-plans", "--upsampling"): "UPSAMPLING_CHOICES",
-    ("prepare", "--dtype"): "IMAGE_DTYPE_CHOICES", ("predict", "--backend"): "BACKEND_CHOICES",
+    ("prepare", "--dtype"): "IMAGE_DTYPE_CHOICES", ("phantom", "--layout"): "LAYOUT_CHOICES", ("predict", "--backend"): "BACKEND_CHOICES",
     ("export-onnx", "--provider"): "ONNX_PROVIDER_CHOICES",
 }
 

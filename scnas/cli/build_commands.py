@@ -33,7 +33,7 @@ def build(
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the memory estimate."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "
                                                                       "freshly initialised weights."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights written with -o: the same seed gives the "
+    seed: int = typer.Option(D.SEED, "--seed", help="Seed of the initial weights written with -o: the same seed gives the "
                                                "same weights (with the same torch on the same kind of CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables."),
     match: Optional[str] = typer.Option(None, "--match-flops", metavar="REF",

@@ -23,8 +23,8 @@ def phantom(
     shape: tuple[int, int, int] = typer.Option((48, 48, 24), "--shape", help="Voxels per axis."),
     spacing: tuple[float, float, float] = typer.Option((1.0, 1.0, 2.5), "--spacing", help="Voxel size in mm (anisotropic "
                                                                                           "by default)."),
-    seed: int = typer.Option(0, "--seed", help="The same seed writes the same dataset."),
-    layout: str = typer.Option("msd", "--layout", help="msd (4D images, MSD v1 dataset.json) or nnunetv2 "
+    seed: int = typer.Option(D.SEED, "--seed", help="The same seed writes the same dataset."),
+    layout: str = options.choice(D.LAYOUT, "--layout", D.LAYOUT_CHOICES, help="msd (4D images, MSD v1 dataset.json) or nnunetv2 "
                                                        "(one file per channel)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -42,9 +42,9 @@ def prepare(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Cache folder to write (default: the task's "
                                                                      "shared cache under $SCNAS_CACHE or ~/.cache/scnas, "
                                                                      "which search, train and cv find by themselves)."),
-    spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target voxel size in mm "
+    spacing: tuple[float, float, float] = typer.Option(D.SPACING, "--spacing", help="Target voxel size in mm "
                                                                                           "(paper: 0.7 isotropic)."),
-    workers: str = typer.Option("auto", "--workers", help="Processes preparing cases in parallel: a number, or auto "
+    workers: str = typer.Option(D.WORKERS, "--workers", help="Processes preparing cases in parallel: a number, or auto "
                                                           "(one per usable core; each needs about 3x a prepared "
                                                           "case's float32 size in memory: 0.8 GB for BraTS at 0.7 mm)."),
     dtype: str = options.choice(D.IMAGE_DTYPE, "--dtype", D.IMAGE_DTYPE_CHOICES, help="Image storage: float16 (half the bytes, ~3 significant "

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from scnas import defaults as D
 from scnas.data.dataset import DatasetError
 from scnas.errors import ScnasError
 from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS, FinishedCache, prepare_again
@@ -44,12 +45,12 @@ def shared_cache_folder(task: str | os.PathLike, settings) -> Path:
     return cache_root() / f"{task.name}-{key}"
 
 
-DEFAULT_SPACING = (0.7, 0.7, 0.7)
+DEFAULT_SPACING = D.SPACING
 """mm: the paper's target spacing, used for a task folder when no spacing is given."""
 
 
 def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float] | None,
-                    prepared: str | os.PathLike | None = None, *, prepare: bool = True, workers: int | str = "auto",
+                    prepared: str | os.PathLike | None = None, *, prepare: bool = True, workers: int | str = D.WORKERS,
                     say=lambda line: None) -> "Cache":
     """``data`` as a cache: a prepared cache folder itself (at its own spacing; a ``spacing``
     given that differs is refused), or a task folder prepared at ``spacing`` (default

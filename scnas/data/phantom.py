@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from scnas import defaults as D
 from scnas.data.dataset import DatasetError
+from scnas.errors import check_choice
 from scnas.fileio import ensure_folder, file_in_the_way, give_default_mode
 
 CHANNEL_NAMES = ("FLAIR", "T1w", "T1gd", "T2w", "ADC", "DWI", "PD", "SWI")
@@ -56,7 +58,7 @@ def make_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tu
 
 def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int = 4, *, classes: int = 3,
                           shape: tuple[int, int, int] = (48, 48, 24), spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
-                          seed: int = 0, layout: str = "msd", force: bool = False) -> Path:
+                          seed: int = 0, layout: str = D.LAYOUT, force: bool = False) -> Path:
     """Write a phantom task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) at ``out``.
 
     ``layout`` "msd" writes the MSD v1 flavour (4D images), "nnunetv2" one file per channel.
@@ -93,8 +95,7 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
 def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
     """Refuse, before any work, a synthetic task folder that cannot be written at ``out``."""
     out = Path(out)
-    if layout not in ("msd", "nnunetv2"):
-        raise DatasetError(f"layout must be msd or nnunetv2, not {layout!r}")
+    check_choice(layout, D.LAYOUT_CHOICES, "layout", error=DatasetError)
     occupied = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if occupied and not force:
         raise DatasetError("already exists; choose another folder or pass --force to replace it", source=str(out))

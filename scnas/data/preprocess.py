@@ -51,7 +51,7 @@ class PrepareSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target_spacing: tuple[float, float, float] = Field((0.7, 0.7, 0.7), description="mm, file axis order")
+    target_spacing: tuple[float, float, float] = Field(D.SPACING, description="mm, file axis order")
     image_interpolation: str = "cubic"
     label_interpolation: str = "per-label-linear"
     normalization: str = "zscore-nonzero"
@@ -333,7 +333,7 @@ def _check_existing_cache(cache: Path, header: dict[str, Any]) -> None:
 
 
 def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike,
-                    settings: PrepareSettings | None = None, *, workers: int | str = "auto", force: bool = False,
+                    settings: PrepareSettings | None = None, *, workers: int | str = D.WORKERS, force: bool = False,
                     splits_file: str | os.PathLike | None = None, progress: bool = True,
                     checksums: bool = True) -> PrepareReport:
     """Preprocess every case of a task folder into ``cache_dir`` (see the module docstring), in

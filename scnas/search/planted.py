@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scnas import defaults as D
 from scnas.build import BuildConfig, build_network
 from scnas.data.phantom import check_task_folder, write_task
 from scnas.genotype import Genotype
@@ -41,7 +42,7 @@ def teacher(genotype: Genotype, stem: int, seed: int) -> torch.nn.Module:
 
 def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int = 10,
                           *, shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
-                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = "msd",
+                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = D.LAYOUT,
                           force: bool = False) -> Path:
     """Write a task folder whose labels ``genotype``'s teacher network makes (see above);
     returns the folder. The same arguments give the same files.
