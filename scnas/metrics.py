@@ -44,7 +44,14 @@ def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1
     """Mean over classes (background included unless ``foreground_only``) of 1 - soft IoU, over
     the whole batch (the intersections and unions are sums over all patches and voxels).
 
-    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
+    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K).
+
+    Args:
+        logits: (B, K, D, H, W).
+        target: (B, D, H, W) integer labels.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class (0) out.
+    """
     return jaccard_from_statistics(jaccard_statistics(logits, target), eps, foreground_only)
 
 
@@ -107,7 +114,14 @@ def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float
                                *, foreground_only: bool = False) -> torch.Tensor:
     """The deep-supervision loss from :func:`supervised_statistics`: the ``weights``-weighted sum
     of each output's soft Jaccard loss (an output of weight 0 still takes part, with a zero
-    gradient, so that every head's weights are used, as DistributedDataParallel requires)."""
+    gradient, so that every head's weights are used, as DistributedDataParallel requires).
+
+    Args:
+        statistics: from :func:`supervised_statistics`.
+        weights: the outputs' weights.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class out.
+    """
     if len(weights) != statistics.shape[0]:
         raise ValueError(f"{len(weights)} deep-supervision weights for {statistics.shape[0]} outputs")
     # Python floats, not a tensor of weights: building one on the GPU each step would wait for it
@@ -119,6 +133,14 @@ def supervised_loss(outputs: torch.Tensor | Sequence[torch.Tensor], target: torc
                     *, eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
     """nnU-Net's deep-supervision loss of one batch: the ``weights``-weighted sum of the soft
     Jaccard loss of each output ([main, coarser heads...]) against the target downsampled to
-    that output's shape (:func:`downsampled_target`)."""
+    that output's shape (:func:`downsampled_target`).
+
+    Args:
+        outputs: the main logits, or [main, coarser heads...].
+        target: (B, D, H, W) integer labels.
+        weights: the outputs' weights.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class out.
+    """
     return supervised_from_statistics(supervised_statistics(outputs, target), weights, eps,
                                       foreground_only=foreground_only)

@@ -91,7 +91,15 @@ def read_json(path: str | os.PathLike, fix: str, shape: Any = None) -> Any:
 
 def check_shape(value: Any, shape: Any, path: str | os.PathLike, *, fix: str, strict: bool = False) -> Any:
     """``value`` (read from ``path``) validated as ``shape`` (see :func:`read_json`); ``strict``:
-    no conversions (``"3"`` is no int)."""
+    no conversions (``"3"`` is no int).
+
+    Args:
+        value: the data read.
+        shape: a pydantic model or type it must have.
+        path: the file it was read from, named in the error.
+        fix: how to get a good file, said in the error.
+        strict: no conversions.
+    """
     from pydantic import TypeAdapter, ValidationError
 
     adapter = TypeAdapter(shape)
@@ -104,7 +112,15 @@ def check_shape(value: Any, shape: Any, path: str | os.PathLike, *, fix: str, st
 
 def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, *, dtype=None, columns: int | None = None):
     """A ``.npy`` array (never unpickled), checked against its checksum, ``dtype`` and, for a
-    2-D table, its number of ``columns``."""
+    2-D table, its number of ``columns``.
+
+    Args:
+        path: the ``.npy`` file.
+        fix: how to get a good file, said in the error.
+        expected: its checksum (None: not checked).
+        dtype: the dtype it must have (None: any).
+        columns: a 2-D table's columns (None: any shape).
+    """
     import io
 
     import numpy as np
@@ -124,7 +140,15 @@ def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, *, 
 def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, *, shape=None, dtype=None):
     """A read-only Blosc2 array view of a ``.b2nd`` file (memory-mapped; slicing returns numpy),
     after checking the file against its checksum (None: not checked) and the array against
-    ``shape`` and ``dtype``."""
+    ``shape`` and ``dtype``.
+
+    Args:
+        path: the ``.b2nd`` file.
+        fix: how to get a good file, said in the error.
+        expected: its checksum (None: not checked).
+        shape: the shape it must have (None: any).
+        dtype: the dtype it must have (None: any).
+    """
     import blosc2
     import numpy as np
 

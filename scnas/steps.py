@@ -135,7 +135,15 @@ def guarded_step(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Te
                  *, loss: torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
     """Unscale, clip (``max_norm``), and step unless the loss or a gradient is not finite.
     Returns a device bool: True when the step was skipped. With a fused optimiser the
-    decision stays on the device (no synchronisation); otherwise it is read back."""
+    decision stays on the device (no synchronisation); otherwise it is read back.
+
+    Args:
+        optimizer: the optimiser to step.
+        parameters: its parameters (clipped together).
+        precision: the run's precision (its gradient scaler).
+        loss: the step's loss (device scalar).
+        max_norm: the gradient norm to clip to (None: no clipping).
+    """
     precision.scaler.unscale_(optimizer)
     if max_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -220,7 +228,17 @@ class StepMeter:
 def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], *, epoch: int, step: int, checkpoint: Path,
                  rate_option: str) -> dict:
     """``meter.read()``, or ``error`` when ``limit`` steps in a row had non-finite losses or
-    gradients (the last good checkpoint stays as it is)."""
+    gradients (the last good checkpoint stays as it is).
+
+    Args:
+        meter: the epoch's loss meter.
+        limit: non-finite steps in a row that stop the run.
+        error: the error to raise.
+        epoch: the epoch, named in the error.
+        step: the step, named in the error.
+        checkpoint: the last good checkpoint, named in the error.
+        rate_option: the option to lower, suggested in the error.
+    """
     numbers = meter.read()
     if numbers["longest"] >= limit:
         raise error(f"{numbers['longest']} non-finite losses or gradients in a row by epoch {epoch + 1}, step "
@@ -236,7 +254,15 @@ def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], *, epoch
 
 def out_of_memory(error: type[ScnasError], epoch: int, plan_text: str, *, checkpoint: Path,
                   plan_command: str) -> ScnasError:
-    """The error for a step that ran out of device memory despite the plan."""
+    """The error for a step that ran out of device memory despite the plan.
+
+    Args:
+        error: the error to build.
+        epoch: the epoch, named in the message.
+        plan_text: the memory plan, described.
+        checkpoint: the last checkpoint, to resume from.
+        plan_command: the command that shows what fits.
+    """
     return error(f"ran out of device memory at epoch {epoch + 1} ({plan_text}). The last checkpoint ({checkpoint.name}) "
                  "is kept: --resume with --checkpoint edges or a smaller --micro-batch (or --gpu-memory below this "
                  f"device's, so that the plan leaves more room); '{plan_command}' shows what fits",

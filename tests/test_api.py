@@ -183,6 +183,32 @@ def test_every_step_and_hook_of_the_run_loop_says_when_it_is_called():
     assert undocumented == []
 
 
+
+def test_every_public_function_with_keyword_only_parameters_documents_them_in_args():
+    # MONAI's habit: an "Args:" block naming every parameter (for a class, in its docstring).
+    # Dataclasses' generated constructors are exempt: their fields are documented where declared.
+    import importlib
+
+    undocumented = []
+    for name, function in _public_callables():
+        signature = inspect.signature(function)
+        names = [p.name for p in signature.parameters.values() if p.name not in ("self", "cls")
+                 and p.kind != p.VAR_KEYWORD]
+        if _is_a_command(function) or name.startswith(UNDER_WORK) or function.__code__.co_filename.startswith("<") \
+                or not any(p.kind == p.KEYWORD_ONLY for p in signature.parameters.values()):
+            continue
+        doc = inspect.getdoc(function) or ""
+        if function.__name__ == "__init__":
+            owner = importlib.import_module(function.__module__)
+            for part in function.__qualname__.split(".")[:-1]:
+                owner = getattr(owner, part)
+            doc += "\n" + (inspect.getdoc(owner) or "")
+        args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+        missing = [n for n in names if f"{n}:" not in args]
+        if missing:
+            undocumented.append(f"{name}: {', '.join(missing)}")
+    assert undocumented == []
+
 def test_the_top_level_package_exports_each_stage_lazily():
     import subprocess
     import sys

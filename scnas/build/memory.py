@@ -257,7 +257,15 @@ def larger(first: StepProfile, second: StepProfile) -> StepProfile:
 def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor: int, persistent: int,
                  *, batch: int = 1) -> StepProfile:
     """Run ``run_step(batch, patch)`` at two small patches under the tracker and fit the affine
-    profile. ``run_step`` must allocate its inputs itself and take the same path at any size."""
+    profile. ``run_step`` must allocate its inputs itself and take the same path at any size.
+
+    Args:
+        run_step: runs one step for (batch, patch), allocating its inputs itself.
+        divisor: the two simulated patches are multiples of this.
+        persistent: bytes that stay allocated between steps (weights, gradients, optimiser
+            state).
+        batch: the micro-batch the profile is measured at.
+    """
     timelines, units = [], []
     for size in SMALL_SIZES:
         patch = tuple(n * divisor for n in size)
@@ -304,7 +312,15 @@ def fits(estimate_: MemoryEstimate, available: int, headroom: float = HEADROOM) 
 
 def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, *, limit: int = 4096,
                   headroom: float = HEADROOM) -> int:
-    """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``."""
+    """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``.
+
+    Args:
+        profile: the step's memory profile.
+        patch: the patch size.
+        available: the memory budget in bytes.
+        limit: the largest batch tried.
+        headroom: the share of ``available`` a plan may fill.
+    """
     if not fits(profile.estimate(1, patch), available, headroom):
         return 0
     low, high = 1, limit
@@ -320,7 +336,16 @@ def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, *,
 def largest_cubic_patch(profile: StepProfile, batch: int, available: int, *, divisor: int, limit: int = 1024,
                         headroom: float = HEADROOM) -> int:
     """The largest edge n (a multiple of ``divisor``, 0 if none) such that a step on
-    batch x n^3 patches fits into ``available`` bytes."""
+    batch x n^3 patches fits into ``available`` bytes.
+
+    Args:
+        profile: the step's memory profile.
+        batch: patches per forward pass.
+        available: the memory budget in bytes.
+        divisor: the edge must be a multiple of this (``2**depth``).
+        limit: the largest edge tried.
+        headroom: the share of ``available`` a plan may fill.
+    """
     best = 0
     for n in range(divisor, limit + 1, divisor):
         if not fits(profile.estimate(batch, (n, n, n)), available, headroom):
@@ -433,7 +458,16 @@ def training_step_profile(genotype, config, amp: str = "off", *, checkpoint: str
     nnU-Net's weighted loss over the main output and the heads, as training computes it),
     backward into existing gradients (the steady state of gradient accumulation), with Adam's
     two moments held beside the weights and the process's whole ``share`` of patches (default:
-    ``batch``) on the device."""
+    ``batch``) on the device.
+
+    Args:
+        genotype: the cells of the network.
+        config: the network's settings.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        checkpoint: the checkpointing mode: ``off``, ``cells`` or ``edges``.
+        batch: the micro-batch simulated.
+        share: the process's patches per step, all on the device (default: ``batch``).
+    """
     from scnas.metrics import deep_supervision_weights, soft_jaccard_loss, supervised_loss
     from scnas.build.network import build_network
 

@@ -58,7 +58,14 @@ def node_width(config: BuildConfig, nodes: int, level: int) -> int:
 
 class Resample(nn.Module):
     """Brings a cell input to the cell's working level and node width:
-    LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up."""
+    LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up.
+
+    Args:
+        c_in: the input's channels.
+        c_out: the node width of the cell.
+        levels_up: levels to go up (> 0: upsampled), down (< 0: strided) or 0.
+        config: the network's settings (upsampling, LeakyReLU slope).
+    """
 
     def __init__(self, c_in: int, c_out: int, levels_up: int, *, config: BuildConfig):
         super().__init__()
@@ -144,7 +151,17 @@ class CellModule(nn.Module):
     input resampling are decided here for every kind of edge (see :data:`EdgeFactory`).
 
     ``checkpoint_edges`` recomputes each edge's internals during backward instead of keeping
-    them (activation checkpointing inside the cell); results and gradients are unchanged."""
+    them (activation checkpointing inside the cell); results and gradients are unchanged.
+
+    Args:
+        graph: the cell type's wiring (dead nodes left out).
+        cell_type: ``encoder_normal``, ``reduction``, ``decoder_normal`` or ``expansion``.
+        level: the cell's resolution level (0: full resolution).
+        inputs: (level, channels) of the cell's two inputs.
+        nodes: intermediate nodes per cell (for the node width).
+        config: the network's settings.
+        make_edge: builds the module of one edge (see :data:`EdgeFactory`).
+    """
 
     def __init__(self, graph: CellGraph, cell_type: str, level: int, *, inputs: tuple[tuple[int, int], tuple[int, int]],
                  nodes: int, config: BuildConfig, make_edge: EdgeFactory):
@@ -263,7 +280,14 @@ class MacroUNet(nn.Module):
     """The macro layout (stem, cells, encoder skips, output head) for cells of any kind: the one
     place that knows widths, skips and projections. ``graphs`` gives each cell type's wiring and
     ``edge_factory(cell_type)`` its edges. Slots whose output cannot reach the network output
-    are absent from ``cells``."""
+    are absent from ``cells``.
+
+    Args:
+        config: the network's settings (stem, channels, classes, depth).
+        nodes: intermediate nodes per cell.
+        graphs: each cell type's wiring.
+        edge_factory: for a cell type, the factory of its edges' modules.
+    """
 
     def __init__(self, config: BuildConfig, nodes: int, graphs: Mapping[str, CellGraph],
                  *, edge_factory: Callable[[str], EdgeFactory]):

@@ -97,7 +97,16 @@ class ActivationFirst(nn.Sequential):
 
 
 class ActConvNorm(ActivationFirst):
-    """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm."""
+    """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        kernel: the convolution's kernel size.
+        stride: the convolution's stride.
+        negative_slope: the LeakyReLU's slope.
+        dilation: the convolution's dilation.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, *, stride: int, negative_slope: float, dilation: int = 1):
         super().__init__(
@@ -108,7 +117,16 @@ class ActConvNorm(ActivationFirst):
 
 
 class SeparableDilatedConv(ActivationFirst):
-    """LeakyReLU, depthwise dilated kxkxk conv (3x3x3 by default), pointwise 1x1x1 conv, InstanceNorm."""
+    """LeakyReLU, depthwise dilated kxkxk conv (3x3x3 by default), pointwise 1x1x1 conv, InstanceNorm.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        stride: the depthwise convolution's stride.
+        negative_slope: the LeakyReLU's slope.
+        dilation: the depthwise convolution's dilation.
+        kernel: the depthwise convolution's kernel size.
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int, *, negative_slope: float, dilation: int, kernel: int = 3):
         super().__init__(
@@ -233,5 +251,13 @@ OP_BUILDERS: dict[str, OpBuilder] = {name: op_builder(spec) for name, spec in OP
 
 
 def make_op(name: str, c_in: int, c_out: int, *, stride: int = 1, negative_slope: float = 0.01) -> nn.Module:
-    """The module for vocabulary op ``name``."""
+    """The module for vocabulary op ``name``.
+
+    Args:
+        name: an op of the vocabulary (:data:`scnas.genotype.OPS`); not ``zero``.
+        c_in: input channels.
+        c_out: output channels.
+        stride: 2 on edges that reduce, else 1.
+        negative_slope: the LeakyReLU's slope.
+    """
     return OP_BUILDERS[name](c_in, c_out, stride, negative_slope)

@@ -23,7 +23,14 @@ class Choice:
 
 
 def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: str) -> str:
-    """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help)."""
+    """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help).
+
+    Args:
+        default: the default value (None: not given).
+        flag: the option's name, e.g. ``--amp``.
+        choices: the tuple of :mod:`scnas.defaults` the value must be one of.
+        help: the option's help text.
+    """
     return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help)
 
 
@@ -107,7 +114,17 @@ def resume_settings(ctx, values: dict, renamed: dict[str, str], *, saved: dict, 
     settings by key, ``renamed`` maps a key to its parameter's name where they differ. A
     setting given explicitly with a value other than the run's is refused, naming it, the
     run's value and the one given (silently ignoring it would resume something else than
-    asked)."""
+    asked).
+
+    Args:
+        ctx: the command's typer context (which parameters the user gave).
+        values: the command's settings by key.
+        renamed: a key's parameter name where they differ.
+        saved: the run's own settings (from its checkpoint).
+        make_config: builds the settings model from a dict.
+        run: the run folder, named in the error.
+        error: the error to raise.
+    """
     from scnas.checkpoints import RESUMABLE_CHANGES
 
     given = {key: value for key, value in values.items() if given_on_command_line(ctx, renamed.get(key, key))}

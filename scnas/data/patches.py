@@ -14,7 +14,15 @@ def extract_patch(image, label, start: tuple[int, ...], *, size: tuple[int, ...]
     """The (C, *size) image (``dtype``; None: as stored) and (*size) int16 label patch whose
     corner is ``start`` (may lie outside the volume: outside voxels are 0, i.e. the normalised
     background, and label 0). ``image``/``label`` are anything numpy-sliceable: cached arrays
-    (float16 or float32) or arrays."""
+    (float16 or float32) or arrays.
+
+    Args:
+        image: the case's image (C, X, Y, Z), numpy or Blosc2.
+        label: its label map (X, Y, Z).
+        start: the patch's corner (may lie outside the volume).
+        size: the patch size.
+        dtype: the image patch's dtype (None: as stored).
+    """
     import torch
 
     spatial = image.shape[1:]
@@ -41,7 +49,14 @@ def extract_patch(image, label, start: tuple[int, ...], *, size: tuple[int, ...]
 def patch_start(rng: np.random.Generator, spatial: tuple[int, ...], size: tuple[int, ...],
                 *, centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """A corner for a patch: around ``centre`` (kept inside the volume where the volume is
-    large enough), or uniformly at random; a volume smaller than the patch is centred."""
+    large enough), or uniformly at random; a volume smaller than the patch is centred.
+
+    Args:
+        rng: the random generator.
+        spatial: the volume's size.
+        size: the patch size.
+        centre: a voxel the patch should contain (None: anywhere).
+    """
     start = []
     for axis, (n, p) in enumerate(zip(spatial, size)):
         if n <= p:
@@ -57,7 +72,14 @@ class PatchSampler:
     """Draws (image, label) patches from the given cases of a cache.
 
     With probability ``foreground_share`` a patch is centred near a voxel of a random
-    foreground label present in the case (nnU-Net forces a third of each batch likewise)."""
+    foreground label present in the case (nnU-Net forces a third of each batch likewise).
+
+    Args:
+        cache: the prepared cache.
+        case_ids: the cases to draw from.
+        patch_size: the patch size.
+        foreground_share: the share of patches centred near a foreground voxel.
+    """
 
     def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int],
                  *, foreground_share: float = 1 / 3):

@@ -33,7 +33,14 @@ def _ellipsoid(shape, spacing, centre_mm, radii_mm) -> np.ndarray:
 def make_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
               *, contrasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: image (C, X, Y, Z) float32 and label (X, Y, Z) uint8. ``contrasts`` is a
-    (channels, classes + 1) table of mean intensities (column 0: healthy tissue)."""
+    (channels, classes + 1) table of mean intensities (column 0: healthy tissue).
+
+    Args:
+        rng: the random generator.
+        shape: the image's size in voxels.
+        spacing: voxel size in mm (shapes are round in mm).
+        contrasts: (channels, classes + 1) mean intensities.
+    """
     channels, classes = contrasts.shape[0], contrasts.shape[1] - 1
     extent = np.array(shape) * np.array(spacing)
     body = _ellipsoid(shape, spacing, extent / 2 + rng.uniform(-0.03, 0.03, 3) * extent,
@@ -109,7 +116,17 @@ def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
 def write_task(out: str | os.PathLike, cases, channels: int, *, classes: int, spacing: tuple[float, float, float],
                layout: str, description: str) -> Path:
     """Write a synthetic task folder from ``cases`` ((case ID, image (C, X, Y, Z), label) each)
-    in the given layout; the folder appears complete or not at all (staged beside it, renamed)."""
+    in the given layout; the folder appears complete or not at all (staged beside it, renamed).
+
+    Args:
+        out: the task folder.
+        cases: (case ID, image (C, X, Y, Z), label) of each case.
+        channels: image channels.
+        classes: foreground classes.
+        spacing: voxel size in mm.
+        layout: ``msd`` or ``nnunetv2``.
+        description: dataset.json's description.
+    """
     import nibabel as nib
 
     out = Path(out)

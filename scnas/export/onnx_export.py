@@ -124,7 +124,19 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
     ``fp16`` that verified graph is converted to float16 inside (inputs and outputs stay
     float32) and checked for precision (:data:`FP16_MIN_LABEL_AGREEMENT`). ``metadata``: more
     entries for ``metadata_props`` (e.g. a trained model's ``training``). Raises
-    ``ExportError`` when a check fails; the file is written only when all pass."""
+    ``ExportError`` when a check fails; the file is written only when all pass.
+
+    Args:
+        model: the network to export (eval mode is set here).
+        path: the ``.onnx`` file to write.
+        preprocessing: what a predictor must do to a new image, stored in the metadata.
+        fp16: convert the verified graph to float16 inside.
+        verify: run the file in onnxruntime against PyTorch.
+        provider: the onnxruntime execution provider to verify on: ``cpu``, ``cuda`` or
+            ``tensorrt``.
+        check_shapes: the input shapes verified (default: :func:`default_check_shapes`).
+        metadata: more ``metadata_props`` entries.
+    """
     import onnx
 
     shapes = check_shapes or default_check_shapes(model)

@@ -69,7 +69,17 @@ def settings_from_arch_kwargs(input_channels: int, num_classes: int, genotype: A
                               negative_slope: float = 0.01) -> tuple[Genotype, BuildConfig]:
     """The genotype and build settings that a plans file's ``arch_kwargs`` describe. Deep
     supervision heads are always built (as nnU-Net's own U-Net always builds its segmentation
-    layers), so a checkpoint trained with them loads into the network nnU-Net builds for inference."""
+    layers), so a checkpoint trained with them loads into the network nnU-Net builds for inference.
+
+    Args:
+        input_channels: nnU-Net's input channels.
+        num_classes: nnU-Net's output channels.
+        genotype: the genotype document (or a Genotype).
+        stem_channels: the stem width.
+        strides: ``[[1, 1, 1]] + [[2, 2, 2]] * depth``.
+        upsampling: ``trilinear`` or ``transposed``.
+        negative_slope: the LeakyReLU's slope.
+    """
     genotype = genotype if isinstance(genotype, Genotype) else genotype_from_data(genotype, source="arch_kwargs.genotype")
     depth = depth_of_strides(strides)
     try:
@@ -114,7 +124,18 @@ class SCNASUNetForNNUNet(SCNASUNet):
     nnU-Net derives from ``strides``. Off, one tensor. The weights' names are scnas's own, so
     nnU-Net's ``network_weights`` load into ``build_network(genotype, config)`` unchanged.
     Initialised as nnU-Net initialises its U-Nets (:func:`he_initialization`, applied by
-    ``get_network_from_plans``)."""
+    ``get_network_from_plans``).
+
+    Args:
+        input_channels: input channels (nnU-Net passes them).
+        num_classes: output channels (nnU-Net passes them).
+        genotype: the genotype document, inline in the plans.
+        stem_channels: the stem width.
+        strides: ``[[1, 1, 1]] + [[2, 2, 2]] * depth``.
+        deep_supervision: return the coarser heads' logits too.
+        upsampling: ``trilinear`` or ``transposed``.
+        negative_slope: the LeakyReLU's slope.
+    """
 
     def __init__(self, input_channels: int, num_classes: int, genotype: Any, *, stem_channels: int,
                  strides: Sequence[Sequence[int]], deep_supervision: bool = False,
@@ -208,7 +229,15 @@ def check_base_configuration(configuration: dict[str, Any], name: str, source: s
 def scnas_strides(configuration: dict[str, Any], name: str, patch: tuple[int, int, int], *, depth: int | None,
                   source: str) -> list[list[int]]:
     """The strides of the new configuration: nnU-Net's own for ``name`` (when the cells can take
-    them), or ``depth`` isotropic halvings; the patch must then be divisible by 2**depth."""
+    them), or ``depth`` isotropic halvings; the patch must then be divisible by 2**depth.
+
+    Args:
+        configuration: nnU-Net's configuration the new one is based on.
+        name: its name, for error messages.
+        patch: its patch size.
+        depth: isotropic down-samplings (None: nnU-Net's own strides).
+        source: the plans file, for error messages.
+    """
     if depth is None:
         strides = configuration["architecture"]["arch_kwargs"].get("strides")
         try:
@@ -227,7 +256,15 @@ def scnas_strides(configuration: dict[str, Any], name: str, patch: tuple[int, in
 
 def scnas_configuration(genotype: Genotype, stem_channels: int, strides: list[list[int]], *, base: str,
                         upsampling: str = D.UPSAMPLING) -> dict[str, Any]:
-    """The plans configuration that trains ``genotype`` in nnU-Net on ``base``'s preprocessed data."""
+    """The plans configuration that trains ``genotype`` in nnU-Net on ``base``'s preprocessed data.
+
+    Args:
+        genotype: the cells.
+        stem_channels: the stem width.
+        strides: from :func:`scnas_strides`.
+        base: the configuration it inherits from.
+        upsampling: ``trilinear`` or ``transposed``.
+    """
     return {
         "inherits_from": base,
         "architecture": {
@@ -253,7 +290,14 @@ def network_channels(plans: dict[str, Any], configuration: str, dataset_json: di
 def nnunet_network(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
                    *, deep_supervision: bool = False) -> nn.Module:
     """The network nnU-Net's trainer builds for ``configuration`` (not initialised), through
-    nnU-Net's own ``get_network_from_plans``. Build it under ``torch.device("meta")`` to count it."""
+    nnU-Net's own ``get_network_from_plans``. Build it under ``torch.device("meta")`` to count it.
+
+    Args:
+        plans: the plans document.
+        configuration: the configuration's name.
+        dataset_json: the dataset.json document.
+        deep_supervision: build with deep supervision.
+    """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -267,7 +311,14 @@ def nnunet_network(plans: dict[str, Any], configuration: str, dataset_json: dict
 def nnunet_network_cost(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
                         *, source: str = "plans") -> tuple[int, int]:
     """Parameters and FLOPs (one inference forward at the configuration's patch, batch 1) of
-    nnU-Net's own network for ``configuration``, counted as scnas counts its networks."""
+    nnU-Net's own network for ``configuration``, counted as scnas counts its networks.
+
+    Args:
+        plans: the plans document.
+        configuration: the configuration's name.
+        dataset_json: the dataset.json document.
+        source: the plans file, for error messages.
+    """
     from scnas.build.stats import forward_flops
 
     patch = resolved_configuration(plans, configuration, source)["patch_size"]

@@ -67,7 +67,20 @@ def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], *, samp
     weights need no gradient, so the operations' outputs are not kept for them) plus the
     gradients of Theta, so the alpha step's profile with those gradients added bounds both.
     Both steps' batches of the process's ``share`` of patches (default: ``batch``) are on the
-    device meanwhile."""
+    device meanwhile.
+
+    Args:
+        config: the supernet's settings.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary.
+        sampling: ``pair``, ``one`` or ``full``.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        checkpoint: the checkpointing mode: ``off``, ``cells`` or ``edges``.
+        batch: the micro-batch simulated.
+        draw_kind: ``bound`` (the heaviest ops on every edge) or ``typical`` (a draw at uniform
+            alpha).
+        share: the process's patches per step (default: ``batch``).
+    """
     edges = len(cell_edges(nodes))
     if sampling == "full":
         active = torch.ones(edges, len(ops), dtype=torch.bool)
@@ -119,11 +132,11 @@ def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], *, samplin
     """The :class:`~scnas.build.memory.MemoryPlan` of a search (planned with the ``bound`` draw).
 
     Args:
-        config: the supernet's settings.
-        nodes: intermediate nodes per cell.
-        ops: the vocabulary.
-        sampling: ``pair``, ``one`` or ``full``.
-        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        config: the supernet's settings (as for :func:`search_step_profile`).
+        nodes: its intermediate nodes per cell.
+        ops: its vocabulary.
+        sampling: how its ops are drawn: ``pair``, ``one`` or ``full``.
+        amp: the step's precision.
         patch: the patch size.
         share: patches per process and step.
         checkpoint: a checkpointing mode, or ``auto``.

@@ -17,7 +17,15 @@ class AlphaRecord(BaseModel):
 
 def write_plots(run: Path, history: list[dict[str, Any]], arch, *, config, draw: bool = True) -> None:
     """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json,
-    updated every call; the figures only when ``draw``: drawing them takes seconds)."""
+    updated every call; the figures only when ``draw``: drawing them takes seconds).
+
+    Args:
+        run: the run folder.
+        history: the epochs' records.
+        arch: the architecture (alpha).
+        config: the search's settings.
+        draw: draw the figures (else only plots/alpha.json).
+    """
     import json
 
     import matplotlib

@@ -141,7 +141,15 @@ def random_free_shares(nodes: int, ops: list[str], genotypes: int = RANDOM_GENOT
 def share_p_values(observed: float, runs: int, shares: np.ndarray, *, rng: np.random.Generator,
                    draws: int = PERMUTATIONS) -> tuple[float, float]:
     """P(mean of ``runs`` random genotypes' shares >= ``observed``) and P(<= ``observed``), by
-    resampling ``shares``: is the searches' mean share unusual for as many random genotypes?"""
+    resampling ``shares``: is the searches' mean share unusual for as many random genotypes?
+
+    Args:
+        observed: the searches' mean share.
+        runs: the number of searches.
+        shares: the shares of random genotypes.
+        rng: the random generator.
+        draws: resamplings.
+    """
     means = rng.choice(shares, size=(draws, runs)).mean(axis=1)
     return (float((1 + np.sum(means >= observed - 1e-12)) / (draws + 1)),
             float((1 + np.sum(means <= observed + 1e-12)) / (draws + 1)))
@@ -197,7 +205,14 @@ def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
 def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS,
                   *, planted: Genotype | None = None) -> dict[str, Any]:
     """The measurements above for the search runs in ``folders`` (the same nodes and operations);
-    with ``planted``, how often they recover its operations (:func:`recovery`)."""
+    with ``planted``, how often they recover its operations (:func:`recovery`).
+
+    Args:
+        folders: search run folders.
+        seed: seeds the random genotypes and the permutation test.
+        permutations: the permutation test's draws.
+        planted: the genotype that planted the labels (None: none).
+    """
     runs = [read_run(folder) for folder in folders]
     first = runs[0].genotype
     for run in runs[1:]:

@@ -49,7 +49,14 @@ def draw(alpha_host: torch.Tensor, mode: str, tau: float, *, generator: torch.Ge
 
     ``pair`` (Algorithm 1): o1 ~ z_bar, then o2 uniformly among the other |O| - 1 operations:
     P({a, b}) = z_a / (|O| - 1) + z_b / (|O| - 1), exactly the distribution of Algorithm 1.
-    ``one``: the argmax of z_bar. ``full``: every operation."""
+    ``one``: the argmax of z_bar. ``full``: every operation.
+
+    Args:
+        alpha_host: alpha of one cell type (edges, ops), on the host.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator (the same on every rank).
+    """
     edges, ops = alpha_host.shape
     if mode == "full":
         return Draw(mode, None, torch.ones(edges, ops, dtype=torch.bool))
@@ -95,7 +102,14 @@ def edge_weights(alpha: torch.Tensor, drawn: Draw, tau: float) -> torch.Tensor:
 
 def draw_all(alpha_host: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None
              ) -> dict[str, Draw]:
-    """:func:`draw` for every cell type (in the order of ``alpha_host``)."""
+    """:func:`draw` for every cell type (in the order of ``alpha_host``).
+
+    Args:
+        alpha_host: alpha per cell type, on the host.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator.
+    """
     return {name: draw(alpha, mode, tau, generator=generator) for name, alpha in alpha_host.items()}
 
 
@@ -115,7 +129,15 @@ def choices_from(alphas: dict[str, torch.Tensor], draws: dict[str, Draw], tau: f
 
 def sample_choices(alphas: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None,
                    alpha_host: dict[str, torch.Tensor] | None = None) -> dict[str, list[EdgeChoice]]:
-    """Draw and weigh in one call (see :func:`draw_all`, :func:`choices_from`)."""
+    """Draw and weigh in one call (see :func:`draw_all`, :func:`choices_from`).
+
+    Args:
+        alphas: alpha per cell type.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator.
+        alpha_host: a host copy of ``alphas`` (default: copied here).
+    """
     if alpha_host is None:
         alpha_host = host_copy(alphas)
     return choices_from(alphas, draw_all(alpha_host, mode, tau, generator=generator), tau)

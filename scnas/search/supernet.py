@@ -54,7 +54,15 @@ class EdgeChoice:
 class MixedEdge(nn.Module):
     """All candidate operations of one edge. With ``normalise_pooling``, the parameter-free
     operations of :data:`NORMALISED_IN_SEARCH` are followed by an affine-free InstanceNorm
-    (no parameters, no buffers: the state dict is the same either way)."""
+    (no parameters, no buffers: the state dict is the same either way).
+
+    Args:
+        ops: the candidate operations.
+        channels: input and output channels.
+        stride: 2 on edges that reduce, else 1.
+        negative_slope: the LeakyReLU's slope.
+        normalise_pooling: follow the parameter-free ops by an affine-free InstanceNorm.
+    """
 
     def __init__(self, ops: list[str], channels: int, stride: int, *, negative_slope: float,
                  normalise_pooling: bool = True):
@@ -97,7 +105,14 @@ class SuperNet(MacroUNet):
     :class:`Architecture`, so that the two are optimised separately. ``forward(x, choices)``
     takes the step's sampled operations: for each cell type, one :class:`EdgeChoice` per edge
     (see :func:`scnas.search.sampling.sample_choices`). ``normalise_pooling``: see
-    :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations)."""
+    :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations).
+
+    Args:
+        config: the network's settings.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary.
+        normalise_pooling: see :class:`MixedEdge`.
+    """
 
     def __init__(self, config: BuildConfig, nodes: int, ops: list[str], *, normalise_pooling: bool = True):
         graph = CellGraph.complete(nodes)

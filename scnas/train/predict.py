@@ -81,7 +81,15 @@ class Predictor:
                batch_size: int = D.PREDICT_BATCH_SIZE, *, mirror: bool = False,
                accumulate: str = "device") -> torch.Tensor:
         """Sliding-window logits (K, X, Y, Z) of a preprocessed image (C, X, Y, Z), float32, on
-        the device (``accumulate="device"``) or in CPU memory (``"host"``)."""
+        the device (``accumulate="device"``) or in CPU memory (``"host"``).
+
+        Args:
+            image: preprocessed (C, X, Y, Z).
+            overlap: the windows' overlap.
+            batch_size: windows per forward pass.
+            mirror: also average over the 8 mirrorings.
+            accumulate: ``device`` or ``host``: where the sums are kept.
+        """
         tensor = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
         return sliding_window_logits(tensor, self.run, self.patch, num_classes=self.num_classes, overlap=overlap,
                                      batch_size=batch_size,
@@ -91,7 +99,14 @@ class Predictor:
                 mirror: bool = False) -> np.ndarray:
         """The label map (int16, X, Y, Z) of a preprocessed image (C, X, Y, Z). On a GPU the
         whole volume stays on the device when it fits (:data:`DEVICE_SHARE`); otherwise, or
-        when the device runs out of memory, the sums are kept in CPU memory, with a notice."""
+        when the device runs out of memory, the sums are kept in CPU memory, with a notice.
+
+        Args:
+            image: preprocessed (C, X, Y, Z).
+            overlap: the windows' overlap.
+            batch_size: windows per forward pass.
+            mirror: also average over the 8 mirrorings.
+        """
         accumulate = "device"
         if self.device.type == "cuda":
             need = accumulation_bytes(image.shape, self.num_classes)

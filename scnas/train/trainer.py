@@ -87,7 +87,14 @@ def cases_digest(cases: list[str]) -> str:
 def training_metadata(fold: int, validation: list[str], epoch: int, *, selection: str) -> dict[str, str]:
     """What a trained model file says about its training, under the key ``training``: the
     fold, the epoch, how the file was chosen, and a fingerprint of the validation cases (so
-    that a prediction of those cases can check the model never trained on them)."""
+    that a prediction of those cases can check the model never trained on them).
+
+    Args:
+        fold: the cross-validation fold trained on.
+        validation: its validation case IDs (fingerprinted).
+        epoch: the epoch the weights are from.
+        selection: how the file was chosen (last epoch, best Dice).
+    """
     return {"training": json.dumps({"fold": fold, "epoch": epoch, "selection": selection,
                                     "validation_cases": cases_digest(validation)}, sort_keys=True)}
 
@@ -149,7 +156,16 @@ class TrainingLoop(RunLoop):
 
     def __init__(self, genotype: Genotype, config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = True,
                  say: Callable[[str], None] = print):
-        """Store the settings (see :class:`scnas.runs.RunLoop`); ``genotype`` is the network to train."""
+        """Store the settings (see :class:`scnas.runs.RunLoop`); ``genotype`` is the network to train.
+
+        Args:
+            genotype: the cells of the network to train.
+            config: the training's settings.
+            run_dir: the run folder.
+            resume: continue the run in ``run_dir`` from its checkpoint.
+            progress: show the progress bar.
+            say: prints notices.
+        """
         self.genotype = genotype
         super().__init__(config, run_dir, resume, progress=progress, say=say)
 
