@@ -70,7 +70,7 @@ def read_times(image, label, patch: int, reads: int, seed: int = 0) -> float:
     for _ in range(reads):
         start = tuple(int(rng.integers(0, max(1, n - patch + 1))) for n in spatial)
         began = time.perf_counter()
-        extract_patch(image, label, start, (patch,) * 3)
+        extract_patch(image, label, start, size=(patch,) * 3)
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 

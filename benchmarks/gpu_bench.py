@@ -118,7 +118,8 @@ def bench_sliding_window(device: torch.device, size, patch: int, stem: int, repe
             with p.autocast():
                 return net(batch)
 
-        predictor = Predictor(run, {}, (patch,) * 3, 4, 4, "torch", device, amp)
+        predictor = Predictor(run, {}, (patch,) * 3, num_classes=4, in_channels=4, backend="torch", device=device,
+                              amp=amp)
         add("scnas, on the device", precision, lambda: predictor.logits(image), 
             lambda: predictor.logits(image).argmax(0).cpu().numpy())
         if precision == "fp32":
@@ -126,7 +127,7 @@ def bench_sliding_window(device: torch.device, size, patch: int, stem: int, repe
                 with torch.inference_mode(), p.autocast():
                     return net(torch.from_numpy(batch).to(device)).float().cpu().numpy()
             add("scnas, windows through host memory (the old data path)", precision,
-                lambda: sliding_window(image, through_host, (patch,) * 3, 4))
+                lambda: sliding_window(image, through_host, (patch,) * 3, num_classes=4))
         try:
             from monai.inferers import sliding_window_inference
         except ImportError:

@@ -62,9 +62,10 @@ def predict(genotype: str | None, stem: int, batch: int, amp: str, checkpoint: s
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
     if genotype is None:
-        profile = search_step_profile(config, 4, list(PAPER_OPS), "pair", amp, checkpoint, batch, draw)
+        profile = search_step_profile(config, 4, list(PAPER_OPS), sampling="pair", amp=amp, checkpoint=checkpoint,
+                                      batch=batch, draw_kind=draw)
     else:
-        profile = training_step_profile(load_genotype(genotype), config, amp, checkpoint, batch)
+        profile = training_step_profile(load_genotype(genotype), config, amp, checkpoint=checkpoint, batch=batch)
     return profile.estimate(batch, (128, 128, 128)).peak / GiB
 
 
@@ -114,7 +115,8 @@ def main() -> None:
             try:
                 plan = plan_training_step(load_genotype(genotype), BuildConfig(stem_channels=68, in_channels=4,
                                                                                num_classes=3),
-                                          "fp16", (128, 128, 128), 8, "auto", None, budget * GiB)
+                                          "fp16", patch=(128, 128, 128), share=8, checkpoint="auto", micro_batch=None,
+                                          available=budget * GiB)
                 text, peak = f"checkpointing {plan.checkpoint}, micro-batch {plan.micro_batch}", plan.estimate.peak
             except MemoryPlanError as exc:
                 text, peak = f"refused: {exc}", None
@@ -124,7 +126,8 @@ def main() -> None:
             label = f"search (pair), stem {stem}, fp16"
             try:
                 plan = plan_search_step(BuildConfig(stem_channels=stem, in_channels=4, num_classes=3), 4,
-                                        list(PAPER_OPS), "pair", "fp16", (128, 128, 128), 1, "auto", None, budget * GiB)
+                                        list(PAPER_OPS), sampling="pair", amp="fp16", patch=(128, 128, 128), share=1,
+                                        checkpoint="auto", micro_batch=None, available=budget * GiB)
                 text, peak = f"checkpointing {plan.checkpoint}, micro-batch {plan.micro_batch}", plan.estimate.peak
             except MemoryPlanError as exc:
                 text, peak = f"refused: {exc}", None

@@ -45,7 +45,7 @@ def child(kind: str, size: tuple[int, ...], patch: int, stem: int, weighting: st
                 return net(torch.from_numpy(batch)).numpy()
 
         def run():
-            return sliding_window(image, predict, (patch,) * 3, 4, overlap=0.5, batch_size=2,
+            return sliding_window(image, predict, (patch,) * 3, num_classes=4, overlap=0.5, batch_size=2,
                                   gaussian=weighting == "gaussian")
     else:
         from monai.inferers import sliding_window_inference
@@ -119,7 +119,7 @@ def main() -> None:
 
         rng = np.random.default_rng(0)
         contrasts = np.array([[100, 150, 60, 130]] * 4, dtype=float)
-        image, _ = make_case(rng, shape, (1.0, 1.0, 1.0), contrasts)
+        image, _ = make_case(rng, shape, (1.0, 1.0, 1.0), contrasts=contrasts)
         (folder / "in").mkdir()
         nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), np.eye(4)), str(folder / "in" / "case.nii.gz"))
         net = _model(stem)

@@ -35,7 +35,8 @@ def predict(mode: str, patch: int, stem: int, device: str, amp: str, checkpoint:
     from scnas.search.supernet_memory import search_step_profile
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
-    profile = search_step_profile(config, 4, list(PAPER_OPS), mode, amp, checkpoint, 1, "typical")
+    profile = search_step_profile(config, 4, list(PAPER_OPS), sampling=mode, amp=amp, checkpoint=checkpoint, batch=1,
+                                  draw_kind="typical")
     return (profile.estimate(1, (patch,) * 3).peak - (WORKSPACE_BYTES if device == "cpu" else 0)) / 2**20
 
 
@@ -66,22 +67,23 @@ def measure(mode: str, patch: int, stem: int, steps: int, device: str, amp: str,
     y = torch.randint(0, 3, (1, patch, patch, patch), device=dev)
     # the planner's "typical" draw: one seeded draw at uniform alpha, for both steps
     uniform = {name: torch.zeros_like(a, device="cpu") for name, a in arch.alphas.items()}
-    draws = {name: draw(a, mode, 5.0, torch.Generator().manual_seed(0)) for name, a in uniform.items()}
+    draws = {name: draw(a, mode, 5.0, generator=torch.Generator().manual_seed(0)) for name, a in uniform.items()}
 
     def step() -> None:
         host_copy(arch.alphas)
         with torch.no_grad():
             theta_choices = choices_from(arch.alphas, draws, 5.0)
         theta_opt.zero_grad(set_to_none=True)
-        loss = accumulate_exact(lambda v: net(v, theta_choices), [(x, y)], theta_precision.backward, theta_precision)
-        guarded_step(theta_opt, list(net.parameters()), theta_precision, loss, 12.0)
+        loss = accumulate_exact(lambda v: net(v, theta_choices), [(x, y)], theta_precision.backward,
+                                precision=theta_precision)
+        guarded_step(theta_opt, list(net.parameters()), theta_precision, loss=loss, max_norm=12.0)
         theta_opt.zero_grad(set_to_none=True)
         grads = []
         loss = accumulate_exact(lambda v: net(v, choices_from(arch.alphas, draws, 5.0)), [(x, y)],
-                                lambda s: grads.extend(alpha_precision.gradients(s, alphas)), alpha_precision)
+                                lambda s: grads.extend(alpha_precision.gradients(s, alphas)), precision=alpha_precision)
         for alpha, grad in zip(alphas, grads):
             alpha.grad = grad
-        guarded_step(alpha_opt, alphas, alpha_precision, loss)
+        guarded_step(alpha_opt, alphas, alpha_precision, loss=loss)
 
     peak, seconds = measure_steps(step, steps, device, before)
     return {"mode": mode, "patch": patch, "stem": stem, "device": device, "amp": amp, "checkpoint": checkpoint,

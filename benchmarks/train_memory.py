@@ -31,7 +31,7 @@ def predict(genotype: str, stem: int, patch: int, micro: int, device: str, amp: 
     from scnas.genotype import load_genotype
 
     config = BuildConfig(stem_channels=stem, in_channels=4, num_classes=3)
-    profile = training_step_profile(load_genotype(GENOTYPES[genotype]), config, amp, checkpoint, micro)
+    profile = training_step_profile(load_genotype(GENOTYPES[genotype]), config, amp, checkpoint=checkpoint, batch=micro)
     return (profile.estimate(micro, (patch,) * 3).peak - (WORKSPACE_BYTES if device == "cpu" else 0)) / 2**20
 
 
@@ -59,8 +59,8 @@ def measure(genotype: str, stem: int, patch: int, batch: int, micro: int, steps:
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        loss = accumulate_exact(net, split_batch(x, y, micro), precision.backward, precision)
-        guarded_step(optimiser, params, precision, loss, 12.0)
+        loss = accumulate_exact(net, split_batch(x, y, micro), precision.backward, precision=precision)
+        guarded_step(optimiser, params, precision, loss=loss, max_norm=12.0)
 
     peak, seconds = measure_steps(step, steps, device, before)
     return {"genotype": genotype, "stem": stem, "patch": patch, "batch": batch, "micro_batch": micro, "device": device,

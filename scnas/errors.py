@@ -23,7 +23,13 @@ class Problem:
 
 
 class ScnasError(Exception):
-    """Base class: an input or request scnas cannot honour, described for the user."""
+    """Base class: an input or request scnas cannot honour, described for the user.
+
+    Args:
+        message: what is wrong (one problem without a field path).
+        source: the file (or input) it is about.
+        problems: several problems, each with its field path (instead of ``message``).
+    """
 
     def __init__(self, message: str | None = None, *, source: str | None = None,
                  problems: list[Problem] | None = None):
@@ -60,3 +66,24 @@ class DamagedFileError(ScnasError):
     """A file scnas wrote itself (a cache's arrays and records, a run's config.json or checkpoint,
     a study's files) that is missing, truncated, garbled or of the wrong shape: raised only by
     ``scnas.records``, naming the file, what is wrong with it and how to get a good one."""
+
+
+def spoken(choices) -> str:
+    """``('a', 'b', 'c')`` as ``a, b or c``."""
+    choices = [str(choice) for choice in choices]
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def check_choice(value, choices: tuple, what: str, *, error: type[ScnasError] = ScnasError):
+    """``value`` when it is one of ``choices`` (a tuple of :mod:`scnas.defaults`); otherwise
+    ``error``: "WHAT must be a, b or c, not 'value'".
+
+    Args:
+        value: the value given.
+        choices: the tuple of :mod:`scnas.defaults` it must be one of.
+        what: how the message names the setting (``--amp``).
+        error: the error to raise.
+    """
+    if value not in choices:
+        raise error(f"{what} must be {spoken(choices)}, not {value!r}")
+    return value

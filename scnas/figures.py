@@ -17,7 +17,13 @@ short epochs); the data behind them are written every epoch."""
 
 def legend_below(figure, *axes, columns: int = 3) -> None:
     """One legend for the lines of all ``axes`` (e.g. a twinx pair), under the plot where it
-    hides neither a line nor an axis, and whole epochs on the x axis."""
+    hides neither a line nor an axis, and whole epochs on the x axis.
+
+    Args:
+        figure: the matplotlib figure.
+        axes: the axes whose lines the legend lists.
+        columns: columns of the legend.
+    """
     from matplotlib.ticker import MaxNLocator
 
     handles, labels = [], []
@@ -39,10 +45,18 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_history(path: Path, history: list[dict], losses: dict[str, str], dice: tuple[str, str],
+def plot_history(path: Path, history: list[dict], losses: dict[str, str], *, dice: tuple[str, str],
                  columns: int = 3) -> None:
     """Losses over epochs (``losses``: record key -> label; left axis, soft Jaccard distance)
-    and a Dice (``dice``: key, label; right axis, dashed), written as PNG to ``path``."""
+    and a Dice (``dice``: key, label; right axis, dashed), written as PNG to ``path``.
+
+    Args:
+        path: the PNG to write.
+        history: the epochs' records.
+        losses: record key -> label of each loss (left axis).
+        dice: (record key, label) of the Dice (right axis).
+        columns: columns of the legend.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from scnas.defaults import LOSS_CHOICES
+
 
 def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The sums the soft Jaccard loss is made of, per class: row 0 the soft intersection
@@ -25,7 +27,7 @@ def jaccard_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.stack([intersection, probs.sum(dims) + onehot.sum(dims)])
 
 
-LOSSES = {"jaccard": False, "jaccard-fg": True}
+LOSSES = {name: name.endswith("-fg") for name in LOSS_CHOICES}
 """The loss settings (``--loss``) and whether each leaves the background class (0) out."""
 
 
@@ -38,11 +40,18 @@ def jaccard_from_statistics(statistics: torch.Tensor, eps: float = 1e-5, foregro
 
 
 def soft_jaccard_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
-                      foreground_only: bool = False) -> torch.Tensor:
+                      *, foreground_only: bool = False) -> torch.Tensor:
     """Mean over classes (background included unless ``foreground_only``) of 1 - soft IoU, over
     the whole batch (the intersections and unions are sums over all patches and voxels).
 
-    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K)."""
+    logits (B, K, D, H, W), target (B, D, H, W) integer labels in [0, K).
+
+    Args:
+        logits: (B, K, D, H, W).
+        target: (B, D, H, W) integer labels.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class (0) out.
+    """
     return jaccard_from_statistics(jaccard_statistics(logits, target), eps, foreground_only)
 
 
@@ -102,10 +111,17 @@ def supervised_statistics(outputs: torch.Tensor | Sequence[torch.Tensor], target
 
 
 def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float], eps: float = 1e-5,
-                               foreground_only: bool = False) -> torch.Tensor:
+                               *, foreground_only: bool = False) -> torch.Tensor:
     """The deep-supervision loss from :func:`supervised_statistics`: the ``weights``-weighted sum
     of each output's soft Jaccard loss (an output of weight 0 still takes part, with a zero
-    gradient, so that every head's weights are used, as DistributedDataParallel requires)."""
+    gradient, so that every head's weights are used, as DistributedDataParallel requires).
+
+    Args:
+        statistics: from :func:`supervised_statistics`.
+        weights: the outputs' weights.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class out.
+    """
     if len(weights) != statistics.shape[0]:
         raise ValueError(f"{len(weights)} deep-supervision weights for {statistics.shape[0]} outputs")
     # Python floats, not a tensor of weights: building one on the GPU each step would wait for it
@@ -114,8 +130,17 @@ def supervised_from_statistics(statistics: torch.Tensor, weights: Sequence[float
 
 
 def supervised_loss(outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, weights: Sequence[float],
-                    eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
+                    *, eps: float = 1e-5, foreground_only: bool = False) -> torch.Tensor:
     """nnU-Net's deep-supervision loss of one batch: the ``weights``-weighted sum of the soft
     Jaccard loss of each output ([main, coarser heads...]) against the target downsampled to
-    that output's shape (:func:`downsampled_target`)."""
-    return supervised_from_statistics(supervised_statistics(outputs, target), weights, eps, foreground_only)
+    that output's shape (:func:`downsampled_target`).
+
+    Args:
+        outputs: the main logits, or [main, coarser heads...].
+        target: (B, D, H, W) integer labels.
+        weights: the outputs' weights.
+        eps: smoothing of each class's ratio.
+        foreground_only: leave the background class out.
+    """
+    return supervised_from_statistics(supervised_statistics(outputs, target), weights, eps,
+                                      foreground_only=foreground_only)

@@ -86,12 +86,20 @@ def read_json(path: str | os.PathLike, fix: str, shape: Any = None) -> Any:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise damaged(path, f"is damaged: not valid JSON ({exc}; truncated?)", fix) from None
-    return value if shape is None else check_shape(value, shape, path, fix)
+    return value if shape is None else check_shape(value, shape, path, fix=fix)
 
 
-def check_shape(value: Any, shape: Any, path: str | os.PathLike, fix: str, strict: bool = False) -> Any:
+def check_shape(value: Any, shape: Any, path: str | os.PathLike, *, fix: str, strict: bool = False) -> Any:
     """``value`` (read from ``path``) validated as ``shape`` (see :func:`read_json`); ``strict``:
-    no conversions (``"3"`` is no int)."""
+    no conversions (``"3"`` is no int).
+
+    Args:
+        value: the data read.
+        shape: a pydantic model or type it must have.
+        path: the file it was read from, named in the error.
+        fix: how to get a good file, said in the error.
+        strict: no conversions.
+    """
     from pydantic import TypeAdapter, ValidationError
 
     adapter = TypeAdapter(shape)
@@ -102,9 +110,17 @@ def check_shape(value: Any, shape: Any, path: str | os.PathLike, fix: str, stric
     return adapter.dump_python(checked)
 
 
-def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, dtype=None, columns: int | None = None):
+def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, *, dtype=None, columns: int | None = None):
     """A ``.npy`` array (never unpickled), checked against its checksum, ``dtype`` and, for a
-    2-D table, its number of ``columns``."""
+    2-D table, its number of ``columns``.
+
+    Args:
+        path: the ``.npy`` file.
+        fix: how to get a good file, said in the error.
+        expected: its checksum (None: not checked).
+        dtype: the dtype it must have (None: any).
+        columns: a 2-D table's columns (None: any shape).
+    """
     import io
 
     import numpy as np
@@ -121,10 +137,18 @@ def read_npy(path: str | os.PathLike, fix: str, expected: str | None = None, dty
     return array
 
 
-def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, shape=None, dtype=None):
+def open_b2nd(path: str | os.PathLike, fix: str, expected: str | None = None, *, shape=None, dtype=None):
     """A read-only Blosc2 array view of a ``.b2nd`` file (memory-mapped; slicing returns numpy),
     after checking the file against its checksum (None: not checked) and the array against
-    ``shape`` and ``dtype``."""
+    ``shape`` and ``dtype``.
+
+    Args:
+        path: the ``.b2nd`` file.
+        fix: how to get a good file, said in the error.
+        expected: its checksum (None: not checked).
+        shape: the shape it must have (None: any).
+        dtype: the dtype it must have (None: any).
+    """
     import blosc2
     import numpy as np
 

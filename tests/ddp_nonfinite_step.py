@@ -25,8 +25,9 @@ for step in range(3):
         x[0, 0, 0, 0, 0] = float("nan")
     before = [p.detach().clone() for p in net.parameters()]
     optimiser.zero_grad(set_to_none=True)
-    loss = accumulate_exact(model, split_batch(x, y, 1), precision.backward, precision, d.world, model.no_sync)
-    skipped = bool(guarded_step(optimiser, list(net.parameters()), precision, loss, 12.0))
+    loss = accumulate_exact(model, split_batch(x, y, 1), precision.backward, precision=precision, world=d.world,
+                            no_sync=model.no_sync)
+    skipped = bool(guarded_step(optimiser, list(net.parameters()), precision, loss=loss, max_norm=12.0))
     unchanged = all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     results.append({"skipped": skipped, "unchanged": unchanged})
 weights = torch.cat([p.detach().flatten() for p in net.parameters()])

@@ -37,8 +37,8 @@ def test_pooling_outputs_are_normalised_in_the_search_only():
     torch.manual_seed(0)
     x = torch.randn(1, 4, 8, 8, 8)
     for stride in (1, 2):
-        edge = MixedEdge(OPS, 4, stride, 0.01)
-        plain = MixedEdge(OPS, 4, stride, 0.01, normalise_pooling=False)
+        edge = MixedEdge(OPS, 4, stride, negative_slope=0.01)
+        plain = MixedEdge(OPS, 4, stride, negative_slope=0.01, normalise_pooling=False)
         for name in NORMALISED_IN_SEARCH:
             index = OPS.index(name)
             weights = torch.zeros(len(OPS))
@@ -46,7 +46,7 @@ def test_pooling_outputs_are_normalised_in_the_search_only():
             out = edge(x, _choice(weights, index))
             torch.testing.assert_close(out.mean((2, 3, 4)), torch.zeros(1, 4), atol=1e-5, rtol=0)
             torch.testing.assert_close(out.var((2, 3, 4), unbiased=False), torch.ones(1, 4), atol=1e-3, rtol=0)
-            torch.testing.assert_close(plain(x, _choice(weights, index)), make_op(name, 4, 4, stride)(x))
+            torch.testing.assert_close(plain(x, _choice(weights, index)), make_op(name, 4, 4, stride=stride)(x))
     # nothing to save: a checkpoint of either supernet has the same entries
     config = BuildConfig(stem_channels=4, in_channels=1, num_classes=2)
     with torch.device("meta"):
@@ -79,7 +79,8 @@ def _bilevel(edge: MixedEdge, teacher: nn.Module, config: SearchConfig, alpha: t
     for step in range(steps):
         tau = config.tau(step // config.steps_per_epoch) if train_alpha else config.tau_max
         host = alpha.detach().clone()
-        theta_draw, alpha_draw = draw(host, "pair", tau, generator), draw(host, "pair", tau, generator)
+        theta_draw, alpha_draw = draw(host, "pair", tau, generator=generator), draw(host, "pair", tau,
+                                                                                    generator=generator)
         theta_opt.zero_grad(set_to_none=True)
         theta_loss = loss(theta_draw, tau, False)
         if theta_loss.requires_grad:           # the pair may hold no operation with weights
@@ -101,10 +102,10 @@ def test_alpha_picks_the_only_operation_that_can_solve_a_toy_task():
     # and alpha optimiser, and the demo's budget: 4 epochs x 10 steps, tau 5 -> 0.5.
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
-    teacher = ActConvNorm(4, 4, 3, 1, 0.01).requires_grad_(False)
+    teacher = ActConvNorm(4, 4, 3, stride=1, negative_slope=0.01).requires_grad_(False)
     teacher[1].weight[:, :, 1, 1, 1] = 0.0
     teacher[2].weight.fill_(2.0)
-    edge = MixedEdge(OPS, 4, 1, 0.01)
+    edge = MixedEdge(OPS, 4, 1, negative_slope=0.01)
     demo = SearchConfig(data=".", epochs=4, steps_per_epoch=10, tau_max=5.0, tau_min=0.5, alpha_lr=DEMO_ALPHA_LR)
     # Theta is warmed up first (alpha fixed at uniform): alpha can only prefer the convolution
     # once it has learnt something; an untrained one is no better than the others. The toy

@@ -145,7 +145,7 @@ def test_op_table_covers_the_vocabulary_with_stride_and_width():
     for name in OPS:
         for stride in (1, 2):
             for c_out in (6, 4):
-                y = make_op(name, 6, c_out, stride)(x)
+                y = make_op(name, 6, c_out, stride=stride)(x)
                 assert y.shape == (1, c_out, 8 // stride, 8 // stride, 8 // stride), (name, stride, c_out)
 
 
@@ -242,7 +242,7 @@ def test_bf16_cpu_gradients_of_a_shallow_input_are_exact(shape):
 
 def test_resample_upsamples_after_its_conv_exactly():
     torch.manual_seed(0)
-    resample = Resample(6, 4, 1, BuildConfig(stem_channels=4))
+    resample = Resample(6, 4, 1, config=BuildConfig(stem_channels=4))
     x = torch.randn(1, 6, 4, 4, 4)
     upsampled_first = nn.functional.interpolate(resample.act(x), scale_factor=2, mode="trilinear", align_corners=False)
     reference = resample.norm(nn.functional.conv3d(upsampled_first, resample.conv.weight))
@@ -388,10 +388,13 @@ def test_op_modules_are_derived_from_the_vocabulary_row():
     from scnas.build.ops import op_builder
     from scnas.genotype.ops import OpSpec
 
-    dense = op_builder(OpSpec("conv_5x5x5_dil2", "conv", True, "", kernel=5, dilation=2))(2, 3, 2, 0.01)
+    dense = op_builder(OpSpec("conv_5x5x5_dil2", "conv", True, description="", kernel=5, dilation=2))(2, 3, 2, 0.01)
     assert (dense[1].kernel_size, dense[1].dilation, dense[1].padding) == ((5,) * 3, (2,) * 3, (4,) * 3)
-    separable = op_builder(OpSpec("sep_dil5", "conv", True, "", kernel=3, dilation=5, separable=True))(2, 3, 1, 0.01)
+    separable = op_builder(OpSpec("sep_dil5", "conv", True, description="", kernel=3, dilation=5, separable=True))(2,
+                                                                                                                   3,
+                                                                                                                   1,
+                                                                                                                   0.01)
     assert (separable[1].groups, separable[1].dilation, separable[2].kernel_size) == (2, (5,) * 3, (1,) * 3)
     assert separable(torch.randn(1, 2, 12, 12, 12)).shape == (1, 3, 12, 12, 12)
     with pytest.raises(ValueError, match="no module"):
-        op_builder(OpSpec("lp_pool", "pool", False, "", kernel=3, pooling="lp"))
+        op_builder(OpSpec("lp_pool", "pool", False, description="", kernel=3, pooling="lp"))

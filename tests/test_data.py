@@ -130,7 +130,7 @@ def test_voxels_outside_the_original_nonzero_mask_are_zero_and_inside_z_scored()
     outside = ((grid[0] - 5.5) ** 2 + (grid[1] - 4.5) ** 2 + (grid[2] - 3.5) ** 2) > 16   # a ball: the box keeps corners
     outside[0, 0, 0] = outside[11, 9, 7] = False       # ... and the crop box stays the whole volume
     image[:, outside] = 0
-    case = LoadedCase("ball", image, np.zeros((12, 10, 8), np.int16), np.eye(4), (1.0, 1.0, 1.0))
+    case = LoadedCase("ball", image, np.zeros((12, 10, 8), np.int16), affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
     out = preprocess_case(case, PrepareSettings(target_spacing=(1.0, 1.0, 1.0)))["image"]
     assert out.shape == image.shape and outside.sum() > 200
     for original, normalised in zip(image, out):
@@ -203,7 +203,7 @@ def test_foreground_share_over_many_draws(cache):
 def test_patches_are_padded_where_a_case_is_smaller(cache):
     case = cache.load(cache.case_ids[0])
     size = tuple(n + 6 for n in case.image.shape[1:])
-    image, label = extract_patch(case.image, case.label, (-3, -3, -3), size)
+    image, label = extract_patch(case.image, case.label, (-3, -3, -3), size=size)
     assert image.shape == (2, *size) and not image[:, :3].any() and not label[:3].any()
     assert np.array_equal(image[:, 3:-3, 3:-3, 3:-3], case.image)
     sampler = PatchSampler(cache, cache.case_ids[:1], size)
@@ -213,13 +213,13 @@ def test_patches_are_padded_where_a_case_is_smaller(cache):
 
 def test_augmentation_is_seeded_and_keeps_image_and_label_aligned(cache):
     case = cache.load(cache.case_ids[0])
-    image, label = (torch.from_numpy(a) for a in extract_patch(case.image, case.label, (0, 0, 0), (16, 16, 16)))
+    image, label = (torch.from_numpy(a) for a in extract_patch(case.image, case.label, (0, 0, 0), size=(16, 16, 16)))
     pipeline = Augmentation(spatial=None, transforms=[RandomFlip(p=0.5), IntensityScaleShift(p=1.0), Gamma(p=1.0),
                                                       GaussianNoise(p=1.0)])
     recipe = pipeline.draw(np.random.default_rng(7), channels=2)
     assert len(recipe.steps) >= 3 and recipe.matrix is None
-    a = pipeline.apply(image.clone(), label.clone(), recipe, (16, 16, 16))
-    b = pipeline.apply(image.clone(), label.clone(), pipeline.draw(np.random.default_rng(7), 2), (16, 16, 16))
+    a = pipeline.apply(image.clone(), label.clone(), recipe, size=(16, 16, 16))
+    b = pipeline.apply(image.clone(), label.clone(), pipeline.draw(np.random.default_rng(7), 2), size=(16, 16, 16))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], image)
     assert a[0].shape == image.shape and set(a[1].unique().tolist()) <= set(label.unique().tolist())
     flipped_image, flipped_label = RandomFlip.apply(image, label, [0, 1, 2])
@@ -260,7 +260,7 @@ def test_spatial_transform_of_identity_reads_the_plain_patch():
     start = (6, 5, 4)
     region = tuple(slice(s - m, s + p + m) for s, p, m in zip(start, size, margin))
     out_image, out_label = SpatialTransform.apply(torch.from_numpy(image[(slice(None), *region)].copy()),
-                                                  torch.from_numpy(label[region].copy()), np.eye(3), size)
+                                                  torch.from_numpy(label[region].copy()), np.eye(3), size=size)
     inner = tuple(slice(s, s + p) for s, p in zip(start, size))
     assert torch.allclose(out_image, torch.from_numpy(image[(slice(None), *inner)]), atol=1e-5)
     assert torch.equal(out_label, torch.from_numpy(label[inner]))
@@ -281,7 +281,7 @@ def test_rotated_label_stays_on_the_rotated_image(seed):
     assert all(s >= 0 and s + p + 2 * m <= 40 for s, p, m in zip(start, size, margin))  # fits in the volume
     region = tuple(slice(s, s + p + 2 * m) for s, p, m in zip(start, size, margin))
     out_image, out_label = SpatialTransform.apply(torch.from_numpy(image[(slice(None), *region)].copy()),
-                                                  torch.from_numpy(label[region].copy()), matrix, size)
+                                                  torch.from_numpy(label[region].copy()), matrix, size=size)
     agree = (out_image[0].round().to(torch.int16) == out_label).float().mean()
     assert agree > 0.9                     # differs only where trilinear blends two labels
     # The ramp (value = x index) at output voxel o equals x of centre + M (o - centre).

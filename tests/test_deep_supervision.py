@@ -112,7 +112,7 @@ def test_accumulated_loss_and_gradients_equal_the_whole_batchs():
     whole.backward()
     expected = _grads(net)
     net.zero_grad(set_to_none=True)
-    loss = accumulate_exact(net, split_batch(x, y, 1), CPU.backward, CPU, weights=weights)
+    loss = accumulate_exact(net, split_batch(x, y, 1), CPU.backward, precision=CPU, weights=weights)
     torch.testing.assert_close(loss, whole.detach())
     got = _grads(net)
     # every head takes part (DistributedDataParallel needs it); the coarsest, of weight 0, learns nothing
@@ -131,7 +131,7 @@ def test_without_deep_supervision_the_step_is_the_plain_loss_bit_for_bit():
     direct.backward()
     expected = _grads(net)
     net.zero_grad(set_to_none=True)
-    loss = accumulate_exact(net, split_batch(x, y, 2), CPU.backward, CPU)
+    loss = accumulate_exact(net, split_batch(x, y, 2), CPU.backward, precision=CPU)
     assert torch.equal(loss, direct.detach())
     got = _grads(net)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

@@ -166,7 +166,7 @@ def test_supernet_shares_and_computes_the_same(monkeypatch):
     for mode in ("pair", "full"):
         results = []
         for share in (False, True):
-            choices = sample_choices(dict(arch.alphas), mode, 1.0, torch.Generator().manual_seed(1))
+            choices = sample_choices(dict(arch.alphas), mode, 1.0, generator=torch.Generator().manual_seed(1))
             monkeypatch.setattr(network_module, "SHARE_PREACTIVATION", share)
             net.zero_grad()
             arch.zero_grad()

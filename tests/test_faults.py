@@ -781,7 +781,7 @@ def test_a_damaged_alpha_track_of_the_search_plots_is_named(tmp_path):
     track = tmp_path / "plots" / "alpha.json"
     track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3')
     with pytest.raises(DamagedFileError, match="alpha.json: is damaged: not valid JSON .*remove it"):
-        write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+        write_plots(tmp_path, [{"epoch": 2}], Arch(), config=None, draw=False)
     track.write_text('[{"epoch": 1, "p": {"reduction": [[0.3, 0.3, 0.4], [0.3, 0.3, 0.4]]}}]')
-    write_plots(tmp_path, [{"epoch": 2}], Arch(), None, draw=False)
+    write_plots(tmp_path, [{"epoch": 2}], Arch(), config=None, draw=False)
     assert [t["epoch"] for t in json.loads(track.read_text())] == [1, 2]

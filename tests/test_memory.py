@@ -54,7 +54,7 @@ def test_checkpointed_supernet_has_the_gradients_of_the_unchecked_one_for_theta_
     net = SuperNet(BuildConfig(stem_channels=5, in_channels=1, num_classes=2), 3, OPS).double()
     arch = Architecture(3, OPS, torch.Generator().manual_seed(0)).double()
     x, y = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64), torch.randint(0, 2, (1, 16, 16, 16))
-    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 2.0, torch.Generator().manual_seed(4))
+    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 2.0, generator=torch.Generator().manual_seed(4))
     results = {}
     for checkpointing in ("off", mode):
         net.zero_grad(set_to_none=True)
@@ -79,7 +79,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch():
     expected = _gradients(net)
     for micro in (1, 2):          # micro-batches of 1, 1, 1 and of 2, 1
         net.zero_grad(set_to_none=True)
-        loss = accumulate_exact(net, split_batch(x, y, micro), precision.backward, precision)
+        loss = accumulate_exact(net, split_batch(x, y, micro), precision.backward, precision=precision)
         torch.testing.assert_close(loss, whole.detach())
         for name, grad in expected.items():
             torch.testing.assert_close(_gradients(net)[name], grad, rtol=1e-4, atol=1e-6, msg=f"{micro}: {name}")
@@ -101,14 +101,14 @@ def test_a_step_never_reads_the_device_back():
     # On the meta device any .item(), .cpu() or .tolist() of a tensor fails, so a step that
     # runs there takes no host synchronisation: sampling reads one host copy of alpha.
     arch = Architecture(2, OPS, torch.Generator().manual_seed(0))
-    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 1.0, torch.Generator().manual_seed(0))
+    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 1.0, generator=torch.Generator().manual_seed(0))
     with torch.device("meta"):
         net = SuperNet(BuildConfig(stem_channels=4, in_channels=1, num_classes=2), 2, OPS)
         alphas = {name: torch.zeros(a.shape, requires_grad=True) for name, a in arch.alphas.items()}
         x, y = torch.empty(2, 1, 16, 16, 16), torch.zeros(2, 16, 16, 16, dtype=torch.long)
     precision = Precision("off", torch.device("meta"))
     loss = accumulate_exact(lambda v: net(v, choices_from(alphas, draws, 1.0)), split_batch(x, y, 1),
-                            precision.backward, precision)
+                            precision.backward, precision=precision)
     meter = StepMeter(torch.device("meta"), ["loss"])
     meter.record([loss], ~torch.isfinite(loss), ~torch.isfinite(loss))
     assert loss.device.type == "meta" and all(a.grad is not None for a in alphas.values())
@@ -124,14 +124,14 @@ def test_guarded_step_skips_non_finite_gradients_with_and_without_a_scaler():
         before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
         loss = (param * torch.tensor([1.0, float("inf"), 1.0])).sum()
         precision.backward(loss)
-        skipped = guarded_step(optimiser, [param], precision, loss, 12.0)
+        skipped = guarded_step(optimiser, [param], precision, loss=loss, max_norm=12.0)
         assert bool(skipped) and torch.equal(param.detach(), torch.ones(3)), amp
         if before is not None:
             assert precision.scaler.get_scale() < before        # the scaler backs off
         optimiser.zero_grad()
         loss = param.sum()
         precision.backward(loss)
-        assert not bool(guarded_step(optimiser, [param], precision, loss, 12.0))
+        assert not bool(guarded_step(optimiser, [param], precision, loss=loss, max_norm=12.0))
         assert torch.all(param.detach() < 1.0), amp
         assert int(optimiser.state[param]["step"]) == 1, amp    # the skipped step did not count
 
@@ -156,13 +156,13 @@ def test_a_scaler_that_finds_no_scale_stops_the_run(tmp_path):
         meter.record([finite], torch.tensor(True), torch.tensor(False))
     assert meter.read()["longest"] == 0
     with pytest.raises(ScnasError, match="32 steps in a row skipped .* no scale that works"):
-        read_checked(meter, 5, ScnasError, 0, 31, tmp_path / "checkpoint.pt", "--lr")
+        read_checked(meter, 5, ScnasError, epoch=0, step=31, checkpoint=tmp_path / "checkpoint.pt", rate_option="--lr")
 
 
 def test_profile_extrapolates_exactly_to_other_patches():
     genotype = random_genotype(seed=2, nodes=2, ops=OPS)
     config = BuildConfig(stem_channels=4, in_channels=2, num_classes=3)
-    profile = training_step_profile(genotype, config, "off", "off", batch=2)
+    profile = training_step_profile(genotype, config, "off", checkpoint="off", batch=2)
     patch = (40, 32, 24)
     with _Simulation():
         net = build_network(genotype, config)
@@ -180,14 +180,14 @@ def test_profiles_order_the_checkpointing_modes_and_mixed_precision_halves_activ
     genotype = random_genotype(seed=5, nodes=3, ops=OPS)
     config = BuildConfig(stem_channels=4, in_channels=4, num_classes=3)
     patch = (64, 64, 64)
-    peaks = {(amp, mode): training_step_profile(genotype, config, amp, mode).transient(1, patch)
+    peaks = {(amp, mode): training_step_profile(genotype, config, amp, checkpoint=mode).transient(1, patch)
              for amp, mode in (("off", "off"), ("off", "cells"), ("off", "edges"), ("fp16", "off"))}
     assert peaks["off", "off"] > 1.5 * peaks["off", "cells"] and peaks["off", "cells"] > peaks["off", "edges"]
     assert 0.4 < peaks["fp16", "off"] / peaks["off", "off"] < 0.6
 
 
 def _linear_profile(per_unit: float, persistent: int = 0) -> StepProfile:
-    return StepProfile((0.0,), (per_unit,), persistent, 1)
+    return StepProfile((0.0,), (per_unit,), persistent, batch=1)
 
 
 def test_choose_plan_prefers_accumulation_then_checkpointing_and_refuses_with_what_fits():
@@ -196,15 +196,16 @@ def test_choose_plan_prefers_accumulation_then_checkpointing_and_refuses_with_wh
     # per patch: off 1 GiB, cells 0.5 GiB, edges 0.25 GiB (plus the 512 MiB workspace allowance)
     per_mode = {"off": 2**30, "cells": 2**29, "edges": 2**28}
     profile_of = lambda mode, batch: _linear_profile(per_mode[mode] / voxels)  # noqa: E731
-    plan = choose_plan(profile_of, patch, 8, "auto", None, 4 * 2**30, 8)
+    plan = choose_plan(profile_of, patch, 8, checkpoint="auto", micro_batch=None, available=4 * 2**30, divisor=8)
     assert (plan.checkpoint, plan.micro_batch) == ("off", 3)             # 3.5 GiB <= 0.9 x 4 GiB
-    plan = choose_plan(profile_of, patch, 8, "auto", None, int(1.5 * 2**30), 8)
+    plan = choose_plan(profile_of, patch, 8, checkpoint="auto", micro_batch=None, available=int(1.5 * 2**30), divisor=8)
     assert (plan.checkpoint, plan.micro_batch) == ("cells", 1)           # off at 1 patch needs 1.5 GiB
-    plan = choose_plan(profile_of, patch, 8, "auto", None, 2**30, 8)
+    plan = choose_plan(profile_of, patch, 8, checkpoint="auto", micro_batch=None, available=2**30, divisor=8)
     assert (plan.checkpoint, plan.micro_batch) == ("edges", 1)
-    assert choose_plan(profile_of, patch, 8, "auto", None, None, 8).micro_batch == 8   # no budget: no check
+    assert choose_plan(profile_of, patch, 8, checkpoint="auto", micro_batch=None, available=None,
+                       divisor=8).micro_batch == 8   # no budget: no check
     with pytest.raises(MemoryPlanError, match=r"needs about 768 MiB; 700 MiB are available .* patch of 48x48x48 fits"):
-        choose_plan(profile_of, patch, 8, "auto", None, 700 * 2**20, 8)
+        choose_plan(profile_of, patch, 8, checkpoint="auto", micro_batch=None, available=700 * 2**20, divisor=8)
 
 
 def test_parse_bytes():
@@ -219,7 +220,7 @@ def test_parse_bytes():
 def test_upsampling_stays_in_half_precision_under_autocast():
     from scnas.build.network import Resample
 
-    resample = Resample(4, 4, 1, BuildConfig(stem_channels=4))
+    resample = Resample(4, 4, 1, config=BuildConfig(stem_channels=4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = resample.conv(torch.randn(1, 4, 4, 4, 4))
         assert out.dtype == torch.bfloat16
@@ -249,7 +250,7 @@ def test_memory_report_compares_every_mode():
     from scnas.genotype import builtin_genotype
     from scnas.apps.memory_report import memory_report
 
-    report = memory_report(BuildConfig(stem_channels=4, in_channels=1, num_classes=2), (16, 16, 16), 2, "off",
+    report = memory_report(BuildConfig(stem_channels=4, in_channels=1, num_classes=2), (16, 16, 16), 2, amp="off",
                            available=2**30, genotype=builtin_genotype("uresnet"), find_stem=False)
     assert [row.checkpoint for row in report.rows] == ["off", "cells", "edges"]
     assert report.rows[0].transient > report.rows[1].transient > report.rows[2].transient

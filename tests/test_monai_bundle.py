@@ -244,7 +244,7 @@ def test_onnx_goes_into_models_from_the_network_without_heads(trained, tmp_path,
     def export_onnx(network, path, preprocessing=None):
         calls.append((network.config.deep_supervision, preprocessing["patch_size"], sorted(network.state_dict())))
         Path(path).write_bytes(b"onnx")
-        return scnas.export.ExportReport(str(path), "float32", 18, 0.0, 4, "cpu")
+        return scnas.export.ExportReport(str(path), "float32", 18, export_seconds=0.0, file_bytes=4, provider="cpu")
 
     monkeypatch.setattr(scnas.export, "export_onnx", export_onnx)
     assert main(["export-bundle", str(model), "-o", str(tmp_path / "bundle"), "--onnx"]) == 0
@@ -299,4 +299,5 @@ def test_even_sliding_window_inferer_is_scnas_sliding_window():
     with torch.inference_mode():
         logits = inferer(images, network)
         for image, result in zip(images, logits):
-            torch.testing.assert_close(result, sliding_window_logits(image, network, (16, 16, 16), 3, 0.5, 2))
+            torch.testing.assert_close(result, sliding_window_logits(image, network, (16, 16, 16), num_classes=3,
+                                                                     overlap=0.5, batch_size=2))

@@ -129,7 +129,8 @@ def test_initialised_as_nnunet_initialises_its_unets():
 ])
 def test_strides_the_cells_cannot_take_are_refused(strides, reason):
     with pytest.raises(NNUNetError, match=r"arch_kwargs\.strides") as error:
-        SCNASUNetForNNUNet(2, 3, builtin_genotype("uresnet").to_dict(), 6, strides, deep_supervision=True)
+        SCNASUNetForNNUNet(2, 3, builtin_genotype("uresnet").to_dict(), stem_channels=6, strides=strides,
+                           deep_supervision=True)
     assert reason in str(error.value)
 
 
@@ -226,7 +227,8 @@ def test_a_genotype_without_outputs_for_deep_supervision_is_refused(cli, tmp_pat
     result = cli("nnunet-plans", plans, tmp_path / "g.json", "--stem", 8)
     assert result.code == 1 and "leaves decoder_normal_1, decoder_normal_2 unused" in result.err, result
     assert not (tmp_path / "s" / "nnUNetPlans_scnas.json").exists()
-    network = SCNASUNetForNNUNet(2, 3, doc, 4, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], deep_supervision=False)
+    network = SCNASUNetForNNUNet(2, 3, doc, stem_channels=4, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                                 deep_supervision=False)
     network.decoder.deep_supervision = True   # as nnU-Net's trainer switches it
     with pytest.raises(NNUNetError, match="decoder_normal_1 unused"):
         network(torch.zeros(1, 2, 16, 16, 16))
@@ -277,7 +279,7 @@ def test_checkpoint_imports_as_a_scnas_model_and_pickled_code_is_refused(cli, tm
     kwargs = arch_kwargs(depth=2)
     network = from_plans(kwargs, deep_supervision=True)
     plans = {"plans_name": "nnUNetPlans_scnas", "configurations": {"3d_fullres_scnas": scnas_configuration(
-        builtin_genotype("uresnet"), kwargs["stem_channels"], kwargs["strides"], "3d_fullres")}}
+        builtin_genotype("uresnet"), kwargs["stem_channels"], kwargs["strides"], base="3d_fullres")}}
     _fake_checkpoint(tmp_path / "checkpoint_final.pth", plans, network, np.float64(0.5))   # numpy scalars: allowed
     result = cli("nnunet-import", tmp_path / "checkpoint_final.pth", "-o", tmp_path / "model.safetensors")
     assert result.code == 0, result

@@ -50,8 +50,8 @@ def test_mirroring_flips_back_exactly():
     def voxelwise(batch):
         return np.concatenate([batch * 2.0, -batch[:, :1]], axis=1)
 
-    plain = sliding_window(image, voxelwise, PATCH, 3)
-    mirrored = sliding_window(image, voxelwise, PATCH, 3, mirror=True)
+    plain = sliding_window(image, voxelwise, PATCH, num_classes=3)
+    mirrored = sliding_window(image, voxelwise, PATCH, num_classes=3, mirror=True)
     assert np.array_equal(plain, mirrored)
     np.testing.assert_allclose(plain[:2], image * 2.0, rtol=1e-6, atol=1e-6)   # weights normalise to 1
 
@@ -67,7 +67,7 @@ def test_overlapping_windows_are_blended_by_their_gaussian_weights():
         value = 1.0 + batch[:, 0, 0, 0, 0] + 100.0 * batch[:, 1, 0, 0, 0]
         return np.broadcast_to(value[:, None, None, None, None], (len(batch), 1, *PATCH)).copy()
 
-    blended = sliding_window(image, constant_per_window, PATCH, 1, overlap=0.5, batch_size=3)[0]
+    blended = sliding_window(image, constant_per_window, PATCH, num_classes=1, overlap=0.5, batch_size=3)[0]
 
     def g(offset):                                          # the 1D Gaussian, centre 7.5, sigma 2
         return np.exp(-0.5 * ((offset - 7.5) / 2.0) ** 2)
@@ -89,16 +89,16 @@ def test_host_and_device_accumulation_agree_and_the_torch_path_matches_one_pass(
     torch.manual_seed(0)
     net = build_network(builtin_genotype("minimal"), BuildConfig(stem_channels=4, in_channels=1, num_classes=2)).eval()
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 30, 16, 20)).astype(np.float32))
-    on_device = sliding_window_logits(image, net, PATCH, 2, batch_size=3, mirror=True)
-    on_host = sliding_window_logits(image, net, PATCH, 2, batch_size=3, mirror=True, accumulate="host")
+    on_device = sliding_window_logits(image, net, PATCH, num_classes=2, batch_size=3, mirror=True)
+    on_host = sliding_window_logits(image, net, PATCH, num_classes=2, batch_size=3, mirror=True, accumulate="host")
     assert on_device.shape == (2, 30, 16, 20) and on_device.dtype == torch.float32
     torch.testing.assert_close(on_device, on_host, rtol=0, atol=0)
     window = image[:, :16, :, :16]
     with torch.inference_mode():
         whole = net(window[None])[0]
-    torch.testing.assert_close(sliding_window_logits(window, net, PATCH, 2), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliding_window_logits(window, net, PATCH, num_classes=2), whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="accumulate must be one of"):
-        sliding_window_logits(image, net, PATCH, 2, accumulate="gpu")
+        sliding_window_logits(image, net, PATCH, num_classes=2, accumulate="gpu")
 
 
 def test_a_volume_that_does_not_fit_is_blended_in_cpu_memory(model_and_task, monkeypatch):
@@ -110,11 +110,11 @@ def test_a_volume_that_does_not_fit_is_blended_in_cpu_memory(model_and_task, mon
     real = predict_module.Predictor.logits
     calls = []
 
-    def out_of_memory_on_the_device(self, image, overlap=0.5, batch_size=2, mirror=False, accumulate="device"):
+    def out_of_memory_on_the_device(self, image, overlap=0.5, batch_size=2, *, mirror=False, accumulate="device"):
         calls.append(accumulate)
         if accumulate == "device":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, image, overlap, batch_size, mirror, accumulate)
+        return real(self, image, overlap, batch_size, mirror=mirror, accumulate=accumulate)
 
     monkeypatch.setattr(predict_module.Predictor, "logits", out_of_memory_on_the_device)
     assert np.array_equal(predictor.segment(image), expected)
@@ -164,7 +164,7 @@ def test_device_precision_and_compile_choices_that_cannot_be_honoured(model_and_
         result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--device", "cuda")
         assert result.code == 1 and "no CUDA device is available here (use --device cpu or auto)" in result.err
     result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--device", "tpu")
-    assert result.code == 1 and "--device 'tpu': expected auto, cpu or cuda" in result.err
+    assert result.code == 1 and "--device must be auto, cpu or cuda, not 'tpu'" in result.err
     result = cli("predict", model, "-i", task / "imagesTr", "-o", tmp_path / "o", "--amp", "fp8")
     assert result.code == 1 and "--amp must be auto, off, fp16 or bf16" in result.err
     assert not list((tmp_path / "o").glob("*.nii.gz"))

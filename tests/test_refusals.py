@@ -90,13 +90,15 @@ def test_the_search_for_the_largest_stem_is_bounded_whatever_the_budget(monkeypa
         return real(genotype_, config_, *args, **kwargs)
 
     monkeypatch.setattr(planning, "training_step_profile", counted)
-    report = planning.memory_report(config, (16, 16, 16), 1, "off", "off", available=2**80, genotype=genotype)
+    report = planning.memory_report(config, (16, 16, 16), 1, amp="off", checkpoint="off", available=2**80,
+                                    genotype=genotype)
     assert report.plan is not None and report.largest_stem_is_a_bound
     assert report.largest_stem == max(s for s in range(2, 64) if parameters(s) <= cap) == 12
     assert any("at least 12" in note for note in report.notes)
     assert len(simulated) <= 8, simulated
     # a budget that binds first gives an exact answer, not a bound
-    small = planning.memory_report(config, (16, 16, 16), 1, "off", "off", available=int(report.rows[0].peak / 0.9) + 1,
+    small = planning.memory_report(config, (16, 16, 16), 1, amp="off", checkpoint="off",
+                                   available=int(report.rows[0].peak / 0.9) + 1,
                                    genotype=genotype)
     assert small.largest_stem is not None and small.largest_stem < 12 and not small.largest_stem_is_a_bound
 

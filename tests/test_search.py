@@ -48,7 +48,7 @@ def test_pair_marginals_over_many_draws_at_low_temperature():
     # op of the pair is uniform, so P(op in pair) = p + (1 - p) / (|O| - 1).
     alpha = torch.tensor([1.5, 0.5, 0.0, -0.5, -1.0, 0.2, 0.1, -2.0])
     draws = 40_000
-    active = draw(alpha.expand(draws, -1).contiguous(), "pair", 0.01, torch.Generator().manual_seed(1)).active
+    active = draw(alpha.expand(draws, -1).contiguous(), "pair", 0.01, generator=torch.Generator().manual_seed(1)).active
     assert torch.all(active.sum(1) == 2)
     observed = active.float().mean(0)
     p = torch.softmax(alpha, -1)
@@ -84,7 +84,7 @@ def test_supernet_runs_only_the_sampled_ops():
         for edge in cell.edges.values():
             for op in edge.ops:
                 op.register_forward_hook(lambda module, i, o: calls.__setitem__(id(module), calls.get(id(module), 0) + 1))
-    choices = sample_choices(dict(arch.alphas), "pair", 1.0, torch.Generator().manual_seed(1))
+    choices = sample_choices(dict(arch.alphas), "pair", 1.0, generator=torch.Generator().manual_seed(1))
     net(torch.randn(1, 1, 16, 16, 16), choices)
     zero = PAPER_OPS.index("zero")
     for slot in net.layout:
@@ -104,7 +104,7 @@ def test_supernet_takes_every_stem_and_node_count_the_builder_takes(stem, nodes)
     # On the meta device: shapes are checked as on the CPU, without the arithmetic.
     config = BuildConfig(stem_channels=stem, in_channels=2, num_classes=3)
     arch = Architecture(nodes, list(PAPER_OPS), torch.Generator().manual_seed(0))
-    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 1.0, torch.Generator().manual_seed(0))
+    draws = draw_all(host_copy(dict(arch.alphas)), "pair", 1.0, generator=torch.Generator().manual_seed(0))
     with torch.device("meta"):
         net = SuperNet(config, nodes, list(PAPER_OPS))
         alphas = {name: torch.zeros(a.shape) for name, a in arch.alphas.items()}

@@ -79,9 +79,9 @@ def test_sliding_window_equals_one_pass_when_the_volume_fits_one_window():
             return net(torch.from_numpy(batch)).numpy()
     image = np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32)
     whole = predict(image[None])[0]
-    windowed = sliding_window(image, predict, (16, 16, 16), 2)
+    windowed = sliding_window(image, predict, (16, 16, 16), num_classes=2)
     np.testing.assert_allclose(windowed, whole, rtol=1e-5, atol=1e-5)
-    smaller = sliding_window(image[:, :12, :16, :10], predict, (16, 16, 16), 2)   # padded, cropped back
+    smaller = sliding_window(image[:, :12, :16, :10], predict, (16, 16, 16), num_classes=2)   # padded, cropped back
     assert smaller.shape == (2, 12, 16, 10)
     # mirroring: tests/test_predict.py (exact equality for a mirror-equivariant predictor)
 

@@ -15,9 +15,16 @@ from typing import Any, Callable
 
 
 def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = print,
-             threads: int | None = None) -> dict[str, Any]:
+             *, threads: int | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary; ``quick`` shrinks every step (CI smoke);
-    ``threads``: torch's thread count, recorded in the summary (results depend on it)."""
+    ``threads``: torch's thread count, recorded in the summary (results depend on it).
+
+    Args:
+        out: the folder for everything the demo makes (must be new).
+        quick: shrink every step (CI's smoke test).
+        say: prints progress.
+        threads: torch's thread count, recorded in the summary.
+    """
     import torch
 
     from scnas.build import BuildConfig, network_stats

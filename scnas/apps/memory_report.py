@@ -9,7 +9,7 @@ exactly in batch x voxels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any, Callable
 
 from scnas.build import BuildConfig
@@ -35,6 +35,7 @@ class ModeRow:
     checkpoint: str
     micro_batch: int
     peak: int
+    _: KW_ONLY
     persistent: int
     transient: int
     typical_peak: int | None = None      # search: one seeded draw at uniform alpha
@@ -48,6 +49,7 @@ class MemoryReport:
     kind: str                              # "training" or "search"
     setting: dict[str, Any]
     rows: list[ModeRow]
+    _: KW_ONLY
     available: int | None
     plan: dict[str, Any] | None = None     # what train/search would run with, or None
     refusal: str | None = None             # why nothing fits
@@ -59,14 +61,32 @@ class MemoryReport:
         return asdict(self)
 
 
-def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: int, amp: str, checkpoint: str = "auto",
+def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: int, *, amp: str,
+                  checkpoint: str = "auto",
                   micro_batch: int | None = None, available: int | None = None, world: int = 1,
                   genotype: Genotype | None = None, nodes: int = 4, ops: list[str] | None = None,
                   sampling: str = "pair", find_stem: bool = True,
                   progress: Callable[[str], None] = lambda message: None) -> MemoryReport:
     """Predicted peak memory per process of one step (training when ``genotype`` is given,
     search otherwise) for every checkpointing mode; with ``available`` also the plan and the
-    largest micro-batch, cubic patch and stem that fit. ``amp`` is off, fp16 or bf16."""
+    largest micro-batch, cubic patch and stem that fit. ``amp`` is off, fp16 or bf16.
+
+    Args:
+        build: the network's settings (stem, channels, classes, depth, deep supervision).
+        patch: the patch size (D, H, W).
+        batch_size: the global batch, a multiple of ``world``.
+        amp: the precision the step runs in: ``off``, ``fp16`` or ``bf16``.
+        checkpoint: a checkpointing mode, or ``auto``: every mode side by side.
+        micro_batch: patches per forward pass (None: the process's whole share).
+        available: the memory budget in bytes (None: report only, no plan).
+        world: processes sharing the batch.
+        genotype: the genotype to retrain; None plans a search.
+        nodes: search: intermediate nodes per cell (at most :data:`MAX_PLANNED_SEARCH_NODES`).
+        ops: search: the op vocabulary.
+        sampling: search: ``pair``, ``one`` or ``full``.
+        find_stem: also search for the largest stem that fits (with ``available``).
+        progress: called with a line before each simulation.
+    """
     from scnas.search.supernet_memory import search_step_profile, supernet_parameters
 
     if batch_size % world:
@@ -90,10 +110,12 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
             if (mode, batch) not in cache:
                 progress(f"simulating a {kind} step: stem {config.stem_channels}, checkpointing {mode}, micro-batch {batch}")
                 if genotype is not None:
-                    cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch, share)
+                    cache[mode, batch] = training_step_profile(genotype, config, amp, checkpoint=mode, batch=batch,
+                                                               share=share)
                 else:
-                    cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound",
-                                                             share)
+                    cache[mode, batch] = search_step_profile(config, nodes, ops, sampling=sampling, amp=amp,
+                                                             checkpoint=mode, batch=batch, draw_kind="bound",
+                                                             share=share)
             return cache[mode, batch]
         return profile_of
 
@@ -103,9 +125,10 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
     for mode in modes:
         profile = profile_of(mode, size)
         estimate = profile.estimate(size, patch)
-        row = ModeRow(mode, size, estimate.peak, estimate.persistent, estimate.transient)
+        row = ModeRow(mode, size, estimate.peak, persistent=estimate.persistent, transient=estimate.transient)
         if genotype is None:
-            typical = search_step_profile(build, nodes, ops, sampling, amp, mode, size, "typical", share)
+            typical = search_step_profile(build, nodes, ops, sampling=sampling, amp=amp, checkpoint=mode, batch=size,
+                                          draw_kind="typical", share=share)
             row.typical_peak = typical.estimate(size, patch).peak
         if available is not None:
             from scnas.build.memory_plan import fits
@@ -113,21 +136,22 @@ def memory_report(build: BuildConfig, patch: tuple[int, int, int], batch_size: i
             row.fits = fits(estimate, available)
             single = profile_of(mode, 1)
             row.largest_micro_batch = largest_batch(single, patch, available)
-            row.largest_cubic_patch = largest_cubic_patch(single, 1, available, build.divisor)
+            row.largest_cubic_patch = largest_cubic_patch(single, 1, available, divisor=build.divisor)
         rows.append(row)
     report = MemoryReport(kind, {"stem": build.stem_channels, "in_channels": build.in_channels,
                                  "num_classes": build.num_classes, "depth": build.depth, "patch": list(patch),
                                  "batch_size": batch_size, "world_size": world, "share": share, "amp": amp,
                                  "nodes": nodes if genotype is None else genotype.nodes,
                                  "sampling": sampling if genotype is None else None},
-                          rows, available)
+                          rows, available=available)
     if genotype is None:
         report.notes.append("search peaks are planned with the larger of a draw of the heaviest operations on every "
                             "edge and the 'typical' one, a draw at uniform alpha as in the first epochs")
     if available is None:
         return report
     try:
-        plan = choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, build.divisor)
+        plan = choose_plan(profile_of, patch, share, checkpoint=checkpoint, micro_batch=micro_batch,
+                           available=available, divisor=build.divisor)
         report.plan = plan.to_dict()
     except MemoryPlanError as exc:
         report.refusal = str(exc)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scnas.build.allocations import Untracked, counted
+from scnas.defaults import PRECISIONS
 
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_DTYPES = dict(zip(PRECISIONS, (None, torch.float16, torch.bfloat16)))
 
 
 def emulate_autocast(model: nn.Module, amp: str) -> None:

@@ -26,7 +26,7 @@ class BuildConfig(BaseModel):
                                                             "(logits), one per class the loss sees")
     depth: int = Field(D.DEPTH, ge=1, le=8, description="number of down-samplings (reduction cells); inputs must be "
                                                    "divisible by 2**depth")
-    upsampling: Literal["trilinear", "transposed"] = Field(
+    upsampling: Literal[D.UPSAMPLING_CHOICES] = Field(
         D.UPSAMPLING, description="how expansion cells and coarser inputs are brought up a level: trilinear "
                                  "interpolation then 1x1x1 conv, or a transposed conv (kernel = stride = 2)")
     negative_slope: float = Field(0.01, ge=0.0, description="LeakyReLU slope")

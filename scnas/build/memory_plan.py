@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +52,7 @@ class StepProfile:
     base: tuple[float, ...]
     slope: tuple[float, ...]
     persistent: int
+    _: KW_ONLY
     batch: int
 
     def transient(self, batch: int, patch: Sequence[int]) -> int:
@@ -67,13 +68,21 @@ def larger(first: StepProfile, second: StepProfile) -> StepProfile:
     """A profile whose peak is the larger of two profiles' at every size (their allocation
     sequences side by side: the peak is a maximum over allocations)."""
     return StepProfile(first.base + second.base, first.slope + second.slope,
-                       max(first.persistent, second.persistent), first.batch)
+                       max(first.persistent, second.persistent), batch=first.batch)
 
 
 def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor: int, persistent: int,
-                 batch: int = 1) -> StepProfile:
+                 *, batch: int = 1) -> StepProfile:
     """Run ``run_step(batch, patch)`` at two small patches under the tracker and fit the affine
-    profile. ``run_step`` must allocate its inputs itself and take the same path at any size."""
+    profile. ``run_step`` must allocate its inputs itself and take the same path at any size.
+
+    Args:
+        run_step: runs one step for (batch, patch), allocating its inputs itself.
+        divisor: the two simulated patches are multiples of this.
+        persistent: bytes that stay allocated between steps (weights, gradients, optimiser
+            state).
+        batch: the micro-batch the profile is measured at.
+    """
     timelines, units = [], []
     for size in SMALL_SIZES:
         patch = tuple(n * divisor for n in size)
@@ -88,7 +97,7 @@ def profile_step(run_step: Callable[[int, tuple[int, int, int]], None], divisor:
                            "allocations); its memory cannot be extrapolated")
     slope = tuple((b - a) / (units[1] - units[0]) for a, b in zip(small, large))
     base = tuple(a - s * units[0] for a, s in zip(small, slope))
-    return StepProfile(base, slope, persistent, batch)
+    return StepProfile(base, slope, persistent, batch=batch)
 
 
 @dataclass
@@ -118,9 +127,17 @@ def fits(estimate_: MemoryEstimate, available: int, headroom: float = HEADROOM) 
     return estimate_.peak <= available * headroom
 
 
-def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, limit: int = 4096,
+def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, *, limit: int = 4096,
                   headroom: float = HEADROOM) -> int:
-    """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``."""
+    """The largest batch (0 if none) whose step fits into ``available`` bytes at ``patch``.
+
+    Args:
+        profile: the step's memory profile.
+        patch: the patch size.
+        available: the memory budget in bytes.
+        limit: the largest batch tried.
+        headroom: the share of ``available`` a plan may fill.
+    """
     if not fits(profile.estimate(1, patch), available, headroom):
         return 0
     low, high = 1, limit
@@ -133,10 +150,19 @@ def largest_batch(profile: StepProfile, patch: Sequence[int], available: int, li
     return low
 
 
-def largest_cubic_patch(profile: StepProfile, batch: int, available: int, divisor: int, limit: int = 1024,
+def largest_cubic_patch(profile: StepProfile, batch: int, available: int, *, divisor: int, limit: int = 1024,
                         headroom: float = HEADROOM) -> int:
     """The largest edge n (a multiple of ``divisor``, 0 if none) such that a step on
-    batch x n^3 patches fits into ``available`` bytes."""
+    batch x n^3 patches fits into ``available`` bytes.
+
+    Args:
+        profile: the step's memory profile.
+        batch: patches per forward pass.
+        available: the memory budget in bytes.
+        divisor: the edge must be a multiple of this (``2**depth``).
+        limit: the largest edge tried.
+        headroom: the share of ``available`` a plan may fill.
+    """
     best = 0
     for n in range(divisor, limit + 1, divisor):
         if not fits(profile.estimate(batch, (n, n, n)), available, headroom):
@@ -221,14 +247,23 @@ class _Simulation:
             _SIMULATIONS.release()
 
 
-def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = "off", batch: int = 1,
+def training_step_profile(genotype, config, amp: str = "off", *, checkpoint: str = "off", batch: int = 1,
                           share: int | None = None) -> StepProfile:
     """The memory profile of one training step of ``build_network(genotype, config)`` on a
     micro-batch of ``batch`` patches: forward, soft Jaccard loss (with ``config.deep_supervision``
     nnU-Net's weighted loss over the main output and the heads, as training computes it),
     backward into existing gradients (the steady state of gradient accumulation), with Adam's
     two moments held beside the weights and the process's whole ``share`` of patches (default:
-    ``batch``) on the device."""
+    ``batch``) on the device.
+
+    Args:
+        genotype: the cells of the network.
+        config: the network's settings.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        checkpoint: the checkpointing mode: ``off``, ``cells`` or ``edges``.
+        batch: the micro-batch simulated.
+        share: the process's patches per step, all on the device (default: ``batch``).
+    """
     from scnas.metrics import deep_supervision_weights, soft_jaccard_loss, supervised_loss
     from scnas.build.network import build_network
 
@@ -254,7 +289,7 @@ def training_step_profile(genotype, config, amp: str = "off", checkpoint: str = 
             for p in params:
                 p.grad = None
 
-        return profile_step(run_step, config.divisor, 3 * storage_bytes(params), batch)
+        return profile_step(run_step, config.divisor, 3 * storage_bytes(params), batch=batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +308,7 @@ class MemoryPlan:
     checkpoint: str
     micro_batch: int
     estimate: MemoryEstimate | None = None
+    _: KW_ONLY
     available: int | None = None
 
     def describe(self) -> str:
@@ -288,7 +324,7 @@ class MemoryPlan:
                 "available_bytes": self.available}
 
 
-def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[int], share: int, checkpoint: str,
+def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[int], share: int, *, checkpoint: str,
                 micro_batch: int | None, available: int | None, divisor: int) -> MemoryPlan:
     """The cheapest way to run a step of ``share`` patches per process within ``available``
     bytes. ``checkpoint`` ``auto`` tries off, cells, edges in that order; ``micro_batch`` None
@@ -297,7 +333,17 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
 
     Gradient accumulation is preferred to checkpointing: with the exact batch loss it costs
     one gradient-free forward pass per further micro-batch, checkpointing one forward pass
-    per micro-batch."""
+    per micro-batch.
+
+    Args:
+        profile_of: the step's memory profile for (checkpointing mode, micro-batch).
+        patch: the patch size.
+        share: patches per process and step.
+        checkpoint: a checkpointing mode, or ``auto``.
+        micro_batch: patches per forward pass (None: the largest that fits).
+        available: the memory budget in bytes (None: nothing to check).
+        divisor: patch sizes must be multiples of this (for the suggestions of a refusal).
+    """
     from scnas.build.network import CHECKPOINT_MODES
 
     modes = list(CHECKPOINT_MODES) if checkpoint == "auto" else [checkpoint]
@@ -309,7 +355,7 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
             size = min(micro_batch, share)
             profile = profile_of(mode, size)
             if fits(profile.estimate(size, patch), available):
-                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available=available)
             last = (mode, profile)
             continue
         single = profile_of(mode, 1)
@@ -318,13 +364,13 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
         while size >= 1:
             profile = single if size == 1 else profile_of(mode, size)
             if fits(profile.estimate(size, patch), available):
-                return MemoryPlan(mode, size, profile.estimate(size, patch), available)
+                return MemoryPlan(mode, size, profile.estimate(size, patch), available=available)
             size -= 1
     assert last is not None
     mode, profile = last
     size = micro_batch or 1
     needed = profile.estimate(size, patch).peak
-    edge = largest_cubic_patch(profile, size, available, divisor)
+    edge = largest_cubic_patch(profile, size, available, divisor=divisor)
     hint = (f"a patch of {edge}x{edge}x{edge} fits with checkpointing {mode}" if edge
             else "no patch fits: use a smaller --stem, or a GPU with more memory")
     raise MemoryPlanError(
@@ -333,14 +379,27 @@ def choose_plan(profile_of: Callable[[str, int], StepProfile], patch: Sequence[i
         f"{hint[0].upper() + hint[1:]}; 'scnas plan' shows the options")
 
 
-def plan_training_step(genotype, config, amp: str, patch: Sequence[int], share: int, checkpoint: str,
+def plan_training_step(genotype, config, amp: str, *, patch: Sequence[int], share: int, checkpoint: str,
                        micro_batch: int | None, available: int | None) -> MemoryPlan:
-    """The :class:`MemoryPlan` of retraining ``genotype`` (see :func:`choose_plan`)."""
+    """The :class:`MemoryPlan` of retraining ``genotype`` (see :func:`choose_plan`).
+
+    Args:
+        genotype: the cells of the network to retrain.
+        config: the network's settings.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        patch: the patch size.
+        share: patches per process and step.
+        checkpoint: a checkpointing mode, or ``auto``: the cheapest that fits.
+        micro_batch: patches per forward pass (None: the largest that fits).
+        available: the memory budget in bytes (None: nothing to check).
+    """
     cache: dict[tuple[str, int], StepProfile] = {}
 
     def profile_of(mode: str, batch: int) -> StepProfile:
         if (mode, batch) not in cache:
-            cache[mode, batch] = training_step_profile(genotype, config, amp, mode, batch, share)
+            cache[mode, batch] = training_step_profile(genotype, config, amp, checkpoint=mode, batch=batch, share=share)
         return cache[mode, batch]
 
-    return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
+    return choose_plan(profile_of, patch, share, checkpoint=checkpoint, micro_batch=micro_batch, available=available,
+                       divisor=config.divisor)
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ class ModelInfo:
     genotype: Genotype
     config: BuildConfig
     scnas_version: str
+    _: KW_ONLY
     preprocessing: dict[str, Any] | None
     metadata: dict[str, str]
 
@@ -54,8 +55,16 @@ def model_metadata(model: SCNASUNet, preprocessing: dict[str, Any] | None = None
 
 
 def save_model(model: SCNASUNet, path: str | os.PathLike, preprocessing: dict[str, Any] | None = None,
-               extra: dict[str, str] | None = None) -> None:
-    """Write ``model``'s weights and its description to ``path`` atomically."""
+               *, extra: dict[str, str] | None = None) -> None:
+    """Write ``model``'s weights and its description to ``path`` atomically.
+
+    Args:
+        model: the network (its genotype and ``BuildConfig`` are stored with the weights).
+        path: the ``.safetensors`` file to write.
+        preprocessing: what a predictor must do to a new image (spacing, normalisation, patch
+            size).
+        extra: more metadata (strings), e.g. how the model was trained.
+    """
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
     atomic_write_bytes(path, safetensors_save(tensors, metadata=model_metadata(model, preprocessing, extra)))
 
@@ -85,7 +94,8 @@ def model_info_from_metadata(metadata: dict[str, str], source: str) -> ModelInfo
         raise ModelFileError(f"metadata lacks {exc.args[0]!r}", source=source) from None
     except (json.JSONDecodeError, ValidationError) as exc:
         raise ModelFileError(f"metadata is damaged: {str(exc).splitlines()[0]}", source=source) from None
-    return ModelInfo(genotype, config, metadata.get("scnas_version", "?"), preprocessing, dict(metadata))
+    return ModelInfo(genotype, config, metadata.get("scnas_version", "?"), preprocessing=preprocessing,
+                     metadata=dict(metadata))
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:

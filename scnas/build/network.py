@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from scnas.build.config import BuildConfig, BuildError
 from scnas.build.ops import ActConvNorm, Conv3d, make_op
+from scnas.defaults import CHECKPOINT_MODES
 from scnas.genotype import CELL_TYPES, NUM_INPUTS, Cell, Genotype
 
 
@@ -57,9 +58,16 @@ def node_width(config: BuildConfig, nodes: int, level: int) -> int:
 
 class Resample(nn.Module):
     """Brings a cell input to the cell's working level and node width:
-    LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up."""
+    LeakyReLU-Conv1x1x1-InstanceNorm, strided when going down, upsampled when going up.
 
-    def __init__(self, c_in: int, c_out: int, levels_up: int, config: BuildConfig):
+    Args:
+        c_in: the input's channels.
+        c_out: the node width of the cell.
+        levels_up: levels to go up (> 0: upsampled), down (< 0: strided) or 0.
+        config: the network's settings (upsampling, LeakyReLU slope).
+    """
+
+    def __init__(self, c_in: int, c_out: int, levels_up: int, *, config: BuildConfig):
         super().__init__()
         slope = config.negative_slope
         self.scale = 2 ** levels_up if levels_up > 0 else 1
@@ -143,9 +151,19 @@ class CellModule(nn.Module):
     input resampling are decided here for every kind of edge (see :data:`EdgeFactory`).
 
     ``checkpoint_edges`` recomputes each edge's internals during backward instead of keeping
-    them (activation checkpointing inside the cell); results and gradients are unchanged."""
+    them (activation checkpointing inside the cell); results and gradients are unchanged.
 
-    def __init__(self, graph: CellGraph, cell_type: str, level: int, inputs: tuple[tuple[int, int], tuple[int, int]],
+    Args:
+        graph: the cell type's wiring (dead nodes left out).
+        cell_type: ``encoder_normal``, ``reduction``, ``decoder_normal`` or ``expansion``.
+        level: the cell's resolution level (0: full resolution).
+        inputs: (level, channels) of the cell's two inputs.
+        nodes: intermediate nodes per cell (for the node width).
+        config: the network's settings.
+        make_edge: builds the module of one edge (see :data:`EdgeFactory`).
+    """
+
+    def __init__(self, graph: CellGraph, cell_type: str, level: int, *, inputs: tuple[tuple[int, int], tuple[int, int]],
                  nodes: int, config: BuildConfig, make_edge: EdgeFactory):
         super().__init__()
         self.graph = graph
@@ -155,7 +173,7 @@ class CellModule(nn.Module):
         self.preprocess = nn.ModuleDict()
         for index, (channels, input_level) in enumerate(inputs):
             if index in graph.used_inputs:
-                self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config)
+                self.preprocess[str(index)] = Resample(channels, self.width, input_level - work_level, config=config)
         self.edges = nn.ModuleDict()
         for source, target in graph.edges:
             stride = 2 if cell_type == "reduction" and source < NUM_INPUTS else 1
@@ -258,20 +276,21 @@ def genotype_graphs(genotype: Genotype) -> dict[str, CellGraph]:
     return {name: CellGraph.of(genotype.cell(name), genotype.nodes) for name in CELL_TYPES}
 
 
-CHECKPOINT_MODES = ("off", "cells", "edges")
-"""Activation checkpointing: ``off`` keeps every activation for backward; ``cells`` keeps only
-the cell boundaries and recomputes one cell at a time during backward; ``edges`` also
-recomputes each edge inside the recomputed cell (least memory, one more forward)."""
-
-
 class MacroUNet(nn.Module):
     """The macro layout (stem, cells, encoder skips, output head) for cells of any kind: the one
     place that knows widths, skips and projections. ``graphs`` gives each cell type's wiring and
     ``edge_factory(cell_type)`` its edges. Slots whose output cannot reach the network output
-    are absent from ``cells``."""
+    are absent from ``cells``.
+
+    Args:
+        config: the network's settings (stem, channels, classes, depth).
+        nodes: intermediate nodes per cell.
+        graphs: each cell type's wiring.
+        edge_factory: for a cell type, the factory of its edges' modules.
+    """
 
     def __init__(self, config: BuildConfig, nodes: int, graphs: Mapping[str, CellGraph],
-                 edge_factory: Callable[[str], EdgeFactory]):
+                 *, edge_factory: Callable[[str], EdgeFactory]):
         super().__init__()
         self.config, self.nodes = config, nodes
         self.layout = macro_layout(config.depth)
@@ -291,12 +310,14 @@ class MacroUNet(nn.Module):
             if k not in live:
                 continue
             inputs = (shapes[wiring.inputs[0]], shapes[wiring.inputs[1]])
-            cell = CellModule(graph, slot.cell_type, slot.level, inputs, nodes, config, edge_factory(slot.cell_type))
+            cell = CellModule(graph, slot.cell_type, slot.level, inputs=inputs, nodes=nodes, config=config,
+                              make_edge=edge_factory(slot.cell_type))
             self.cells[slot.name] = cell
             if wiring.skip is not None and "1" in cell.preprocess:
                 skip_channels, current_channels = shapes[wiring.skip][0], inputs[1][0]
                 if skip_channels != current_channels:
-                    self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, 1, slope)
+                    self.skips[slot.name] = ActConvNorm(skip_channels, current_channels, 1, stride=1,
+                                                        negative_slope=slope)
             if config.deep_supervision and slot.cell_type == "decoder_normal" and slot.level > 0:
                 supervised.append((slot.name, cell.out_channels))
         self.out_channels = [channels for channels, _ in shapes[1:]]
@@ -376,10 +397,10 @@ class SCNASUNet(MacroUNet):
 
         def edge_factory(cell_type: str) -> EdgeFactory:
             ops = {(edge.source, edge.target): edge.op for edge in genotype.cell(cell_type).edges}
-            return lambda source, target, width, stride: make_op(ops[source, target], width, width, stride,
-                                                                 config.negative_slope)
+            return lambda source, target, width, stride: make_op(ops[source, target], width, width, stride=stride,
+                                                                 negative_slope=config.negative_slope)
 
-        super().__init__(config, genotype.nodes, graphs, edge_factory)
+        super().__init__(config, genotype.nodes, graphs, edge_factory=edge_factory)
         self.genotype = genotype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

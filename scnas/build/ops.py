@@ -86,9 +86,18 @@ class ActivationFirst(nn.Sequential):
 
 
 class ActConvNorm(ActivationFirst):
-    """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm."""
+    """LeakyReLU, Conv3d (no bias: the norm follows), InstanceNorm.
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, negative_slope: float, dilation: int = 1):
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        kernel: the convolution's kernel size.
+        stride: the convolution's stride.
+        negative_slope: the LeakyReLU's slope.
+        dilation: the convolution's dilation.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, *, stride: int, negative_slope: float, dilation: int = 1):
         super().__init__(
             nn.LeakyReLU(negative_slope),
             Conv3d(c_in, c_out, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
@@ -97,9 +106,18 @@ class ActConvNorm(ActivationFirst):
 
 
 class SeparableDilatedConv(ActivationFirst):
-    """LeakyReLU, depthwise dilated kxkxk conv (3x3x3 by default), pointwise 1x1x1 conv, InstanceNorm."""
+    """LeakyReLU, depthwise dilated kxkxk conv (3x3x3 by default), pointwise 1x1x1 conv, InstanceNorm.
 
-    def __init__(self, c_in: int, c_out: int, stride: int, negative_slope: float, dilation: int, kernel: int = 3):
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        stride: the depthwise convolution's stride.
+        negative_slope: the LeakyReLU's slope.
+        dilation: the depthwise convolution's dilation.
+        kernel: the depthwise convolution's kernel size.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, *, negative_slope: float, dilation: int, kernel: int = 3):
         super().__init__(
             nn.LeakyReLU(negative_slope),
             Conv3d(c_in, c_in, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, groups=c_in,
@@ -179,13 +197,14 @@ def _with_width(module: nn.Module, c_in: int, c_out: int, negative_slope: float)
     # Parameter-free ops keep the width; a 1x1x1 projection follows where the edge changes it.
     if c_in == c_out:
         return module
-    return nn.Sequential(module, ActConvNorm(c_in, c_out, 1, 1, negative_slope))
+    return nn.Sequential(module, ActConvNorm(c_in, c_out, 1, stride=1, negative_slope=negative_slope))
 
 
 def _identity(c_in: int, c_out: int, stride: int, slope: float) -> nn.Module:
     if stride == 1 and c_in == c_out:
         return nn.Identity()
-    return ActConvNorm(c_in, c_out, 1, stride, slope)  # strided/projected skip, as DARTS's FactorizedReduce
+    return ActConvNorm(c_in, c_out, 1, stride=stride,
+                       negative_slope=slope)  # strided/projected skip, as DARTS's FactorizedReduce
 
 
 OpBuilder = Callable[[int, int, int, float], nn.Module]
@@ -202,10 +221,12 @@ def op_builder(spec: OpSpec) -> OpBuilder:
     if spec.family == "identity":
         return _identity
     if spec.family == "conv" and spec.separable:
-        return lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, slope, spec.dilation,
-                                                                       spec.kernel)
+        return lambda c_in, c_out, stride, slope: SeparableDilatedConv(c_in, c_out, stride, negative_slope=slope,
+                                                                       dilation=spec.dilation,
+                                                                       kernel=spec.kernel)
     if spec.family == "conv":
-        return lambda c_in, c_out, stride, slope: ActConvNorm(c_in, c_out, spec.kernel, stride, slope, spec.dilation)
+        return lambda c_in, c_out, stride, slope: ActConvNorm(c_in, c_out, spec.kernel, stride=stride,
+                                                              negative_slope=slope, dilation=spec.dilation)
     if spec.family == "pool" and spec.pooling in _POOLS and spec.kernel == 3:
         pool = _POOLS[spec.pooling]
         return lambda c_in, c_out, stride, slope: _with_width(pool(stride), c_in, c_out, slope)
@@ -217,6 +238,14 @@ OP_BUILDERS: dict[str, OpBuilder] = {name: op_builder(spec) for name, spec in OP
 """Vocabulary name -> module constructor, derived from ``scnas.genotype.ops.OPS``."""
 
 
-def make_op(name: str, c_in: int, c_out: int, stride: int = 1, negative_slope: float = 0.01) -> nn.Module:
-    """The module for vocabulary op ``name``."""
+def make_op(name: str, c_in: int, c_out: int, *, stride: int = 1, negative_slope: float = 0.01) -> nn.Module:
+    """The module for vocabulary op ``name``.
+
+    Args:
+        name: an op of the vocabulary (:data:`scnas.genotype.OPS`); not ``zero``.
+        c_in: input channels.
+        c_out: output channels.
+        stride: 2 on edges that reduce, else 1.
+        negative_slope: the LeakyReLU's slope.
+    """
     return OP_BUILDERS[name](c_in, c_out, stride, negative_slope)

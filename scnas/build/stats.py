@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ class CellStats:
     name: str
     cell_type: str
     level: int
+    _: KW_ONLY
     node_width: int
     out_channels: int
     used: bool             # False: the output cannot reach the network output, so it is not built
@@ -46,6 +47,7 @@ class LevelStats:
     level: int
     resolution: tuple[int, int, int]
     channels: int          # nominal cell width stem * 2**level
+    _: KW_ONLY
     node_width: int
     params: int = 0
     macs: int = 0
@@ -58,6 +60,7 @@ class NetworkStats:
     genotype_hash: str
     config: dict[str, Any]
     patch: tuple[int, int, int]
+    _: KW_ONLY
     batch: int
     params: int
     macs: int
@@ -96,9 +99,16 @@ def _activation_recorder(model: nn.Module, sizes: dict[str, int]) -> list[Any]:
 
 
 def network_stats(genotype: Genotype, config: BuildConfig, patch: tuple[int, int, int] = (128, 128, 128),
-                  batch: int = 1) -> NetworkStats:
+                  *, batch: int = 1) -> NetworkStats:
     """Parameters, MACs/FLOPs and activation memory of ``build_network(genotype, config)`` for
-    inputs of shape (batch, in_channels, *patch)."""
+    inputs of shape (batch, in_channels, *patch).
+
+    Args:
+        genotype: the cells.
+        config: the network's settings.
+        patch: the input's spatial size, multiples of ``config.divisor``.
+        batch: the input's batch size.
+    """
     patch = tuple(int(n) for n in patch)
     check_spatial_size(patch, config)
     with torch.device("meta"):
@@ -122,15 +132,17 @@ def network_stats(genotype: Genotype, config: BuildConfig, patch: tuple[int, int
         return tuple(n // 2 ** level for n in patch)  # type: ignore[return-value]
 
     levels = {lv: LevelStats(lv, level_resolution(lv), config.stem_channels * 2 ** lv,
-                             node_width(config, genotype.nodes, lv)) for lv in range(config.depth + 1)}
+                             node_width=node_width(config, genotype.nodes, lv)) for lv in range(config.depth + 1)}
     cells = []
     slot_level = {slot.name: slot.level for slot in model.layout}
     for slot, channels in zip(model.layout, model.out_channels):
         key = f"cells.{slot.name}"
         cell = model.cells[slot.name] if slot.name in model.cells else None
-        stats = CellStats(slot.name, slot.cell_type, slot.level, node_width(config, genotype.nodes, slot.level),
-                          channels, cell is not None, _count_params(cell) if cell is not None else 0,
-                          per_module.get(key, 0) // 2, sizes.get(key, 0) * bytes_per)
+        stats = CellStats(slot.name, slot.cell_type, slot.level, node_width=node_width(config, genotype.nodes,
+                                                                                       slot.level),
+                          out_channels=channels, used=cell is not None,
+                          params=_count_params(cell) if cell is not None else 0,
+                          macs=per_module.get(key, 0) // 2, activation_bytes=sizes.get(key, 0) * bytes_per)
         cells.append(stats)
         level = levels[slot.level]
         level.cells.append(slot.name)
@@ -156,8 +168,10 @@ def network_stats(genotype: Genotype, config: BuildConfig, patch: tuple[int, int
                 for c in cells if c.cell_type == "encoder_normal" and c.level < config.depth and c.used)
     largest_cell = max(c.activation_bytes for c in cells)
     inference_bytes = held * bytes_per + largest_cell
-    return NetworkStats(short_hash(genotype), config.model_dump(), patch, batch, _count_params(model), flops // 2,
-                        flops, train_bytes, inference_bytes, [levels[lv] for lv in sorted(levels)], cells)
+    return NetworkStats(short_hash(genotype), config.model_dump(), patch, batch=batch, params=_count_params(model),
+                        macs=flops // 2,
+                        flops=flops, train_activation_bytes=train_bytes, inference_activation_bytes=inference_bytes,
+                        levels=[levels[lv] for lv in sorted(levels)], cells=cells)
 
 
 def _voxels(size: tuple[int, ...]) -> int:
@@ -228,14 +242,22 @@ def parse_flops_reference(text: str, config: BuildConfig, patch: tuple[int, int,
     return int(value), f"{text} FLOPs"
 
 
-def match_flops(genotype: Genotype, target: int, config: BuildConfig, patch: tuple[int, int, int] = (128, 128, 128),
+def match_flops(genotype: Genotype, target: int, config: BuildConfig, *, patch: tuple[int, int, int] = (128, 128, 128),
                 max_stem: int = 4096) -> tuple[int, int]:
     """The stem at which ``genotype``'s network has the FLOPs nearest to ``target`` (and those
     FLOPs), with ``config``'s other settings. Every convolution's channels are linear in the
     stem exactly at multiples of the node count (where no node width is rounded up), so there
     the FLOPs are a quadratic in the stem: one through three such stems gives the estimate.
     Between them rounding makes the FLOPs jump, not even monotonically (stem 47 may cost more
-    than 48), so a whole period of stems on each side of the estimate is counted exactly."""
+    than 48), so a whole period of stems on each side of the estimate is counted exactly.
+
+    Args:
+        genotype: the cells.
+        target: the FLOPs to come near.
+        config: the network's other settings (its stem is ignored).
+        patch: the input's spatial size the FLOPs are counted at.
+        max_stem: the largest stem considered.
+    """
     import numpy as np
 
     def at(stem: int) -> int:

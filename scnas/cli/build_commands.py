@@ -26,14 +26,14 @@ def build(
     in_channels: int = options.in_channels_option(),
     classes: int = options.classes_option(),
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings; patch sizes must be multiples of 2**depth."),
-    upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
+    upsampling: str = options.UPSAMPLING,
     deep_supervision: bool = typer.Option(D.DEEP_SUPERVISION, "--deep-supervision", help="Add 1x1x1 heads on coarser "
                                                                                       "decoder cells (trained by 'scnas train --deep-supervision')."),
     patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="D H W of the input for the cost figures."),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the memory estimate."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a model file (.safetensors) with "
                                                                       "freshly initialised weights."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights written with -o: the same seed gives the "
+    seed: int = typer.Option(D.SEED, "--seed", help="Seed of the initial weights written with -o: the same seed gives the "
                                                "same weights (with the same torch on the same kind of CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of tables."),
     match: Optional[str] = typer.Option(None, "--match-flops", metavar="REF",
@@ -52,8 +52,6 @@ def build(
 
     from scnas.build import BuildConfig, BuildError, build_network, network_stats, save_model
 
-    if upsampling not in ("trilinear", "transposed"):
-        raise BuildError(f"--upsampling must be trilinear or transposed, not {upsampling!r}")
     genotype = load_genotype(genotype_path)
     config = BuildConfig(stem_channels=stem, in_channels=in_channels, num_classes=classes, depth=depth,
                          upsampling=upsampling, deep_supervision=deep_supervision)
@@ -62,11 +60,11 @@ def build(
         from scnas.build.stats import match_flops, parse_flops_reference
 
         target, described = parse_flops_reference(match, config, patch)
-        stem, flops = match_flops(genotype, target, config, patch)
+        stem, flops = match_flops(genotype, target, config, patch=patch)
         config = config.model_copy(update={"stem_channels": stem})
         matched = {"reference": described, "reference_flops": target, "stem": stem, "flops": flops,
                    "difference": flops / target - 1}
-    stats = network_stats(genotype, config, patch, batch)
+    stats = network_stats(genotype, config, patch, batch=batch)
     if output:
         from scnas.build.memory_plan import physical_memory_bytes
         from scnas.byte_sizes import format_bytes

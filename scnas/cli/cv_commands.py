@@ -40,7 +40,7 @@ def cv(
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Target spacing for "
                                                                                         "preparing (default 0.7 mm)."),
     seed: int = typer.Option(D.SEED, "--seed", help="Training seed (the same for every job)."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
+    device: str = options.DEVICE,
     amp: str = options.AMP,
     shard: Optional[str] = typer.Option(None, "--shard", metavar="i/n|auto",
                                         help="Run only jobs i, i+n, ... of the study (1-based), e.g. one shard "

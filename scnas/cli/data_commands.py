@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stderr, stdout
 
 data_app = typer.Typer(help="Datasets: synthetic phantoms, preprocessing into a cache, checks.", no_args_is_help=True)
@@ -25,15 +27,16 @@ def phantom(
     shape: tuple[int, int, int] = typer.Option((48, 48, 24), "--shape", help="Voxels per axis."),
     spacing: tuple[float, float, float] = typer.Option((1.0, 1.0, 2.5), "--spacing", help="Voxel size in mm (anisotropic "
                                                                                           "by default)."),
-    seed: int = typer.Option(0, "--seed", help="The same seed writes the same dataset."),
-    layout: str = typer.Option("msd", "--layout", help="msd (4D images, MSD v1 dataset.json) or nnunetv2 "
+    seed: int = typer.Option(D.SEED, "--seed", help="The same seed writes the same dataset."),
+    layout: str = options.choice(D.LAYOUT, "--layout", D.LAYOUT_CHOICES, help="msd (4D images, MSD v1 dataset.json) or nnunetv2 "
                                                        "(one file per channel)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Write a synthetic dataset a small network can learn to segment (for demos and tests)."""
     from scnas.data import write_phantom_dataset
 
-    path = write_phantom_dataset(out, cases, channels, classes - 1, shape, spacing, seed, layout, force)   # blobs
+    path = write_phantom_dataset(out, cases, channels, classes=classes - 1, shape=shape, spacing=spacing,   # blobs
+                                 seed=seed, layout=layout, force=force)
     stdout.out(f"wrote {path}: {cases} cases, {channels} channels, {classes} classes (labels 0..{classes - 1}), "
                f"shape {shape}, spacing {spacing}")
 
@@ -44,12 +47,12 @@ def prepare(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Cache folder to write (default: the task's "
                                                                      "shared cache under $SCNAS_CACHE or ~/.cache/scnas, "
                                                                      "which search, train and cv find by themselves)."),
-    spacing: tuple[float, float, float] = typer.Option((0.7, 0.7, 0.7), "--spacing", help="Target voxel size in mm "
+    spacing: tuple[float, float, float] = typer.Option(D.SPACING, "--spacing", help="Target voxel size in mm "
                                                                                           "(paper: 0.7 isotropic)."),
-    workers: str = typer.Option("auto", "--workers", help="Processes preparing cases in parallel: a number, or auto "
+    workers: str = typer.Option(D.WORKERS, "--workers", help="Processes preparing cases in parallel: a number, or auto "
                                                           "(one per usable core; each needs about 3x a prepared "
                                                           "case's float32 size in memory: 0.8 GB for BraTS at 0.7 mm)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Image storage: float16 (half the bytes, ~3 significant "
+    dtype: str = options.choice(D.IMAGE_DTYPE, "--dtype", D.IMAGE_DTYPE_CHOICES, help="Image storage: float16 (half the bytes, ~3 significant "
                                                          "digits of the z-scores) or float32 (lossless)."),
     force: bool = typer.Option(False, "--force", help="Prepare every case again (and replace other settings)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="A splits_final.json to use instead of nnU-Net's "
@@ -64,15 +67,14 @@ def prepare(
     flipped byte) is named and prepared again. A cache made with other settings is refused.
     Writes splits_final.json beside the cases, as nnU-Net does.
     """
-    from scnas.data import DatasetError, PrepareSettings, prepare_dataset
+    from scnas.data import PrepareSettings, prepare_dataset
     from scnas.data.cache import shared_cache_folder
     from scnas.data.preprocess import resolve_workers
 
-    if dtype not in ("float16", "float32"):
-        raise DatasetError(f"--dtype must be float16 or float32, not {dtype!r}")
     settings = PrepareSettings(target_spacing=spacing, image_dtype=dtype)
     target = output or shared_cache_folder(dataset, settings)
-    report = prepare_dataset(dataset, target, settings, resolve_workers(workers), force, splits)
+    report = prepare_dataset(dataset, target, settings, workers=resolve_workers(workers), force=force,
+                             splits_file=splits)
     for line in report.damaged:
         stderr.out(f"prepared again: {line}")
     rate = len(report.prepared) / report.seconds if report.seconds > 0 and report.prepared else 0.0

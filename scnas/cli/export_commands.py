@@ -27,7 +27,7 @@ def export_onnx_command(
     output: str = typer.Option(..., "-o", "--output", help="The .onnx file to write (one self-contained file)."),
     fp16: bool = typer.Option(False, "--fp16", help="Convert the verified graph to float16 inside (inputs and outputs "
                                                     "stay float32) for GPU inference; checked for precision."),
-    provider: str = typer.Option("cpu", "--provider", help="Verify on this onnxruntime execution provider: "
+    provider: str = options.choice(D.ONNX_PROVIDER, "--provider", D.ONNX_PROVIDER_CHOICES, help="Verify on this onnxruntime execution provider: "
                                                            "cpu, cuda or tensorrt."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime against PyTorch."),
     stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="For a genotype: stem channels."),

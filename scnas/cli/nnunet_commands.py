@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.main import app, stdout
 
 NEEDS_NNUNET = "needs nnU-Net v2: pip install 'scnas[nnunet]' (nnunetv2 2.8)"
@@ -47,7 +47,7 @@ def nnunet_plans_command(
                                                                            "must divide by 2**depth."),
     dataset_json: Optional[str] = typer.Option(None, "--dataset-json", help="The dataset.json giving channels and "
                                                                             "labels [default: beside PLANS]."),
-    upsampling: str = typer.Option(D.UPSAMPLING, "--upsampling", help="trilinear or transposed."),
+    upsampling: str = options.UPSAMPLING,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Add a configuration that trains GENOTYPE's network to a copy of an nnU-Net v2 plans file.
@@ -68,8 +68,6 @@ def nnunet_plans_command(
     from scnas.genotype import load_genotype, short_hash
     from scnas.integrations.nnunet import NNUNetError, write_nnunet_plans
 
-    if upsampling not in ("trilinear", "transposed"):
-        raise NNUNetError(f"--upsampling must be trilinear or transposed, not {upsampling!r}")
     _require_nnunet()
     genotype = load_genotype(genotype_path)
     edit = write_nnunet_plans(plans, genotype, output, stem_channels=stem, match_nnunet_flops=match,

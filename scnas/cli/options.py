@@ -7,27 +7,57 @@ from typing import Optional
 import typer
 
 from scnas import defaults as D
+from scnas.errors import ScnasError, check_choice
+
+
+class Choice:
+    """Parses an option restricted to ``choices``, one of :mod:`scnas.defaults`' tuples (the
+    very object the library checks against): another value is refused as one line, "--amp must
+    be auto, off, fp16 or bf16, not 'fp8'", exit 1, before the command runs."""
+
+    def __init__(self, flag: str, choices: tuple[str, ...]):
+        self.flag, self.choices = flag, choices
+
+    def __call__(self, value: str) -> str:
+        return check_choice(value, self.choices, self.flag, error=ScnasError)
+
+
+def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: str) -> str:
+    """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help).
+
+    Args:
+        default: the default value (None: not given).
+        flag: the option's name, e.g. ``--amp``.
+        choices: the tuple of :mod:`scnas.defaults` the value must be one of.
+        help: the option's help text.
+    """
+    return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help)
+
 
 MICRO_BATCH: Optional[int] = typer.Option(
     None, "--micro-batch", min=1, help="Patches per forward pass; gradients accumulate exactly over a process's share "
                                        "(default: the largest that fits). With --resume: may change.")
-CHECKPOINT: Optional[str] = typer.Option(
-    None, "--checkpoint", help="Activation checkpointing: off, cells, edges (least memory, most recomputation), or "
+CHECKPOINT: Optional[str] = choice(
+    None, "--checkpoint", D.CHECKPOINT_CHOICES, help="Activation checkpointing: off, cells, edges (least memory, most recomputation), or "
                                "auto: the cheapest that fits the GPU [default: auto].")
 GPU_MEMORY: Optional[str] = typer.Option(
     None, "--gpu-memory", help="Memory to plan for, e.g. 24GiB (default: the CUDA device's free memory). A setting "
                                "that cannot fit is refused before the first step.")
-AMP: str = typer.Option(D.AMP, "--amp", help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
+AMP: str = choice(D.AMP, "--amp", D.AMP_CHOICES, help="Mixed precision: fp16 (with gradient scaling), bf16 or off; auto: fp16 "
                                               "on CUDA, off on CPU.")
 COMPILE: bool = typer.Option(False, "--compile", help="torch.compile the network: the first step pays the compilation "
                                                     "(printed, about a minute at stem 68), later ones run faster on a GPU. "
                                                     "Pays for long runs; on the CPU rarely. Falls back to eager, with a "
                                                     "notice, where compilation fails.")
 
-LOSS: str = typer.Option(D.LOSS, "--loss", help="jaccard: soft Jaccard distance averaged over all classes, "
+LOSS: str = choice(D.LOSS, "--loss", D.LOSS_CHOICES, help="jaccard: soft Jaccard distance averaged over all classes, "
                                                     "background included (the paper's loss as scnas reads it); "
                                                     "jaccard-fg: over the foreground classes only (nnU-Net leaves "
                                                     "background out of its Dice loss).")
+
+DEVICE: str = choice(D.DEVICE, "--device", D.DEVICE_CHOICES, help="auto (CUDA when available), cpu or cuda.")
+UPSAMPLING: str = choice(D.UPSAMPLING, "--upsampling", D.UPSAMPLING_CHOICES, help="trilinear (interpolation, then a "
+                         "1x1x1 convolution) or transposed (a transposed convolution).")
 
 DEEP_SUPERVISION: bool = typer.Option(
     D.DEEP_SUPERVISION, "--deep-supervision", help="Also train 1x1x1 heads on the coarser decoder levels (nnU-Net's "
@@ -96,13 +126,23 @@ def flag_name(ctx, name: str) -> str:
     return name
 
 
-def resume_settings(ctx, values: dict, renamed: dict[str, str], saved: dict, make_config, run, error):
+def resume_settings(ctx, values: dict, renamed: dict[str, str], *, saved: dict, make_config, run, error):
     """The settings of a resumed run: the run's own (``saved``) with those the user gave that
     may change on resume (``scnas.engine.checkpoints.RESUMABLE_CHANGES``). ``values`` are the command's
     settings by key, ``renamed`` maps a key to its parameter's name where they differ. A
     setting given explicitly with a value other than the run's is refused, naming it, the
     run's value and the one given (silently ignoring it would resume something else than
-    asked)."""
+    asked).
+
+    Args:
+        ctx: the command's typer context (which parameters the user gave).
+        values: the command's settings by key.
+        renamed: a key's parameter name where they differ.
+        saved: the run's own settings (from its checkpoint).
+        make_config: builds the settings model from a dict.
+        run: the run folder, named in the error.
+        error: the error to raise.
+    """
     from scnas.engine.checkpoints import RESUMABLE_CHANGES
 
     given = {key: value for key, value in values.items() if given_on_command_line(ctx, renamed.get(key, key))}

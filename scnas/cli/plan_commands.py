@@ -19,15 +19,18 @@ def plan(
     genotype_path: Optional[str] = typer.Argument(None, metavar="[GENOTYPE]", help="Genotype to retrain (file or "
                                                   "built-in name); leave out with --search."),
     search: bool = typer.Option(False, "--search", help="Plan a search step (the supernet) instead of retraining."),
-    stem: Optional[int] = typer.Option(None, "--stem", min=1, help="Stem channels (default: 68 to retrain, 48 to search)."),
+    stem: Optional[int] = typer.Option(None, "--stem", min=1, help=f"Stem channels (default: {D.STEM_TRAIN} to retrain, "
+                                                                   f"{D.STEM_SEARCH} to search)."),
     patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Global batch (default: 8 to retrain, "
-                                                                             "1 to search)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help=f"Global batch (default: "
+                                             f"{D.TRAIN_BATCH_SIZE} to retrain, {D.SEARCH_BATCH_SIZE} to search)."),
     world_size: int = typer.Option(1, "--world-size", min=1, help="Processes (GPUs) sharing the batch."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Patches per forward pass (default: "
                                                                                "the process's whole share)."),
-    amp: str = typer.Option("fp16", "--amp", help="fp16, bf16 or off (train and search use fp16 on CUDA by default)."),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="off, cells, edges, or auto: every mode side by side."),
+    amp: str = options.choice(D.AMP, "--amp", D.AMP_CHOICES, help="Mixed precision as train and search take it; "
+                              "auto: fp16, what they use on a CUDA device."),
+    checkpoint: str = options.choice("auto", "--checkpoint", D.CHECKPOINT_CHOICES, help="Activation checkpointing; "
+                                     "auto: every mode side by side."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Budget, e.g. 24GiB or 16GB: adds the plan and "
                                              "the largest micro-batch, patch and stem that fit (default: this "
                                              "machine's CUDA device, if any)."),
@@ -39,7 +42,7 @@ def plan(
     depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8),
     nodes: int = typer.Option(D.NODES, "--nodes", min=1, max=MAX_NODES, help="Search: intermediate nodes per cell "
                                                                           "(plans simulate at most 8)."),
-    sampling: str = typer.Option(D.SAMPLING, "--sampling", help="Search: pair, one or full."),
+    sampling: str = options.choice(D.SAMPLING, "--sampling", D.SAMPLING_CHOICES, help="Search: how ops are drawn."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Search: comma-separated vocabulary (default: the paper's)."),
     deep_supervision: bool = options.DEEP_SUPERVISION,
     no_stem: bool = typer.Option(False, "--no-largest-stem", help="Skip the search for the largest stem (saves a "
@@ -58,6 +61,8 @@ def plan(
 
       scnas plan --search --stem 68 --amp fp16 --gpu-memory 12GiB
     """
+    import torch
+
     from scnas.build import BuildConfig
     from scnas.build.memory_plan import MemoryPlanError
     from scnas.byte_sizes import format_bytes, parse_bytes
@@ -70,19 +75,14 @@ def plan(
 
     if search == (genotype_path is not None):
         raise ScnasError("give a GENOTYPE to plan retraining, or --search to plan a search (not both)")
-    if amp not in ("off", "fp16", "bf16"):
-        raise ScnasError(f"--amp must be off, fp16 or bf16, not {amp!r}")
-    if checkpoint not in ("auto", "off", "cells", "edges"):
-        raise ScnasError(f"--checkpoint must be auto, off, cells or edges, not {checkpoint!r}")
-    if sampling not in ("pair", "one", "full"):
-        raise ScnasError(f"--sampling must be pair, one or full, not {sampling!r}")
+    from scnas.engine.steps import resolve_amp
+
+    amp = resolve_amp(amp, torch.device("cuda"))   # a plan is for a GPU
     try:
         available = parse_bytes(gpu_memory) if gpu_memory else None
     except ValueError as exc:
         raise ScnasError(f"--gpu-memory: {exc}") from None
     if available is None:
-        import torch
-
         if torch.cuda.is_available():
             available = device_memory(torch.device("cuda"))
     if data:
@@ -99,15 +99,18 @@ def plan(
     vocabulary = options.vocabulary(ops) or list(PAPER_OPS)
     if deep_supervision and search:
         raise ScnasError("--deep-supervision plans retraining (with a GENOTYPE); a search has no heads")
-    build = BuildConfig(stem_channels=stem or (48 if search else 68), in_channels=in_channels, num_classes=classes,
+    build = BuildConfig(stem_channels=stem or (D.STEM_SEARCH if search else D.STEM_TRAIN), in_channels=in_channels,
+                        num_classes=classes,
                         depth=depth, deep_supervision=deep_supervision)
     try:
         check_spatial_size(tuple(patch), build)
     except ScnasError as exc:
         raise ScnasError(f"--patch {' '.join(map(str, patch))}: {exc}") from None
     try:
-        report = memory_report(build, patch, batch_size or (1 if search else 8), amp, checkpoint, micro_batch,
-                               available, world_size, genotype, nodes, vocabulary, sampling, not no_stem,
+        report = memory_report(build, patch, batch_size or (1 if search else 8), amp=amp, checkpoint=checkpoint,
+                               micro_batch=micro_batch,
+                               available=available, world=world_size, genotype=genotype, nodes=nodes, ops=vocabulary,
+                               sampling=sampling, find_stem=not no_stem,
                                progress=lambda message: stderr.out(message, style="dim"))
     except (ValueError, MemoryPlanError) as exc:
         raise ScnasError(str(exc)) from None

@@ -29,16 +29,18 @@ def search(
     micro_batch: Optional[int] = options.MICRO_BATCH,
     checkpoint: Optional[str] = options.CHECKPOINT,
     gpu_memory: Optional[str] = options.GPU_MEMORY,
-    sampling: str = typer.Option(D.SAMPLING, "--sampling", help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
+    sampling: str = options.choice(D.SAMPLING, "--sampling", D.SAMPLING_CHOICES,
+                                   help="pair (Algorithm 1), one (GDAS-like) or full (DARTS)."),
     ops: Optional[str] = typer.Option(None, "--ops", help="Comma-separated vocabulary (default: the paper's eight)."),
     nodes: int = typer.Option(D.NODES, "--nodes", min=1, help="Intermediate nodes per cell."),
     tau_max: float = typer.Option(D.TAU_MAX, "--tau-max", help="Temperature at the first epoch."),
     tau_min: float = typer.Option(D.TAU_MIN, "--tau-min", help="Temperature at the last epoch."),
-    tau_schedule: str = typer.Option(D.TAU_SCHEDULE, "--tau-schedule", help="linear or exponential."),
+    tau_schedule: str = options.choice(D.TAU_SCHEDULE, "--tau-schedule", D.TAU_SCHEDULE_CHOICES,
+                                       help="How tau falls from --tau-max to --tau-min: linear or exponential."),
     alpha_lr: float = typer.Option(D.ALPHA_LR, "--alpha-lr", min=0.0, help="Adam learning rate of alpha (paper: 0.003, "
                                                                       "sized for 200 x 250 steps; a short search "
                                                                       "needs more, e.g. 0.1 for ~40 steps)."),
-    derive: str = typer.Option(D.DERIVE, "--derive", help="How cells are derived from alpha: top-k (DARTS: per node "
+    derive: str = options.choice(D.DERIVE, "--derive", D.DERIVE_CHOICES, help="How cells are derived from alpha: top-k (DARTS: per node "
                                                          "the --top-k strongest inputs, each with its best non-zero "
                                                          "op) or argmax (per edge, zero = no edge). 'scnas derive' "
                                                          "re-derives a finished run."),
@@ -62,7 +64,7 @@ def search(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw plots/*.png (losses, softmax(alpha)); their "
                                                                 "data are in metrics.jsonl and plots/alpha.json either way."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
+    device: str = options.DEVICE,
     amp: str = options.AMP,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its checkpoint (its own "
                                                         "settings; --epochs may extend it, and --checkpoint, "
@@ -114,8 +116,9 @@ def search(
         if not saved.exists():
             raise SearchError("has no config.json: nothing to resume", source=str(run))
         config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps", "checkpoint_every_steps":
-                                                      "checkpoint_every"}, read_run_config(saved, "search")["search"],
-                                         make_config, run, SearchError)
+                                                      "checkpoint_every"}, saved=read_run_config(saved,
+                                                                                                 "search")["search"],
+                                         make_config=make_config, run=run, error=SearchError)
     else:
         if demo:
             from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
@@ -151,7 +154,7 @@ def derive(
     source: str = typer.Argument(..., metavar="RUN", help="A search run folder (its genotype.yaml) or a genotype file "
                                                           "written by a search (genotypes/epoch_N.yaml)."),
     output: str = typer.Option(..., "-o", "--output", help="Genotype file to write (.yaml or .json)."),
-    rule: str = typer.Option(D.DERIVE, "--derive", help="top-k: per node the --top-k strongest incoming edges, each "
+    rule: str = options.choice(D.DERIVE, "--derive", D.DERIVE_CHOICES, help="top-k: per node the --top-k strongest incoming edges, each "
                                                        "with its best non-zero op (DARTS); argmax: per edge the most "
                                                        "probable op, zero = no edge (denser cells)."),
     top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
@@ -167,8 +170,6 @@ def derive(
     from scnas.genotype import CELL_TYPES, GenotypeError, read_genotype, short_hash, write_genotype
     from scnas.search.derive import alpha_movement, describe_movement, recorded_probabilities, rederive
 
-    if rule not in ("top-k", "argmax"):
-        raise GenotypeError(f"--derive {rule!r}: use top-k or argmax")
     run = Path(source) if Path(source).is_dir() else None
     path = run / "genotype.yaml" if run else Path(source)
     if not path.exists():
@@ -185,7 +186,7 @@ def derive(
             stderr.out(f"warning: {path}: the search did not finish: this genotype is from epoch {epoch} of {epochs} "
                        f"(derived from it all the same); continue the search with: scnas search -o "
                        f"{run or path.parent} --resume")
-    derived = rederive(genotype, rule, top_k, str(path), max_free)
+    derived = rederive(genotype, rule, top_k, source=str(path), max_free=max_free)
     write_genotype(derived, output)
     edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}
     stdout.out(f"{output}: hash {short_hash(derived)}, edges per cell {edges}")

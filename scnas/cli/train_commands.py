@@ -39,7 +39,7 @@ def train(
     seed: int = typer.Option(D.SEED, "--seed"),
     workers: str = typer.Option(D.WORKERS, "--workers", help="Data loader processes: a number, or auto (on CUDA one "
                                                           "per core, one core left for training; on the CPU none)."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto, cpu or cuda."),
+    device: str = options.DEVICE,
     amp: str = options.AMP,
     compile: bool = options.COMPILE,
     deep_supervision: bool = options.DEEP_SUPERVISION,
@@ -77,8 +77,8 @@ def train(
             if not saved.exists():
                 raise TrainError("has no config.json: nothing to resume", source=str(run))
             stored = read_run_config(saved, "train", "genotype")
-            config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, stored["train"],
-                                             TrainConfig.model_validate, run, TrainError)
+            config = options.resume_settings(ctx, given, {"steps_per_epoch": "steps"}, saved=stored["train"],
+                                             make_config=TrainConfig.model_validate, run=run, error=TrainError)
             genotype = genotype_from_data(stored["genotype"], source=str(saved))
             _check_resumed_genotype(genotype, genotype_path, run)
         else:
@@ -103,13 +103,14 @@ def predict(
     inputs: str = typer.Option(..., "-i", "--input", help="A NIfTI image, or a folder of them (CASE_0000.nii.gz, "
                                                           "CASE_0001.nii.gz, ... are the channels of one case)."),
     output: str = typer.Option(..., "-o", "--output", help="Folder for the label maps (CASE.nii.gz)."),
-    backend: str = typer.Option("torch", "--backend", help="torch (.safetensors) or onnxruntime (.onnx)."),
-    device: str = typer.Option(D.DEVICE, "--device", help="auto (CUDA when available), cpu or cuda. On a GPU windows "
+    backend: str = options.choice(D.BACKEND, "--backend", D.BACKEND_CHOICES,
+                                  help="torch (.safetensors) or onnxruntime (.onnx)."),
+    device: str = options.choice(D.DEVICE, "--device", D.DEVICE_CHOICES, help="auto (CUDA when available), cpu or cuda. On a GPU windows "
                                                         "are cut, mirrored, predicted and blended on the device."),
     overlap: float = typer.Option(D.OVERLAP, "--overlap", min=0.0, max=0.95, help="Window overlap (paper: 0.5)."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 mirrorings (slower, slightly better)."),
     batch_size: int = typer.Option(D.PREDICT_BATCH_SIZE, "--batch-size", min=1, help="Windows per forward pass."),
-    amp: str = typer.Option(D.AMP, "--amp", help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
+    amp: str = options.choice(D.AMP, "--amp", D.AMP_CHOICES, help="torch backend: fp16 or bf16 autocast, off for exact float32; auto: "
                                                   "fp16 on CUDA, off on CPU (fp16 runs there too, emulated and slower)."),
     compile: bool = options.COMPILE,
     validation_of: Optional[str] = typer.Option(None, "--validation-of", metavar="RUN",
@@ -129,7 +130,8 @@ def predict(
     if validation_of:
         only = _validation_cases(validation_of)
         check_unselected(read_any_model_info(model_path).metadata, only, model_path)
-    written = predict_folder(model_path, inputs, output, backend, device, overlap, tta, batch_size, only=only, amp=amp,
+    written = predict_folder(model_path, inputs, output, backend=backend, device=device, overlap=overlap, tta=tta,
+                             batch_size=batch_size, only=only, amp=amp,
                              compile=compile, say=stderr.out)
     stdout.out(f"wrote {len(written)} segmentation(s) to {output}")
 
@@ -152,7 +154,8 @@ def evaluate(
     from scnas.train import evaluate_folders, write_evaluation
 
     wanted = [int(v) for v in labels.split(",")] if labels else None
-    result = evaluate_folders(predictions, truth, wanted, _validation_cases(validation_of) if validation_of else None)
+    result = evaluate_folders(predictions, truth, wanted,
+                              cases=_validation_cases(validation_of) if validation_of else None)
     table = Table("case", *[f"Dice {label}" for label in result.labels])
     for case, scores in result.cases.items():
         table.add_row(case, *[f"{scores[label]:.4f}" for label in result.labels])

@@ -63,9 +63,16 @@ class SpatialTransform:
         return tuple(int(max(0, math.ceil(r - h - 1e-9))) + 1 for r, h in zip(reach, half))
 
     @staticmethod
-    def apply(image: Tensor, label: Tensor, matrix: np.ndarray, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def apply(image: Tensor, label: Tensor, matrix: np.ndarray, *, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Sample the (C, *size) patch and its label from the region (read with ``margin``
-        around the patch, so both share its centre)."""
+        around the patch, so both share its centre).
+
+        Args:
+            image: the region read around the patch (C, *region).
+            label: its label (*region).
+            matrix: the affine transform to apply about the patch's centre.
+            size: the patch size.
+        """
         region = np.asarray(image.shape[1:])
         out = np.asarray(size)
         # Normalised output -> normalised input coordinates (align_corners=True: -1 and 1 are
@@ -187,11 +194,18 @@ class Augmentation:
         return SpatialTransform.margin(recipe.matrix, size)
 
     @staticmethod
-    def apply(image: Tensor, label: Tensor, recipe: Recipe, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def apply(image: Tensor, label: Tensor, recipe: Recipe, *, size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """The augmented (C, *size) float image and its label from the region read with
-        ``margin`` (changes ``image`` in place)."""
+        ``margin`` (changes ``image`` in place).
+
+        Args:
+            image: the region read around the patch (C, *region); changed in place.
+            label: its label (*region).
+            recipe: the drawn augmentation (from :meth:`draw`).
+            size: the patch size.
+        """
         if recipe.matrix is not None:
-            image, label = SpatialTransform.apply(image, label, recipe.matrix, size)
+            image, label = SpatialTransform.apply(image, label, recipe.matrix, size=size)
         for transform, params in recipe.steps:
             image, label = transform.apply(image, label, params)
         return image, label

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scnas import defaults as D
 from scnas.data.dataset import DatasetError
 from scnas.errors import ScnasError
 from scnas.data.preprocess import CACHE_FORMAT, CACHE_VERSION, READABLE_VERSIONS, FinishedCache, prepare_again
@@ -44,18 +45,27 @@ def shared_cache_folder(task: str | os.PathLike, settings) -> Path:
     return cache_root() / f"{task.name}-{key}"
 
 
-DEFAULT_SPACING = (0.7, 0.7, 0.7)
+DEFAULT_SPACING = D.SPACING
 """mm: the paper's target spacing, used for a task folder when no spacing is given."""
 
 
 def open_or_prepare(data: str | os.PathLike, spacing: tuple[float, float, float] | None,
-                    prepared: str | os.PathLike | None = None, prepare: bool = True, workers: int | str = "auto",
+                    prepared: str | os.PathLike | None = None, *, prepare: bool = True, workers: int | str = D.WORKERS,
                     say=lambda line: None) -> "Cache":
     """``data`` as a cache: a prepared cache folder itself (at its own spacing; a ``spacing``
     given that differs is refused), or a task folder prepared at ``spacing`` (default
     :data:`DEFAULT_SPACING`; by this process when ``prepare``, with ``workers`` processes) into
     ``prepared``, by default its shared cache (:func:`shared_cache_folder`); finished cases are
-    never prepared twice."""
+    never prepared twice.
+
+    Args:
+        data: a prepared cache folder or a task folder.
+        spacing: the target spacing for a task folder (None: :data:`DEFAULT_SPACING`).
+        prepared: where to prepare a task folder (default: its shared cache folder).
+        prepare: prepare the task in this process (False: only open a prepared cache).
+        workers: processes preparing cases, or ``auto``.
+        say: prints notices (the cache being prepared).
+    """
     from scnas.data.preprocess import PrepareSettings, prepare_dataset
 
     data = Path(data)
@@ -79,6 +89,7 @@ class CachedCase:
     case_id: str
     image: Any                 # (C, X, Y, Z): a blosc2 NDArray (v2) or a float32 memmap (v1); slices are numpy
     label: Any | None          # (X, Y, Z) int16, likewise
+    _: KW_ONLY
     foreground: np.ndarray     # (N, 4) rows of label, x, y, z
     record: dict[str, Any]
 
@@ -165,12 +176,13 @@ class Cache:
             from scnas.data.arrays import SUFFIX
 
             image = open_b2nd(self.folder / f"{case_id}{SUFFIX}", fix, checksum(f"{case_id}{SUFFIX}"),
-                              (channels, *shape))
+                              shape=(channels, *shape))
             seg = f"{case_id}_seg{SUFFIX}"
             labelled = seg in files if files is not None else record.get("label_voxels") is not None
-            label = open_b2nd(self.folder / seg, fix, checksum(seg), shape, np.int16) if labelled else None
-        foreground = read_npy(self.folder / f"{case_id}_fg.npy", fix, checksum(f"{case_id}_fg.npy"), np.int32, 4)
-        return CachedCase(case_id, image, label, foreground, record)
+            label = open_b2nd(self.folder / seg, fix, checksum(seg), shape=shape, dtype=np.int16) if labelled else None
+        foreground = read_npy(self.folder / f"{case_id}_fg.npy", fix, checksum(f"{case_id}_fg.npy"), dtype=np.int32,
+                              columns=4)
+        return CachedCase(case_id, image, label, foreground=foreground, record=record)
 
     def _npy(self, name: str, fix: str):
         """A v1 array, memory-mapped (unchecked: v1 has no checksums)."""

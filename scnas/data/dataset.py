@@ -16,7 +16,7 @@ import json
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class Dataset:
     root: Path
     name: str
     flavour: str                      # "msd" or "nnunetv2"
+    _: KW_ONLY
     channel_names: list[str]
     labels: dict[str, int]            # name -> value, background included
     cases: list[Case] = field(default_factory=list)
@@ -151,7 +152,7 @@ def _read_msd(root: Path, meta: dict, source: Path) -> Dataset:
             continue
         label = root / str(entry["label"]) if entry.get("label") else None
         cases.append(Case(strip_nifti_ending(image.name), [image], label))
-    return Dataset(root, str(meta.get("name", root.name)), "msd", channels, labels, cases)
+    return Dataset(root, str(meta.get("name", root.name)), "msd", channel_names=channels, labels=labels, cases=cases)
 
 
 def _read_nnunet_v2(root: Path, meta: dict, source: Path) -> Dataset:
@@ -186,7 +187,8 @@ def _read_nnunet_v2(root: Path, meta: dict, source: Path) -> Dataset:
         images = [files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in range(len(channels))]
         label = labels_dir / f"{case_id}{ending}"
         cases.append(Case(case_id, images, label))
-    return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels, labels, cases, ending)
+    return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channel_names=channels, labels=labels,
+                   cases=cases, file_ending=ending)
 
 
 @dataclass
@@ -196,6 +198,7 @@ class LoadedCase:
     case_id: str
     image: np.ndarray
     label: np.ndarray | None
+    _: KW_ONLY
     affine: np.ndarray
     spacing: tuple[float, float, float]
 
@@ -334,4 +337,4 @@ def load_case(dataset: Dataset, case: Case, with_label: bool = True) -> LoadedCa
         if undeclared:
             raise DatasetError(f"case {case.case_id}: label values {undeclared} are not declared in dataset.json "
                                f"(declared: {sorted(dataset.labels.values())})", source=str(case.label))
-    return LoadedCase(case.case_id, image_array, label_array, np.asarray(affine), spacing)
+    return LoadedCase(case.case_id, image_array, label_array, affine=np.asarray(affine), spacing=spacing)

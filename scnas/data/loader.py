@@ -37,11 +37,21 @@ class PatchDataset(Dataset):
 
     Indexed by ``i`` (of the epoch chosen with :meth:`set_epoch`) or by an ``(epoch, i)`` pair.
     With ``deferred`` set, an item is a :class:`RawPatch` whose augmentation is still to be applied
-    (:func:`to_device` does it where the batch goes)."""
+    (:func:`to_device` does it where the batch goes).
 
-    def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int], samples_per_epoch: int,
+    Args:
+        cache: the prepared cache.
+        case_ids: the cases to draw patches from.
+        patch_size: the patch size.
+        samples_per_epoch: patches per epoch.
+        seed: the same seed and epoch give the same patches.
+        foreground_share: the share of patches centred near a foreground voxel.
+        augmentation: applied to each patch (None: none).
+    """
+
+    def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int], *, samples_per_epoch: int,
                  seed: int = 0, foreground_share: float = 1 / 3, augmentation: Augmentation | None = None):
-        self.sampler = PatchSampler(cache, case_ids, patch_size, foreground_share)
+        self.sampler = PatchSampler(cache, case_ids, patch_size, foreground_share=foreground_share)
         self.samples_per_epoch, self.seed, self.augmentation = samples_per_epoch, seed, augmentation
         self.channels = len(cache.channel_names)
         self.epoch = 0
@@ -77,7 +87,7 @@ class RawPatch:
         label = self.label.to(device, non_blocking=True) if device is not None else self.label
         image = image.float()
         if self.recipe is not None:
-            image, label = Augmentation.apply(image, label, self.recipe, size)
+            image, label = Augmentation.apply(image, label, self.recipe, size=size)
         return image.contiguous(), label.long()
 
 
@@ -157,9 +167,21 @@ def _init_worker(_: int) -> None:
 class PatchLoader:
     """A DataLoader over a :class:`PatchDataset` whose workers live as long as the loader
     (``persistent_workers``); :meth:`epoch` gives the batches of a range of steps, which
-    :func:`to_device` turns into tensors on ``device``."""
+    :func:`to_device` turns into tensors on ``device``.
 
-    def __init__(self, dataset: PatchDataset, batch_size: int, workers: int = 0, world: int = 1, rank: int = 0,
+    Args:
+        dataset: the patches.
+        batch_size: patches per batch of this process.
+        workers: loader processes (0: in this process).
+        world: processes sharing each step (torchrun).
+        rank: this process's rank.
+        device: where the batches go.
+        prefetch: batches each worker prepares ahead.
+        augment_in_workers: augment in the workers (None: on the CPU yes, on CUDA on the
+            device).
+    """
+
+    def __init__(self, dataset: PatchDataset, batch_size: int, workers: int = 0, *, world: int = 1, rank: int = 0,
                  device: torch.device | str = "cpu", prefetch: int = 2, augment_in_workers: bool | None = None):
         device = torch.device(device)
         # on CUDA augment on the GPU, after the copy; on the CPU in the workers

@@ -9,12 +9,20 @@ from scnas.data.cache import Cache, CachedCase
 from scnas.data.dataset import DatasetError
 
 
-def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...],
+def extract_patch(image, label, start: tuple[int, ...], *, size: tuple[int, ...],
                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The (C, *size) image (``dtype``; None: as stored) and (*size) int16 label patch whose
     corner is ``start`` (may lie outside the volume: outside voxels are 0, i.e. the normalised
     background, and label 0). ``image``/``label`` are anything numpy-sliceable: cached arrays
-    (float16 or float32) or arrays."""
+    (float16 or float32) or arrays.
+
+    Args:
+        image: the case's image (C, X, Y, Z), numpy or Blosc2.
+        label: its label map (X, Y, Z).
+        start: the patch's corner (may lie outside the volume).
+        size: the patch size.
+        dtype: the image patch's dtype (None: as stored).
+    """
     import torch
 
     spatial = image.shape[1:]
@@ -39,9 +47,16 @@ def extract_patch(image, label, start: tuple[int, ...], size: tuple[int, ...],
 
 
 def patch_start(rng: np.random.Generator, spatial: tuple[int, ...], size: tuple[int, ...],
-                centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
+                *, centre: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """A corner for a patch: around ``centre`` (kept inside the volume where the volume is
-    large enough), or uniformly at random; a volume smaller than the patch is centred."""
+    large enough), or uniformly at random; a volume smaller than the patch is centred.
+
+    Args:
+        rng: the random generator.
+        spatial: the volume's size.
+        size: the patch size.
+        centre: a voxel the patch should contain (None: anywhere).
+    """
     start = []
     for axis, (n, p) in enumerate(zip(spatial, size)):
         if n <= p:
@@ -57,10 +72,17 @@ class PatchSampler:
     """Draws (image, label) patches from the given cases of a cache.
 
     With probability ``foreground_share`` a patch is centred near a voxel of a random
-    foreground label present in the case (nnU-Net forces a third of each batch likewise)."""
+    foreground label present in the case (nnU-Net forces a third of each batch likewise).
+
+    Args:
+        cache: the prepared cache.
+        case_ids: the cases to draw from.
+        patch_size: the patch size.
+        foreground_share: the share of patches centred near a foreground voxel.
+    """
 
     def __init__(self, cache: Cache, case_ids: list[str], patch_size: tuple[int, int, int],
-                 foreground_share: float = 1 / 3):
+                 *, foreground_share: float = 1 / 3):
         if not case_ids:
             raise DatasetError("no cases to sample patches from")
         if not 0.0 <= foreground_share <= 1.0:
@@ -86,7 +108,7 @@ class PatchSampler:
             value = values[int(rng.integers(len(values)))]
             rows = case.foreground[case.foreground[:, 0] == value]
             centre = tuple(int(v) for v in rows[int(rng.integers(len(rows)))][1:])
-        return case, patch_start(rng, spatial, self.patch_size, centre), forced
+        return case, patch_start(rng, spatial, self.patch_size, centre=centre), forced
 
     def sample(self, rng: np.random.Generator, margin: tuple[int, ...] = (0, 0, 0),
                dtype=np.float32) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -95,6 +117,6 @@ class PatchSampler:
         axis (for a spatial transform)."""
         case, start, forced = self.choose(rng)
         region = tuple(p + 2 * m for p, m in zip(self.patch_size, margin))
-        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), region,
-                                     dtype)
+        image, label = extract_patch(case.image, case.label, tuple(s - m for s, m in zip(start, margin)), size=region,
+                                     dtype=dtype)
         return image, label, forced

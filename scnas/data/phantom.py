@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from scnas import defaults as D
 from scnas.data.dataset import DatasetError
+from scnas.errors import check_choice
 from scnas.fileio import ensure_folder, file_in_the_way, give_default_mode
 
 CHANNEL_NAMES = ("FLAIR", "T1w", "T1gd", "T2w", "ADC", "DWI", "PD", "SWI")
@@ -29,9 +31,16 @@ def _ellipsoid(shape, spacing, centre_mm, radii_mm) -> np.ndarray:
 
 
 def make_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-              contrasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              *, contrasts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: image (C, X, Y, Z) float32 and label (X, Y, Z) uint8. ``contrasts`` is a
-    (channels, classes + 1) table of mean intensities (column 0: healthy tissue)."""
+    (channels, classes + 1) table of mean intensities (column 0: healthy tissue).
+
+    Args:
+        rng: the random generator.
+        shape: the image's size in voxels.
+        spacing: voxel size in mm (shapes are round in mm).
+        contrasts: (channels, classes + 1) mean intensities.
+    """
     channels, classes = contrasts.shape[0], contrasts.shape[1] - 1
     extent = np.array(shape) * np.array(spacing)
     body = _ellipsoid(shape, spacing, extent / 2 + rng.uniform(-0.03, 0.03, 3) * extent,
@@ -54,15 +63,27 @@ def make_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tu
     return image, label
 
 
-def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int = 4, classes: int = 3,
+def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int = 4, *, classes: int = 3,
                           shape: tuple[int, int, int] = (48, 48, 24), spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
-                          seed: int = 0, layout: str = "msd", force: bool = False) -> Path:
+                          seed: int = 0, layout: str = D.LAYOUT, force: bool = False) -> Path:
     """Write a phantom task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) at ``out``.
 
     ``classes`` counts the foreground blobs (labels 1..classes, with background 0); the
     command line's ``--classes`` counts background too, as ``BuildConfig.num_classes`` does.
     ``layout`` "msd" writes the MSD v1 flavour (4D images), "nnunetv2" one file per channel.
-    The folder appears complete or not at all (written beside it, then renamed)."""
+    The folder appears complete or not at all (written beside it, then renamed).
+
+    Args:
+        out: the task folder to write (must not exist unless ``force``).
+        cases: how many cases.
+        channels: image channels per case.
+        classes: foreground classes (labels 1..classes; 0 is background).
+        shape: each image's size in voxels.
+        spacing: voxel size in mm (anisotropic by default).
+        seed: the same seed writes the same files.
+        layout: ``msd`` (4D images) or ``nnunetv2`` (one file per channel).
+        force: replace an existing ``out``.
+    """
     if not 1 <= channels <= len(CHANNEL_NAMES) or not 1 <= classes <= 8 or cases < 1:
         raise DatasetError(f"phantoms have 1-{len(CHANNEL_NAMES)} channels, 1-8 classes and at least one case")
     if any(n < 8 for n in shape) or any(s <= 0 for s in spacing):
@@ -73,16 +94,17 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
     contrasts[:, 0] = dataset_rng.uniform(80, 120, channels)
     for c in range(channels):   # each class differs from its neighbours by >= 25 in some channel
         contrasts[c, 1:] = contrasts[c, 0] + dataset_rng.choice([-1, 1], classes) * dataset_rng.uniform(25, 70, classes)
-    made = ((f"phantom_{index:03d}", *make_case(np.random.default_rng([seed, 1, index]), shape, spacing, contrasts))
+    made = ((f"phantom_{index:03d}", *make_case(np.random.default_rng([seed, 1, index]), shape, spacing,
+                                                contrasts=contrasts))
             for index in range(cases))
-    return write_task(out, made, channels, classes, spacing, layout, f"scnas synthetic phantoms (seed {seed})")
+    return write_task(out, made, channels, classes=classes, spacing=spacing, layout=layout,
+                      description=f"scnas synthetic phantoms (seed {seed})")
 
 
 def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
     """Refuse, before any work, a synthetic task folder that cannot be written at ``out``."""
     out = Path(out)
-    if layout not in ("msd", "nnunetv2"):
-        raise DatasetError(f"layout must be msd or nnunetv2, not {layout!r}")
+    check_choice(layout, D.LAYOUT_CHOICES, "layout", error=DatasetError)
     occupied = (out.is_dir() and any(out.iterdir())) or (out.exists() and not out.is_dir())
     if occupied and not force:
         raise DatasetError("already exists; choose another folder or pass --force to replace it", source=str(out))
@@ -93,10 +115,20 @@ def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
     ensure_folder(out.parent, DatasetError, "the folder of a phantom dataset")   # writable: fail before any work
 
 
-def write_task(out: str | os.PathLike, cases, channels: int, classes: int, spacing: tuple[float, float, float],
+def write_task(out: str | os.PathLike, cases, channels: int, *, classes: int, spacing: tuple[float, float, float],
                layout: str, description: str) -> Path:
     """Write a synthetic task folder from ``cases`` ((case ID, image (C, X, Y, Z), label) each)
-    in the given layout; the folder appears complete or not at all (staged beside it, renamed)."""
+    in the given layout; the folder appears complete or not at all (staged beside it, renamed).
+
+    Args:
+        out: the task folder.
+        cases: (case ID, image (C, X, Y, Z), label) of each case.
+        channels: image channels.
+        classes: foreground classes.
+        spacing: voxel size in mm.
+        layout: ``msd`` or ``nnunetv2``.
+        description: dataset.json's description.
+    """
     import nibabel as nib
 
     out = Path(out)

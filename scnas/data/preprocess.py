@@ -24,7 +24,7 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from scnas import __version__
+from scnas import defaults as D
 from scnas.data.dataset import Case, Dataset, DatasetError, LoadedCase, load_case, read_dataset
 from scnas.data.splits import kfold_splits, read_splits, write_splits
 from scnas.errors import DamagedFileError, OutputError, Problem
@@ -50,13 +51,13 @@ class PrepareSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target_spacing: tuple[float, float, float] = Field((0.7, 0.7, 0.7), description="mm, file axis order")
+    target_spacing: tuple[float, float, float] = Field(D.SPACING, description="mm, file axis order")
     image_interpolation: str = "cubic"
     label_interpolation: str = "per-label-linear"
     normalization: str = "zscore-nonzero"
     crop: str = "nonzero"
-    image_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="how images are stored: float16 (half the bytes; z-scores keep ~3 significant "
+    image_dtype: Literal[D.IMAGE_DTYPE_CHOICES] = Field(
+        D.IMAGE_DTYPE, description="how images are stored: float16 (half the bytes; z-scores keep ~3 significant "
                                "digits) or float32 (lossless)")
 
 
@@ -225,6 +226,7 @@ class PrepareReport:
     cache: Path
     prepared: list[str]
     skipped: list[str]
+    _: KW_ONLY
     seconds: float
     input_bytes: int
     damaged: list[str] = field(default_factory=list)   # found damaged, prepared again (lines naming file and fault)
@@ -331,7 +333,7 @@ def _check_existing_cache(cache: Path, header: dict[str, Any]) -> None:
 
 
 def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike,
-                    settings: PrepareSettings | None = None, workers: int | str = "auto", force: bool = False,
+                    settings: PrepareSettings | None = None, *, workers: int | str = D.WORKERS, force: bool = False,
                     splits_file: str | os.PathLike | None = None, progress: bool = True,
                     checksums: bool = True) -> PrepareReport:
     """Preprocess every case of a task folder into ``cache_dir`` (see the module docstring), in
@@ -340,7 +342,18 @@ def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike
     with ``checksums`` by reading every byte: ~1.7 GB/s); ``splits_final.json`` is written
     beside them (nnU-Net's folds, or ``splits_file`` checked and copied). A bad case does not
     stop the others; a full disk stops the cases not yet started; either way the finished
-    cases are kept and the error names the case."""
+    cases are kept and the error names the case.
+
+    Args:
+        dataset_dir: the task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``).
+        cache_dir: the cache folder to write (or to complete).
+        settings: target spacing and storage (default: :class:`PrepareSettings`'s).
+        workers: processes preparing cases in parallel, or ``auto``.
+        force: prepare every case again, and replace a cache made with other settings.
+        splits_file: a ``splits_final.json`` to use instead of nnU-Net's 5 folds.
+        progress: show a progress bar.
+        checksums: check finished cases' files by their checksums (not only their sizes).
+    """
     import time
 
     from scnas.records import read_json
@@ -383,7 +396,8 @@ def prepare_dataset(dataset_dir: str | os.PathLike, cache_dir: str | os.PathLike
             write_splits(cache / "splits_final.json", splits)
         atomic_write_text(cache / "cache.json", json.dumps({**header, "cases": sorted(case_ids),
                                                             "records": records}, indent=1) + "\n")
-        return PrepareReport(cache, sorted(done), skipped, time.perf_counter() - start, input_bytes, damaged)
+        return PrepareReport(cache, sorted(done), skipped, seconds=time.perf_counter() - start,
+                             input_bytes=input_bytes, damaged=damaged)
 
 
 class _exclusive:

@@ -41,8 +41,15 @@ RESUMABLE_CHANGES = ("epochs", "checkpoint", "micro_batch", "gpu_memory", "log_e
 device (a change of precision that would follow, ``--amp auto``, is refused separately)."""
 
 
-def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) -> None:
-    """Refuse to resume with settings other than the run's own, except :data:`RESUMABLE_CHANGES`."""
+def check_resume_settings(saved, current, run: Path, *, error: type[ScnasError]) -> None:
+    """Refuse to resume with settings other than the run's own, except :data:`RESUMABLE_CHANGES`.
+
+    Args:
+        saved: the run's own settings (from its checkpoint).
+        current: the settings given now.
+        run: the run folder, named in the error.
+        error: the error to raise (the kind of run's).
+    """
     old, new = saved.model_dump(), current.model_dump()
     differing = sorted(k for k, v in new.items() if k not in RESUMABLE_CHANGES and old[k] != v)
     if differing:
@@ -51,9 +58,17 @@ def check_resume_settings(saved, current, run: Path, error: type[ScnasError]) ->
                     "may change)", source=str(run))
 
 
-def check_resume_precision(saved: str | None, now: str, run: Path, error: type[ScnasError]) -> None:
+def check_resume_precision(saved: str | None, now: str, run: Path, *, error: type[ScnasError]) -> None:
     """Refuse to continue a run at another precision than it started with (``--amp auto``
-    means fp16 on CUDA and off on the CPU, so moving a run between them would change it)."""
+    means fp16 on CUDA and off on the CPU, so moving a run between them would change it).
+
+    Args:
+        saved: the precision the run started with (None: a checkpoint from before it was
+            recorded).
+        now: the precision resolved for this device.
+        run: the run folder, named in the error.
+        error: the error to raise.
+    """
     if saved is not None and saved != now:
         raise error(f"this run computed with amp {saved}; here it would compute with amp {now} (--amp auto follows "
                     f"the device): resume it on the same kind of device", source=str(run))

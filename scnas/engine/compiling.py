@@ -45,11 +45,18 @@ def compiled_for_inference(model: nn.Module, say: Callable[[str], None]) -> Call
     return run
 
 
-def compile_for_training(net: nn.Module, example: torch.Tensor, autocast, say: Callable[[str], None]) -> bool:
+def compile_for_training(net: nn.Module, example: torch.Tensor, autocast, *, say: Callable[[str], None]) -> bool:
     """Compile ``net`` in place (``nn.Module.compile``: parameter names, state dicts and model
     files stay as they are) and compile forward and backward now, on ``example`` (one
     micro-batch, under ``autocast``), so that the time is printed and a failure falls back to
-    eager before the first step. Leaves no gradients behind; returns whether it compiled."""
+    eager before the first step. Leaves no gradients behind; returns whether it compiled.
+
+    Args:
+        net: the network, compiled in place.
+        example: one micro-batch of input.
+        autocast: the context manager of the run's precision.
+        say: prints the compile time, or why it fell back to eager.
+    """
     net.compile()
     started = time.perf_counter()
     try:

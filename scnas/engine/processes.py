@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scnas.errors import ScnasError
+from scnas.defaults import DEVICE_CHOICES
+from scnas.errors import ScnasError, check_choice
 
 
 @dataclass
@@ -31,14 +32,10 @@ class Processes:
             dist.barrier()
 
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
 def resolve_device(device: str, error: type[ScnasError] = ScnasError) -> torch.device:
     """``auto``: CUDA when a device is available, else the CPU. ``cuda`` without one, or a name
     other than auto, cpu and cuda, is refused with a message that says what to use."""
-    if device not in DEVICE_CHOICES:
-        raise error(f"--device {device!r}: expected auto, cpu or cuda")
+    check_choice(device, DEVICE_CHOICES, "--device", error=error)
     if device == "cuda" and not torch.cuda.is_available():
         raise error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")

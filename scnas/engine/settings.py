@@ -28,7 +28,7 @@ class RunSettings(BaseModel):
                                                                   "of the number of processes")
     micro_batch: int | None = Field(None, ge=1, description="patches per forward pass (gradients accumulate exactly "
                                                             "over a process's share); None: the largest that fits")
-    checkpoint: Literal["auto", "off", "cells", "edges"] = Field(
+    checkpoint: Literal[D.CHECKPOINT_CHOICES] = Field(
         "auto", description="activation checkpointing: off, cells (recompute each cell in backward), edges (also "
                             "each edge inside); auto: the cheapest that fits the memory budget")
     epochs: int = Field(D.TRAIN_EPOCHS, ge=1)
@@ -37,7 +37,7 @@ class RunSettings(BaseModel):
                                                         "rate is multiplied by plateau_factor")
     plateau_factor: float = Field(0.2, gt=0, lt=1)
     grad_clip: float = Field(12.0, gt=0, description="max gradient norm of the network weights (nnU-Net's 12)")
-    loss: Literal["jaccard", "jaccard-fg"] = Field(
+    loss: Literal[D.LOSS_CHOICES] = Field(
         D.LOSS, description="soft Jaccard distance averaged over all classes (jaccard) or the foreground classes "
                             "only (jaccard-fg)")
     foreground_share: float = Field(1 / 3, ge=0, le=1)
@@ -48,8 +48,8 @@ class RunSettings(BaseModel):
                                "processes on the machine), none on the CPU")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch only)")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
-    device: Literal["auto", "cpu", "cuda"] = D.DEVICE
-    amp: Literal["auto", "off", "fp16", "bf16"] = Field(
+    device: Literal[D.DEVICE_CHOICES] = D.DEVICE
+    amp: Literal[D.AMP_CHOICES] = Field(
         D.AMP, description="mixed precision: fp16 (with gradient scaling), bf16, off; auto: fp16 on CUDA, off on CPU")
     gpu_memory: str | None = Field(None, description="memory to plan for, e.g. 24GiB (default: the CUDA device's free "
                                                      "memory; nothing is planned on the CPU unless given)")

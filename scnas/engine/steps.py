@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from scnas.defaults import AMP_CHOICES  # noqa: F401  (re-exported: the choices of resolve_amp)
 from scnas.metrics import supervised_from_statistics, supervised_statistics
 from scnas.errors import ScnasError
 
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -70,7 +70,7 @@ def split_batch(x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> list[tupl
 
 def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
                      batches: list[tuple[torch.Tensor, torch.Tensor]], backward: Callable[[torch.Tensor], None],
-                     precision: Precision, world: int = 1, no_sync: Callable[[], object] | None = None,
+                     *, precision: Precision, world: int = 1, no_sync: Callable[[], object] | None = None,
                      foreground_only: bool = False, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Backpropagate the soft Jaccard loss of all ``batches`` of all ``world`` processes and
     return that loss (a device scalar, no host synchronisation); ``foreground_only``: the
@@ -83,7 +83,18 @@ def accumulate_exact(logits_of: Callable[[torch.Tensor], torch.Tensor | list[tor
 
     ``backward(surrogate)`` backpropagates one micro-batch's share (scaled by the caller's
     scaler); ``no_sync`` (DistributedDataParallel's) keeps gradients local for every
-    micro-batch but the last, whose backward reduces them over the processes."""
+    micro-batch but the last, whose backward reduces them over the processes.
+
+    Args:
+        logits_of: the network's forward pass (a list of outputs with deep supervision).
+        batches: this process's micro-batches (images, labels).
+        backward: backpropagates a surrogate loss (e.g. through a gradient scaler).
+        precision: the autocast to run the forward passes in.
+        world: processes sharing the batch (their loss sums are all-reduced).
+        no_sync: DistributedDataParallel's ``no_sync``, to reduce gradients once per step.
+        foreground_only: leave the background class out of the loss.
+        weights: deep supervision's weights of the outputs (None: one output).
+    """
     weights = [1.0] if weights is None else weights   # one output of weight 1: exactly the plain loss
     quiet = no_sync if (no_sync is not None and len(batches) > 1) else nullcontext
     rest = []
@@ -121,10 +132,18 @@ def gradient_norm(parameters: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.Tensor], precision: Precision,
-                 loss: torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
+                 *, loss: torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
     """Unscale, clip (``max_norm``), and step unless the loss or a gradient is not finite.
     Returns a device bool: True when the step was skipped. With a fused optimiser the
-    decision stays on the device (no synchronisation); otherwise it is read back."""
+    decision stays on the device (no synchronisation); otherwise it is read back.
+
+    Args:
+        optimizer: the optimiser to step.
+        parameters: its parameters (clipped together).
+        precision: the run's precision (its gradient scaler).
+        loss: the step's loss (device scalar).
+        max_norm: the gradient norm to clip to (None: no clipping).
+    """
     precision.scaler.unscale_(optimizer)
     if max_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -206,10 +225,20 @@ class StepMeter:
         return {key: numbers[key] for key in (*self.names, "n", "skipped", "streak", "skips")}
 
 
-def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], epoch: int, step: int, checkpoint: Path,
+def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], *, epoch: int, step: int, checkpoint: Path,
                  rate_option: str) -> dict:
     """``meter.read()``, or ``error`` when ``limit`` steps in a row had non-finite losses or
-    gradients (the last good checkpoint stays as it is)."""
+    gradients (the last good checkpoint stays as it is).
+
+    Args:
+        meter: the epoch's loss meter.
+        limit: non-finite steps in a row that stop the run.
+        error: the error to raise.
+        epoch: the epoch, named in the error.
+        step: the step, named in the error.
+        checkpoint: the last good checkpoint, named in the error.
+        rate_option: the option to lower, suggested in the error.
+    """
     numbers = meter.read()
     if numbers["longest"] >= limit:
         raise error(f"{numbers['longest']} non-finite losses or gradients in a row by epoch {epoch + 1}, step "
@@ -223,8 +252,17 @@ def read_checked(meter: StepMeter, limit: int, error: type[ScnasError], epoch: i
     return numbers
 
 
-def out_of_memory(error: type[ScnasError], epoch: int, plan_text: str, checkpoint: Path, plan_command: str) -> ScnasError:
-    """The error for a step that ran out of device memory despite the plan."""
+def out_of_memory(error: type[ScnasError], epoch: int, plan_text: str, *, checkpoint: Path,
+                  plan_command: str) -> ScnasError:
+    """The error for a step that ran out of device memory despite the plan.
+
+    Args:
+        error: the error to build.
+        epoch: the epoch, named in the message.
+        plan_text: the memory plan, described.
+        checkpoint: the last checkpoint, to resume from.
+        plan_command: the command that shows what fits.
+    """
     return error(f"ran out of device memory at epoch {epoch + 1} ({plan_text}). The last checkpoint ({checkpoint.name}) "
                  "is kept: --resume with --checkpoint edges or a smaller --micro-batch (or --gpu-memory below this "
                  f"device's, so that the plan leaves more room); '{plan_command}' shows what fits",

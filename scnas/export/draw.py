@@ -93,8 +93,15 @@ def _alpha_edges(graph: graphviz.Digraph, genotype: Genotype, cell_type: str, pr
 
 
 def cells_graph(genotype: Genotype, cells: list[str] | None = None, alpha: bool = False,
-                title: str | None = None) -> graphviz.Digraph:
-    """Figure-2-style drawing of the given cells (default: all four), side by side."""
+                *, title: str | None = None) -> graphviz.Digraph:
+    """Figure-2-style drawing of the given cells (default: all four), side by side.
+
+    Args:
+        genotype: the cells.
+        cells: the cell types to draw (default: all four).
+        alpha: label edges with softmax(alpha) (a genotype written by a search).
+        title: the figure's title.
+    """
     cells = cells or list(CELL_TYPES)
     for name in cells:
         genotype.cell(name)  # validates the name

@@ -18,22 +18,24 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from scnas.build import BuildError, SCNASUNet
-from scnas.build.model_file import model_metadata, read_any_model_info, read_onnx_info
+from scnas.build.model_file import model_metadata
 from scnas.build.network import check_spatial_size
-from scnas.errors import ScnasError
+from scnas import defaults as D
+from scnas.defaults import ONNX_PROVIDER_CHOICES
+from scnas.errors import ScnasError, check_choice
 from scnas.fileio import atomic_write_bytes, ensure_writable
 from scnas.genotype import short_hash
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDERS = dict(zip(ONNX_PROVIDER_CHOICES, ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")))
 TOLERANCE = (1e-4, 1e-3)
 """(atol, rtol): the float32 graph passes when max|onnx - torch| <= atol + rtol * max|torch|.
 Randomly initialised, InstanceNorm-heavy networks differ by up to ~1e-4 of the output range
@@ -56,6 +58,7 @@ class ParityCheck:
     dtype: str
     shape: tuple[int, ...]
     max_abs: float
+    _: KW_ONLY
     max_rel: float           # max_abs / max|torch output|
     label_agreement: float   # share of voxels whose argmax class equals PyTorch's
     passed: bool
@@ -66,6 +69,7 @@ class ExportReport:
     path: str
     dtype: str
     opset: int
+    _: KW_ONLY
     export_seconds: float
     file_bytes: int
     provider: str | None
@@ -111,7 +115,7 @@ def _onnx_model(model: SCNASUNet, dtype: torch.dtype = torch.float32):
 
 
 def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dict[str, Any] | None = None,
-                fp16: bool = False, verify: bool = True, provider: str = "cpu",
+                fp16: bool = False, verify: bool = True, provider: str = D.ONNX_PROVIDER,
                 check_shapes: list[tuple[int, ...]] | None = None,
                 metadata: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` to one ONNX file at ``path``.
@@ -121,7 +125,19 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
     ``fp16`` that verified graph is converted to float16 inside (inputs and outputs stay
     float32) and checked for precision (:data:`FP16_MIN_LABEL_AGREEMENT`). ``metadata``: more
     entries for ``metadata_props`` (e.g. a trained model's ``training``). Raises
-    ``ExportError`` when a check fails; the file is written only when all pass."""
+    ``ExportError`` when a check fails; the file is written only when all pass.
+
+    Args:
+        model: the network to export (eval mode is set here).
+        path: the ``.onnx`` file to write.
+        preprocessing: what a predictor must do to a new image, stored in the metadata.
+        fp16: convert the verified graph to float16 inside.
+        verify: run the file in onnxruntime against PyTorch.
+        provider: the onnxruntime execution provider to verify on: ``cpu``, ``cuda`` or
+            ``tensorrt``.
+        check_shapes: the input shapes verified (default: :func:`default_check_shapes`).
+        metadata: more ``metadata_props`` entries.
+    """
     import onnx
 
     shapes = check_shapes or default_check_shapes(model)
@@ -158,8 +174,9 @@ def export_onnx(model: SCNASUNet, path: str | os.PathLike, *, preprocessing: dic
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    report = ExportReport(str(path), "float16" if fp16 else "float32", OPSET, seconds, len(data),
-                          provider if verify else None)
+    report = ExportReport(str(path), "float16" if fp16 else "float32", OPSET, export_seconds=seconds,
+                          file_bytes=len(data),
+                          provider=provider if verify else None)
     if session_factory is not None:
         graphs = [("float32", float32_proto.SerializeToString() if fp16 else data)] + ([("float16", data)] if fp16 else [])
         for dtype, graph in graphs:
@@ -183,8 +200,7 @@ def _session_factory(provider: str):
     except ImportError:
         raise ExportError("verification needs onnxruntime, which is not installed: pip install 'scnas[cpu]' "
                           "(or 'scnas[gpu]' for CUDA/TensorRT; never both), or export with --no-verify") from None
-    if provider not in PROVIDERS:
-        raise ExportError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    check_choice(provider, ONNX_PROVIDER_CHOICES, "--provider", error=ExportError)
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:
         hint = ("install the GPU build instead of the CPU one: pip uninstall onnxruntime && pip install 'scnas[gpu]'"
@@ -205,7 +221,7 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
         expected = model(x).numpy()
     got = session.run(None, {INPUT_NAME: x.numpy()})[0].astype(np.float32)
     if got.shape != expected.shape or not np.isfinite(got).all():
-        return ParityCheck(dtype, tuple(shape), float("inf"), float("inf"), 0.0, False)
+        return ParityCheck(dtype, tuple(shape), float("inf"), max_rel=float("inf"), label_agreement=0.0, passed=False)
     max_abs = float(np.abs(got - expected).max())
     scale = float(np.abs(expected).max())
     max_rel = max_abs / max(scale, 1e-12)
@@ -214,9 +230,8 @@ def _parity(session, model: SCNASUNet, shape: tuple[int, ...], dtype: str) -> Pa
         passed = max_abs <= TOLERANCE[0] + TOLERANCE[1] * scale
     else:
         passed = agreement >= FP16_MIN_LABEL_AGREEMENT and max_rel <= FP16_MAX_REL
-    return ParityCheck(dtype, tuple(shape), max_abs, max_rel, agreement, passed)
+    return ParityCheck(dtype, tuple(shape), max_abs, max_rel=max_rel, label_agreement=agreement, passed=passed)
 
 
 __all__ = ["ExportError", "ExportReport", "FP16_MIN_LABEL_AGREEMENT", "ParityCheck", "TOLERANCE", "default_check_shapes",
-           "export_onnx",
-           "read_any_model_info", "read_onnx_info"]
+           "export_onnx"]

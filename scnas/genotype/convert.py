@@ -193,7 +193,14 @@ def from_darts(text: str, *, source: str | None = None, op_map: dict[str, str] |
     (added to :data:`DARTS_OP_NAMES`; scnas names map to themselves); ``cells`` says which
     scnas cells each DARTS cell becomes; every scnas cell must be covered exactly once. The
     DARTS names used are kept in ``provenance.darts_ops`` (so writing DARTS again gives them
-    back), with the provenance of a ``# scnas-provenance:`` comment if the text has one."""
+    back), with the provenance of a ``# scnas-provenance:`` comment if the text has one.
+
+    Args:
+        text: the DARTS ``Genotype(...)`` string.
+        source: the file it came from, for error messages.
+        op_map: foreign op name -> scnas op name.
+        cells: DARTS cell -> the scnas cells it becomes.
+    """
     darts = _parse_darts_call(text, source)
     cells = cells or DEFAULT_DARTS_CELLS
     covered = [name for names in cells.values() for name in names]
@@ -277,7 +284,14 @@ def to_darts(genotype: Genotype, *, op_map: dict[str, str] | None = None,
     """Write a DARTS ``Genotype(...)`` string. Every scnas cell a DARTS cell stands for must be
     identical (the default mapping needs decoder_normal == encoder_normal and expansion ==
     reduction); pass ``cells`` naming one scnas cell each to export just those. Op names are
-    DARTS's own (see :func:`_darts_names`); an op with no DARTS name is refused."""
+    DARTS's own (see :func:`_darts_names`); an op with no DARTS name is refused.
+
+    Args:
+        genotype: the genotype to write.
+        op_map: foreign op name -> scnas op name (written back as the foreign name).
+        cells: DARTS cell -> the scnas cells it stands for.
+        darts_names: scnas op -> the DARTS name to write (first choice).
+    """
     cells = cells or DEFAULT_DARTS_CELLS
     if set(cells) != {"normal", "reduce"}:
         raise GenotypeError("a DARTS genotype needs both a normal and a reduce cell in the cell mapping")
@@ -355,7 +369,12 @@ def _oneline_int(text: str, what: str, source: str | None) -> int:
 
 
 def from_oneline(text: str, *, source: str | None = None) -> Genotype:
-    """Parse the one-line form written by :func:`to_oneline`."""
+    """Parse the one-line form written by :func:`to_oneline`.
+
+    Args:
+        text: the one-line form.
+        source: the file it came from, for error messages.
+    """
     parts = text.strip().split(";")
     if parts[0] != ONELINE_PREFIX:
         raise GenotypeError(f"one-line genotype must start with {ONELINE_PREFIX!r}", source=source)

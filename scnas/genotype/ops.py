@@ -8,7 +8,7 @@ a new kind also needs its module in ``scnas.build.ops``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class OpSpec:
     name: str
     family: str          # "conv", "pool", "identity" or "zero"
     parametric: bool     # has learnable weights
+    _: KW_ONLY
     description: str
     kernel: int = 0      # spatial kernel size (0: none)
     dilation: int = 1
@@ -26,17 +27,20 @@ class OpSpec:
 
 
 _TABLE = (
-    OpSpec("zero", "zero", False, "no connection (learned connectivity); never written as an edge"),
-    OpSpec("identity", "identity", False, "skip connection (strided 1x1x1 conv when the edge reduces)"),
-    OpSpec("conv_3x3x3", "conv", True, "LeakyReLU-Conv3x3x3-InstanceNorm", kernel=3),
+    OpSpec("zero", "zero", False, description="no connection (learned connectivity); never written as an edge"),
+    OpSpec("identity", "identity", False, description="skip connection (strided 1x1x1 conv when the edge reduces)"),
+    OpSpec("conv_3x3x3", "conv", True, description="LeakyReLU-Conv3x3x3-InstanceNorm", kernel=3),
     OpSpec("sep_dil2_conv_3x3x3", "conv", True,
-           "LeakyReLU-depthwise-separable 3x3x3 conv, dilation 2-InstanceNorm", kernel=3, dilation=2, separable=True),
+           description="LeakyReLU-depthwise-separable 3x3x3 conv, dilation 2-InstanceNorm", kernel=3, dilation=2,
+           separable=True),
     OpSpec("sep_dil3_conv_3x3x3", "conv", True,
-           "LeakyReLU-depthwise-separable 3x3x3 conv, dilation 3-InstanceNorm", kernel=3, dilation=3, separable=True),
+           description="LeakyReLU-depthwise-separable 3x3x3 conv, dilation 3-InstanceNorm", kernel=3, dilation=3,
+           separable=True),
     OpSpec("sep_dil4_conv_3x3x3", "conv", True,
-           "LeakyReLU-depthwise-separable 3x3x3 conv, dilation 4-InstanceNorm", kernel=3, dilation=4, separable=True),
-    OpSpec("max_pool_3x3x3", "pool", False, "3x3x3 max pooling", kernel=3, pooling="max"),
-    OpSpec("avg_pool_3x3x3", "pool", False, "3x3x3 average pooling (padding not counted)", kernel=3,
+           description="LeakyReLU-depthwise-separable 3x3x3 conv, dilation 4-InstanceNorm", kernel=3, dilation=4,
+           separable=True),
+    OpSpec("max_pool_3x3x3", "pool", False, description="3x3x3 max pooling", kernel=3, pooling="max"),
+    OpSpec("avg_pool_3x3x3", "pool", False, description="3x3x3 average pooling (padding not counted)", kernel=3,
            pooling="avg"),
 )
 

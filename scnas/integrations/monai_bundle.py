@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -239,8 +239,9 @@ def _even_sliding_window_inferer() -> type:
             images = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
             logits = torch.stack([
                 sliding_window_logits(image, lambda batch: network(batch, *args, **kwargs),
-                                      tuple(int(n) for n in self.roi_size), self.num_classes, float(self.overlap),
-                                      self.sw_batch_size, gaussian=self.mode == "gaussian")
+                                      tuple(int(n) for n in self.roi_size), num_classes=self.num_classes,
+                                      overlap=float(self.overlap),
+                                      batch_size=self.sw_batch_size, gaussian=self.mode == "gaussian")
                 for image in images])
             return convert_to_dst_type(logits, inputs, dtype=logits.dtype)[0]
 
@@ -383,16 +384,24 @@ class BundleReport:
     path: Path
     files: list[str]
     seconds: float
+    _: KW_ONLY
     onnx: Any = None   # the ExportReport of models/model.onnx, when asked for
 
 
 def export_bundle(model_path: str | os.PathLike, output: str | os.PathLike, onnx: bool = False,
-                  say: Callable[[str], None] = lambda message: None) -> BundleReport:
+                  *, say: Callable[[str], None] = lambda message: None) -> BundleReport:
     """Write the bundle of the model file ``model_path`` into the new folder ``output``.
 
     An existing ``output`` is refused (nothing is written); the bundle is written into a
     temporary folder beside it and renamed into place when complete. ``onnx``: also
-    ``models/model.onnx``, verified in onnxruntime against PyTorch (``scnas export-onnx``)."""
+    ``models/model.onnx``, verified in onnxruntime against PyTorch (``scnas export-onnx``).
+
+    Args:
+        model_path: a ``.safetensors`` model file from ``scnas train``.
+        output: the bundle folder to make (must not exist).
+        onnx: also write ``models/model.onnx``, verified in onnxruntime.
+        say: prints notices.
+    """
     import torch
 
     from scnas.build import build_network
@@ -444,4 +453,4 @@ def export_bundle(model_path: str | os.PathLike, output: str | os.PathLike, onnx
         shutil.rmtree(staging, ignore_errors=True)
         raise
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    return BundleReport(target, files, time.perf_counter() - start, report)
+    return BundleReport(target, files, time.perf_counter() - start, onnx=report)

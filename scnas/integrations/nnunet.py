@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,12 +64,22 @@ def depth_of_strides(strides: Any) -> int:
     return depth
 
 
-def settings_from_arch_kwargs(input_channels: int, num_classes: int, genotype: Any, stem_channels: int,
+def settings_from_arch_kwargs(input_channels: int, num_classes: int, genotype: Any, *, stem_channels: int,
                               strides: Any, upsampling: str = D.UPSAMPLING,
                               negative_slope: float = 0.01) -> tuple[Genotype, BuildConfig]:
     """The genotype and build settings that a plans file's ``arch_kwargs`` describe. Deep
     supervision heads are always built (as nnU-Net's own U-Net always builds its segmentation
-    layers), so a checkpoint trained with them loads into the network nnU-Net builds for inference."""
+    layers), so a checkpoint trained with them loads into the network nnU-Net builds for inference.
+
+    Args:
+        input_channels: nnU-Net's input channels.
+        num_classes: nnU-Net's output channels.
+        genotype: the genotype document (or a Genotype).
+        stem_channels: the stem width.
+        strides: ``[[1, 1, 1]] + [[2, 2, 2]] * depth``.
+        upsampling: ``trilinear`` or ``transposed``.
+        negative_slope: the LeakyReLU's slope.
+    """
     genotype = genotype if isinstance(genotype, Genotype) else genotype_from_data(genotype, source="arch_kwargs.genotype")
     depth = depth_of_strides(strides)
     try:
@@ -114,13 +124,25 @@ class SCNASUNetForNNUNet(SCNASUNet):
     nnU-Net derives from ``strides``. Off, one tensor. The weights' names are scnas's own, so
     nnU-Net's ``network_weights`` load into ``build_network(genotype, config)`` unchanged.
     Initialised as nnU-Net initialises its U-Nets (:func:`he_initialization`, applied by
-    ``get_network_from_plans``)."""
+    ``get_network_from_plans``).
 
-    def __init__(self, input_channels: int, num_classes: int, genotype: Any, stem_channels: int,
+    Args:
+        input_channels: input channels (nnU-Net passes them).
+        num_classes: output channels (nnU-Net passes them).
+        genotype: the genotype document, inline in the plans.
+        stem_channels: the stem width.
+        strides: ``[[1, 1, 1]] + [[2, 2, 2]] * depth``.
+        deep_supervision: return the coarser heads' logits too.
+        upsampling: ``trilinear`` or ``transposed``.
+        negative_slope: the LeakyReLU's slope.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, genotype: Any, *, stem_channels: int,
                  strides: Sequence[Sequence[int]], deep_supervision: bool = False,
                  upsampling: str = D.UPSAMPLING, negative_slope: float = 0.01):
-        genotype, config = settings_from_arch_kwargs(input_channels, num_classes, genotype, stem_channels, strides,
-                                                     upsampling, negative_slope)
+        genotype, config = settings_from_arch_kwargs(input_channels, num_classes, genotype,
+                                                     stem_channels=stem_channels, strides=strides,
+                                                     upsampling=upsampling, negative_slope=negative_slope)
         super().__init__(genotype, config)
         self.decoder = DeepSupervisionSwitch(deep_supervision)
         missing = [f"decoder_normal_{level}" for level in range(1, config.depth)
@@ -204,10 +226,18 @@ def check_base_configuration(configuration: dict[str, Any], name: str, source: s
     return tuple(patch)  # type: ignore[return-value]
 
 
-def scnas_strides(configuration: dict[str, Any], name: str, patch: tuple[int, int, int], depth: int | None,
+def scnas_strides(configuration: dict[str, Any], name: str, patch: tuple[int, int, int], *, depth: int | None,
                   source: str) -> list[list[int]]:
     """The strides of the new configuration: nnU-Net's own for ``name`` (when the cells can take
-    them), or ``depth`` isotropic halvings; the patch must then be divisible by 2**depth."""
+    them), or ``depth`` isotropic halvings; the patch must then be divisible by 2**depth.
+
+    Args:
+        configuration: nnU-Net's configuration the new one is based on.
+        name: its name, for error messages.
+        patch: its patch size.
+        depth: isotropic down-samplings (None: nnU-Net's own strides).
+        source: the plans file, for error messages.
+    """
     if depth is None:
         strides = configuration["architecture"]["arch_kwargs"].get("strides")
         try:
@@ -224,9 +254,17 @@ def scnas_strides(configuration: dict[str, Any], name: str, patch: tuple[int, in
     return strides
 
 
-def scnas_configuration(genotype: Genotype, stem_channels: int, strides: list[list[int]], base: str,
+def scnas_configuration(genotype: Genotype, stem_channels: int, strides: list[list[int]], *, base: str,
                         upsampling: str = D.UPSAMPLING) -> dict[str, Any]:
-    """The plans configuration that trains ``genotype`` in nnU-Net on ``base``'s preprocessed data."""
+    """The plans configuration that trains ``genotype`` in nnU-Net on ``base``'s preprocessed data.
+
+    Args:
+        genotype: the cells.
+        stem_channels: the stem width.
+        strides: from :func:`scnas_strides`.
+        base: the configuration it inherits from.
+        upsampling: ``trilinear`` or ``transposed``.
+    """
     return {
         "inherits_from": base,
         "architecture": {
@@ -250,9 +288,16 @@ def network_channels(plans: dict[str, Any], configuration: str, dataset_json: di
 
 
 def nnunet_network(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
-                   deep_supervision: bool = False) -> nn.Module:
+                   *, deep_supervision: bool = False) -> nn.Module:
     """The network nnU-Net's trainer builds for ``configuration`` (not initialised), through
-    nnU-Net's own ``get_network_from_plans``. Build it under ``torch.device("meta")`` to count it."""
+    nnU-Net's own ``get_network_from_plans``. Build it under ``torch.device("meta")`` to count it.
+
+    Args:
+        plans: the plans document.
+        configuration: the configuration's name.
+        dataset_json: the dataset.json document.
+        deep_supervision: build with deep supervision.
+    """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -264,9 +309,16 @@ def nnunet_network(plans: dict[str, Any], configuration: str, dataset_json: dict
 
 
 def nnunet_network_cost(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
-                        source: str = "plans") -> tuple[int, int]:
+                        *, source: str = "plans") -> tuple[int, int]:
     """Parameters and FLOPs (one inference forward at the configuration's patch, batch 1) of
-    nnU-Net's own network for ``configuration``, counted as scnas counts its networks."""
+    nnU-Net's own network for ``configuration``, counted as scnas counts its networks.
+
+    Args:
+        plans: the plans document.
+        configuration: the configuration's name.
+        dataset_json: the dataset.json document.
+        source: the plans file, for error messages.
+    """
     from scnas.build.stats import forward_flops
 
     patch = resolved_configuration(plans, configuration, source)["patch_size"]
@@ -283,6 +335,7 @@ class PlansEdit:
     output: Path
     configuration: str
     base: str
+    _: KW_ONLY
     dataset: str
     plans_identifier: str
     stem_channels: int
@@ -307,7 +360,7 @@ def default_output(plans_path: str | os.PathLike) -> Path:
 
 
 def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output: str | os.PathLike | None = None,
-                       stem_channels: int | None = None, match_nnunet_flops: bool = False,
+                       *, stem_channels: int | None = None, match_nnunet_flops: bool = False,
                        configuration: str = "3d_fullres_scnas", base: str = BASE_CONFIGURATION,
                        depth: int | None = None, dataset_json: str | os.PathLike | None = None,
                        upsampling: str = D.UPSAMPLING) -> PlansEdit:
@@ -316,7 +369,23 @@ def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output
     ``stem_channels`` or, with ``match_nnunet_flops``, at the stem whose FLOPs are nearest to
     nnU-Net's own network for ``base`` at its patch size. ``dataset_json`` (default: the
     ``dataset.json`` beside the plans) gives the channels and labels. Nothing is written when
-    any check fails; the file is written atomically."""
+    any check fails; the file is written atomically.
+
+    Args:
+        plans_path: an nnU-Net v2 plans file (``nnUNetPlans.json``).
+        genotype: the cells of the network to train.
+        output: the plans file to write (default: ``nnUNetPlans_scnas.json`` beside
+            ``plans_path``); never ``plans_path`` itself.
+        stem_channels: the stem width; give it or ``match_nnunet_flops``, not both.
+        match_nnunet_flops: choose the stem whose FLOPs are nearest to nnU-Net's own network.
+        configuration: the name of the configuration to add.
+        base: the configuration it inherits from (its preprocessed data).
+        depth: isotropic down-samplings (default: nnU-Net's own strides, when the cells can take
+            them).
+        dataset_json: the dataset.json giving channels and labels (default: beside
+            ``plans_path``).
+        upsampling: ``trilinear`` or ``transposed``.
+    """
     from scnas.build.stats import match_flops, network_flops, network_stats
 
     source = str(plans_path)
@@ -341,33 +410,38 @@ def write_nnunet_plans(plans_path: str | os.PathLike, genotype: Genotype, output
                           source=source)
     base_configuration = resolved_configuration(plans, base, source)
     patch = check_base_configuration(base_configuration, base, source)
-    strides = scnas_strides(base_configuration, base, patch, depth, source)
+    strides = scnas_strides(base_configuration, base, patch, depth=depth, source=source)
     json_path = Path(dataset_json) if dataset_json is not None else Path(plans_path).with_name("dataset.json")
     dataset = read_json_document(json_path, "dataset.json")
     try:
         in_channels, num_classes = network_channels(plans, base, dataset)
     except (KeyError, TypeError, ValueError, AssertionError) as exc:
         raise NNUNetError(f"cannot read channels and labels: {type(exc).__name__} {exc}", source=str(json_path)) from None
-    _, config = settings_from_arch_kwargs(in_channels, num_classes, genotype, stem_channels or 1, strides, upsampling)
+    _, config = settings_from_arch_kwargs(in_channels, num_classes, genotype, stem_channels=stem_channels or 1,
+                                          strides=strides, upsampling=upsampling)
     cost_config = config.model_copy(update={"deep_supervision": False})   # inference cost, as nnU-Net's is counted
     nnunet_params = nnunet_flops = None
     if match_nnunet_flops:
-        nnunet_params, nnunet_flops = nnunet_network_cost(plans, base, dataset, source)
-        stem_channels, flops = match_flops(genotype, nnunet_flops, cost_config, patch)
+        nnunet_params, nnunet_flops = nnunet_network_cost(plans, base, dataset, source=source)
+        stem_channels, flops = match_flops(genotype, nnunet_flops, cost_config, patch=patch)
         config = config.model_copy(update={"stem_channels": stem_channels})
     else:
         flops = network_flops(genotype, cost_config.model_copy(update={"stem_channels": stem_channels}), patch)
         config = config.model_copy(update={"stem_channels": stem_channels})
     with torch.device("meta"):   # refuses now what nnU-Net's trainer would refuse later
-        SCNASUNetForNNUNet(in_channels, num_classes, genotype, stem_channels, strides, True, upsampling)
+        SCNASUNetForNNUNet(in_channels, num_classes, genotype, stem_channels=stem_channels, strides=strides,
+                           deep_supervision=True, upsampling=upsampling)
     params = network_stats(genotype, config, (2 * config.divisor,) * 3).params
     edited = dict(plans)
     edited["configurations"] = {**plans["configurations"],
-                                configuration: scnas_configuration(genotype, stem_channels, strides, base, upsampling)}
+                                configuration: scnas_configuration(genotype, stem_channels, strides, base=base,
+                                                                   upsampling=upsampling)}
     edited["plans_name"] = output.stem   # nnU-Net names result folders TRAINER__PLANS__CONFIG from it
     atomic_write_text(output, json.dumps(edited, indent=4) + "\n")
-    return PlansEdit(output, configuration, base, plans["dataset_name"], output.stem, stem_channels, config.depth,
-                     patch, in_channels, num_classes, params, flops, nnunet_params, nnunet_flops)
+    return PlansEdit(output, configuration, base, dataset=plans["dataset_name"], plans_identifier=output.stem,
+                     stem_channels=stem_channels, depth=config.depth,
+                     patch=patch, in_channels=in_channels, num_classes=num_classes, params=params, flops=flops,
+                     nnunet_params=nnunet_params, nnunet_flops=nnunet_flops)
 
 
 # ---------------------------------------------------------------------------------------------

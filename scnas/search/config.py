@@ -25,10 +25,10 @@ class SearchConfig(RunSettings):
                                                                    "number of processes")
     epochs: int = Field(D.SEARCH_EPOCHS, ge=1)
     steps_per_epoch: int = Field(D.STEPS_PER_EPOCH, ge=1, description="Theta/alpha step pairs per epoch")
-    sampling: Literal["pair", "one", "full"] = D.SAMPLING
+    sampling: Literal[D.SAMPLING_CHOICES] = D.SAMPLING
     tau_max: float = Field(D.TAU_MAX, gt=0, description="Gumbel-softmax temperature at the first epoch")
     tau_min: float = Field(D.TAU_MIN, gt=0, description="... at the last epoch")
-    tau_schedule: Literal["linear", "exponential"] = D.TAU_SCHEDULE
+    tau_schedule: Literal[D.TAU_SCHEDULE_CHOICES] = D.TAU_SCHEDULE
     theta_lr: float = Field(0.025, gt=0, description="paper: 0.025")
     theta_betas: tuple[float, float] = Field((0.1, 0.001), description="as printed in the paper: (0.1, 0.001)")
     alpha_lr: float = Field(D.ALPHA_LR, gt=0, description="paper: 0.003")
@@ -40,7 +40,7 @@ class SearchConfig(RunSettings):
     architecture_share: float = Field(0.2, gt=0, lt=1, description="share of a fold's training cases that train "
                                                                     "alpha (paper: 4:1)")
     val_batches: int = Field(2, ge=1, description="architecture-set batches for the epoch's Dice")
-    derive: Literal["top-k", "argmax"] = Field(
+    derive: Literal[D.DERIVE_CHOICES] = Field(
         D.DERIVE, description="top-k: DARTS's rule, per node the top_k strongest incoming edges, each with its best "
                              "non-zero op; argmax: per edge the most probable op, zero = no edge")
     top_k: int = Field(D.TOP_K, ge=1, description="incoming edges per node with derive top-k (DARTS: 2)")

@@ -82,11 +82,21 @@ def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | 
     return {"edges": edges, "concat": sorted(fed)}
 
 
-def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: list[str], top_k: int | None = None,
+def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: list[str], *, top_k: int | None = None,
                     provenance: dict[str, Any] | None = None, max_free: int | None = None) -> Genotype:
     """The genotype that softmax(alpha) ``probabilities`` (per cell type, (edges, ops)) points to,
     with the probabilities recorded in ``provenance.probabilities``; ``max_free``: at most that
-    many parameter-free operations per cell."""
+    many parameter-free operations per cell.
+
+    Args:
+        probabilities: softmax(alpha) per cell type, (edges, ops) in the supernet's edge order.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary, in the order of the probabilities' columns.
+        top_k: DARTS's rule: per node the ``top_k`` strongest incoming edges; None: argmax per
+            edge, zero = no edge.
+        provenance: recorded in the genotype (the probabilities are added).
+        max_free: at most this many parameter-free ops per cell (None: no limit).
+    """
     pairs = cell_edges(nodes)
     record = {name: [{"from": s, "to": t, "p": {op: round(float(p), 6) for op, p in zip(ops, probabilities[name][i])}}
                      for i, (s, t) in enumerate(pairs)] for name in CELL_TYPES}
@@ -152,14 +162,23 @@ def describe_movement(movement: dict[str, dict[str, float]]) -> str:
         for name, m in movement.items())
 
 
-def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, source: str = "genotype",
+def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, *, source: str = "genotype",
              max_free: int | None = None) -> Genotype:
-    """The genotype that ``genotype``'s recorded softmax(alpha) gives under another rule."""
+    """The genotype that ``genotype``'s recorded softmax(alpha) gives under another rule.
+
+    Args:
+        genotype: a genotype written by a search (its provenance records softmax(alpha)).
+        derive: ``top-k`` or ``argmax``.
+        top_k: incoming edges per node with ``top-k``.
+        source: the file it came from, for error messages.
+        max_free: at most this many parameter-free ops per cell.
+    """
     probabilities = recorded_probabilities(genotype, source)
     provenance = genotype.provenance.model_dump(by_alias=True, exclude_none=True)
     provenance.pop("probabilities", None)
     search = dict(provenance.get("search") or {})
     search["derivation"] = derivation_name(derive, top_k, max_free)
     provenance["search"] = search
-    return derive_genotype(probabilities, genotype.nodes, list(genotype.ops), top_k if derive == "top-k" else None,
-                           provenance, max_free)
+    return derive_genotype(probabilities, genotype.nodes, list(genotype.ops),
+                           top_k=top_k if derive == "top-k" else None,
+                           provenance=provenance, max_free=max_free)

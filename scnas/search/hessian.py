@@ -13,10 +13,17 @@ import torch
 
 
 def dominant_eigenvalue(loss: torch.Tensor, params: list[torch.Tensor], iterations: int,
-                        generator: torch.Generator | None = None) -> float:
+                        *, generator: torch.Generator | None = None) -> float:
     """The eigenvalue of largest magnitude of d2 loss / d params2, by ``iterations`` steps of
     power iteration from a random start (drawn from ``generator``, on the host). ``loss`` must
-    have been computed with a graph to ``params``; the graph is kept between iterations."""
+    have been computed with a graph to ``params``; the graph is kept between iterations.
+
+    Args:
+        loss: a scalar computed with a graph to ``params``.
+        params: the parameters (alpha).
+        iterations: power-iteration steps.
+        generator: draws the random start (on the host).
+    """
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     # A gradient that does not depend on the parameters (a term linear in them, or none at all)
     # contributes a zero block to the Hessian.

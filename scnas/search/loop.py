@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,7 @@ class SearchResult:
     run: Path
     epochs_done: int
     genotype_path: Path
+    _: KW_ONLY
     history: list[dict[str, Any]]
     skipped_steps: int
     plan: MemoryPlan | None = None
@@ -59,13 +60,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return read_run_checkpoint(path, SearchLoop)
 
 
-def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+def run_search(config: SearchConfig, run_dir: str | os.PathLike, resume: bool = False, *, progress: bool = True,
                stop_after_steps: int | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                say: Callable[[str], None] = lambda line: None) -> SearchResult:
     """Run (or with ``resume`` continue) a search into ``run_dir``. ``stop_after_steps`` ends
     this call after that many steps with a checkpoint (to resume); ``on_epoch`` receives each
-    epoch's record; ``say`` notices (the cache being prepared)."""
-    return SearchLoop(config, run_dir, resume, progress, say).execute(stop_after_steps, on_epoch=on_epoch)
+    epoch's record; ``say`` notices (the cache being prepared).
+
+    Args:
+        config: the search's settings.
+        run_dir: the run folder (config, metrics, genotypes, plots, checkpoint).
+        resume: continue the run in ``run_dir`` from its checkpoint.
+        progress: show the progress bar.
+        stop_after_steps: end this call after that many steps, checkpointed (to resume).
+        on_epoch: called with each epoch's record.
+        say: prints notices (the cache being prepared).
+    """
+    return SearchLoop(config, run_dir, resume, progress=progress, say=say).execute(stop_after_steps, on_epoch=on_epoch)
 
 
 class SearchLoop(RunLoop):
@@ -80,12 +91,12 @@ class SearchLoop(RunLoop):
 
     def plan_step(self, available: int | None) -> MemoryPlan:
         c = self.config
-        return plan_search_step(self.build, c.nodes, c.ops, c.sampling, self.amp, c.patch, self.share, c.checkpoint,
-                                c.micro_batch, available)
+        return plan_search_step(self.build, c.nodes, c.ops, sampling=c.sampling, amp=self.amp, patch=c.patch,
+                                share=self.share, checkpoint=c.checkpoint,
+                                micro_batch=c.micro_batch, available=available)
 
-    def __init__(self, config: SearchConfig, run_dir, resume: bool = False, progress: bool = True,
-                 say: Callable[[str], None] = lambda line: None):
-        super().__init__(config, run_dir, resume, progress, say)
+    def setup(self) -> None:
+        """The fold's training cases split into the weight and architecture sets."""
         c = self.config
         train_ids, _ = fold_cases(self.cache.splits, c.fold)   # the validation cases stay out of the search
         self.weight_ids, self.arch_ids = architecture_split(train_ids, seed=c.seed,
@@ -118,12 +129,15 @@ class SearchLoop(RunLoop):
         self.sampler_rng = torch.Generator().manual_seed(c.seed + 1)  # same draws on every rank
         augmentation = default_augmentation() if c.augment else None
         samples = c.steps_per_epoch * c.batch_size
-        self.loaders = [PatchLoader(PatchDataset(self.cache, ids, c.patch, samples, seed, c.foreground_share,
-                                                 augmentation), self.share, resolve_loader_workers(c.workers, d.device, 2),
-                                    d.world, d.rank, d.device)
+        self.loaders = [PatchLoader(PatchDataset(self.cache, ids, c.patch, samples_per_epoch=samples, seed=seed,
+                                                 foreground_share=c.foreground_share,
+                                                 augmentation=augmentation), self.share,
+                                                 resolve_loader_workers(c.workers, d.device, 2),
+                                    world=d.world, rank=d.rank, device=d.device)
                         for ids, seed in ((self.weight_ids, c.seed), (self.arch_ids, c.seed + 1))]
-        self.val_data = PatchDataset(self.cache, self.arch_ids, c.patch, c.val_batches * self.share, c.seed + 2,
-                                     c.foreground_share, None)
+        self.val_data = PatchDataset(self.cache, self.arch_ids, c.patch, samples_per_epoch=c.val_batches * self.share,
+                                     seed=c.seed + 2,
+                                     foreground_share=c.foreground_share, augmentation=None)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -154,16 +168,18 @@ class SearchLoop(RunLoop):
         # One copy of alpha to the host decides both steps' operations (alpha is unchanged by
         # the Theta step); every rank draws the same.
         alpha_host = host_copy(arch.alphas)
-        theta_draws = draw_all(alpha_host, c.sampling, self.tau, self.sampler_rng)
-        alpha_draws = draw_all(alpha_host, c.sampling, self.tau, self.sampler_rng)
+        theta_draws = draw_all(alpha_host, c.sampling, self.tau, generator=self.sampler_rng)
+        alpha_draws = draw_all(alpha_host, c.sampling, self.tau, generator=self.sampler_rng)
         # Theta step on the weight set, alpha fixed.
         with torch.no_grad():
             theta_choices = choices_from(arch.alphas, theta_draws, self.tau)
         self.theta_opt.zero_grad(set_to_none=True)
         theta_loss = accumulate_exact(lambda x: self.model(x, theta_choices), split_batch(xw, yw, self.plan.micro_batch),
-                                      self.theta_precision.backward, self.theta_precision, d.world,
-                                      self.model.no_sync if d.world > 1 else None, foreground_only=LOSSES[c.loss])
-        theta_skipped = guarded_step(self.theta_opt, self.theta_params, self.theta_precision, theta_loss, c.grad_clip)
+                                      self.theta_precision.backward, precision=self.theta_precision, world=d.world,
+                                      no_sync=self.model.no_sync if d.world > 1 else None,
+                                      foreground_only=LOSSES[c.loss])
+        theta_skipped = guarded_step(self.theta_opt, self.theta_params, self.theta_precision, loss=theta_loss,
+                                     max_norm=c.grad_clip)
         self.theta_opt.zero_grad(set_to_none=True)   # free Theta's gradients before the alpha step
         if self.epoch < c.warmup_epochs:             # warm-up: alpha stays, its loss is measured
             alpha_loss, alpha_skipped = self._alpha_loss(xa, ya, alpha_draws), torch.zeros_like(theta_skipped)
@@ -189,8 +205,8 @@ class SearchLoop(RunLoop):
                 totals.extend(grads)
 
         loss = accumulate_exact(lambda v: self.net(v, choices_from(self.arch.alphas, draws, self.tau)),
-                                split_batch(x, y, self.plan.micro_batch), backward, self.alpha_precision,
-                                self.d.world, foreground_only=LOSSES[self.config.loss])
+                                split_batch(x, y, self.plan.micro_batch), backward, precision=self.alpha_precision,
+                                world=self.d.world, foreground_only=LOSSES[self.config.loss])
         if self.d.world > 1:
             flat = torch.cat([t.flatten() for t in totals])
             dist.all_reduce(flat)
@@ -199,7 +215,7 @@ class SearchLoop(RunLoop):
             backward(self.config.free_penalty * free_mass(self.alphas, self.config.ops))
         for alpha, grad in zip(self.alphas, totals):
             alpha.grad = grad.view_as(alpha)
-        skipped = guarded_step(self.alpha_opt, self.alphas, self.alpha_precision, loss)
+        skipped = guarded_step(self.alpha_opt, self.alphas, self.alpha_precision, loss=loss)
         self.alpha_opt.zero_grad(set_to_none=True)
         return loss, skipped
 
@@ -221,13 +237,13 @@ class SearchLoop(RunLoop):
 
         c = self.config
         generator = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
-        draws = draw_all(host_copy(self.arch.alphas), c.sampling, self.tau, generator)
+        draws = draw_all(host_copy(self.arch.alphas), c.sampling, self.tau, generator=generator)
         items = [self.val_data[i] for i in range(min(self.share, len(self.val_data)))]
         x = torch.stack([item[0] for item in items]).to(self.d.device)
         y = torch.stack([item[1] for item in items]).to(self.d.device)
         loss = soft_jaccard_loss(self.net(x, choices_from(self.arch.alphas, draws, self.tau)), y,
                                  foreground_only=LOSSES[c.loss])
-        return dominant_eigenvalue(loss, self.alphas, c.hessian_iterations, generator)
+        return dominant_eigenvalue(loss, self.alphas, c.hessian_iterations, generator=generator)
 
     def progress_text(self, numbers: dict) -> str:
         return f"{super().progress_text(numbers)}  tau {self.tau:.3f}"
@@ -235,8 +251,9 @@ class SearchLoop(RunLoop):
     def epoch_record(self, means: dict[str, float], skipped: int, seconds: float) -> dict[str, Any]:
         """Losses, the Dice of the currently derived cells on the architecture set, tau, entropy."""
         argmax = argmax_choices(self.arch.alphas)
-        dice = validation_dice(lambda x: self.net(x, argmax), self.val_data, self.share, self.build.num_classes,
-                               self.d.device, self.theta_precision)
+        dice = validation_dice(lambda x: self.net(x, argmax), self.val_data, self.share,
+                               num_classes=self.build.num_classes,
+                               device=self.d.device, precision=self.theta_precision)
         return {"epoch": self.epoch + 1, "theta_loss": means["theta"], "alpha_loss": means["alpha"],
                 "architecture_dice": dice, "tau": self.tau, "theta_lr": self.theta_opt.param_groups[0]["lr"],
                 "alpha_entropy": self.arch.entropy(),
@@ -250,7 +267,7 @@ class SearchLoop(RunLoop):
         _write_epoch(self.run, self.config, self.arch, record, self.d.world, self.searched_on())
         from scnas.search.plots import write_plots
 
-        write_plots(self.run, self.history, self.arch, self.config, draw)
+        write_plots(self.run, self.history, self.arch, config=self.config, draw=draw)
 
     def finish(self) -> None:
         """Under torchrun: check that every rank ends with the same alpha (ranks.json)."""
@@ -264,8 +281,9 @@ class SearchLoop(RunLoop):
                                   json.dumps({"world_size": self.d.world, "alpha_identical": identical}) + "\n")
 
     def result(self) -> SearchResult:
-        return SearchResult(self.run, self.epoch, self.run / "genotype.yaml", self.history, int(self.counts["skipped"]),
-                            self.plan)
+        return SearchResult(self.run, self.epoch, self.run / "genotype.yaml", history=self.history,
+                            skipped_steps=int(self.counts["skipped"]),
+                            plan=self.plan)
 
 
 def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: dict, world: int,
@@ -282,7 +300,8 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: di
                              **countermeasures(config),
                              "world_size": world, **searched_on}}
     genotype = derive_genotype(arch.probabilities(), config.nodes, config.ops,
-                               config.top_k if config.derive == "top-k" else None, provenance, config.max_free)
+                               top_k=config.top_k if config.derive == "top-k" else None, provenance=provenance,
+                               max_free=config.max_free)
     write_genotype(genotype, run / "genotypes" / f"epoch_{record['epoch']:04d}.yaml")
     write_genotype(genotype, run / "genotype.yaml")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scnas import defaults as D
 from scnas.build import BuildConfig, build_network
 from scnas.data.phantom import check_task_folder, write_task
 from scnas.genotype import Genotype
@@ -40,11 +41,24 @@ def teacher(genotype: Genotype, stem: int, seed: int) -> torch.nn.Module:
 
 
 def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int = 10,
-                          shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
-                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = "msd",
+                          *, shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
+                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = D.LAYOUT,
                           force: bool = False) -> Path:
     """Write a task folder whose labels ``genotype``'s teacher network makes (see above);
-    returns the folder. The same arguments give the same files."""
+    returns the folder. The same arguments give the same files.
+
+    Args:
+        out: the task folder to write (must not exist unless ``force``).
+        genotype: the cells of the teacher network that makes the labels.
+        cases: how many cases.
+        shape: each image's size in voxels (multiples of 8).
+        stem: the teacher's stem width.
+        seed: the same seed writes the same files.
+        foreground: the share of voxels labelled foreground (in the first cases; between 0 and 1).
+        smoothing: the Gaussian filter's sigma (voxels) that smooths the images' noise.
+        layout: ``msd`` or ``nnunetv2``.
+        force: replace an existing ``out``.
+    """
     if cases < 1 or any(n < 8 or n % 8 for n in shape) or not 0 < foreground < 1:
         raise ValueError("a planted task needs at least one case, a shape of multiples of 8 voxels and a "
                          "foreground share strictly between 0 and 1")
@@ -57,5 +71,5 @@ def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int
     threshold = float(np.quantile(np.stack(scores[:CALIBRATION_CASES]), 1.0 - foreground))
     made = ((f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
             for index, (image, score) in enumerate(zip(images, scores)))
-    return write_task(out, made, 1, 1, (1.0, 1.0, 1.0), layout,
-                      f"scnas planted-architecture task (teacher seed {seed}, stem {stem})")
+    return write_task(out, made, 1, classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
+                      description=f"scnas planted-architecture task (teacher seed {seed}, stem {stem})")

@@ -15,9 +15,17 @@ class AlphaRecord(BaseModel):
     p: dict[str, list[list[float]]]
 
 
-def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bool = True) -> None:
+def write_plots(run: Path, history: list[dict[str, Any]], arch, *, config, draw: bool = True) -> None:
     """plots/losses.png and plots/alpha_<cell>.png (the alpha history is kept in plots/alpha.json,
-    updated every call; the figures only when ``draw``: drawing them takes seconds)."""
+    updated every call; the figures only when ``draw``: drawing them takes seconds).
+
+    Args:
+        run: the run folder.
+        history: the epochs' records.
+        arch: the architecture (alpha).
+        config: the search's settings.
+        draw: draw the figures (else only plots/alpha.json).
+    """
     import json
 
     import matplotlib
@@ -46,7 +54,7 @@ def write_plots(run: Path, history: list[dict[str, Any]], arch, config, draw: bo
 
     plot_history(folder / "losses.png", history, {"theta_loss": "Theta loss (weight set)",
                                                   "alpha_loss": "alpha loss (architecture set)"},
-                 ("architecture_dice", "Dice of derived cells"))
+                 dice=("architecture_dice", "Dice of derived cells"))
     pairs = cell_edges(config.nodes)
     for name in track[-1]["p"]:
         columns = min(len(pairs), 5)

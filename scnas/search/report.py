@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class SearchRun:
     folder: Path
     genotype: Genotype
     epochs: list[tuple[int, Genotype]]
+    _: KW_ONLY
     metrics: list[dict[str, Any]]
 
     @property
@@ -89,7 +90,7 @@ def read_run(folder: str | Path) -> SearchRun:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise SearchReportError(f"line {number}: not JSON ({exc.msg})", source=str(log)) from None
-    return SearchRun(folder, genotype, epochs, metrics)
+    return SearchRun(folder, genotype, epochs, metrics=metrics)
 
 
 def probabilities(genotype: Genotype, cell: str) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -137,10 +138,18 @@ def random_free_shares(nodes: int, ops: list[str], genotypes: int = RANDOM_GENOT
     return np.array([free_share(random_genotype(seed, nodes, ops)) for seed in range(genotypes)])
 
 
-def share_p_values(observed: float, runs: int, shares: np.ndarray, rng: np.random.Generator,
+def share_p_values(observed: float, runs: int, shares: np.ndarray, *, rng: np.random.Generator,
                    draws: int = PERMUTATIONS) -> tuple[float, float]:
     """P(mean of ``runs`` random genotypes' shares >= ``observed``) and P(<= ``observed``), by
-    resampling ``shares``: is the searches' mean share unusual for as many random genotypes?"""
+    resampling ``shares``: is the searches' mean share unusual for as many random genotypes?
+
+    Args:
+        observed: the searches' mean share.
+        runs: the number of searches.
+        shares: the shares of random genotypes.
+        rng: the random generator.
+        draws: resamplings.
+    """
     means = rng.choice(shares, size=(draws, runs)).mean(axis=1)
     return (float((1 + np.sum(means >= observed - 1e-12)) / (draws + 1)),
             float((1 + np.sum(means <= observed + 1e-12)) / (draws + 1)))
@@ -194,9 +203,16 @@ def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
 
 
 def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS,
-                  planted: Genotype | None = None) -> dict[str, Any]:
+                  *, planted: Genotype | None = None) -> dict[str, Any]:
     """The measurements above for the search runs in ``folders`` (the same nodes and operations);
-    with ``planted``, how often they recover its operations (:func:`recovery`)."""
+    with ``planted``, how often they recover its operations (:func:`recovery`).
+
+    Args:
+        folders: search run folders.
+        seed: seeds the random genotypes and the permutation test.
+        permutations: the permutation test's draws.
+        planted: the genotype that planted the labels (None: none).
+    """
     runs = [read_run(folder) for folder in folders]
     first = runs[0].genotype
     for run in runs[1:]:
@@ -231,7 +247,7 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
             entry["agreement_p"] = round(permutation_p(matrix, rng, permutations), 4)
         report["cells"][cell] = entry
     observed = float(np.mean([free_share(r.genotype) for r in runs]))
-    more, less = share_p_values(observed, len(runs), shares, rng, permutations)
+    more, less = share_p_values(observed, len(runs), shares, rng=rng, draws=permutations)
     report.update(parameter_free_share_mean=round(observed, 4), parameter_free_p_more=round(more, 4),
                   parameter_free_p_less=round(less, 4))
     report["per_epoch"] = {str(r.folder): mass_per_epoch(r) for r in runs}

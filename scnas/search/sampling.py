@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scnas.defaults import SAMPLING_CHOICES
+from scnas.errors import spoken
 from scnas.search.supernet import EdgeChoice
 
 
@@ -42,12 +44,19 @@ def gumbel_softmax(alpha: torch.Tensor, tau: float, noise: torch.Tensor) -> torc
     return torch.softmax((alpha + noise.to(alpha.device, non_blocking=True)) / tau, dim=-1)
 
 
-def draw(alpha_host: torch.Tensor, mode: str, tau: float, generator: torch.Generator | None = None) -> Draw:
+def draw(alpha_host: torch.Tensor, mode: str, tau: float, *, generator: torch.Generator | None = None) -> Draw:
     """Decide, on the host, the operations of every edge for one alpha (edges, ops).
 
     ``pair`` (Algorithm 1): o1 ~ z_bar, then o2 uniformly among the other |O| - 1 operations:
     P({a, b}) = z_a / (|O| - 1) + z_b / (|O| - 1), exactly the distribution of Algorithm 1.
-    ``one``: the argmax of z_bar. ``full``: every operation."""
+    ``one``: the argmax of z_bar. ``full``: every operation.
+
+    Args:
+        alpha_host: alpha of one cell type (edges, ops), on the host.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator (the same on every rank).
+    """
     edges, ops = alpha_host.shape
     if mode == "full":
         return Draw(mode, None, torch.ones(edges, ops, dtype=torch.bool))
@@ -65,7 +74,7 @@ def draw(alpha_host: torch.Tensor, mode: str, tau: float, generator: torch.Gener
         active[rows, first] = True
         active[rows, other + (other >= first).long()] = True
     else:
-        raise ValueError(f"unknown sampling {mode!r}; expected pair, one or full")
+        raise ValueError(f"unknown sampling {mode!r}; expected {spoken(SAMPLING_CHOICES)}")
     return Draw(mode, noise, active)
 
 
@@ -91,10 +100,17 @@ def edge_weights(alpha: torch.Tensor, drawn: Draw, tau: float) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def draw_all(alpha_host: dict[str, torch.Tensor], mode: str, tau: float, generator: torch.Generator | None = None
+def draw_all(alpha_host: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None
              ) -> dict[str, Draw]:
-    """:func:`draw` for every cell type (in the order of ``alpha_host``)."""
-    return {name: draw(alpha, mode, tau, generator) for name, alpha in alpha_host.items()}
+    """:func:`draw` for every cell type (in the order of ``alpha_host``).
+
+    Args:
+        alpha_host: alpha per cell type, on the host.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator.
+    """
+    return {name: draw(alpha, mode, tau, generator=generator) for name, alpha in alpha_host.items()}
 
 
 def choices_from(alphas: dict[str, torch.Tensor], draws: dict[str, Draw], tau: float) -> dict[str, list[EdgeChoice]]:
@@ -111,12 +127,20 @@ def choices_from(alphas: dict[str, torch.Tensor], draws: dict[str, Draw], tau: f
     return choices
 
 
-def sample_choices(alphas: dict[str, torch.Tensor], mode: str, tau: float, generator: torch.Generator | None = None,
+def sample_choices(alphas: dict[str, torch.Tensor], mode: str, tau: float, *, generator: torch.Generator | None = None,
                    alpha_host: dict[str, torch.Tensor] | None = None) -> dict[str, list[EdgeChoice]]:
-    """Draw and weigh in one call (see :func:`draw_all`, :func:`choices_from`)."""
+    """Draw and weigh in one call (see :func:`draw_all`, :func:`choices_from`).
+
+    Args:
+        alphas: alpha per cell type.
+        mode: ``pair``, ``one`` or ``full``.
+        tau: the Gumbel-softmax temperature.
+        generator: the random generator.
+        alpha_host: a host copy of ``alphas`` (default: copied here).
+    """
     if alpha_host is None:
         alpha_host = host_copy(alphas)
-    return choices_from(alphas, draw_all(alpha_host, mode, tau, generator), tau)
+    return choices_from(alphas, draw_all(alpha_host, mode, tau, generator=generator), tau)
 
 
 def argmax_choices(alphas: dict[str, torch.Tensor]) -> dict[str, list[EdgeChoice]]:
@@ -138,7 +162,7 @@ def host_copy(alphas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _dense(alpha: torch.Tensor, mode: str, tau: float, generator: torch.Generator | None) -> torch.Tensor:
-    return edge_weights(alpha, draw(alpha.detach().float().cpu(), mode, tau, generator), tau)
+    return edge_weights(alpha, draw(alpha.detach().float().cpu(), mode, tau, generator=generator), tau)
 
 
 def sample_pair(alpha: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -156,4 +180,4 @@ def sample_full(alpha: torch.Tensor, tau: float = 1.0, generator: torch.Generato
     return _dense(alpha, "full", tau, generator)
 
 
-SAMPLERS = {"pair": sample_pair, "one": sample_one, "full": sample_full}
+SAMPLERS = dict(zip(SAMPLING_CHOICES, (sample_pair, sample_one, sample_full)))

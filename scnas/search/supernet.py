@@ -54,13 +54,22 @@ class EdgeChoice:
 class MixedEdge(nn.Module):
     """All candidate operations of one edge. With ``normalise_pooling``, the parameter-free
     operations of :data:`NORMALISED_IN_SEARCH` are followed by an affine-free InstanceNorm
-    (no parameters, no buffers: the state dict is the same either way)."""
+    (no parameters, no buffers: the state dict is the same either way).
 
-    def __init__(self, ops: list[str], channels: int, stride: int, negative_slope: float,
+    Args:
+        ops: the candidate operations.
+        channels: input and output channels.
+        stride: 2 on edges that reduce, else 1.
+        negative_slope: the LeakyReLU's slope.
+        normalise_pooling: follow the parameter-free ops by an affine-free InstanceNorm.
+    """
+
+    def __init__(self, ops: list[str], channels: int, stride: int, *, negative_slope: float,
                  normalise_pooling: bool = True):
         super().__init__()
         self.names = list(ops)
-        self.ops = nn.ModuleList(make_op(name, channels, channels, stride, negative_slope) for name in ops)
+        self.ops = nn.ModuleList(make_op(name, channels, channels, stride=stride,
+                                         negative_slope=negative_slope) for name in ops)
         self.zero_index = self.names.index(ZERO) if ZERO in self.names else None
         self.norms = nn.ModuleDict({
             str(index): nn.InstanceNorm3d(channels, affine=False, track_running_stats=False)
@@ -96,16 +105,24 @@ class SuperNet(MacroUNet):
     :class:`Architecture`, so that the two are optimised separately. ``forward(x, choices)``
     takes the step's sampled operations: for each cell type, one :class:`EdgeChoice` per edge
     (see :func:`scnas.search.sampling.sample_choices`). ``normalise_pooling``: see
-    :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations)."""
+    :class:`MixedEdge` (on by default, as in DARTS; off is the plain operations).
 
-    def __init__(self, config: BuildConfig, nodes: int, ops: list[str], normalise_pooling: bool = True):
+    Args:
+        config: the network's settings.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary.
+        normalise_pooling: see :class:`MixedEdge`.
+    """
+
+    def __init__(self, config: BuildConfig, nodes: int, ops: list[str], *, normalise_pooling: bool = True):
         graph = CellGraph.complete(nodes)
         slope = config.negative_slope
 
         def edge_factory(cell_type: str) -> EdgeFactory:
-            return lambda source, target, width, stride: MixedEdge(ops, width, stride, slope, normalise_pooling)
+            return lambda source, target, width, stride: MixedEdge(ops, width, stride, negative_slope=slope,
+                                                                   normalise_pooling=normalise_pooling)
 
-        super().__init__(config, nodes, {name: graph for name in CELL_TYPES}, edge_factory)
+        super().__init__(config, nodes, {name: graph for name in CELL_TYPES}, edge_factory=edge_factory)
         self.ops = list(ops)
 
     def forward(self, x: torch.Tensor, choices: dict[str, list[EdgeChoice]]) -> torch.Tensor:

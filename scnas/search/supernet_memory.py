@@ -35,7 +35,7 @@ def op_memory_ranking(ops: list[str], amp: str = "off") -> list[int]:
     kept = []
     with _Simulation():
         for name in ops:
-            module = make_op(name, 4, 4, 1, 0.01)
+            module = make_op(name, 4, 4, stride=1, negative_slope=0.01)
             emulate_autocast(module, amp)
             sizes = []
             for size in (16, 32):
@@ -58,7 +58,7 @@ def _choices(alphas: dict[str, torch.Tensor], active: torch.Tensor, tau: float) 
     return choices
 
 
-def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], sampling: str = "pair", amp: str = "off",
+def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], *, sampling: str = "pair", amp: str = "off",
                         checkpoint: str = "off", batch: int = 1,
                         draw_kind: Literal["bound", "typical"] = "bound", share: int | None = None) -> StepProfile:
     """The memory profile of one search step at ``batch`` patches per process: a Theta step
@@ -69,7 +69,20 @@ def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], samplin
     weights need no gradient, so the operations' outputs are not kept for them) plus the
     gradients of Theta, so the alpha step's profile with those gradients added bounds both.
     Both steps' batches of the process's ``share`` of patches (default: ``batch``) are on the
-    device meanwhile."""
+    device meanwhile.
+
+    Args:
+        config: the supernet's settings.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary.
+        sampling: ``pair``, ``one`` or ``full``.
+        amp: the precision: ``off``, ``fp16`` or ``bf16``.
+        checkpoint: the checkpointing mode: ``off``, ``cells`` or ``edges``.
+        batch: the micro-batch simulated.
+        draw_kind: ``bound`` (the heaviest ops on every edge) or ``typical`` (a draw at uniform
+            alpha).
+        share: the process's patches per step (default: ``batch``).
+    """
     edges = len(cell_edges(nodes))
     if sampling == "full":
         active = torch.ones(edges, len(ops), dtype=torch.bool)
@@ -77,11 +90,12 @@ def search_step_profile(config: BuildConfig, nodes: int, ops: list[str], samplin
         heaviest = op_memory_ranking(ops, amp)[: 2 if sampling == "pair" else 1]
         active = torch.zeros(edges, len(ops), dtype=torch.bool)
         active[:, heaviest] = True
-        typical = search_step_profile(config, nodes, ops, sampling, amp, checkpoint, batch, "typical", share)
+        typical = search_step_profile(config, nodes, ops, sampling=sampling, amp=amp, checkpoint=checkpoint,
+                                      batch=batch, draw_kind="typical", share=share)
         return larger(_profile_draw(config, nodes, ops, amp, checkpoint, batch, active, share), typical)
     else:
         uniform = torch.zeros(edges, len(ops))
-        active = draw(uniform, sampling, 1.0, torch.Generator().manual_seed(0)).active
+        active = draw(uniform, sampling, 1.0, generator=torch.Generator().manual_seed(0)).active
     return _profile_draw(config, nodes, ops, amp, checkpoint, batch, active, share)
 
 
@@ -112,19 +126,34 @@ def _profile_draw(config: BuildConfig, nodes: int, ops: list[str], amp: str, che
             torch.autograd.grad(soft_jaccard_loss(net(x[:batch_], choices), y[:batch_]), list(alphas.values()))
 
         # weights, their gradients (held through the Theta step) and Adam's two moments
-        return profile_step(run_step, config.divisor, 4 * storage_bytes(params), batch)
+        return profile_step(run_step, config.divisor, 4 * storage_bytes(params), batch=batch)
 
 
-def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], sampling: str, amp: str, patch,
+def plan_search_step(config: BuildConfig, nodes: int, ops: list[str], *, sampling: str, amp: str, patch,
                      share: int, checkpoint: str, micro_batch: int | None, available: int | None):
-    """The :class:`~scnas.build.memory_plan.MemoryPlan` of a search (planned with the ``bound`` draw)."""
+    """The :class:`~scnas.build.memory_plan.MemoryPlan` of a search (planned with the ``bound`` draw).
+
+    Args:
+        config: the supernet's settings (as for :func:`search_step_profile`).
+        nodes: its intermediate nodes per cell.
+        ops: its vocabulary.
+        sampling: how its ops are drawn: ``pair``, ``one`` or ``full``.
+        amp: the step's precision.
+        patch: the patch size.
+        share: patches per process and step.
+        checkpoint: a checkpointing mode, or ``auto``.
+        micro_batch: patches per forward pass (None: the largest that fits).
+        available: the memory budget in bytes (None: nothing to check).
+    """
     from scnas.build.memory_plan import choose_plan
 
     cache: dict[tuple[str, int], StepProfile] = {}
 
     def profile_of(mode: str, batch: int) -> StepProfile:
         if (mode, batch) not in cache:
-            cache[mode, batch] = search_step_profile(config, nodes, ops, sampling, amp, mode, batch, "bound", share)
+            cache[mode, batch] = search_step_profile(config, nodes, ops, sampling=sampling, amp=amp, checkpoint=mode,
+                                                     batch=batch, draw_kind="bound", share=share)
         return cache[mode, batch]
 
-    return choose_plan(profile_of, patch, share, checkpoint, micro_batch, available, config.divisor)
+    return choose_plan(profile_of, patch, share, checkpoint=checkpoint, micro_batch=micro_batch, available=available,
+                       divisor=config.divisor)

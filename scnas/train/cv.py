@@ -301,7 +301,7 @@ def plan_study(out: Path, request: dict[str, Any], say: Callable[[str], None] = 
             for i in range(request["random"]):
                 seed = request["random_seed"] + i
                 genotype = random_genotype(seed, first["genotype"].nodes, list(first["genotype"].ops))
-                stem, flops = match_flops(genotype, first["flops"], base, patch)
+                stem, flops = match_flops(genotype, first["flops"], base, patch=patch)
                 name = _display_name(f"random-{seed}", taken)
                 taken.add(name)
                 say(f"random genotype {name}: stem {stem}, {flops / 1e9:.2f} GFLOPs "

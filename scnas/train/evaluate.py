@@ -61,9 +61,16 @@ class Evaluation:
 
 
 def evaluate_folders(predictions: str | os.PathLike, truth: str | os.PathLike,
-                     labels: list[int] | None = None, cases: list[str] | None = None) -> Evaluation:
+                     labels: list[int] | None = None, *, cases: list[str] | None = None) -> Evaluation:
     """Pair NIfTI files by name and compute Dice per foreground class and case (of every
-    ground-truth case, or of ``cases`` only)."""
+    ground-truth case, or of ``cases`` only).
+
+    Args:
+        predictions: the folder of predicted label maps (``CASE.nii.gz``).
+        truth: the folder of ground-truth label maps.
+        labels: the foreground labels to score (default: every label in the ground truth).
+        cases: score only these case IDs.
+    """
     import nibabel as nib
 
     predicted, expected = _case_files(Path(predictions)), _case_files(Path(truth))

@@ -54,7 +54,7 @@ def mirror_axes(mirror: bool) -> list[tuple[int, ...]]:
 
 
 def sliding_window_logits(image: torch.Tensor, predict: TensorPredictFn, patch: tuple[int, int, int],
-                          num_classes: int, overlap: float = 0.5, batch_size: int = 2, gaussian: bool = True,
+                          *, num_classes: int, overlap: float = 0.5, batch_size: int = 2, gaussian: bool = True,
                           mirror: bool = False, device: torch.device | str | None = None, accumulate: str = "device",
                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Logits (K, X, Y, Z), float32, for an image (C, X, Y, Z).
@@ -64,7 +64,21 @@ def sliding_window_logits(image: torch.Tensor, predict: TensorPredictFn, patch: 
     (C + K + 1) x 4 bytes per voxel of device memory); ``host`` keeps them in CPU memory and
     moves one batch of windows at a time. The result lies where it was accumulated. Images
     smaller than the patch are padded with zeros (the normalised background) and the result
-    cropped back. Mirrored predictions are flipped back and averaged before weighting."""
+    cropped back. Mirrored predictions are flipped back and averaged before weighting.
+
+    Args:
+        image: (C, X, Y, Z), float32, at least ``patch`` in every axis.
+        predict: maps a batch of windows (B, C, *patch) to logits (B, K, *patch).
+        patch: the window size, as the network was trained.
+        num_classes: K, the logit channels ``predict`` returns.
+        overlap: the windows' overlap, 0 to 0.95.
+        batch_size: windows per call of ``predict``.
+        gaussian: weight each window by a Gaussian (nnU-Net's), else uniformly.
+        mirror: also average over the 8 mirrorings.
+        device: where ``predict`` runs (default: the image's device).
+        accumulate: ``device`` or ``host``: where the sums are kept (see above).
+        progress: called with (windows done, windows in all).
+    """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), not {overlap}")
     if accumulate not in ACCUMULATE_CHOICES:
@@ -108,14 +122,27 @@ def sliding_window_logits(image: torch.Tensor, predict: TensorPredictFn, patch: 
         return logits[(slice(None), *[slice(0, n) for n in spatial])]
 
 
-def sliding_window(image: np.ndarray, predict: PredictFn, patch: tuple[int, int, int], num_classes: int,
+def sliding_window(image: np.ndarray, predict: PredictFn, patch: tuple[int, int, int], *, num_classes: int,
                    overlap: float = 0.5, batch_size: int = 2, gaussian: bool = True, mirror: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """:func:`sliding_window_logits` for numpy in and out (CPU): logits (K, X, Y, Z) for an
-    image (C, X, Y, Z), with ``predict`` taking and returning numpy batches."""
+    image (C, X, Y, Z), with ``predict`` taking and returning numpy batches.
+
+    Args:
+        image: (C, X, Y, Z) numpy array.
+        predict: maps a numpy batch (B, C, *patch) to logits (B, K, *patch).
+        patch: the window size.
+        num_classes: K.
+        overlap: the windows' overlap, 0 to 0.95.
+        batch_size: windows per call of ``predict``.
+        gaussian: Gaussian weighting of each window.
+        mirror: also average over the 8 mirrorings.
+        progress: called with (windows done, windows in all).
+    """
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(predict(np.ascontiguousarray(batch.numpy())), dtype=np.float32))
 
     return sliding_window_logits(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), run, patch,
-                                 num_classes, overlap, batch_size, gaussian, mirror, progress=progress).numpy()
+                                 num_classes=num_classes, overlap=overlap, batch_size=batch_size, gaussian=gaussian,
+                                 mirror=mirror, progress=progress).numpy()

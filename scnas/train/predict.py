@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from scnas.build.model_file import ModelFileError
 from scnas.engine.compiling import compiled_for_inference
 from scnas.data.dataset import Case, Dataset, DatasetError, is_nifti, load_case, strip_nifti_ending
 from scnas.data.preprocess import PrepareSettings, label_to_original, preprocess_case
-from scnas.errors import OutputError, Problem, ScnasError
+from scnas.errors import OutputError, Problem, ScnasError, check_choice
 from scnas.fileio import ensure_folder, give_default_mode
 from scnas.train.inference import TensorPredictFn, sliding_window_logits
 
@@ -64,6 +64,7 @@ class Predictor:
     run: TensorPredictFn
     preprocessing: dict[str, Any]
     patch: tuple[int, int, int]
+    _: KW_ONLY
     num_classes: int
     in_channels: int
     backend: str
@@ -76,18 +77,36 @@ class Predictor:
         with torch.inference_mode():
             return self.run(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
 
-    def logits(self, image: np.ndarray | torch.Tensor, overlap: float = D.OVERLAP, batch_size: int = D.PREDICT_BATCH_SIZE, mirror: bool = False,
+    def logits(self, image: np.ndarray | torch.Tensor, overlap: float = D.OVERLAP,
+               batch_size: int = D.PREDICT_BATCH_SIZE, *, mirror: bool = False,
                accumulate: str = "device") -> torch.Tensor:
         """Sliding-window logits (K, X, Y, Z) of a preprocessed image (C, X, Y, Z), float32, on
-        the device (``accumulate="device"``) or in CPU memory (``"host"``)."""
+        the device (``accumulate="device"``) or in CPU memory (``"host"``).
+
+        Args:
+            image: preprocessed (C, X, Y, Z).
+            overlap: the windows' overlap.
+            batch_size: windows per forward pass.
+            mirror: also average over the 8 mirrorings.
+            accumulate: ``device`` or ``host``: where the sums are kept.
+        """
         tensor = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
-        return sliding_window_logits(tensor, self.run, self.patch, self.num_classes, overlap, batch_size,
+        return sliding_window_logits(tensor, self.run, self.patch, num_classes=self.num_classes, overlap=overlap,
+                                     batch_size=batch_size,
                                      mirror=mirror, device=self.device, accumulate=accumulate)
 
-    def segment(self, image: np.ndarray, overlap: float = D.OVERLAP, batch_size: int = D.PREDICT_BATCH_SIZE, mirror: bool = False) -> np.ndarray:
+    def segment(self, image: np.ndarray, overlap: float = D.OVERLAP, batch_size: int = D.PREDICT_BATCH_SIZE, *,
+                mirror: bool = False) -> np.ndarray:
         """The label map (int16, X, Y, Z) of a preprocessed image (C, X, Y, Z). On a GPU the
         whole volume stays on the device when it fits (:data:`DEVICE_SHARE`); otherwise, or
-        when the device runs out of memory, the sums are kept in CPU memory, with a notice."""
+        when the device runs out of memory, the sums are kept in CPU memory, with a notice.
+
+        Args:
+            image: preprocessed (C, X, Y, Z).
+            overlap: the windows' overlap.
+            batch_size: windows per forward pass.
+            mirror: also average over the 8 mirrorings.
+        """
         accumulate = "device"
         if self.device.type == "cuda":
             need = accumulation_bytes(image.shape, self.num_classes)
@@ -99,7 +118,8 @@ class Predictor:
         for attempt in ("first", "fallback"):
             try:
                 with torch.inference_mode():
-                    return self.logits(image, overlap, batch_size, mirror, accumulate).argmax(0).to(torch.int16).cpu().numpy()
+                    return self.logits(image, overlap, batch_size, mirror=mirror,
+                                       accumulate=accumulate).argmax(0).to(torch.int16).cpu().numpy()
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -112,8 +132,8 @@ class Predictor:
         raise AssertionError("unreachable")
 
 
-def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device: str = D.DEVICE,
-                   amp: str = D.AMP, compile: bool = False, say: Callable[[str], None] = _say) -> Predictor:
+def load_predictor(model_path: str | os.PathLike, backend: str = D.BACKEND, device: str = D.DEVICE,
+                   *, amp: str = D.AMP, compile: bool = False, say: Callable[[str], None] = _say) -> Predictor:
     """Open a .safetensors (torch) or .onnx (onnxruntime) model for prediction.
 
     ``device``: auto (CUDA when available), cpu or cuda. ``amp`` (torch backend): fp16 or bf16
@@ -121,18 +141,27 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
     emulated and slower than float32). ``compile``: ``torch.compile`` the network (torch
     backend); the first batch pays the compilation (printed), a failed compilation falls back
     to eager with a notice. On CUDA, ``cudnn.benchmark`` is switched on (windows all have the
-    patch's shape, so the fastest convolution algorithms are searched once)."""
+    patch's shape, so the fastest convolution algorithms are searched once).
+
+    Args:
+        model_path: a ``.safetensors`` model file, or an ``.onnx`` export.
+        backend: ``torch`` or ``onnxruntime`` (must match the file).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        amp: torch backend only: ``auto``, ``off``, ``fp16`` or ``bf16``.
+        compile: torch backend only: ``torch.compile`` the network.
+        say: prints notices (compile time, a missing CUDA provider).
+    """
     from scnas.build.model_file import read_any_model_info
     from scnas.engine.processes import resolve_device
     from scnas.engine.steps import AMP_CHOICES, resolve_amp
 
+    check_choice(backend, D.BACKEND_CHOICES, "--backend", error=PredictError)
+    check_choice(amp, AMP_CHOICES, "--amp", error=PredictError)
     target = resolve_device(device, PredictError)
     info = read_any_model_info(model_path)
     if not info.preprocessing or "target_spacing" not in info.preprocessing or "patch_size" not in info.preprocessing:
         raise ModelFileError("has no preprocessing settings (target_spacing, patch_size) in its metadata; models "
                              "written by 'scnas train' have them", source=str(model_path))
-    if amp not in AMP_CHOICES:
-        raise PredictError(f"--amp must be auto, off, fp16 or bf16, not {amp!r}")
     patch = tuple(int(p) for p in info.preprocessing["patch_size"])
     onnx_file = str(model_path).lower().endswith(".onnx")
     common = dict(preprocessing=info.preprocessing, patch=patch, num_classes=info.config.num_classes,
@@ -147,8 +176,6 @@ def load_predictor(model_path: str | os.PathLike, backend: str = "torch", device
             raise PredictError(f"--amp {amp} applies to the torch backend; for half precision in onnxruntime export "
                                "with 'scnas export-onnx --fp16'")
         return Predictor(_onnx_runner(model_path, target, say), device=torch.device("cpu"), amp="off", **common)
-    if backend != "torch":
-        raise PredictError(f"unknown backend {backend!r}: torch or onnxruntime")
     if onnx_file:
         raise ModelFileError("--backend torch needs the .safetensors model file (or use --backend onnxruntime)",
                              source=str(model_path))
@@ -219,15 +246,25 @@ def read_case(predictor: Predictor, case: Case) -> tuple[dict[str, Any], Any]:
 
     preprocessing = predictor.preprocessing
     channels = preprocessing.get("channel_names") or [f"channel {i}" for i in range(predictor.in_channels)]
-    dataset = Dataset(case.images[0].parent, "input", "input", list(channels), dict(preprocessing.get("labels", {})))
+    dataset = Dataset(case.images[0].parent, "input", "input", channel_names=list(channels),
+                      labels=dict(preprocessing.get("labels", {})))
     loaded = load_case(dataset, case, with_label=False)
     settings = PrepareSettings(target_spacing=tuple(preprocessing["target_spacing"]))
     return preprocess_case(loaded, settings), nib.load(str(case.images[0]))
 
 
-def predict_case(predictor: Predictor, case: Case, overlap: float = D.OVERLAP, tta: bool = False, batch_size: int = D.PREDICT_BATCH_SIZE
+def predict_case(predictor: Predictor, case: Case, overlap: float = D.OVERLAP, *, tta: bool = False,
+                 batch_size: int = D.PREDICT_BATCH_SIZE
                  ) -> tuple[np.ndarray, Any]:
-    """(label map on the original grid, the NIfTI image of the first channel file)."""
+    """(label map on the original grid, the NIfTI image of the first channel file).
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        case: the case's channel files.
+        overlap: the sliding windows' overlap.
+        tta: also average over the 8 mirrorings.
+        batch_size: windows per forward pass.
+    """
     prepared, reference = read_case(predictor, case)
     label = predictor.segment(prepared["image"], overlap, batch_size, mirror=tta)
     return label_to_original(label, prepared["record"]), reference
@@ -255,7 +292,7 @@ def write_label(label: np.ndarray, reference, path: Path) -> None:
 
 
 def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, output: str | os.PathLike,
-                   backend: str = "torch", device: str = D.DEVICE, overlap: float = D.OVERLAP, tta: bool = False,
+                   *, backend: str = D.BACKEND, device: str = D.DEVICE, overlap: float = D.OVERLAP, tta: bool = False,
                    batch_size: int = D.PREDICT_BATCH_SIZE, progress: bool = True, only: list[str] | None = None,
                    amp: str = D.AMP, compile: bool = False, prefetch: bool | None = None,
                    say: Callable[[str], None] = _say) -> list[Path]:
@@ -265,9 +302,30 @@ def predict_folder(model_path: str | os.PathLike, inputs: str | os.PathLike, out
     and writes the previous one in background threads while the current one is predicted, so
     the device does not wait for NIfTI I/O and resampling. A case that cannot be read is
     skipped: the others are predicted and written, then a :class:`PredictError` lists the
-    skipped ones."""
+    skipped ones.
+
+    Args:
+        model_path: a ``.safetensors`` model file from ``scnas train``, or its ``.onnx`` export.
+        inputs: a NIfTI image, or a folder of them (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``,
+            ... are the channels of one case).
+        output: the folder for the label maps (``CASE.nii.gz``); made if missing.
+        backend: ``torch`` (a .safetensors file) or ``onnxruntime`` (an .onnx file).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        overlap: the sliding windows' overlap, 0 to 0.95 (paper: 0.5).
+        tta: also average over the 8 mirrorings (slower, slightly better).
+        batch_size: windows per forward pass.
+        progress: show a progress bar over the cases.
+        only: predict only these case IDs (each must have an image).
+        amp: precision of the torch backend: ``auto`` (fp16 on CUDA, off on the CPU), ``off``,
+            ``fp16``, ``bf16``.
+        compile: ``torch.compile`` the network (torch backend; falls back to eager with a
+            notice).
+        prefetch: read the next case and write the previous one in background threads (None: on
+            a GPU only).
+        say: prints notices.
+    """
     out = ensure_folder(output, OutputError, "the output folder")
-    predictor = load_predictor(model_path, backend, device, amp, compile, say)
+    predictor = load_predictor(model_path, backend, device, amp=amp, compile=compile, say=say)
     cases = find_cases(inputs)
     if only is not None:
         missing = sorted(set(only) - {case.case_id for case in cases})

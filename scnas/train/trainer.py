@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +70,7 @@ class TrainResult:
     run: Path
     epochs_done: int
     best_dice: float
+    _: KW_ONLY
     history: list[dict[str, Any]]
     plan: MemoryPlan | None = None
 
@@ -83,10 +84,17 @@ def cases_digest(cases: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(cases)).encode()).hexdigest()[:16]
 
 
-def training_metadata(fold: int, validation: list[str], epoch: int, selection: str) -> dict[str, str]:
+def training_metadata(fold: int, validation: list[str], epoch: int, *, selection: str) -> dict[str, str]:
     """What a trained model file says about its training, under the key ``training``: the
     fold, the epoch, how the file was chosen, and a fingerprint of the validation cases (so
-    that a prediction of those cases can check the model never trained on them)."""
+    that a prediction of those cases can check the model never trained on them).
+
+    Args:
+        fold: the cross-validation fold trained on.
+        validation: its validation case IDs (fingerprinted).
+        epoch: the epoch the weights are from.
+        selection: how the file was chosen (last epoch, best Dice).
+    """
     return {"training": json.dumps({"fold": fold, "epoch": epoch, "selection": selection,
                                     "validation_cases": cases_digest(validation)}, sort_keys=True)}
 
@@ -112,15 +120,28 @@ def preprocessing_metadata(cache: Cache, config: TrainConfig) -> dict[str, Any]:
             "channel_names": cache.channel_names}
 
 
-def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+def run_training(genotype: Genotype, config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True, stop_after_epochs: int | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None,
                  say: Callable[[str], None] = print, stop_after_steps: int | None = None) -> TrainResult:
     """Train ``genotype`` from scratch on ``config.data`` (fold ``config.fold``) into ``run_dir``.
     ``stop_after_epochs`` / ``stop_after_steps`` end this call early with a checkpoint (to
     resume); ``on_epoch`` receives each epoch's record; ``say`` notices (the compile time, a
-    compile failure)."""
-    return TrainingLoop(genotype, config, run_dir, resume, progress, say).execute(stop_after_steps, stop_after_epochs,
+    compile failure).
+
+    Args:
+        genotype: the cells of the network to train.
+        config: the training's settings.
+        run_dir: the run folder (config, metrics, model files, figure, checkpoint).
+        resume: continue the run in ``run_dir`` from its checkpoint.
+        progress: show the progress bar.
+        stop_after_epochs: end this call after that many epochs, checkpointed.
+        on_epoch: called with each epoch's record.
+        say: prints notices (compile time, a failed compilation).
+        stop_after_steps: end this call after that many steps, checkpointed.
+    """
+    return TrainingLoop(genotype, config, run_dir, resume=resume, progress=progress, say=say).execute(stop_after_steps,
+                                                                                                      stop_after_epochs,
                                                                                   on_epoch)
 
 
@@ -133,10 +154,23 @@ class TrainingLoop(RunLoop):
     occupied, plan_command = "already holds a training run; use --resume or another folder", "scnas plan"
     config: TrainConfig
 
-    def __init__(self, genotype: Genotype, config: TrainConfig, run_dir, resume: bool = False, progress: bool = True,
+    def __init__(self, genotype: Genotype, config: TrainConfig, run_dir, *, resume: bool = False, progress: bool = True,
                  say: Callable[[str], None] = print):
+        """Store the settings (see :class:`scnas.engine.runs.RunLoop`); ``genotype`` is the network to train.
+
+        Args:
+            genotype: the cells of the network to train.
+            config: the training's settings.
+            run_dir: the run folder.
+            resume: continue the run in ``run_dir`` from its checkpoint.
+            progress: show the progress bar.
+            say: prints notices.
+        """
         self.genotype = genotype
-        super().__init__(config, run_dir, resume, progress, say)
+        super().__init__(config, run_dir, resume, progress=progress, say=say)
+
+    def setup(self) -> None:
+        """The fold's training and validation cases, the preprocessing model files record."""
         self.train_ids, self.val_ids = fold_cases(self.cache.splits, self.config.fold)
         self.preprocessing = preprocessing_metadata(self.cache, self.config)
         self.best = -1.0
@@ -146,8 +180,9 @@ class TrainingLoop(RunLoop):
 
     def plan_step(self, available: int | None) -> MemoryPlan:
         c = self.config
-        return plan_training_step(self.genotype, self.build, self.amp, c.patch, self.share, c.checkpoint,
-                                  c.micro_batch, available)
+        return plan_training_step(self.genotype, self.build, self.amp, patch=c.patch, share=self.share,
+                                  checkpoint=c.checkpoint,
+                                  micro_batch=c.micro_batch, available=available)
 
     def describe(self) -> dict[str, Any]:
         return {"genotype": self.genotype.to_dict(), "cases": {"train": self.train_ids, "validation": self.val_ids},
@@ -165,11 +200,14 @@ class TrainingLoop(RunLoop):
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimiser, factor=c.plateau_factor,
                                                                     patience=c.plateau_patience)
         self.precision = Precision(c.amp, d.device)
-        train_data = PatchDataset(self.cache, self.train_ids, c.patch, c.steps_per_epoch * c.batch_size, c.seed,
-                                  c.foreground_share, default_augmentation() if c.augment else None)
-        self.val_data = PatchDataset(self.cache, self.val_ids, c.patch, c.val_patches, c.seed + 3, 1 / 3, None)
-        self.loader = PatchLoader(train_data, self.share, resolve_loader_workers(c.workers, d.device), d.world,
-                                  d.rank, d.device)
+        train_data = PatchDataset(self.cache, self.train_ids, c.patch,
+                                  samples_per_epoch=c.steps_per_epoch * c.batch_size, seed=c.seed,
+                                  foreground_share=c.foreground_share,
+                                  augmentation=default_augmentation() if c.augment else None)
+        self.val_data = PatchDataset(self.cache, self.val_ids, c.patch, samples_per_epoch=c.val_patches,
+                                     seed=c.seed + 3, foreground_share=1 / 3, augmentation=None)
+        self.loader = PatchLoader(train_data, self.share, resolve_loader_workers(c.workers, d.device), world=d.world,
+                                  rank=d.rank, device=d.device)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -191,7 +229,7 @@ class TrainingLoop(RunLoop):
             example = torch.zeros((self.plan.micro_batch or self.share, self.build.in_channels, *self.config.patch),
                                   device=self.d.device)
             compile_for_training(self.net, example, self.precision.autocast,
-                                 self.say if self.d.main else (lambda _: None))
+                                 say=self.say if self.d.main else (lambda _: None))
 
     def keep_going(self) -> bool:
         return self.optimiser.param_groups[0]["lr"] >= self.config.min_lr
@@ -204,17 +242,19 @@ class TrainingLoop(RunLoop):
         x, y = to_device(batch, self.d.device, self.config.patch)
         self.optimiser.zero_grad(set_to_none=True)
         loss = accumulate_exact(self.model, split_batch(x, y, self.plan.micro_batch), self.precision.backward,
-                                self.precision, self.d.world, self.model.no_sync if self.d.world > 1 else None,
+                                precision=self.precision, world=self.d.world,
+                                no_sync=self.model.no_sync if self.d.world > 1 else None,
                                 foreground_only=LOSSES[self.config.loss], weights=self.weights)
-        skipped = guarded_step(self.optimiser, self.params, self.precision, loss, self.config.grad_clip)
+        skipped = guarded_step(self.optimiser, self.params, self.precision, loss=loss, max_norm=self.config.grad_clip)
         return [loss], skipped, ~torch.isfinite(loss) if self.precision.scaler.is_enabled() else skipped
 
     def epoch_record(self, means: dict[str, float], skipped: int, seconds: float) -> dict[str, Any]:
         """The training loss and the validation Dice (watched, never used to stop or choose
         model.safetensors); the learning rate the epoch trained with."""
         self.net.eval()
-        dice = validation_dice(self.net, self.val_data, self.share, self.build.num_classes, self.d.device,
-                               self.precision)
+        dice = validation_dice(self.net, self.val_data, self.share, num_classes=self.build.num_classes,
+                               device=self.d.device,
+                               precision=self.precision)
         return {"epoch": self.epoch + 1, "train_loss": means["loss"], "val_dice": dice,
                 "lr": self.optimiser.param_groups[0]["lr"], "skipped_steps": skipped, "seconds": seconds}
 
@@ -223,14 +263,15 @@ class TrainingLoop(RunLoop):
         validation Dice improved (selected on the validation cases: never scored on them)."""
         epoch, dice = record["epoch"], record["val_dice"]
         save_model(self.net, self.run / "model.safetensors", self.preprocessing,
-                   extra=training_metadata(self.config.fold, self.val_ids, epoch, LAST_EPOCH))
+                   extra=training_metadata(self.config.fold, self.val_ids, epoch, selection=LAST_EPOCH))
         if math.isfinite(dice) and dice > self.best:
             self.best = dice
             save_model(self.net, self.run / "model_best.safetensors", self.preprocessing,
-                       extra={"epoch": str(epoch), **training_metadata(self.config.fold, self.val_ids, epoch, BEST_DICE)})
+                       extra={"epoch": str(epoch), **training_metadata(self.config.fold, self.val_ids, epoch,
+                                                                       selection=BEST_DICE)})
         if draw:
             plot_history(self.run / "training.png", self.history, {"train_loss": "training loss (soft Jaccard)"},
-                         ("val_dice", "validation Dice (watched, not used)"), columns=2)
+                         dice=("val_dice", "validation Dice (watched, not used)"), columns=2)
 
     def result(self) -> TrainResult:
-        return TrainResult(self.run, self.epoch, self.best, self.history, self.plan)
+        return TrainResult(self.run, self.epoch, self.best, history=self.history, plan=self.plan)

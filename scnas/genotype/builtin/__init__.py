@@ -36,10 +36,17 @@ def builtin_genotype(name: str) -> Genotype:
 
 
 def random_genotype(seed: int, nodes: int = 4, ops: list[str] | tuple[str, ...] | None = None,
-                    inputs_per_node: int = 2) -> Genotype:
+                    *, inputs_per_node: int = 2) -> Genotype:
     """A random genotype: each intermediate node takes ``inputs_per_node`` distinct earlier
     nodes (fewer where fewer exist) through random non-``zero`` ops; every node is concatenated.
-    The same seed gives the same genotype on every platform (Python's ``random.Random``)."""
+    The same seed gives the same genotype on every platform (Python's ``random.Random``).
+
+    Args:
+        seed: the same seed gives the same genotype.
+        nodes: intermediate nodes per cell.
+        ops: the vocabulary (default: the paper's).
+        inputs_per_node: incoming edges per node.
+    """
     vocabulary = list(ops or PAPER_OPS)
     choices = [op for op in vocabulary if op != ZERO]
     if not choices:
