@@ -169,11 +169,13 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
     import threading
 
     import scnas.train.cv as cv
+    import scnas.train.cv.report as report
+    import scnas.train.cv.study as running
 
     out = study
     ran, second_started = [], threading.Event()
 
-    def run_job(out_, plan, job, progress, say):
+    def run_job(out_, plan, job, *, progress, say):
         ran.append(job.name)
         if job.genotype == "minimal":
             second_started.wait(timeout=5)      # hold the first job until the other process moved past it
@@ -184,8 +186,8 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
                                                   "model_selection": "last epoch", "mean": {"1": 0.5}}))
         return {"mean_over_classes": 0.5, "cases": ["a"], "model_epoch": 2}
 
-    monkeypatch.setattr(cv, "run_job", run_job)
-    monkeypatch.setattr(cv, "write_report", lambda *args, **kwargs: {"report": True})
+    monkeypatch.setattr(running, "run_job", run_job)
+    monkeypatch.setattr(report, "write_report", lambda *args, **kwargs: {"report": True})
     said = [[], []]
     threads = [threading.Thread(target=cv.run_study, args=(out, None), kwargs={"say": said[i].append})
                for i in range(2)]
@@ -206,7 +208,7 @@ def test_a_job_claim_dies_with_its_process(tmp_path):
     import subprocess
     import sys
 
-    from scnas.train.cv import _job_claim
+    from scnas.train.cv import job_claim
 
     folder = tmp_path / "job"
     folder.mkdir()
@@ -216,12 +218,12 @@ def test_a_job_claim_dies_with_its_process(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with _job_claim(folder) as claimed:
+        with job_claim(folder) as claimed:
             assert not claimed
     finally:
         holder.kill()
         holder.wait()
-    with _job_claim(folder) as claimed:
+    with job_claim(folder) as claimed:
         assert claimed
 
 
