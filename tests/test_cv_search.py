@@ -12,6 +12,7 @@ import pytest
 from scnas.data import write_phantom_dataset
 from scnas.train import TrainConfig
 from scnas.train.cv import CVError, plan_study, read_plan, run_study, search_record
+from scnas.train.cv.report import gflops
 
 SEARCH = {"stem": 2, "patch": [16, 16, 16], "epochs": 2, "steps_per_epoch": 1, "batch_size": 1, "nodes": 2,
           "ops": ["zero", "identity", "conv_3x3x3", "max_pool_3x3x3"], "sampling": "pair", "tau_max": 5.0,
@@ -37,7 +38,7 @@ def _request(task, **changes):
 @pytest.mark.slow   # 2 searches, 4 retrainings, FLOP matching twice: 40 s alone, 150 s on a busy machine
 def test_each_fold_is_searched_on_its_training_cases_and_random_genotypes_match_it(task, tmp_path):
     from scnas.build import BuildConfig
-    from scnas.build.stats import match_flops
+    from scnas.build.stats import match_flops, network_flops
     from scnas.data.cache import Cache
     from scnas.genotype import read_genotype
 
@@ -62,6 +63,7 @@ def test_each_fold_is_searched_on_its_training_cases_and_random_genotypes_match_
         assert set(record.alpha_movement) == {"encoder_normal", "reduction", "decoder_normal", "expansion"}
         # each random genotype widened to this fold's derived genotype, and retrained at that stem
         base = BuildConfig(stem_channels=4, in_channels=1, num_classes=2, depth=3)
+        assert record.stem == 4 and record.flops == network_flops(kept, base, (16, 16, 16))   # the target
         for match in record.random:
             assert match.fold == fold and match.target == record.flops
             genotype = read_genotype(out / "genotypes" / f"{match.genotype}.yaml")
@@ -74,11 +76,12 @@ def test_each_fold_is_searched_on_its_training_cases_and_random_genotypes_match_
     assert [s["validation_cases_in_search"] for s in report["searches"]] == [0, 0]
     assert len(report["flop_matching"]) == 2 and {m["fold"] for m in report["flop_matching"]} == {0, 1}
     markdown = (out / "results.md").read_text()
-    assert markdown.startswith("# Cross-validation\n\nsearch per fold:")
+    assert markdown.startswith("# Cross-validation\n\nSearch per fold: for each fold a search on that fold's "
+                               "training cases only")
     for s in report["searches"]:
         assert f"| {s['fold']} | {s['hash']} | 2/2 | {s['searched_cases']} | 0 | encoder_normal " in markdown
     for m in report["flop_matching"]:
-        assert f"| {m['genotype']} | {m['fold']} | {m['stem']} | {m['flops'] / 1e9:.4g} | {m['target'] / 1e9:.4g} " \
+        assert f"| {m['genotype']} | {m['fold']} | {m['stem']} | {gflops(m['flops'])} | {gflops(m['target'])} " \
                f"(searched) | {m['relative']:+.2%} |" in markdown
     assert report["conclusion"][-1].startswith("warning: 2 fold(s) cannot support a verdict")
     said.clear()

@@ -18,6 +18,7 @@ from scnas.search import cell_edges, derive_genotype
 from scnas.search.derive import alpha_movement, recorded_probabilities, rederive
 from scnas.train import TrainError, run_training
 from scnas.train.cv import CVError, compare, parse_shard, run_study, verdict, write_report
+from scnas.train.cv.report import gflops
 from scnas.train.trainer import TrainConfig, check_unselected
 
 CELLS = ("encoder_normal", "reduction", "decoder_normal", "expansion")
@@ -192,14 +193,20 @@ def test_cv_study_scores_last_epoch_models_resumes_shards_and_compares_with_rand
     match = report["flop_matching"][0]
     assert match["genotype"] == random_entry["name"] and match["target"] == plan["genotypes"][0]["flops"]
     assert match["relative"] == pytest.approx(random_entry["flops"] / plan["genotypes"][0]["flops"] - 1)
-    assert f"| {random_entry['name']} | all | {random_entry['stem']} | {random_entry['flops'] / 1e9:.4g} | " \
-        f"{plan['genotypes'][0]['flops'] / 1e9:.4g} (minimal) | {match['relative']:+.2%} |" in \
+    assert f"| {random_entry['name']} | all | {random_entry['stem']} | {gflops(random_entry['flops'])} | " \
+        f"{gflops(plan['genotypes'][0]['flops'])} (minimal) | {match['relative']:+.2%} |" in \
         (out / "results.md").read_text()
     for suffix in ("md", "csv", "json", "png"):
         assert (out / f"results.{suffix}").exists()
     said.clear()
     run_study(out, _request(task), say=said.append)                          # everything done: skipped
     assert sum("done before, skipped" in line for line in said) == 4
+
+
+def test_gflops_keep_four_significant_digits():
+    """0.09 GFLOPs for four genotypes 6% apart hid the spread; 4 significant digits show it."""
+    assert [gflops(f) for f in (91_234_567, 96_700_000, 325_000_000, 6_340_608, 123_456_789_000, 0)] == \
+        ["0.09123", "0.09670", "0.3250", "0.006341", "123.5", "0"]
 
 
 def test_cv_bad_input(task, tmp_path, cli):

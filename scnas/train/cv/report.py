@@ -178,9 +178,9 @@ def _searches(out: Path, plan: Plan) -> dict[int, FoldSearch]:
 PROTOCOL = ("each genotype retrained on each fold's training cases; the last epoch's model predicts the fold's "
             "validation cases on their original grid; Dice per class (nnU-Net's NaN convention), mean over the "
             "fold's cases; mean and sd over folds")
-PER_FOLD_PROTOCOL = ("search per fold: for each fold a search on that fold's training cases only (never its "
+PER_FOLD_PROTOCOL = ("Search per fold: for each fold a search on that fold's training cases only (never its "
                      "validation cases), its last epoch's genotype derived, retrained on the fold and scored on "
-                     "its validation cases; random genotypes widened to that fold's derived genotype's FLOPs. ")
+                     "its validation cases; random genotypes widened to that fold's derived genotype's FLOPs; then ")
 
 
 def write_report(out: str | os.PathLike, *, plan: Plan | None = None,
@@ -203,7 +203,8 @@ def write_report(out: str | os.PathLike, *, plan: Plan | None = None,
     folds = plan.folds
     rows = _rows(out, plan, searches, classes)
     matches = flop_matches(plan, searches)
-    report: dict[str, Any] = {"protocol": (PER_FOLD_PROTOCOL if searches else "") + PROTOCOL,
+    protocol = PER_FOLD_PROTOCOL + PROTOCOL if searches else PROTOCOL[0].upper() + PROTOCOL[1:]
+    report: dict[str, Any] = {"protocol": protocol,
                               "folds": folds, "classes": classes, "genotypes": [r.to_dict() for r in rows],
                               "flop_matching": [{**m.model_dump(), "relative": m.relative} for m in matches]}
     if searches:
@@ -252,8 +253,12 @@ def write_report(out: str | os.PathLike, *, plan: Plan | None = None,
 
 
 def gflops(flops: float) -> str:
-    """GFLOPs with 4 significant digits: tiny networks differ in the third decimal."""
-    return f"{flops / 1e9:.4g}"
+    """GFLOPs with 4 significant digits (trailing zeros kept): tiny networks differ in the
+    third decimal."""
+    value = flops / 1e9
+    if value <= 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.{max(0, 3 - math.floor(math.log10(value)))}f}"
 
 
 def _span(values: list, show: Callable[[Any], str]) -> str:
