@@ -5,7 +5,6 @@ genotypes are matched to each fold's derived genotype."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -169,7 +169,6 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
     import threading
 
     import scnas.train.cv as cv
-    import scnas.train.cv.report as report
     import scnas.train.cv.study as running
 
     out = study
@@ -187,7 +186,7 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
         return {"mean_over_classes": 0.5, "cases": ["a"], "model_epoch": 2}
 
     monkeypatch.setattr(running, "run_job", run_job)
-    monkeypatch.setattr(report, "write_report", lambda *args, **kwargs: {"report": True})
+    monkeypatch.setattr(running, "write_report", lambda *args, **kwargs: {"report": True})
     said = [[], []]
     threads = [threading.Thread(target=cv.run_study, args=(out, None), kwargs={"say": said[i].append})
                for i in range(2)]

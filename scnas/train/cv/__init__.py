@@ -28,14 +28,15 @@ The package: :mod:`.records` (the typed records), :mod:`.study` (plan, jobs, sha
 """
 
 from scnas.train.cv.claims import job_claim
-from scnas.train.cv.records import (DONE, PLAN_FORMAT, PLAN_VERSION, SEARCH_DONE, SEARCHED, CVError, Entry, Evaluation, FlopMatch, FoldSearch, Job, Plan, SearchJob,
-                                    job_record, read_plan, search_record)
+from scnas.train.cv.records import (DONE, PLAN_FORMAT, PLAN_VERSION, SEARCH_DONE, SEARCHED, CVError, Entry, Evaluation,
+                                    FlopMatch, FoldSearch, Job, Plan, SearchJob, clean_folds, job_record, leak_lines,
+                                    missing_jobs, read_plan, search_record, study_jobs)
 from scnas.train.cv.report import Comparison, compare, verdict, write_report
 from scnas.train.cv.searches import SEARCH_FIELDS
-from scnas.train.cv.study import (clean_folds, leak_lines, parse_shard, plan_study, run_study, search_overlap,
-                                  slurm_array_shard, study_jobs)
+from scnas.train.cv.study import parse_shard, plan_study, run_study, search_overlap, slurm_array_shard
 
-__all__ = ["DONE", "PLAN_FORMAT", "PLAN_VERSION", "SEARCH_DONE", "SEARCHED", "CVError", "Comparison", "Entry", "Evaluation", "FlopMatch", "FoldSearch", "Job", "Plan", "SEARCH_FIELDS",
-           "SearchJob", "clean_folds", "compare", "job_claim", "job_record", "leak_lines", "parse_shard", "plan_study",
-           "read_plan", "run_study", "search_overlap", "search_record", "slurm_array_shard", "study_jobs", "verdict",
+__all__ = ["DONE", "PLAN_FORMAT", "PLAN_VERSION", "SEARCH_DONE", "SEARCHED", "CVError", "Comparison", "Entry",
+           "Evaluation", "FlopMatch", "FoldSearch", "Job", "Plan", "SEARCH_FIELDS", "SearchJob", "clean_folds",
+           "compare", "job_claim", "job_record", "leak_lines", "missing_jobs", "parse_shard", "plan_study", "read_plan",
+           "run_study", "search_overlap", "search_record", "slurm_array_shard", "study_jobs", "verdict",
            "write_report"]

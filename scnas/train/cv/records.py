@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from scnas.errors import ScnasError
+from scnas.errors import DamagedFileError, ScnasError
 from scnas.records import damaged, read_json
 
 PLAN_FORMAT = "scnas-cv"
@@ -172,3 +172,51 @@ def search_record(out: Path, fold: int) -> FoldSearch | None:
         raise damaged(path, f"is damaged: it is the record of fold {record.fold}",
                       f"{job.name} is finished again by 'scnas cv -o {out}'")
     return record
+
+
+def leak_lines(entries: list[Entry], folds: list[int]) -> list[str]:
+    """One line per genotype whose search saw validation cases of the study: which folds, how
+    many cases, which folds are clean."""
+    lines = []
+    for entry in entries:
+        seen = entry.search_data
+        leaked = {int(f): ids for f, ids in (seen or {}).get("validation_in_search", {}).items() if ids}
+        if not leaked:
+            continue
+        clean = [f for f in folds if f not in leaked]
+        cases = sum(len(ids) for ids in leaked.values())
+        lines.append(f"{entry.name}'s search saw {cases} validation case(s) of fold(s) "
+                     f"{', '.join(map(str, sorted(leaked)))} ({seen['cases']}): its Dice there is optimistic; "
+                     f"clean fold(s): {', '.join(map(str, clean)) if clean else 'none'}")
+    return lines
+
+
+def clean_folds(entry: Entry, folds: list[int]) -> list[int]:
+    """The folds none of whose validation cases were in ``entry``'s search data."""
+    seen = (entry.search_data or {}).get("validation_in_search", {})
+    return [f for f in folds if not seen.get(str(f))]
+
+
+def study_jobs(plan: Plan) -> list[Job]:
+    """Every (genotype, fold) retraining of the study, folds outermost, so that a first shard's
+    early jobs give every genotype's fold 0."""
+    return [Job(entry.name, fold) for fold in plan.folds for entry in plan.genotypes]
+
+
+def search_jobs(plan: Plan) -> list[SearchJob]:
+    """The searches of a search per fold (none otherwise)."""
+    return [SearchJob(fold) for fold in plan.folds] if plan.search_per_fold else []
+
+
+def missing_jobs(out: Path, plan: Plan, damage: list[str] | None = None) -> list[Job]:
+    """The retrainings without a good evaluation record; the damaged records are described in ``damage``."""
+    missing = []
+    for job in study_jobs(plan):
+        try:
+            if job_record(out, job) is None:
+                missing.append(job)
+        except DamagedFileError as exc:
+            missing.append(job)
+            if damage is not None:
+                damage.append(str(exc))
+    return missing

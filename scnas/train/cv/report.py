@@ -20,9 +20,9 @@ import numpy as np
 
 from scnas.errors import Problem
 from scnas.fileio import atomic_write_text
-from scnas.train.cv.records import (DONE, CVError, Entry, FlopMatch, FoldSearch, Plan, job_record, read_plan,
-                                    search_record)
-from scnas.train.cv.study import clean_folds, leak_lines, missing_jobs, study_jobs
+from scnas.train.cv.records import (DONE, CVError, Entry, FlopMatch, FoldSearch, Plan, clean_folds, job_record,
+                                    leak_lines, missing_jobs, read_plan, search_record, study_jobs)
+from scnas.train.cv.searches import summary
 
 MIN_FOLDS = 3
 """Fewer folds than this support no verdict: with 2, one unlucky fold decides it."""
@@ -208,8 +208,6 @@ def write_report(out: str | os.PathLike, *, plan: Plan | None = None,
                               "folds": folds, "classes": classes, "genotypes": [r.to_dict() for r in rows],
                               "flop_matching": [{**m.model_dump(), "relative": m.relative} for m in matches]}
     if searches:
-        from scnas.train.cv.searches import summary
-
         report["search"] = plan.request["search"]
         report["searches"] = [summary(searches[f]) for f in folds]
     given = [r for r in rows if r.entry.kind != "random"]

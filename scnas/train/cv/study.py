@@ -22,7 +22,9 @@ from scnas.errors import DamagedFileError
 from scnas.fileio import atomic_write_text
 from scnas.train.cv.claims import job_claim, study_lock
 from scnas.train.cv.records import (DONE, PLAN_FORMAT, PLAN_VERSION, SEARCHED, CVError, Entry, Job, Plan, SearchJob,
-                                    job_record, read_plan)
+                                    job_record, leak_lines, missing_jobs, read_plan, search_jobs, study_jobs)
+from scnas.train.cv.report import write_report
+from scnas.train.cv.searches import claim_and_search, finished_search, searched_genotype_path
 
 
 def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -252,48 +254,10 @@ def search_overlap(genotype, cache, *, task: Path, folds: list[int]) -> dict[str
             "validation_in_search": {str(f): sorted(seen & set(cache.splits[f]["val"])) for f in folds}}
 
 
-def leak_lines(entries: list[Entry], folds: list[int]) -> list[str]:
-    """One line per genotype whose search saw validation cases of the study: which folds, how
-    many cases, which folds are clean."""
-    lines = []
-    for entry in entries:
-        seen = entry.search_data
-        leaked = {int(f): ids for f, ids in (seen or {}).get("validation_in_search", {}).items() if ids}
-        if not leaked:
-            continue
-        clean = [f for f in folds if f not in leaked]
-        cases = sum(len(ids) for ids in leaked.values())
-        lines.append(f"{entry.name}'s search saw {cases} validation case(s) of fold(s) "
-                     f"{', '.join(map(str, sorted(leaked)))} ({seen['cases']}): its Dice there is optimistic; "
-                     f"clean fold(s): {', '.join(map(str, clean)) if clean else 'none'}")
-    return lines
-
-
-def clean_folds(entry: Entry, folds: list[int]) -> list[int]:
-    """The folds none of whose validation cases were in ``entry``'s search data."""
-    seen = (entry.search_data or {}).get("validation_in_search", {})
-    return [f for f in folds if not seen.get(str(f))]
-
-
-
-
-def study_jobs(plan: Plan) -> list[Job]:
-    """Every (genotype, fold) retraining of the study, folds outermost, so that a first shard's
-    early jobs give every genotype's fold 0."""
-    return [Job(entry.name, fold) for fold in plan.folds for entry in plan.genotypes]
-
-
-def search_jobs(plan: Plan) -> list[SearchJob]:
-    """The searches of a search per fold (none otherwise)."""
-    return [SearchJob(fold) for fold in plan.folds] if plan.search_per_fold else []
-
-
 def job_genotype(out: Path, plan: Plan, job: Job, *, say: Callable[[str], None] = print,
                  progress: bool = False) -> tuple[Path, int, str]:
     """The genotype file, stem and hash that ``job`` retrains. A genotype that differs per fold
     (search per fold) needs the fold's search: run here, or waited for if another process runs it."""
-    from scnas.train.cv.searches import claim_and_search, searched_genotype_path
-
     entry = plan.entry(job.genotype)
     if not entry.per_fold:
         return out / "genotypes" / f"{entry.name}.yaml", int(entry.stem), str(entry.hash)
@@ -354,9 +318,6 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, *, shard: 
               progress: bool = False, say: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Plan (or continue) the study in ``out``, run this shard's jobs that are not done, and
     report when every job of the study is done (None otherwise)."""
-    from scnas.train.cv.report import write_report
-    from scnas.train.cv.searches import claim_and_search, finished_search
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CVError("runs one process per shard, not under torchrun: start one 'scnas cv --shard i/n' per GPU "
                       "(CUDA_VISIBLE_DEVICES=...) or machine, then 'scnas cv -o OUT --report'")
@@ -395,17 +356,3 @@ def run_study(out: str | os.PathLike, request: dict[str, Any] | None, *, shard: 
             "(other shards or processes); then: scnas cv -o OUT --report")
         return None
     return write_report(out, plan=plan, say=say)
-
-
-def missing_jobs(out: Path, plan: Plan, damage: list[str] | None = None) -> list[Job]:
-    """The retrainings without a good evaluation record; the damaged records are described in ``damage``."""
-    missing = []
-    for job in study_jobs(plan):
-        try:
-            if job_record(out, job) is None:
-                missing.append(job)
-        except DamagedFileError as exc:
-            missing.append(job)
-            if damage is not None:
-                damage.append(str(exc))
-    return missing
