@@ -146,16 +146,16 @@ def read_plan(path: Path) -> Plan:
     return Plan.model_validate(read_json(path, PLAN_FIX, Plan))
 
 
-def job_record(out: Path, job: Job) -> dict[str, Any] | None:
+def job_record(out: Path, job: Job) -> Evaluation | None:
     """The evaluation record of a finished ``job`` (None: not finished); a damaged one (truncated,
     empty, mistyped, another job's) is a ``DamagedFileError`` that says the job is done again."""
     path = job.folder(out) / DONE
     if not path.exists():
         return None
     fix = f"job {job.name} is done again by 'scnas cv -o {out}'"
-    record = read_json(path, fix, Evaluation)
-    if record["genotype"] not in (None, job.genotype) or record["fold"] not in (None, job.fold):
-        raise damaged(path, f"is damaged: it is the record of {record['genotype']}/fold_{record['fold']}", fix)
+    record = Evaluation.model_validate(read_json(path, fix, Evaluation))
+    if record.genotype not in (None, job.genotype) or record.fold not in (None, job.fold):
+        raise damaged(path, f"is damaged: it is the record of {record.genotype}/fold_{record.fold}", fix)
     return record
 
 

@@ -75,10 +75,10 @@ def fold_scores(out: Path, plan: Plan) -> dict[str, dict[int, dict[str, float]]]
     scores: dict[str, dict[int, dict[str, float]]] = {}
     for job in study_jobs(plan):
         record = job_record(out, job)
-        if record.get("model_selection") != "last epoch":
-            raise CVError(f"job {job.name} was scored with a model selected by {record.get('model_selection')}",
+        if record.model_selection != "last epoch":
+            raise CVError(f"job {job.name} was scored with a model selected by {record.model_selection}",
                           source=str(job.folder(out) / DONE))
-        per_class = {names.get(label, label): _nan(value) for label, value in record["mean"].items()}
+        per_class = {names.get(label, label): _nan(value) for label, value in record.mean.items()}
         finite = [v for v in per_class.values() if not math.isnan(v)]
         per_class["mean"] = float(np.mean(finite)) if finite else float("nan")
         scores.setdefault(job.genotype, {})[job.fold] = per_class
