@@ -150,3 +150,47 @@ def test_a_continued_study_refuses_other_search_settings(task, tmp_path, cli, mo
     search = runs[-1]["search"]
     assert (search["epochs"], search["stem"], search["nodes"], search["patch"]) == (3, 2, 2, [16, 16, 16])
     assert runs[-1]["genotypes"] == []
+
+
+def test_a_search_another_process_runs_is_waited_for_not_run_twice(task, tmp_path, monkeypatch):
+    """Two processes (threads here: flocks conflict between two opens of a file in one process
+    too): one runs fold 0's search; the other, needing it for a retraining, waits and reads its
+    record instead of searching again."""
+    import threading
+
+    import scnas.train.cv.searches as searches
+    from scnas.fileio import atomic_write_text
+    from scnas.train.cv import FoldSearch, SearchJob
+
+    out = tmp_path / "study"
+    plan = plan_study(out, _request(task, folds=[0], random=0), say=lambda _: None)
+    ran, holding, release = [], threading.Event(), threading.Event()
+
+    def search(out_, plan_, fold, *, progress, say):
+        ran.append(fold)
+        holding.set()
+        release.wait(timeout=10)
+        record = FoldSearch(fold=fold, genotype="g.yaml", hash="abc", epoch=2, epochs=2, task="Phantom", cases=["x"],
+                            validation_in_search=[], alpha_movement={}, stem=4, flops=1.0, random=[], seconds=0.0)
+        atomic_write_text(SearchJob(fold).folder(out_) / "search.json", record.model_dump_json())
+        return record
+
+    monkeypatch.setattr(searches, "run_fold_search", search)
+    said, got = [], {}
+    first = threading.Thread(target=lambda: got.setdefault("first", searches.claim_and_search(
+        out, plan, 0, wait=False, say=said.append)))
+    first.start()
+    assert holding.wait(timeout=10)
+    assert searches.claim_and_search(out, plan, 0, wait=False, say=said.append) is None    # left to its holder
+    second = threading.Thread(target=lambda: got.setdefault("second", searches.claim_and_search(
+        out, plan, 0, wait=True, say=said.append)))
+    second.start()
+    for _ in range(500):
+        if "search/fold_0: being run by another process; waiting for it" in said:
+            break
+        threading.Event().wait(0.01)
+    assert "second" not in got                                   # still waiting while the search runs
+    release.set()
+    first.join(timeout=10)
+    second.join(timeout=10)
+    assert ran == [0] and got["first"].hash == got["second"].hash == "abc", (ran, got, said)
