@@ -115,6 +115,10 @@ def test_a_killed_search_resumes_and_a_finished_one_is_skipped(task, tmp_path):
     said.clear()
     run_study(out, None, say=said.append)
     assert said[:2] == ["[1/2] search/fold_0: done before, skipped", "[2/2] searched/fold_0: done before, skipped"]
+    from scnas.cli.main import interrupted_message
+
+    assert "keeps the study: 1 finished job(s) (their evaluation.json), 1 finished search(es) (search.json), and " \
+        "the interrupted job resumes from its last checkpoint" in interrupted_message(["cv", "-o", str(out)])
     # a damaged record is named and the search finished again
     (folder / "search.json").write_text('{"fold": 0, "hash"')
     (out / "jobs" / "searched" / "fold_0" / "evaluation.json").unlink()
