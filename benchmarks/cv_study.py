@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scnas.data import write_phantom_dataset
 from scnas.train import TrainConfig
-from scnas.train.cv import run_study
+from scnas.apps.cv import run_study
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ _EXPORTS = {   # name: the module it lives in
     "TrainConfig": "scnas.train", "run_training": "scnas.train", "load_predictor": "scnas.train",
     "predict_folder": "scnas.train", "evaluate_folders": "scnas.train",
     # cross-validation studies
-    "CVError": "scnas.train.cv", "plan_study": "scnas.train.cv", "run_study": "scnas.train.cv",
-    "write_report": "scnas.train.cv",
+    "CVError": "scnas.apps.cv", "plan_study": "scnas.apps.cv", "run_study": "scnas.apps.cv",
+    "write_report": "scnas.apps.cv",
     # export
     "export_onnx": "scnas.export",
     # errors

@@ -17,7 +17,8 @@ from scnas.genotype import NUM_INPUTS, PAPER_OPS, builtin_genotype, random_genot
 from scnas.search import cell_edges, derive_genotype
 from scnas.search.derive import alpha_movement, recorded_probabilities, rederive
 from scnas.train import TrainError, run_training
-from scnas.train.cv import CVError, compare, parse_shard, run_study, verdict, write_report
+from scnas.apps.cv import CVError, compare, parse_shard, run_study, verdict, write_report
+from scnas.apps.cv.report import gflops
 from scnas.train.trainer import TrainConfig, check_unselected
 
 CELLS = ("encoder_normal", "reduction", "decoder_normal", "expansion")
@@ -171,7 +172,7 @@ def test_cv_study_scores_last_epoch_models_resumes_shards_and_compares_with_rand
     assert "2 of 4 jobs done" in said[-1]
     with pytest.raises(CVError, match="2 of 4 jobs are not done"):
         write_report(out)
-    with pytest.raises(CVError, match="other settings \\(random\\)"):
+    with pytest.raises(CVError, match="other settings \\(random 2 \\(the study's: 1\\)\\)"):
         run_study(out, _request(task, random=2), say=said.append)
     report = run_study(out, None, shard="2/2", say=said.append)              # continues the stored study
     plan = json.loads((out / "cv.json").read_text())
@@ -188,11 +189,24 @@ def test_cv_study_scores_last_epoch_models_resumes_shards_and_compares_with_rand
             assert last["epoch"] == 2
     assert report is not None and report["folds"] == [0, 1]
     assert report["versus_random"]["folds"] == 2 and report["conclusion"]
+    # where the random genotype landed against its target, with digits enough to see it
+    match = report["flop_matching"][0]
+    assert match["genotype"] == random_entry["name"] and match["target"] == plan["genotypes"][0]["flops"]
+    assert match["relative"] == pytest.approx(random_entry["flops"] / plan["genotypes"][0]["flops"] - 1)
+    assert f"| {random_entry['name']} | all | {random_entry['stem']} | {gflops(random_entry['flops'])} | " \
+        f"{gflops(plan['genotypes'][0]['flops'])} (minimal) | {match['relative']:+.2%} |" in \
+        (out / "results.md").read_text()
     for suffix in ("md", "csv", "json", "png"):
         assert (out / f"results.{suffix}").exists()
     said.clear()
     run_study(out, _request(task), say=said.append)                          # everything done: skipped
     assert sum("done before, skipped" in line for line in said) == 4
+
+
+def test_gflops_keep_four_significant_digits():
+    """0.09 GFLOPs for four genotypes 6% apart hid the spread; 4 significant digits show it."""
+    assert [gflops(f) for f in (91_234_567, 96_700_000, 325_000_000, 6_340_608, 123_456_789_000, 0)] == \
+        ["0.09123", "0.09670", "0.3250", "0.006341", "123.5", "0"]
 
 
 def test_cv_bad_input(task, tmp_path, cli):
@@ -220,12 +234,34 @@ def test_cv_bad_input(task, tmp_path, cli):
 
 def test_the_verdict_says_which_way_and_how_sure():
     better = compare([0.80, 0.82, 0.81, 0.83, 0.80], [[0.70, 0.71, 0.72, 0.70, 0.69], [0.72, 0.70, 0.71, 0.73, 0.70]])
-    assert better["folds_better"] == 5 and better["others_below"] == 2 and better["paired_t_test_p"] < 0.05
-    assert verdict("found", better, "the random ones").startswith("found beat the random ones")
+    assert better.folds_better == 5 and better.others_below == 2 and better.paired_t_test_p < 0.05
+    line = verdict("found", better, "the random ones")
+    assert line.startswith(f"found beat the random ones by {better.mean_difference:.4f} mean Dice (found minus the "
+                           f"random ones: +{better.mean_difference:.4f} mean Dice;"), line
     unclear = compare([0.80, 0.70, 0.81, 0.69, 0.80], [[0.75, 0.76, 0.74, 0.75, 0.76]])
-    assert unclear["paired_t_test_p"] > 0.05 and verdict("found", unclear, "random").startswith("no evidence")
+    assert unclear.paired_t_test_p > 0.05 and verdict("found", unclear, "random").startswith("no evidence")
     one_fold = compare([0.8], [[0.7]])
-    assert one_fold["paired_t_test_p"] is None and "no conclusion" in verdict("found", one_fold, "random")
+    assert one_fold.paired_t_test_p is None and "no winner declared" in verdict("found", one_fold, "random")
+
+
+def test_the_verdict_names_the_winner_with_a_difference_of_the_same_sign():
+    """The winner beats the loser by a positive amount; the signed difference is always
+    "first minus them", so a random win shows a negative one, never a positive one."""
+    worse = compare([0.60, 0.62, 0.61, 0.63, 0.60], [[0.70, 0.71, 0.72, 0.70, 0.69]])
+    assert worse.mean_difference < 0 and worse.paired_t_test_p < 0.05
+    line = verdict("found", worse, "random")
+    d = -worse.mean_difference
+    assert line.startswith(f"random beat found by {d:.4f} mean Dice (found minus random: -{d:.4f} mean Dice; "
+                           "found better on 0 of 5 fold(s)"), line
+
+
+def test_two_folds_support_no_verdict_however_clear():
+    two = compare([0.90, 0.91], [[0.50, 0.52]])             # a p below 0.05 from 2 folds
+    assert two.paired_t_test_p is not None and two.paired_t_test_p < 0.05
+    line = verdict("found", two, "random")
+    assert line.startswith("warning: 2 fold(s) cannot support a verdict (at least 3 are needed") and \
+        "no winner declared" in line and " beat " not in line, line
+    assert verdict("found", compare([0.90, 0.91, 0.92], [[0.50, 0.52, 0.51]]), "random").startswith("found beat")
 
 
 def _array(task: int, low: int, high: int, count: int, step: int | None = None) -> dict[str, str]:
@@ -265,7 +301,8 @@ def test_shard_auto_refuses_outside_an_array_and_uneven_arrays(tmp_path, cli, mo
 
 def test_cv_flags_validation_cases_a_search_saw_and_compares_on_clean_folds_only(task, tmp_path):
     from scnas.genotype import builtin_genotype, write_genotype
-    from scnas.train.cv import _open_cache, plan_study
+    from scnas.apps.cv import plan_study
+    from scnas.apps.cv.study import _open_cache
 
     splits = _open_cache(str(task), (1.0, 1.0, 1.0)).splits       # the study's own (shared) cache
     searched = builtin_genotype("minimal").model_copy(deep=True)
@@ -282,8 +319,8 @@ def test_cv_flags_validation_cases_a_search_saw_and_compares_on_clean_folds_only
     out, said = tmp_path / "study", []
     request = _request(task, genotypes=[str(tmp_path / n) for n in ("found.yaml", "older.yaml", "transfer.yaml")],
                        folds=[0, 1, 2], random=2)
-    plan = plan_study(out, request, said.append)
-    seen = {e["name"]: e.get("search_data") for e in plan["genotypes"]}
+    plan = plan_study(out, request, say=said.append)
+    seen = {e.name: e.search_data for e in plan.genotypes}
     assert seen["found"]["validation_in_search"] == {"0": [], "1": sorted(splits[1]["val"]),
                                                      "2": sorted(splits[2]["val"])}
     assert seen["older"]["cases"] == "inferred from search fold 1" and seen["older"]["validation_in_search"]["1"] == []
@@ -306,5 +343,6 @@ def test_cv_flags_validation_cases_a_search_saw_and_compares_on_clean_folds_only
     assert report["versus_random"]["folds_better"] == 2                            # all folds: found looks better
     clean = report["versus_random_clean_folds"]
     assert clean["folds_used"] == [0] and clean["folds_better"] == 0 and clean["mean_difference"] < 0
-    assert any(line.startswith("on clean fold(s) only (0): ") for line in report["conclusion"])
+    assert any(line.startswith("on clean fold(s) only (0): warning: 1 fold(s) cannot support a verdict")
+               for line in report["conclusion"])
     assert "optimistic" in (out / "results.md").read_text()

@@ -722,7 +722,7 @@ def test_resume_from_a_damaged_checkpoint_names_it(runs, tmp_path, cli, fault):
 def study(task, tmp_path_factory):
     """A finished one-job cross-validation study (one genotype, fold 0, one step)."""
     from scnas.train import TrainConfig
-    from scnas.train.cv import run_study
+    from scnas.apps.cv import run_study
 
     train = TrainConfig(data=str(task), patch=(16, 16, 16), batch_size=1, epochs=1, steps_per_epoch=1, val_patches=1,
                         device="cpu", plots=False, workers=0).model_dump(mode="json",
@@ -739,7 +739,7 @@ def study(task, tmp_path_factory):
                                      b'"model_epoch": 1, "mean": {"1": "high"}, "mean_over_classes": 0.5, "cases": {}}',
                                      b'{"genotype": "minimal", "fold": 3, "model_selection": "last epoch", "mean": {}}'])
 def test_a_damaged_evaluation_json_is_named_and_the_job_done_again(study, tmp_path, cli, content):
-    from scnas.train.cv import run_study, write_report
+    from scnas.apps.cv import run_study, write_report
 
     out = shutil.copytree(study, tmp_path / "study")
     evaluation = out / "jobs" / "minimal" / "fold_0" / "evaluation.json"

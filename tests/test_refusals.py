@@ -112,7 +112,7 @@ def study(tmp_path, cli, monkeypatch):
     --patch 16 16 16' makes (two genotypes, fold 0; no job run)."""
     import json
 
-    import scnas.train.cv as cv
+    import scnas.apps.cv as cv
 
     captured = []
     with monkeypatch.context() as patched:
@@ -131,7 +131,7 @@ def study(tmp_path, cli, monkeypatch):
 
 
 def test_continuing_a_study_refuses_a_setting_it_would_ignore(study, cli, monkeypatch):
-    import scnas.train.cv as cv
+    import scnas.apps.cv as cv
 
     out, runs = study, []
     monkeypatch.setattr(cv, "run_study", lambda out, request, *args, **kwargs: runs.append(request))
@@ -146,7 +146,7 @@ def test_continuing_a_study_refuses_a_setting_it_would_ignore(study, cli, monkey
 
 
 def test_ctrl_c_in_cv_says_what_was_kept_and_how_to_continue(study, cli, monkeypatch):
-    import scnas.train.cv as cv
+    import scnas.apps.cv as cv
     from scnas.cli.main import interrupted_message
 
     out = study
@@ -170,12 +170,13 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
     import json
     import threading
 
-    import scnas.train.cv as cv
+    import scnas.apps.cv as cv
+    import scnas.apps.cv.study as running
 
     out = study
     ran, second_started = [], threading.Event()
 
-    def run_job(out_, plan, job, progress, say):
+    def run_job(out_, plan, job, *, progress, say):
         ran.append(job.name)
         if job.genotype == "minimal":
             second_started.wait(timeout=5)      # hold the first job until the other process moved past it
@@ -186,8 +187,8 @@ def test_two_processes_continuing_one_study_never_run_the_same_job(study, monkey
                                                   "model_selection": "last epoch", "mean": {"1": 0.5}}))
         return {"mean_over_classes": 0.5, "cases": ["a"], "model_epoch": 2}
 
-    monkeypatch.setattr(cv, "run_job", run_job)
-    monkeypatch.setattr(cv, "write_report", lambda *args, **kwargs: {"report": True})
+    monkeypatch.setattr(running, "run_job", run_job)
+    monkeypatch.setattr(running, "write_report", lambda *args, **kwargs: {"report": True})
     said = [[], []]
     threads = [threading.Thread(target=cv.run_study, args=(out, None), kwargs={"say": said[i].append})
                for i in range(2)]
@@ -208,7 +209,7 @@ def test_a_job_claim_dies_with_its_process(tmp_path):
     import subprocess
     import sys
 
-    from scnas.train.cv import _job_claim
+    from scnas.apps.cv import job_claim
 
     folder = tmp_path / "job"
     folder.mkdir()
@@ -218,12 +219,12 @@ def test_a_job_claim_dies_with_its_process(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with _job_claim(folder) as claimed:
+        with job_claim(folder) as claimed:
             assert not claimed
     finally:
         holder.kill()
         holder.wait()
-    with _job_claim(folder) as claimed:
+    with job_claim(folder) as claimed:
         assert claimed
 
 

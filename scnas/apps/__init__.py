@@ -1,3 +1,3 @@
-"""Applications that only the command line uses, each a whole workflow on top of the library:
-``memory_report`` (``scnas plan``) and ``demo`` (``scnas demo``). Nothing in the library
-imports them."""
+"""Applications: whole workflows on top of the library. ``memory_report`` (``scnas plan``),
+``demo`` (``scnas demo``) and ``cv`` (``scnas cv``: cross-validation studies, which search and
+retrain, so they sit above both). Only the command line and ``scnas``'s lazy exports import them."""

@@ -165,8 +165,10 @@ def interrupted_message(args: list[str]) -> str:
         out = _option(args, "-o", "--output")
         if out and (Path(out) / "cv.json").exists():
             done = len(list(Path(out).glob("jobs/*/fold_*/evaluation.json")))
-            return (f"interrupted: {out} keeps the study: {done} finished job(s) (their evaluation.json), and the "
-                    "interrupted job resumes from its last training checkpoint; continue with: "
+            searched = len(list(Path(out).glob("searches/fold_*/search.json")))   # with --search-per-fold
+            return (f"interrupted: {out} keeps the study: {done} finished job(s) (their evaluation.json), "
+                    + (f"{searched} finished search(es) (search.json), " if searched else "")
+                    + "and the interrupted job resumes from its last checkpoint; continue with: "
                     f"scnas cv -o {shlex.quote(out)}" + (f" --shard {_option(args, '--shard')}"
                                                          if _option(args, "--shard") else ""))
         return f"interrupted before the study was planned: nothing to continue; start again with: {again}"

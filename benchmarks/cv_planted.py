@@ -1,0 +1,100 @@
+"""The honest protocol on the planted task: ``scnas cv --search-per-fold`` against random genotypes.
+
+A planted-architecture task (``scnas.search.planted``, labels made by a teacher network of
+``planted_bench.PLANTED``); on each fold a search of the fold's training cases with the
+countermeasures that recovered most of the planted cells in docs/search.md ("all three"),
+the derived genotype retrained and scored on the fold, beside 5 random genotypes matched to
+its FLOPs fold by fold. Prints and records the command, the settings and the verdict line,
+whatever it says.
+
+    OMP_NUM_THREADS=1 python benchmarks/cv_planted.py [--folds 0,1,2] [--quick]
+
+Writes benchmarks/results/cv_planted.json (``--quick``: a tiny run that checks the script,
+results/cv_planted-quick.json). Given an ``--out`` that holds a finished run, it reports that
+run again (``scnas cv -o OUT --report``) and keeps the time the run took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from planted_bench import PLANTED  # noqa: E402
+
+from scnas.genotype import genotype_from_data  # noqa: E402
+from scnas.search.planted import write_planted_dataset  # noqa: E402
+from scnas.search.report import search_report  # noqa: E402
+
+SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "6", "--search-steps", "20",
+          "--search-batch-size", "1", "--alpha-lr", "0.03", "--nodes", "2", "--tau-max", "5", "--tau-min", "0.5",
+          "--warmup-epochs", "2", "--free-penalty", "0.3", "--max-free", "1"]
+TRAIN = ["--stem", "8", "--patch", "32", "32", "32", "--batch-size", "2", "--epochs", "5", "--steps-per-epoch", "10",
+         "--lr", "1e-3", "--device", "cpu", "--spacing", "1", "1", "1"]
+QUICK = {"--search-epochs": "2", "--search-steps": "2", "--warmup-epochs": "1", "--epochs": "1",
+         "--steps-per-epoch": "2"}
+
+
+def _quick(args: list[str]) -> list[str]:
+    return [QUICK.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", default="0,1,2")
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--random", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 folds, 1 random genotype, searches of 2 x 2 steps")
+    parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    args = parser.parse_args()
+    search, train = (_quick(SEARCH), _quick(TRAIN)) if args.quick else (SEARCH, TRAIN)
+    folds, randoms = ("0,1", 1) if args.quick else (args.folds, args.random)
+    root = Path(args.out or tempfile.mkdtemp(prefix="scnas-cv-planted-"))
+    root.mkdir(parents=True, exist_ok=True)
+    planted = genotype_from_data(PLANTED, source="planted genotype")
+    task = root / "task"
+    command = ["scnas", "--threads", "1", "cv", "--search-per-fold", "--data", str(task), "--folds", folds,
+               "--random", str(randoms), *search, *train, "-o", str(root / "study")]
+    env = {**os.environ, "SCNAS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    timing = root / "seconds.json"
+    if timing.exists():   # a finished study in --out: report it again (with this scnas), keep the run's time
+        seconds = json.loads(timing.read_text())["seconds"]
+        subprocess.run([sys.executable, "-m", "scnas", "cv", "-o", str(root / "study"), "--report"], env=env,
+                       check=True)
+    else:
+        write_planted_dataset(task, planted, cases=args.cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
+        print("$ " + shlex.join(command), flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "scnas", *command[1:]], env=env, check=True)
+        seconds = time.perf_counter() - started
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    report = json.loads((root / "study" / "results.json").read_text())
+    # how often the fold's searches picked the planted operations (docs/search.md's measure), against chance
+    recovery = search_report([root / "study" / "searches" / f"fold_{f}" for f in folds.split(",")],
+                             permutations=2000, planted=planted)
+    shown = shlex.join(["scnas", *command[1:-1], "runs/cv-planted"]).replace(str(task), "planted-task")
+    result = {"command": shown, "seconds": round(seconds, 1), "cases": args.cases, "planted": PLANTED,
+              "task": "scnas.search.planted.write_planted_dataset(planted, cases, shape=(32, 32, 32), stem=4, seed=0)",
+              "searches": report["searches"], "planted_recovery": recovery["planted"],
+              "flop_matching": report["flop_matching"],
+              "genotypes": [{k: g[k] for k in ("name", "kind", "stem_per_fold", "flops_per_fold")}
+                            | {"mean_dice": g["dice"]["mean"]} for g in report["genotypes"]],
+              "versus_random": report.get("versus_random"), "conclusion": report["conclusion"],
+              "table": (root / "study" / "results.md").read_text()}
+    print(f"\n{seconds:.0f} s ({seconds / 60:.1f} min)")
+    for line in report["conclusion"]:
+        print(line)
+    out = Path(__file__).parent / "results" / ("cv_planted-quick.json" if args.quick else "cv_planted.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
