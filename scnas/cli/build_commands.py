@@ -10,7 +10,7 @@ from rich.table import Table
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 from scnas.genotype import load_genotype, short_hash
 
 

@@ -10,7 +10,7 @@ import typer
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, settings_error, stdout
+from scnas.cli.app import app, settings_error, stdout
 
 
 @app.command()

@@ -8,7 +8,7 @@ import typer
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, stderr, stdout
+from scnas.cli.app import app, stderr, stdout
 
 data_app = typer.Typer(help="Datasets: synthetic phantoms, preprocessing into a cache, checks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 
 
 @app.command()

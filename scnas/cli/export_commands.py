@@ -10,7 +10,7 @@ import typer
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 
 MODEL_SUFFIXES = (".safetensors", ".onnx")
 

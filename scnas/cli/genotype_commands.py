@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 from scnas.errors import ScnasError
 from scnas.fileio import atomic_write_text
 from scnas.genotype import (BUILTIN_NAMES, CELL_TYPES, MAX_NODES, OPS, builtin_genotype, diff as genotype_diff, load_genotype,

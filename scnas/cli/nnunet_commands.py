@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from scnas.cli import options
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 
 NEEDS_NNUNET = "needs nnU-Net v2: pip install 'scnas[nnunet]' (nnunetv2 2.8)"
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, stderr, stdout
+from scnas.cli.app import app, stderr, stdout
 from scnas.genotype.model import MAX_NODES
 
 

@@ -9,7 +9,7 @@ import typer
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, settings_error, stderr, stdout
+from scnas.cli.app import app, settings_error, stderr, stdout
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from scnas.cli.main import app, stdout
+from scnas.cli.app import app, stdout
 
 
 @app.command("search-report")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from scnas import defaults as D
 from scnas.cli import options
-from scnas.cli.main import app, settings_error, stderr, stdout
+from scnas.cli.app import app, settings_error, stderr, stdout
 
 
 @app.command()
