@@ -32,6 +32,28 @@ def _shared_caches_in_a_temporary_folder(tmp_path_factory):
         os.environ["SCNAS_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _same_random_state_and_threads_for_every_test():
+    """Each test starts from the same random state (torch, numpy, random; seed 0, or
+    ``SCNAS_TEST_SEED`` to try a tolerance at other seeds), whatever ran before it, so that a test
+    which passes alone passes in the suite; and torch's thread count is put back after it, so that
+    a test which changes it (an in-process CLI call with ``--threads``) cannot slow the others."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = int(os.environ.get("SCNAS_TEST_SEED", "0"))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def torchrun_report(result) -> str:
     """What a failed torchrun printed, for an assertion message: the ranks' own errors come
     first in stderr, torchrun's long summary of exit codes last."""
