@@ -134,7 +134,7 @@ def test_threads_follow_the_option_then_omp_num_threads_then_the_load(monkeypatc
         threads.choose_threads(0)
 
 
-def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, monkeypatch):
+def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, monkeypatch, tmp_path):
     import torch
 
     from scnas import threads
@@ -150,7 +150,7 @@ def test_the_threads_option_sets_torch_and_says_why_when_load_lowers_it(cli, mon
         monkeypatch.setattr(threads, "other_load", lambda: 1.2)
         result = cli(*quiet)
         assert result.code == 0 and torch.get_num_threads() == 1 and result.err == ""   # little computed: quiet
-        result = cli("predict", "uresnet", "-i", "nowhere", "-o", "nowhere-out")
+        result = cli("predict", "uresnet", "-i", tmp_path / "nowhere", "-o", tmp_path / "nowhere-out")
         assert result.code != 0 and torch.get_num_threads() == 1
         assert "using 1 torch thread(s) (2 cores, load 1.2 from other processes); --threads N" in result.err
     finally:

@@ -189,6 +189,19 @@ def test_architecture_split_is_four_to_one_seeded_and_disjoint():
     assert architecture_split(ids, seed=4) == (weights, arch) != architecture_split(ids, seed=5)
 
 
+@pytest.mark.parametrize("cases, share, expected", [
+    # round and int differ (int would take one case fewer)
+    (8, 0.2, 2), (9, 0.2, 2), (13, 0.2, 3), (14, 0.2, 3), (19, 0.2, 4), (24, 0.2, 5), (7, 0.25, 2), (6, 0.3, 2),
+    # round and ceil differ
+    (11, 0.2, 2), (16, 0.2, 3),
+    # at least one case on each side
+    (4, 0.1, 1), (2, 0.9, 1)])
+def test_architecture_split_rounds_to_the_nearest_number_of_cases(cases, share, expected):
+    ids = [f"c{i}" for i in range(cases)]
+    weights, arch = architecture_split(ids, seed=0, architecture_share=share)
+    assert len(arch) == expected and sorted(weights + arch) == sorted(ids)
+
+
 def test_foreground_share_over_many_draws(cache):
     sampler = PatchSampler(cache, cache.case_ids, (4, 4, 4), foreground_share=1 / 3)
     rng = np.random.default_rng(0)

@@ -248,3 +248,7 @@ def test_deep_supervision_under_two_process_torchrun(task, tmp_path):
                       "1", "1", "1", "--device", "cpu", "--deep-supervision", "-o", tmp_path / "ddp")
     assert result.returncode == 0, torchrun_report(result)
     assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.deep_supervision
+    # and training under torchrun at all (the one 2-process training of the suite): both ranks, the plan
+    recorded = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert recorded["world_size"] == 2 and recorded["memory_plan"]["micro_batch"] == 1
+    assert read_model_info(tmp_path / "ddp" / "model.safetensors").config.stem_channels == 2

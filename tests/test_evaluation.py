@@ -98,6 +98,23 @@ def test_jaccard_losses_on_a_hand_computed_case():
     assert math.isnan(dice_per_class(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2)[0])
 
 
+def test_jaccard_loss_at_the_default_eps_is_zero_for_a_class_correctly_absent():
+    # 4 voxels, 3 classes: classes 0 and 1 predicted right with certainty, class 2 absent from
+    # both prediction and truth. The smoothing term makes the absent class's distance
+    # 1 - (0 + eps) / (0 + eps) = 0, not 1, and changes a present class's by ~eps only.
+    logits = torch.tensor([[50.0, -50.0, -50.0], [50.0, -50.0, -50.0], [-50.0, 50.0, -50.0],
+                           [-50.0, 50.0, -50.0]]).T.reshape(1, 3, 4, 1, 1)
+    target = torch.tensor([0, 0, 1, 1]).reshape(1, 4, 1, 1)
+    assert float(soft_jaccard_loss(logits, target)) == pytest.approx(0.0, abs=1e-4)
+    assert float(soft_jaccard_loss(logits, target, foreground_only=True)) == pytest.approx(0.0, abs=1e-4)
+    assert float(soft_jaccard_loss(logits, target, eps=0)) == pytest.approx(1 / 3)   # without it: distance 1
+    # voxel 1 predicted 1: class 0 IoU 1/2, class 1 IoU 2/3, class 2 still absent (distance ~0)
+    wrong = logits.clone()
+    wrong[0, :, 1] = torch.tensor([-50.0, 50.0, -50.0]).reshape(3, 1, 1)
+    assert float(soft_jaccard_loss(wrong, target)) == pytest.approx((1 / 2 + 1 / 3 + 0) / 3, abs=1e-4)
+    assert float(soft_jaccard_loss(wrong, target, foreground_only=True)) == pytest.approx((1 / 3 + 0) / 2, abs=1e-4)
+
+
 def test_flops_matching_widens_a_genotype_to_within_five_percent():
     config = BuildConfig(stem_channels=68, in_channels=4, num_classes=4)
     assert network_flops(builtin_genotype("uresnet"), config, (64, 64, 32)) == \

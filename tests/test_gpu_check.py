@@ -63,6 +63,7 @@ def test_the_printed_json_report_is_found_among_other_lines():
     assert gpu_check.json_in("no report here") is None
 
 
+@pytest.mark.slow   # the script in a child process: ~7 s of CPU
 def test_items_past_the_budget_are_skipped_and_say_so(tmp_path):
     done, result = run_script(tmp_path, "--quick", "--budget", "1", timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

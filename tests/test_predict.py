@@ -232,6 +232,7 @@ def test_training_compiles_before_the_first_step_or_says_why_not(tmp_path, monke
     assert compiled.history[0]["train_loss"] == eager.history[0]["train_loss"]
 
 
+@pytest.mark.slow   # the default run's ONNX export is test_export's
 def test_a_float16_onnx_export_predicts_with_float32_inputs(tmp_path, model_and_task):
     """The fp16 ONNX graph keeps float32 inputs and outputs, so the predictor feeds it as any other."""
     from scnas.export import export_onnx

@@ -175,6 +175,12 @@ def test_the_search_demo_prints_what_the_readme_shows(cli, tmp_path):
     assert result.code == 0, result
     printed = [line.replace(str(tmp_path) + "/", "") for line in result.out.strip().split("\n")]
     assert_matches_the_readme(shown, printed)
+    run = tmp_path / "demo-search"   # and the run folder it leaves (one search demo in the suite)
+    for name in ("genotype.yaml", "metrics.jsonl", "config.json", "checkpoint.pt", "plots/losses.png",
+                 "plots/alpha_encoder_normal.png", "genotypes/epoch_0003.yaml", "phantoms/dataset.json", "cache/cache.json"):
+        assert (run / name).exists(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert cli("validate", run / "genotype.yaml").code == 0
 
 
 @pytest.mark.parametrize("command", ["scnas validate uresnet tests/conformance/invalid/unknown-op.yaml",

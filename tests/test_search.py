@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scnas.build import BuildConfig, build_network
-from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
+from scnas.data import PrepareSettings, architecture_split, fold_cases, prepare_dataset, write_phantom_dataset
 from scnas.data.cache import Cache
 from scnas.genotype import PAPER_OPS, read_genotype
 from scnas.search import (Architecture, SearchConfig, SearchError, SuperNet, cell_edges, load_checkpoint, run_search,
@@ -167,20 +167,24 @@ def test_tiny_search_writes_a_genotype_that_validates_and_builds(search_cache, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_after", [1, 4])
-def test_stopped_and_resumed_search_ends_with_the_same_alpha(search_cache, tmp_path, stop_after):
+def test_stopped_and_resumed_search_ends_with_the_same_alpha(search_cache, tmp_path):
+    # One run in three calls (2 epochs x 3 steps): stopped inside epoch 1 (after step 1), resumed
+    # across the epoch's end and stopped inside epoch 2 (after step 4), resumed to the end.
     config = _config(search_cache, checkpoint_every_steps=1)
     run_search(config, tmp_path / "whole", progress=False)
-    run_search(config, tmp_path / "parts", progress=False, stop_after_steps=stop_after)
-    stopped = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
-    assert stopped["epoch"] < 2
+    stops = []
+    for stop_after in (1, 3):
+        run_search(config, tmp_path / "parts", resume=bool(stops), progress=False, stop_after_steps=stop_after)
+        stops.append(load_checkpoint(tmp_path / "parts" / "checkpoint.pt"))
+    assert [(s["epoch"], s["step"], len(s["history"])) for s in stops] == [(0, 1, 0), (1, 1, 1)]
     run_search(config, tmp_path / "parts", resume=True, progress=False)
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
     parts = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
     for name, alpha in whole["arch"].items():
         assert torch.equal(alpha, parts["arch"][name])
-    # alpha moved after the stop (equal alphas would prove nothing if the resumed steps left alpha alone)
-    assert any((alpha - stopped["arch"][name]).abs().max() > 1e-4 for name, alpha in whole["arch"].items())
+    # alpha moved after each stop (equal alphas would prove nothing if the resumed steps left alpha alone)
+    for stopped in stops:
+        assert any((alpha - stopped["arch"][name]).abs().max() > 1e-4 for name, alpha in whole["arch"].items())
     assert len(whole["history"]) == len(parts["history"]) == 2
     assert [h["theta_loss"] for h in whole["history"]] == [h["theta_loss"] for h in parts["history"]]
     assert (tmp_path / "whole" / "genotype.yaml").read_text().split("provenance")[0] == \
@@ -263,18 +267,6 @@ def test_two_process_torchrun_keeps_alpha_identical_on_every_rank(search_cache, 
     assert read_genotype(tmp_path / "ddp" / "genotype.yaml").provenance.search["world_size"] == 2
 
 
-@pytest.mark.slow
-def test_search_demo_leaves_a_complete_run_folder(cli, tmp_path):
-    result = cli("search", "--demo", "-o", tmp_path / "demo")
-    assert result.code == 0, result
-    run = tmp_path / "demo"
-    for name in ("genotype.yaml", "metrics.jsonl", "config.json", "checkpoint.pt", "plots/losses.png",
-                 "plots/alpha_encoder_normal.png", "genotypes/epoch_0003.yaml", "phantoms/dataset.json", "cache/cache.json"):
-        assert (run / name).exists(), name
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
-    assert cli("validate", run / "genotype.yaml").code == 0
-
-
 def test_micro_batches_and_checkpointing_do_not_change_the_search(search_cache, tmp_path):
     # Two patches per step as one forward pass, or as two micro-batches with every cell and
     # edge recomputed in backward: the same gradients up to rounding, so the same alpha.
@@ -294,3 +286,78 @@ def test_micro_batches_and_checkpointing_do_not_change_the_search(search_cache, 
     # Theta (Adam, lr 0.025): gradients of ~0 can flip the sign of an element's first step
     differences = torch.cat([(b["net"][name] - weight).abs().flatten() for name, weight in a["net"].items()])
     assert float((differences > 1e-3).float().mean()) < 0.01 and float(differences.max()) <= 0.05
+
+
+@pytest.fixture(scope="module")
+def observed_search(search_cache, tmp_path_factory):
+    """A 3-step search whose every patch tells its case: each case's image is filled with the
+    case's number (1, 2, ...); it records, per step, the case numbers of the patches that the
+    network sees before Theta's update (the Theta step) and after it (the alpha step), and the
+    draws each of the two steps builds its operations from."""
+    import dataclasses
+
+    from scnas.search import loop as loop_module
+    from scnas.search.loop import SearchLoop
+
+    code = {case: i + 1 for i, case in enumerate(sorted(Cache(search_cache).case_ids))}
+    real_load = Cache.load
+
+    def stamped(self, case_id):
+        case = real_load(self, case_id)
+        return dataclasses.replace(case, image=np.full(case.image.shape, code[case_id], np.float32))
+
+    steps: list[dict] = []
+    state = {"phase": None}
+
+    def make(self):
+        real_make(self)
+        self.net.register_forward_pre_hook(lambda module, args: state["phase"] and steps[-1][state["phase"]].update(
+            {int(v) for v in args[0][:, 0].flatten().unique()}))
+        self.theta_opt.register_step_post_hook(lambda *_: state.update(phase="alpha"))
+
+    def train_step(self, batch):
+        steps.append({"theta": set(), "alpha": set(), "theta_draws": [], "alpha_draws": []})
+        state["phase"] = "theta"
+        try:
+            return real_train_step(self, batch)
+        finally:
+            state["phase"] = None
+
+    def choices_from(alphas, draws, tau):
+        if state["phase"]:
+            steps[-1][f"{state['phase']}_draws"].append(draws)
+        return real_choices_from(alphas, draws, tau)
+
+    real_make, real_train_step, real_choices_from = SearchLoop.make, SearchLoop.train_step, loop_module.choices_from
+    config = _config(search_cache, epochs=1, steps_per_epoch=3, batch_size=2, augment=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Cache, "load", stamped)
+        patch.setattr(SearchLoop, "make", make)
+        patch.setattr(SearchLoop, "train_step", train_step)
+        patch.setattr(loop_module, "choices_from", choices_from)
+        run_search(config, tmp_path_factory.mktemp("observed") / "run", progress=False)
+    train_ids, _ = fold_cases(Cache(search_cache).splits, config.fold)
+    weight_ids, arch_ids = architecture_split(train_ids, seed=config.seed,
+                                              architecture_share=config.architecture_share)
+    return steps, {code[c] for c in weight_ids}, {code[c] for c in arch_ids}
+
+
+def test_theta_steps_see_only_the_weight_set_and_alpha_steps_only_the_architecture_set(observed_search):
+    steps, weight_set, architecture_set = observed_search
+    assert len(steps) == 3 and weight_set and architecture_set and not weight_set & architecture_set
+    for step in steps:
+        seen = {"theta step": step["theta"], "alpha step": step["alpha"]}
+        assert step["theta"] and step["theta"] <= weight_set, (seen, weight_set)
+        assert step["alpha"] and step["alpha"] <= architecture_set, (seen, architecture_set)
+
+
+def test_the_alpha_step_draws_its_own_operations(observed_search):
+    # Algorithm 1 samples anew for each step; an alpha step that reused the Theta step's draws
+    # would train alpha only on the operations whose weights were just fitted to them.
+    steps, _, _ = observed_search
+    for step in steps:
+        (theta,), alpha = step["theta_draws"], step["alpha_draws"]
+        assert alpha and all(a is alpha[0] for a in alpha)     # one draw for all micro-batches of the step
+        assert theta.keys() == alpha[0].keys()
+        for name in theta:
+            assert not torch.equal(theta[name].noise, alpha[0][name].noise), name
