@@ -14,6 +14,12 @@ from scnas.genotype import builtin_genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (``-n N``) each worker is a process of its own: one torch thread each, set
+# before torch is imported and inherited by the commands a test starts, so that N workers share
+# the cores instead of N x cores threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Hypothesis draws the same examples in every run (derandomized, no example database), so that
 # the suite passes or fails the same way each time; HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("seeded", derandomize=True, database=None)
