@@ -46,7 +46,7 @@ def main() -> None:
     from scnas.records import open_b2nd
 
     root = Path(tempfile.mkdtemp(prefix="scnas-check-"))
-    task = write_phantom_dataset(root / "task", cases=1, channels=4, classes=3, shape=tuple(args.shape),
+    task = write_phantom_dataset(root / "task", cases=1, channels=4, foreground_classes=3, shape=tuple(args.shape),
                                  spacing=(1.0, 1.0, 1.0), seed=0)
     prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), workers=1, progress=False)
     cache = Cache(root / "cache")

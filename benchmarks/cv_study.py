@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-cv-"))
     root.mkdir(parents=True, exist_ok=True)
-    task = write_phantom_dataset(root / "task", cases=10, channels=2, classes=2, shape=(40, 40, 20),
+    task = write_phantom_dataset(root / "task", cases=10, channels=2, foreground_classes=2, shape=(40, 40, 20),
                                  spacing=(1.0, 1.0, 2.0), seed=0, force=True)
     train = TrainConfig(data=str(task), patch=(32, 32, 32), batch_size=2, epochs=args.epochs,
                         steps_per_epoch=args.steps, lr=1e-3, val_patches=2, device="cpu")

@@ -263,7 +263,7 @@ def main() -> None:
             task = folder / "task"
         else:
             began = time.perf_counter()
-            task = write_phantom_dataset(folder / "task", cases=cases, channels=4, classes=3, shape=shape,
+            task = write_phantom_dataset(folder / "task", cases=cases, channels=4, foreground_classes=3, shape=shape,
                                          spacing=(1.0, 1.0, 1.0))
             result["generate_s"] = time.perf_counter() - began
             cache = prepare_and_report(task, folder / "cache", cases, shape, result)

@@ -581,7 +581,7 @@ def item_augmentation(it: Item) -> None:
 
     device = torch.device(it.device)
     shape, channels, patch = ((144, 144, 128), 4, 128) if it.full else ((32, 32, 24), 4, 16)
-    task = write_phantom_dataset(it.work / "aug-task", cases=4, channels=channels, classes=3, shape=shape,
+    task = write_phantom_dataset(it.work / "aug-task", cases=4, channels=channels, foreground_classes=3, shape=shape,
                                  spacing=(1.0, 1.0, 1.0), seed=0, force=True)
     prepare_dataset(task, it.work / "aug-cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), progress=False)
     cache = Cache(it.work / "aug-cache")

@@ -94,7 +94,7 @@ def test_free_mass_is_the_mean_probability_on_parameter_free_ops():
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("countermeasures")
-    task = write_phantom_dataset(root / "task", cases=6, channels=1, classes=1, shape=(20, 20, 10),
+    task = write_phantom_dataset(root / "task", cases=6, channels=1, foreground_classes=1, shape=(20, 20, 10),
                                  spacing=(1.0, 1.0, 2.0), seed=3)
     prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), progress=False)
     return root / "cache"

@@ -21,7 +21,7 @@ SEARCH = {"stem": 2, "patch": [16, 16, 16], "epochs": 2, "steps_per_epoch": 1, "
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return write_phantom_dataset(tmp_path_factory.mktemp("cvsearch") / "task", cases=6, channels=1, classes=1,
+    return write_phantom_dataset(tmp_path_factory.mktemp("cvsearch") / "task", cases=6, channels=1, foreground_classes=1,
                                  shape=(24, 24, 16), spacing=(1.0, 1.0, 1.0), seed=3)
 
 

@@ -24,7 +24,7 @@ SETTINGS = PrepareSettings(target_spacing=(1.0, 1.0, 1.0))
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "task", cases=6, channels=2, classes=2,
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "task", cases=6, channels=2, foreground_classes=2,
                                  shape=(20, 18, 10), spacing=(1.0, 1.0, 2.0), seed=3)
 
 
@@ -45,7 +45,7 @@ def test_phantom_reads_as_msd_with_labels_and_anisotropic_spacing(phantom):
 
 
 def test_phantom_is_deterministic_and_nnunet_layout_holds_the_same_data(phantom, tmp_path):
-    other = write_phantom_dataset(tmp_path / "v2", cases=6, channels=2, classes=2, shape=(20, 18, 10),
+    other = write_phantom_dataset(tmp_path / "v2", cases=6, channels=2, foreground_classes=2, shape=(20, 18, 10),
                                   spacing=(1.0, 1.0, 2.0), seed=3, layout="nnunetv2")
     a, b = read_dataset(phantom), read_dataset(other)
     assert b.flavour == "nnunetv2" and b.labels == a.labels and len(b.cases[0].images) == 2
@@ -59,11 +59,11 @@ def test_phantom_refuses_to_overwrite(phantom):
 
 
 def test_resource_fork_files_are_skipped(tmp_path):
-    root = write_phantom_dataset(tmp_path / "t", cases=2, channels=1, classes=1, shape=(8, 8, 8), layout="nnunetv2")
+    root = write_phantom_dataset(tmp_path / "t", cases=2, channels=1, foreground_classes=1, shape=(8, 8, 8), layout="nnunetv2")
     (root / "imagesTr" / "._phantom_000_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07 resource fork")
     meta = json.loads((root / "dataset.json").read_text())
     assert [c.case_id for c in read_dataset(root).cases] == ["phantom_000", "phantom_001"]
-    msd = write_phantom_dataset(tmp_path / "m", cases=2, channels=1, classes=1, shape=(8, 8, 8))
+    msd = write_phantom_dataset(tmp_path / "m", cases=2, channels=1, foreground_classes=1, shape=(8, 8, 8))
     meta = json.loads((msd / "dataset.json").read_text())
     meta["training"].append({"image": "./imagesTr/._phantom_000.nii.gz", "label": "./labelsTr/._phantom_000.nii.gz"})
     (msd / "dataset.json").write_text(json.dumps(meta))
@@ -348,7 +348,7 @@ def _save(path, array, affine=None):
 @pytest.fixture
 def broken(tmp_path):
     """A 12-case nnU-Net-layout dataset with a different fault in cases 1..11 (case 0 is fine)."""
-    root = write_phantom_dataset(tmp_path / "broken", cases=12, channels=2, classes=2, shape=(10, 10, 8),
+    root = write_phantom_dataset(tmp_path / "broken", cases=12, channels=2, foreground_classes=2, shape=(10, 10, 8),
                                  spacing=(1.0, 1.0, 1.0), layout="nnunetv2")
     images, labels = root / "imagesTr", root / "labelsTr"
     (labels / "phantom_001.nii.gz").unlink()                                          # missing file

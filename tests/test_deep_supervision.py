@@ -139,7 +139,7 @@ def test_without_deep_supervision_the_step_is_the_plain_loss_bit_for_bit():
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return write_phantom_dataset(tmp_path_factory.mktemp("ds") / "task", cases=5, channels=1, classes=2,
+    return write_phantom_dataset(tmp_path_factory.mktemp("ds") / "task", cases=5, channels=1, foreground_classes=2,
                                  shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0), seed=5)
 
 

@@ -145,7 +145,7 @@ def test_build_match_flops_command(cli):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("cv")
-    return write_phantom_dataset(root / "task", cases=6, channels=1, classes=1, shape=(24, 24, 16),
+    return write_phantom_dataset(root / "task", cases=6, channels=1, foreground_classes=1, shape=(24, 24, 16),
                                  spacing=(1.0, 1.0, 1.0), seed=2)
 
 

@@ -33,7 +33,7 @@ SHAPE = (12, 12, 10)
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """A 5-case MSD phantom (2 channels, labels 0..2) at 1 mm: copy it before breaking it."""
-    return write_phantom_dataset(tmp_path_factory.mktemp("faults") / "task", cases=5, channels=2, classes=2,
+    return write_phantom_dataset(tmp_path_factory.mktemp("faults") / "task", cases=5, channels=2, foreground_classes=2,
                                  shape=SHAPE, spacing=(1.0, 1.0, 1.0), seed=3)
 
 
@@ -285,7 +285,7 @@ def test_a_zero_size_axis_and_a_2d_multichannel_image_are_described_as_what_they
 
 @pytest.mark.parametrize("flavour", ["msd", "nnunetv2"])
 def test_label_values_with_gaps_are_refused_with_the_values_and_a_renumbering(flavour, tmp_path, cli):
-    task = write_phantom_dataset(tmp_path / "task", cases=2, channels=1, classes=2, shape=(8, 8, 8), layout=flavour)
+    task = write_phantom_dataset(tmp_path / "task", cases=2, channels=1, foreground_classes=2, shape=(8, 8, 8), layout=flavour)
     meta = json.loads((task / "dataset.json").read_text())
     if flavour == "msd":
         meta["labels"] = {"0": "background", "1": "edema", "4": "enhancing"}
@@ -356,7 +356,7 @@ def test_a_rerun_removes_what_a_killed_preparation_left(task, tmp_path, cli):
 def test_predictions_and_phantom_folders_follow_the_umask(umask, task, tmp_path, model):
     previous = os.umask(umask)
     try:
-        phantom = write_phantom_dataset(tmp_path / "ph", cases=1, channels=2, classes=2, shape=(8, 8, 8))
+        phantom = write_phantom_dataset(tmp_path / "ph", cases=1, channels=2, foreground_classes=2, shape=(8, 8, 8))
         written = predict_folder(model, task / "imagesTr" / "phantom_000.nii.gz", tmp_path / "pred", device="cpu",
                                  progress=False)
     finally:
@@ -473,7 +473,7 @@ def test_sigkill_of_a_parallel_preparation_takes_its_workers_and_lock_with_it(tm
     import sys
     import time
 
-    task = write_phantom_dataset(tmp_path / "task", cases=10, channels=2, classes=2, shape=(40, 40, 20),
+    task = write_phantom_dataset(tmp_path / "task", cases=10, channels=2, foreground_classes=2, shape=(40, 40, 20),
                                  spacing=(1.0, 1.0, 2.0), seed=5)
     cache = tmp_path / "cache"
     command = [sys.executable, "-m", "scnas", "data", "prepare", str(task), "-o", str(cache), *SPACING,

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     axis, three windows overlap along x and y (where MONAI's own placement differs from
     scnas's), and the labels are worth comparing. Deep supervision on: the export drops the heads."""
     root = tmp_path_factory.mktemp("bundle")
-    task = write_phantom_dataset(root / "task", cases=5, channels=2, classes=2, shape=(32, 32, 16),
+    task = write_phantom_dataset(root / "task", cases=5, channels=2, foreground_classes=2, shape=(32, 32, 16),
                                  spacing=(1.0, 1.0, 2.0), seed=3)
     code = main(["train", "minimal", "--data", str(task), "-o", str(root / "run"), "--stem", "4", "--patch", "16",
                  "16", "16", "--batch-size", "2", "--micro-batch", "2", "--epochs", "5", "--steps-per-epoch", "10",

@@ -358,7 +358,7 @@ def test_nnunet_plans_trains_and_predicts_with_nnunets_own_commands(cli, tmp_pat
 
     raw, preprocessed, results = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
     raw.mkdir()
-    write_phantom_dataset(raw / "Dataset901_Phantom", cases=6, channels=1, classes=2, shape=(40, 40, 40),
+    write_phantom_dataset(raw / "Dataset901_Phantom", cases=6, channels=1, foreground_classes=2, shape=(40, 40, 40),
                           spacing=(1.0, 1.0, 1.0), layout="nnunetv2")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),

@@ -27,7 +27,7 @@ def model_and_task(tmp_path_factory):
     """An untrained (seeded) stem-4 network with preprocessing metadata, and a phantom task at
     the model's spacing: prediction needs no training to be compared with itself."""
     root = tmp_path_factory.mktemp("predict")
-    task = write_phantom_dataset(root / "task", cases=4, channels=2, classes=2, shape=(28, 24, 20),
+    task = write_phantom_dataset(root / "task", cases=4, channels=2, foreground_classes=2, shape=(28, 24, 20),
                                  spacing=(1.0, 1.0, 1.0), seed=7)
     torch.manual_seed(0)
     net = build_network(builtin_genotype("uresnet"), BuildConfig(stem_channels=4, in_channels=2, num_classes=3, depth=2))
@@ -212,7 +212,7 @@ def test_training_compiles_before_the_first_step_or_says_why_not(tmp_path, monke
     results equal a run without --compile (so nothing was left behind, gradients included)."""
     from scnas.train import TrainConfig, run_training
 
-    task = write_phantom_dataset(tmp_path / "task", cases=5, channels=1, classes=1, shape=(16, 16, 16),
+    task = write_phantom_dataset(tmp_path / "task", cases=5, channels=1, foreground_classes=1, shape=(16, 16, 16),
                                  spacing=(1.0, 1.0, 1.0), seed=3)
     settings = dict(data=str(task), spacing=(1.0, 1.0, 1.0), stem=2, depth=1, patch=(16, 16, 16), batch_size=2,
                     epochs=1, steps_per_epoch=2, val_patches=1, device="cpu", seed=0, plots=False)

@@ -129,7 +129,7 @@ def test_supernet_and_builder_share_widths_and_skips():
 @pytest.fixture(scope="module")
 def search_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    task = write_phantom_dataset(root / "task", cases=6, channels=2, classes=2, shape=(20, 20, 10),
+    task = write_phantom_dataset(root / "task", cases=6, channels=2, foreground_classes=2, shape=(20, 20, 10),
                                  spacing=(1.0, 1.0, 2.0), seed=1)
     prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)), progress=False)
     return root / "cache"

@@ -31,7 +31,7 @@ def _config(data, **changes) -> TrainConfig:
 def trained(tmp_path_factory):
     """A phantom task at 1 mm (the model's spacing: no resampling) and a model trained on it briefly."""
     root = tmp_path_factory.mktemp("train")
-    task = write_phantom_dataset(root / "task", cases=6, channels=2, classes=2, shape=(24, 24, 16),
+    task = write_phantom_dataset(root / "task", cases=6, channels=2, foreground_classes=2, shape=(24, 24, 16),
                                  spacing=(1.0, 1.0, 1.0), seed=4)
     run_training(builtin_genotype("minimal"), _config(task), root / "run", progress=False)
     return task, root / "run"
@@ -99,7 +99,7 @@ def learned(tmp_path_factory):
     """A model trained for 90 steps on 1 mm phantoms, with a folder of its
     validation cases only (images and labels)."""
     root = tmp_path_factory.mktemp("learned")
-    task = write_phantom_dataset(root / "task", cases=6, channels=2, classes=2, shape=(24, 24, 16),
+    task = write_phantom_dataset(root / "task", cases=6, channels=2, foreground_classes=2, shape=(24, 24, 16),
                                  spacing=(1.0, 1.0, 1.0), seed=4)
     run_training(builtin_genotype("minimal"), _config(task, epochs=6, steps_per_epoch=15, lr=3e-3),
                  root / "run", progress=False)
@@ -202,7 +202,7 @@ def test_training_stopped_inside_an_epoch_or_at_its_end_resumes_exactly(trained,
 
 
 def test_a_genotype_transfers_to_a_task_with_other_channels_and_classes(tmp_path):
-    task = write_phantom_dataset(tmp_path / "ct", cases=5, channels=1, classes=1, shape=(16, 16, 16), seed=2,
+    task = write_phantom_dataset(tmp_path / "ct", cases=5, channels=1, foreground_classes=1, shape=(16, 16, 16), seed=2,
                                  spacing=(1.0, 1.0, 1.0))
     run_training(builtin_genotype("uresnet"), _config(task, epochs=1, steps_per_epoch=1), tmp_path / "run", progress=False)
     info = read_model_info(tmp_path / "run" / "model.safetensors")
@@ -254,7 +254,7 @@ def test_evaluation_conventions_and_files(tmp_path, cli):
 
 
 def test_train_command_end_to_end(cli, tmp_path):
-    task = write_phantom_dataset(tmp_path / "task", cases=5, channels=1, classes=1, shape=(16, 16, 16), seed=3,
+    task = write_phantom_dataset(tmp_path / "task", cases=5, channels=1, foreground_classes=1, shape=(16, 16, 16), seed=3,
                                  spacing=(1.0, 1.0, 1.0))
     result = cli("train", "minimal", "--data", task, "-o", tmp_path / "run", "--stem", "2", "--patch", "16", "16", "16",
                  "--batch-size", "1", "--epochs", "1", "--steps-per-epoch", "2", "--spacing", "1", "1", "1",

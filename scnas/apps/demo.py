@@ -50,7 +50,7 @@ def run_demo(out: str | Path, quick: bool = False, say: Callable[[str], None] = 
         return lambda where: say(f"      -> {where} ({time.perf_counter() - steps[-1][1]:.1f} s)")
 
     done = step("phantom dataset: 12 cases, 2 channels (MRI-like), 2 nested classes, anisotropic 1x1x2 mm")
-    task = write_phantom_dataset(out / "phantoms", cases=12, channels=2, classes=2, shape=(40, 40, 20),
+    task = write_phantom_dataset(out / "phantoms", cases=12, channels=2, foreground_classes=2, shape=(40, 40, 20),
                                  spacing=(1.0, 1.0, 2.0), seed=0)
     done(str(task))
 

@@ -35,8 +35,8 @@ def phantom(
     """Write a synthetic dataset a small network can learn to segment (for demos and tests)."""
     from scnas.data import write_phantom_dataset
 
-    path = write_phantom_dataset(out, cases, channels, classes=classes - 1, shape=shape, spacing=spacing,   # blobs
-                                 seed=seed, layout=layout, force=force)
+    path = write_phantom_dataset(out, cases, channels, foreground_classes=classes - 1, shape=shape,
+                                 spacing=spacing, seed=seed, layout=layout, force=force)
     stdout.out(f"wrote {path}: {cases} cases, {channels} channels, {classes} classes (labels 0..{classes - 1}), "
                f"shape {shape}, spacing {spacing}")
 

@@ -128,7 +128,7 @@ def search(
 
             reproducible_threads()   # the README shows this output: one thread unless --threads
             ensure_folder(run, SearchError, "a run folder")
-            phantoms = write_phantom_dataset(run / "phantoms", cases=10, channels=2, classes=2, shape=(40, 40, 20),
+            phantoms = write_phantom_dataset(run / "phantoms", cases=10, channels=2, foreground_classes=2, shape=(40, 40, 20),
                                              spacing=(1.0, 1.0, 2.0), seed=seed, force=True)
             # the demo keeps its cache in its own folder (a real task's goes to the shared one)
             data = str(prepare_dataset(phantoms, run / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),

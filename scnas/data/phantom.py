@@ -63,13 +63,14 @@ def make_case(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tu
     return image, label
 
 
-def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int = 4, *, classes: int = 3,
+def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int = 4, *, foreground_classes: int = 3,
                           shape: tuple[int, int, int] = (48, 48, 24), spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
                           seed: int = 0, layout: str = D.LAYOUT, force: bool = False) -> Path:
     """Write a phantom task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) at ``out``.
 
-    ``classes`` counts the foreground blobs (labels 1..classes, with background 0); the
-    command line's ``--classes`` counts background too, as ``BuildConfig.num_classes`` does.
+    ``foreground_classes`` counts the blobs (labels 1..K, with background 0): the command
+    line's ``--classes`` counts background too, as ``BuildConfig.num_classes`` does, and passes
+    one less.
     ``layout`` "msd" writes the MSD v1 flavour (4D images), "nnunetv2" one file per channel.
     The folder appears complete or not at all (written beside it, then renamed).
 
@@ -77,27 +78,28 @@ def write_phantom_dataset(out: str | os.PathLike, cases: int = 20, channels: int
         out: the task folder to write (must not exist unless ``force``).
         cases: how many cases.
         channels: image channels per case.
-        classes: foreground classes (labels 1..classes; 0 is background).
+        foreground_classes: classes besides background (labels 1..K; 0 is background).
         shape: each image's size in voxels.
         spacing: voxel size in mm (anisotropic by default).
         seed: the same seed writes the same files.
         layout: ``msd`` (4D images) or ``nnunetv2`` (one file per channel).
         force: replace an existing ``out``.
     """
-    if not 1 <= channels <= len(CHANNEL_NAMES) or not 1 <= classes <= 8 or cases < 1:
-        raise DatasetError(f"phantoms have 1-{len(CHANNEL_NAMES)} channels, 1-8 classes and at least one case")
+    if not 1 <= channels <= len(CHANNEL_NAMES) or not 1 <= foreground_classes <= 8 or cases < 1:
+        raise DatasetError(f"phantoms have 1-{len(CHANNEL_NAMES)} channels, 1-8 foreground classes and at least one case")
     if any(n < 8 for n in shape) or any(s <= 0 for s in spacing):
         raise DatasetError("phantom shape must be at least 8 voxels per axis and spacing positive")
     check_task_folder(out, layout, force)
     dataset_rng = np.random.default_rng([seed, 0])
-    contrasts = np.empty((channels, classes + 1))
+    contrasts = np.empty((channels, foreground_classes + 1))
     contrasts[:, 0] = dataset_rng.uniform(80, 120, channels)
     for c in range(channels):   # each class differs from its neighbours by >= 25 in some channel
-        contrasts[c, 1:] = contrasts[c, 0] + dataset_rng.choice([-1, 1], classes) * dataset_rng.uniform(25, 70, classes)
+        signs = dataset_rng.choice([-1, 1], foreground_classes)
+        contrasts[c, 1:] = contrasts[c, 0] + signs * dataset_rng.uniform(25, 70, foreground_classes)
     made = ((f"phantom_{index:03d}", *make_case(np.random.default_rng([seed, 1, index]), shape, spacing,
                                                 contrasts=contrasts))
             for index in range(cases))
-    return write_task(out, made, channels, classes=classes, spacing=spacing, layout=layout,
+    return write_task(out, made, channels, foreground_classes=foreground_classes, spacing=spacing, layout=layout,
                       description=f"scnas synthetic phantoms (seed {seed})")
 
 
@@ -115,7 +117,7 @@ def check_task_folder(out: str | os.PathLike, layout: str, force: bool) -> None:
     ensure_folder(out.parent, DatasetError, "the folder of a phantom dataset")   # writable: fail before any work
 
 
-def write_task(out: str | os.PathLike, cases, channels: int, *, classes: int, spacing: tuple[float, float, float],
+def write_task(out: str | os.PathLike, cases, channels: int, *, foreground_classes: int, spacing: tuple[float, float, float],
                layout: str, description: str) -> Path:
     """Write a synthetic task folder from ``cases`` ((case ID, image (C, X, Y, Z), label) each)
     in the given layout; the folder appears complete or not at all (staged beside it, renamed).
@@ -124,7 +126,7 @@ def write_task(out: str | os.PathLike, cases, channels: int, *, classes: int, sp
         out: the task folder.
         cases: (case ID, image (C, X, Y, Z), label) of each case.
         channels: image channels.
-        classes: foreground classes.
+        foreground_classes: classes besides background (labels 1..K).
         spacing: voxel size in mm.
         layout: ``msd`` or ``nnunetv2``.
         description: dataset.json's description.
@@ -149,7 +151,7 @@ def write_task(out: str | os.PathLike, cases, channels: int, *, classes: int, sp
                     nib.save(nib.Nifti1Image(image[c], affine), staging / "imagesTr" / f"{case_id}_{c:04d}.nii.gz")
             nib.save(nib.Nifti1Image(label, affine), staging / "labelsTr" / f"{case_id}.nii.gz")
             training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
-        names = {"0": "background", **{str(k): f"class{k}" for k in range(1, classes + 1)}}
+        names = {"0": "background", **{str(k): f"class{k}" for k in range(1, foreground_classes + 1)}}
         if layout == "msd":
             meta = {"name": "Phantom", "description": description, "tensorImageSize": "4D",
                     "modality": {str(c): CHANNEL_NAMES[c] for c in range(channels)}, "labels": names,

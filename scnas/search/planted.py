@@ -71,5 +71,5 @@ def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int
     threshold = float(np.quantile(np.stack(scores[:CALIBRATION_CASES]), 1.0 - foreground))
     made = ((f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
             for index, (image, score) in enumerate(zip(images, scores)))
-    return write_task(out, made, 1, classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
+    return write_task(out, made, 1, foreground_classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
                       description=f"scnas planted-architecture task (teacher seed {seed}, stem {stem})")
