@@ -27,35 +27,79 @@ CALIBRATION_CASES = 4
 def _noise(rng: np.random.Generator, shape: tuple[int, int, int], smoothing: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
-    field = gaussian_filter(rng.standard_normal(shape), smoothing, mode="wrap")
+    field = rng.standard_normal(shape)
+    field = gaussian_filter(field, smoothing, mode="wrap") if smoothing > 0 else field
     return ((field - field.mean()) / field.std()).astype(np.float32)
 
 
-def teacher(genotype: Genotype, stem: int, seed: int) -> torch.nn.Module:
+def teacher(genotype: Genotype, stem: int, seed: int, depth: int = 3) -> torch.nn.Module:
     """The planted genotype's network (1 channel in, 2 classes out) with weights drawn from ``seed``."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2))
+        net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2, depth=depth))
     return net.eval()
 
 
-def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int = 10,
-                          shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
-                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = "msd",
-                          force: bool = False) -> Path:
-    """Write a task folder whose labels ``genotype``'s teacher network makes (see above);
-    returns the folder. The same arguments give the same files."""
-    if cases < 1 or any(n < 8 or n % 8 for n in shape) or not 0 < foreground < 1:
-        raise ValueError("a planted task needs at least one case, a shape of multiples of 8 voxels and a "
-                         "foreground share strictly between 0 and 1")
-    check_task_folder(out, layout, force)
-    net = teacher(genotype, stem, seed)
+def planted_cases(genotype: Genotype, cases: int = 10, shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4,
+                  seed: int = 0, foreground: float = 0.3, smoothing: float = 1.0, depth: int = 3
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The cases of a planted task in memory: (case ID, image (1, *shape) float32, label (*shape)
+    uint8); see :func:`write_planted_dataset`."""
+    if cases < 1 or any(n < 2 ** depth or n % 2 ** depth for n in shape) or not 0 < foreground < 1:
+        raise ValueError(f"a planted task needs at least one case, a shape of multiples of {2 ** depth} voxels "
+                         "(multiples of 8 at depth 3) and a foreground share strictly between 0 and 1")
+    net = teacher(genotype, stem, seed, depth)
     images = [_noise(np.random.default_rng([seed, 2, index]), shape, smoothing) for index in range(cases)]
     with torch.no_grad():
         scores = [(lambda logits: (logits[0, 1] - logits[0, 0]).numpy())(net(torch.from_numpy(image)[None, None]))
                   for image in images]
     threshold = float(np.quantile(np.stack(scores[:CALIBRATION_CASES]), 1.0 - foreground))
-    made = ((f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
-            for index, (image, score) in enumerate(zip(images, scores)))
-    return write_task(out, made, 1, 1, (1.0, 1.0, 1.0), layout,
-                      f"scnas planted-architecture task (teacher seed {seed}, stem {stem})")
+    return [(f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
+            for index, (image, score) in enumerate(zip(images, scores))]
+
+
+def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int = 10,
+                          shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
+                          foreground: float = 0.3, smoothing: float = 1.0, layout: str = "msd",
+                          force: bool = False, depth: int = 3) -> Path:
+    """Write a task folder whose labels ``genotype``'s teacher network makes (see above);
+    returns the folder. The same arguments give the same files. ``depth``: the teacher's
+    down-samplings (a search of the task should use the same)."""
+    made = planted_cases(genotype, cases, shape, stem, seed, foreground, smoothing, depth)
+    check_task_folder(out, layout, force)
+    return write_task(out, iter(made), 1, 1, (1.0, 1.0, 1.0), layout,
+                      f"scnas planted-architecture task (teacher seed {seed}, stem {stem}"
+                      f"{'' if depth == 3 else f', depth {depth}'})")
+
+
+def learnability(cases: list[tuple[str, np.ndarray, np.ndarray]], students: dict[str, Genotype], steps: int,
+                 stem: int = 4, depth: int = 3, lr: float = 3e-3, held_out: int = 4, seed: int = 1
+                 ) -> dict[str, float]:
+    """Can the task reward the planted operations at all? Train a fresh network of each genotype
+    in ``students`` (name -> genotype) for ``steps`` Adam steps of one whole case on all but the
+    last ``held_out`` cases, and return each one's soft-Jaccard loss on those (lower: fits the
+    labels better). If the planted genotype's student is no better than random genotypes' at the
+    search's budget, no search can be expected to find it there: the loss that moves alpha does
+    not depend on it."""
+    from scnas.metrics import soft_jaccard_loss
+
+    if not 0 < held_out < len(cases):
+        raise ValueError(f"learnability needs more cases ({len(cases)}) than it holds out ({held_out})")
+    x = [torch.from_numpy(image)[None] for _, image, _ in cases]
+    y = [torch.from_numpy(label.astype(np.int64))[None] for _, _, label in cases]
+    train = len(cases) - held_out
+    result = {}
+    for name, genotype in students.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2, depth=depth))
+        optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+        for step in range(steps):
+            loss = soft_jaccard_loss(net(x[step % train]), y[step % train])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        net.eval()
+        with torch.no_grad():
+            result[name] = float(np.mean([float(soft_jaccard_loss(net(x[i]), y[i])) for i in range(train, len(cases))]))
+    return result
