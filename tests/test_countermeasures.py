@@ -333,3 +333,13 @@ def test_learnability_trains_each_student_alike_and_tells_them_apart():
         learnability(cases, students, steps=1, held_out=5)
     with pytest.raises(ValueError, match="multiples of 4"):
         planted_cases(planted, cases=2, shape=(18, 16, 16), depth=2)
+
+
+def test_avoiding_parameter_free_ops_earns_nothing_on_their_planted_edges(tmp_path):
+    planted = _planted_genotype("max_pool_3x3x3")          # per cell: 2 max-pool edges, 1 conv edge
+    n = len(cell_edges(2))
+    weighted_only = [_fake_run(tmp_path / f"w{s}", {c: ["conv_3x3x3"] * n for c in CELLS}, s) for s in range(2)]
+    report = search_report(weighted_only, permutations=200, planted=planted)["planted"]
+    assert report["chance_among_weighted"] == pytest.approx(1 / 3 / 4, abs=1e-4)
+    assert report["recovered"] == pytest.approx(1 / 3, abs=1e-4)
+    assert report["x_chance_among_weighted"] == pytest.approx(4.0, abs=0.01)

@@ -173,8 +173,11 @@ def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
 
     ops = list(runs[0].genotype.ops)
     chance = 1 / len([op for op in ops if op != ZERO])
-    # What a search gets by merely avoiding parameter-free operations, when every planted one has weights.
-    weighted = 1 / len([op for op in ops if op != ZERO and OPS[op].parametric])
+    # What a search gets by merely avoiding parameter-free operations: 1/(ops with weights) on a
+    # planted edge with weights, nothing on a parameter-free one (1/4 when every planted op has weights).
+    planted_ops = [e.op for cell in CELL_TYPES for e in planted.cell(cell).edges if e.op in ops]
+    weighted = float(np.mean([OPS[op].parametric for op in planted_ops])) / \
+        len([op for op in ops if op != ZERO and OPS[op].parametric]) if planted_ops else 0.0
     result: dict[str, Any] = {"chance": round(chance, 4), "chance_among_weighted": round(weighted, 4), "cells": {}}
     hits = trials = 0
     overlaps: list[float] = []     # per (cell, run): the multiset overlap on the planted edges
@@ -197,7 +200,7 @@ def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
                                  if cell_overlaps else None}
     result.update(recovered=round(hits / trials, 4) if trials else None, trials=trials,
                   x_chance=round(hits / trials / chance, 2) if trials else None,
-                  x_chance_among_weighted=round(hits / trials / weighted, 2) if trials else None,
+                  x_chance_among_weighted=round(hits / trials / weighted, 2) if trials and weighted else None,
                   p=float(binomtest(hits, trials, chance, alternative="greater").pvalue) if trials else None)
     if overlaps:
         nonzero = [i for i, op in enumerate(ops) if op != ZERO]
@@ -294,8 +297,8 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     if planted and planted["trials"]:
         lines.append(f"planted operations recovered on {planted['recovered']:.0%} of {planted['trials']} (edge, run) "
                      f"trials: {planted['x_chance']:.2f}x chance ({planted['chance']:.3f}; one-sided binomial "
-                     f"p = {planted['p']:.3g}), {planted['x_chance_among_weighted']:.2f}x the chance of a search that "
-                     f"only avoids parameter-free operations ({planted['chance_among_weighted']:.3f})")
+                     f"p = {planted['p']:.3g}), {planted['x_chance_among_weighted'] or 0:.2f}x what a search that "
+                     f"only avoids parameter-free operations gets ({planted['chance_among_weighted']:.3f})")
         multiset = planted.get("multiset")
         if multiset:
             lines.append(f"as op multisets per cell (edge order ignored): {multiset['recovered']:.0%} of the planted "
