@@ -103,8 +103,11 @@ def main() -> None:
     parser.add_argument("--settings", default="paper,all three", help="comma-separated, of: " + ", ".join(SETTINGS)
                         + "; NAME:N runs N seeds for that setting instead of --seeds")
     parser.add_argument("--task", choices=list(TASKS), default="mixed")
+    parser.add_argument("--cases", type=int, default=12, help="cases of the task (the probe holds out a fifth, "
+                        "at least 4)")
     parser.add_argument("--probe", type=int, default=0, metavar="STEPS",
                         help="first train students of the planted and of 4 random genotypes this many steps each")
+    parser.add_argument("--probe-lr", type=float, default=3e-3, help="the students' Adam learning rate")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 3 epochs of 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
                         "holds finished, and the probe, are reported again rather than redone")
@@ -121,19 +124,20 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-planted-"))
     root.mkdir(parents=True, exist_ok=True)
     planted = genotype_from_data(TASKS[args.task], source="planted genotype")
-    cases = 8 if args.quick else 12
+    cases = 8 if args.quick else args.cases
     out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else "planted.json")
-    record = {"task": args.task, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
+    record = {"task": args.task, "cases": cases, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
               "alpha_lr": args.alpha_lr, "planted": TASKS[args.task], "results": {}}
     if args.probe:
         students = {"planted": planted, **{f"{other} task's genotype": genotype_from_data(TASKS[other], source=other)
                                            for other in TASKS if other != args.task},
                     **{f"random {k}": random_genotype(k, planted.nodes) for k in range(4)}}
-        kept = root / f"learnability-{args.task}-{args.probe}.json"    # reused from --out, like the searches
+        kept = root / f"learnability-{args.task}-{args.probe}-{cases}-{args.probe_lr:g}.json"
         losses = json.loads(kept.read_text()) if args.out and kept.exists() else \
-            learnability(planted_cases(planted, cases, (32, 32, 32), 4, seed=0), students, args.probe)
+            learnability(planted_cases(planted, cases, (32, 32, 32), 4, seed=0), students, args.probe,
+                         held_out=max(4, cases // 5), lr=args.probe_lr)    # reused from --out, like the searches
         atomic_write_text(kept, json.dumps(losses) + "\n")
-        record["learnability"] = {"steps": args.probe, "held_out_soft_jaccard_loss": losses}
+        record["learnability"] = {"steps": args.probe, "lr": args.probe_lr, "held_out_soft_jaccard_loss": losses}
         print("learnability (held-out soft-Jaccard loss after", args.probe, "steps):",
               ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
     task = write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
