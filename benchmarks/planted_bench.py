@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=0, metavar="STEPS",
                         help="first train students of the planted and of 4 random genotypes this many steps each")
     parser.add_argument("--probe-lr", type=float, default=3e-3, help="the students' Adam learning rate")
+    parser.add_argument("--name", default="planted", help="results/NAME.json (another name keeps planted.json)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 3 epochs of 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
                         "holds finished, and the probe, are reported again rather than redone")
@@ -125,7 +126,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     planted = genotype_from_data(TASKS[args.task], source="planted genotype")
     cases = 8 if args.quick else args.cases
-    out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else "planted.json")
+    out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else f"{args.name}.json")
     record = {"task": args.task, "cases": cases, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
               "alpha_lr": args.alpha_lr, "planted": TASKS[args.task], "results": {}}
     if args.probe:
