@@ -3,10 +3,18 @@
 A task whose labels a network of a known genotype makes (``scnas.search.planted``: smooth
 noise in, the teacher's thresholded class-1 score out), searched with several seeds in each
 setting (the paper's, and each countermeasure); per setting: how often the runs' best non-zero
-operation on a planted edge is the planted one, against chance (1/7), seed agreement and the
-parameter-free share (``scnas.search.report``), and the seconds a search took.
+operation on a planted edge is the planted one, against chance (1/7), the same per cell as op
+multisets (edge order ignored; beside the strict figure), seed agreement and the
+parameter-free share (``scnas.search.report``), how far alpha moved, and the seconds a search
+took. ``--probe STEPS`` first checks that the task can reward the planted operations at all:
+fresh students of the planted genotype, of the other task's genotype and of random genotypes,
+trained STEPS steps each, and their held-out loss (``scnas.search.planted.learnability``).
 
-    python benchmarks/planted_bench.py [--seeds 5] [--epochs 6] [--steps 20] [--quick]
+Two planted genotypes: ``mixed`` (the default; half of every cell parameter-free, so that a
+search that merely avoids those operations loses) and ``weighted`` (every edge a convolution).
+
+    python benchmarks/planted_bench.py [--task mixed] [--seeds 5] [--epochs 6] [--steps 20]
+        [--settings "paper,all three:5,aux-skip:3"] [--probe 150] [--quick]
 
 Writes benchmarks/results/planted.json (``--quick``: a tiny run that checks the script,
 results/planted-quick.json).
@@ -17,16 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from scnas.data import PrepareSettings, prepare_dataset
+from scnas.fileio import atomic_write_text
 from scnas.genotype import genotype_from_data
 from scnas.search import SearchConfig, run_search
-from scnas.search.planted import write_planted_dataset
+from scnas.genotype import random_genotype
+from scnas.search.planted import learnability, planted_cases, write_planted_dataset
 from scnas.search.report import search_report
 
 # Two nodes per cell; every planted op has weights and a receptive field of its own, so cells of
@@ -47,13 +56,42 @@ PLANTED = {"format": "scnas-genotype", "version": 1, "nodes": 2, "cells": {
                             {"from": 1, "to": 3, "op": "sep_dil2_conv_3x3x3"},
                             {"from": 2, "to": 3, "op": "conv_3x3x3"}], "concat": [2, 3]}}}
 
+# Half of every cell parameter-free (max/avg pooling, identity), half with weights: a search that
+# merely avoids parameter-free operations recovers at most half of it. Its teacher's labels reward
+# the planted cells more than PLANTED's do (docs/search.md, "Can the task tell?").
+PLANTED_MIXED = {"format": "scnas-genotype", "version": 1, "nodes": 2, "cells": {
+    "encoder_normal": {"edges": [{"from": 0, "to": 2, "op": "max_pool_3x3x3"},
+                                 {"from": 1, "to": 2, "op": "sep_dil4_conv_3x3x3"},
+                                 {"from": 1, "to": 3, "op": "identity"},
+                                 {"from": 2, "to": 3, "op": "conv_3x3x3"}], "concat": [2, 3]},
+    "reduction": {"edges": [{"from": 0, "to": 2, "op": "max_pool_3x3x3"}, {"from": 1, "to": 2, "op": "conv_3x3x3"},
+                            {"from": 1, "to": 3, "op": "avg_pool_3x3x3"},
+                            {"from": 2, "to": 3, "op": "sep_dil2_conv_3x3x3"}], "concat": [2, 3]},
+    "decoder_normal": {"edges": [{"from": 0, "to": 2, "op": "sep_dil4_conv_3x3x3"},
+                                 {"from": 1, "to": 2, "op": "max_pool_3x3x3"},
+                                 {"from": 0, "to": 3, "op": "identity"},
+                                 {"from": 2, "to": 3, "op": "sep_dil3_conv_3x3x3"}], "concat": [2, 3]},
+    "expansion": {"edges": [{"from": 0, "to": 2, "op": "avg_pool_3x3x3"}, {"from": 1, "to": 2, "op": "conv_3x3x3"},
+                            {"from": 1, "to": 3, "op": "sep_dil2_conv_3x3x3"},
+                            {"from": 2, "to": 3, "op": "max_pool_3x3x3"}], "concat": [2, 3]}}}
+
+TASKS = {"mixed": PLANTED_MIXED, "weighted": PLANTED}
+
 SETTINGS = {
     "paper": {},
     "warm-up": {"warmup_epochs": 2},
     "penalty": {"free_penalty": 0.3},
     "cap": {"max_free": 1},
     "all three": {"warmup_epochs": 2, "free_penalty": 0.3, "max_free": 1},
+    "aux-skip": {"aux_skip": 1.0},
+    "warm-up + aux-skip": {"warmup_epochs": 2, "aux_skip": 1.0},
 }
+
+
+def _moved(folder: Path) -> float:
+    """The last epoch's largest softmax(alpha) as a multiple of uniform, mean over the cell types."""
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    return sum(last["alpha_largest_x_uniform"].values()) / len(last["alpha_largest_x_uniform"])
 
 
 def main() -> None:
@@ -62,58 +100,90 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20, help="Theta/alpha step pairs per epoch")
     parser.add_argument("--alpha-lr", type=float, default=0.03)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 2 epochs of 2 steps")
-    parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--settings", default="paper,all three", help="comma-separated, of: " + ", ".join(SETTINGS)
+                        + "; NAME:N runs N seeds for that setting instead of --seeds")
+    parser.add_argument("--task", choices=list(TASKS), default="mixed")
+    parser.add_argument("--cases", type=int, default=12, help="cases of the task (the probe holds out a fifth, "
+                        "at least 4)")
+    parser.add_argument("--probe", type=int, default=0, metavar="STEPS",
+                        help="first train students of the planted and of 4 random genotypes this many steps each")
+    parser.add_argument("--probe-lr", type=float, default=3e-3, help="the students' Adam learning rate")
+    parser.add_argument("--name", default="planted", help="results/NAME.json (another name keeps planted.json)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 3 epochs of 2 steps")
+    parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
+                        "holds finished, and the probe, are reported again rather than redone")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.steps, args.settings = 2, 3, 2, "paper,all three"
-    chosen = [name.strip() for name in args.settings.split(",")]
+        args.probe = min(args.probe, 2)
+    chosen = {}
+    for item in args.settings.split(","):
+        name, _, seeds = item.strip().partition(":")
+        if name not in SETTINGS:
+            parser.error(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+        chosen[name] = int(seeds) if seeds else args.seeds
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-planted-"))
     root.mkdir(parents=True, exist_ok=True)
-    planted = genotype_from_data(PLANTED, source="planted genotype")
-    task = write_planted_dataset(root / "task", planted, cases=8 if args.quick else 12, shape=(32, 32, 32), stem=4,
-                                 seed=0, force=True)
+    planted = genotype_from_data(TASKS[args.task], source="planted genotype")
+    cases = 8 if args.quick else args.cases
+    out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else f"{args.name}.json")
+    record = {"task": args.task, "cases": cases, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
+              "alpha_lr": args.alpha_lr, "planted": TASKS[args.task], "results": {}}
+    if args.probe:
+        students = {"planted": planted, **{f"{other} task's genotype": genotype_from_data(TASKS[other], source=other)
+                                           for other in TASKS if other != args.task},
+                    **{f"random {k}": random_genotype(k, planted.nodes) for k in range(4)}}
+        kept = root / f"learnability-{args.task}-{args.probe}-{cases}-{args.probe_lr:g}.json"
+        losses = json.loads(kept.read_text()) if args.out and kept.exists() else \
+            learnability(planted_cases(planted, cases, shape=(32, 32, 32), stem=4, seed=0), students, args.probe,
+                         held_out=max(4, cases // 5), lr=args.probe_lr)    # reused from --out, like the searches
+        atomic_write_text(kept, json.dumps(losses) + "\n")
+        record["learnability"] = {"steps": args.probe, "lr": args.probe_lr, "held_out_soft_jaccard_loss": losses}
+        print("learnability (held-out soft-Jaccard loss after", args.probe, "steps):",
+              ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
+    task = write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
     cache = prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
                             progress=False).cache
-    results = {}
-    for name in chosen:
+    results = record["results"]
+    for name, seeds in chosen.items():
         folders, seconds = [], []
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             folder = root / name.replace(" ", "-") / f"seed{seed}"
             config = SearchConfig(data=str(cache), stem=4, nodes=2, patch=(32, 32, 32), batch_size=1,
                                   epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
                                   alpha_lr=args.alpha_lr, val_batches=1, seed=seed, device="cpu", plots=False,
                                   **SETTINGS[name])
-            started = time.perf_counter()
-            run_search(config, folder, progress=False)
-            seconds.append(time.perf_counter() - started)
+            done = folder / "metrics.jsonl"
+            if not (args.out and done.exists() and len(done.read_text().splitlines()) == args.epochs):
+                run_search(config, folder, progress=False)     # a finished run in --out is reported, not redone
+            seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             folders.append(folder)
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
         report = search_report(folders, permutations=2000, planted=planted)
-        results[name] = {"settings": SETTINGS[name], "seconds_per_search": round(sum(seconds) / len(seconds), 1),
+        results[name] = {"settings": SETTINGS[name], "seeds": seeds,
+                         "seconds_per_search": round(sum(seconds) / len(seconds), 1),   # the epochs' own seconds
+                         "alpha_largest_x_uniform": round(sum(map(_moved, folders)) / len(folders), 2),
                          "planted": report["planted"],
                          "agreement": {c: e.get("agreement") for c, e in report["cells"].items()},
                          "agreement_p": {c: e.get("agreement_p") for c, e in report["cells"].items()},
                          "parameter_free_share": report["parameter_free_share_mean"],
                          "random_parameter_free_share": report["random_parameter_free_share"],
                          "verdict": report["verdict"]}
-    table = Table(title=f"planted architecture: {args.seeds} seeds, {args.epochs} epochs x {args.steps} steps, "
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")   # each setting as soon as it is done
+    table = Table(title=f"planted architecture ({args.task}): {args.epochs} epochs x {args.steps} steps, "
                         f"alpha lr {args.alpha_lr}; chance 1/7")
-    for column in ("setting", "recovered", "x chance (1/7)", "p", "x chance among weighted (1/4)",
-                   "cells agreeing (p<0.05)", "param-free share", "s / search"):
+    for column in ("setting", "seeds", "recovered", "x chance (1/7)", "p", "as multisets (x chance)",
+                   "cells agreeing (p<0.05)", "param-free share", "alpha moved (x uniform)", "s / search"):
         table.add_column(column)
     for name, r in results.items():
         p = r["planted"]
-        table.add_row(name, f"{p['recovered']:.3f}", f"{p['x_chance']:.2f}", f"{p['p']:.3g}",
-                      f"{p['x_chance_among_weighted']:.2f}",
+        table.add_row(name, str(r["seeds"]), f"{p['recovered']:.3f}", f"{p['x_chance']:.2f}", f"{p['p']:.3g}",
+                      f"{p['multiset']['recovered']:.3f} ({p['multiset']['x_chance']:.2f})",
                       str(sum(v is not None and v < 0.05 for v in r["agreement_p"].values())),
                       f"{r['parameter_free_share']:.0%} (random {r['random_parameter_free_share']:.0%})",
-                      f"{r['seconds_per_search']:.0f}")
+                      f"{r['alpha_largest_x_uniform']:.2f}", f"{r['seconds_per_search']:.0f}")
     Console(width=150).print(table)
-    out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else "planted.json")
-    out.write_text(json.dumps({"seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
-                               "alpha_lr": args.alpha_lr, "planted": PLANTED, "results": results}, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

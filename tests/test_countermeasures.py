@@ -269,3 +269,77 @@ def test_recovery_counts_planted_ops_against_chance(tmp_path):
     report = search_report(collapsed, permutations=200, planted=planted)
     assert report["planted"]["recovered"] == 0.0 and report["planted"]["p"] == 1.0
     assert "planted operations recovered on 0%" in report["verdict"][1]
+
+
+def test_multiset_recovery_ignores_the_order_of_edges_within_a_cell(tmp_path):
+    planted = _planted_genotype("sep_dil3_conv_3x3x3")     # (0,2) dil3, (1,2) conv, (2,3) dil3 in every cell
+    pairs, n = cell_edges(2), len(cell_edges(2))
+    swapped = {c: ["max_pool_3x3x3"] * n for c in CELLS}
+    for c in CELLS:                                         # the two inputs of node 2 swap their ops
+        swapped[c][pairs.index((0, 2))], swapped[c][pairs.index((1, 2))] = "conv_3x3x3", "sep_dil3_conv_3x3x3"
+        swapped[c][pairs.index((2, 3))] = "sep_dil3_conv_3x3x3"
+    report = search_report([_fake_run(tmp_path / f"s{s}", swapped, s) for s in range(3)], permutations=200,
+                           planted=planted)
+    planted_report = report["planted"]
+    assert planted_report["recovered"] == pytest.approx(1 / 3, abs=1e-3)       # strict: only (2,3) matches
+    multiset = planted_report["multiset"]
+    assert multiset["recovered"] == 1.0 and multiset["p"] < 0.01
+    assert 1 / 7 < multiset["chance"] < 0.3                  # a multiset match is easier than an edge match
+    assert planted_report["cells"]["reduction"]["recovered_as_multiset"] == 1.0
+    assert any(line.startswith("as op multisets per cell") for line in report["verdict"])
+    collapsed = [_fake_run(tmp_path / f"c{s}", {c: ["max_pool_3x3x3"] * n for c in CELLS}, s) for s in range(2)]
+    assert search_report(collapsed, permutations=200, planted=planted)["planted"]["multiset"]["recovered"] == 0.0
+
+
+def test_the_auxiliary_skip_adds_the_input_on_edges_of_stride_1_only():
+    from scnas.search.supernet import EdgeChoice, MixedEdge
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, 8)
+    for stride in (1, 2):
+        edge = MixedEdge(OPS, 2, stride, negative_slope=0.01).eval()
+        choice = EdgeChoice(torch.full((len(OPS),), 0.5), (OPS.index("conv_3x3x3"), OPS.index("max_pool_3x3x3")))
+        plain = edge(x, choice)
+        edge.aux_skip = 0.7
+        expected = plain + 0.7 * x if stride == 1 else plain
+        torch.testing.assert_close(edge(x, choice), expected)
+
+
+def test_the_auxiliary_skip_decays_to_zero_and_changes_the_search(cache, plain, tmp_path):
+    config = SearchConfig(data="x", epochs=5, aux_skip=1.0)
+    assert [config.aux_skip_at(e) for e in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    _search(cache, tmp_path / "aux", aux_skip=1.0)
+    genotype = read_genotype(tmp_path / "aux" / "genotype.yaml")
+    assert genotype.provenance.search["countermeasures"] == {"aux_skip": 1.0}
+    a = recorded_probabilities(read_genotype(plain[0] / "genotype.yaml"))
+    b = recorded_probabilities(genotype)
+    assert any(float((a[n] - b[n]).abs().max()) > 1e-4 for n in a)
+
+
+def test_learnability_trains_each_student_alike_and_tells_them_apart():
+    from scnas.search.planted import learnability, planted_cases
+
+    planted = _planted_genotype("sep_dil3_conv_3x3x3")
+    cases = planted_cases(planted, cases=5, shape=(16, 16, 16), stem=2, seed=1, depth=2)
+    assert len(cases) == 5 and cases[0][1].shape == (1, 16, 16, 16) and cases[0][2].shape == (16, 16, 16)
+    students = {"planted": planted, "plain": _planted_genotype("conv_3x3x3")}
+    first = learnability(cases, students, steps=3, stem=2, depth=2, held_out=2)
+    assert first == learnability(cases, students, steps=3, stem=2, depth=2, held_out=2)      # seeded
+    assert set(first) == {"planted", "plain"} and all(0 < v < 1 for v in first.values())
+    assert first["planted"] != first["plain"]
+    assert learnability(cases, {"planted": planted}, steps=0, stem=2, depth=2, held_out=2)["planted"] != \
+        first["planted"]                                                                        # the steps train
+    with pytest.raises(ValueError, match="more cases"):
+        learnability(cases, students, steps=1, held_out=5)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        planted_cases(planted, cases=2, shape=(18, 16, 16), depth=2)
+
+
+def test_avoiding_parameter_free_ops_earns_nothing_on_their_planted_edges(tmp_path):
+    planted = _planted_genotype("max_pool_3x3x3")          # per cell: 2 max-pool edges, 1 conv edge
+    n = len(cell_edges(2))
+    weighted_only = [_fake_run(tmp_path / f"w{s}", {c: ["conv_3x3x3"] * n for c in CELLS}, s) for s in range(2)]
+    report = search_report(weighted_only, permutations=200, planted=planted)["planted"]
+    assert report["chance_among_weighted"] == pytest.approx(1 / 3 / 4, abs=1e-4)
+    assert report["recovered"] == pytest.approx(1 / 3, abs=1e-4)
+    assert report["x_chance_among_weighted"] == pytest.approx(4.0, abs=0.01)

@@ -50,6 +50,9 @@ def search(
     free_penalty: float = typer.Option(0.0, "--free-penalty", min=0.0, help="Countermeasure: add this times "
                                        "softmax(alpha)'s mass on parameter-free ops to alpha's objective."),
     max_free: Optional[int] = options.MAX_FREE,
+    aux_skip: float = typer.Option(0.0, "--aux-skip", min=0.0, help="Countermeasure (DARTS-): every mixed edge "
+                                   "adds this times its input, outside alpha, decayed linearly to 0 at the last "
+                                   "epoch, so that identity's head start is no reason to choose it (DARTS-: 1)."),
     hessian_iterations: int = typer.Option(0, "--hessian-iterations", min=0, help="Measure the dominant eigenvalue of "
                                            "alpha's Hessian each epoch with this many power iterations (R-DARTS's "
                                            "collapse indicator, in metrics.jsonl; 0: off)."),
@@ -107,7 +110,7 @@ def search(
         "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
         "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
         "warmup_epochs": warmup_epochs, "free_penalty": free_penalty, "max_free": max_free,
-        "hessian_iterations": hessian_iterations,
+        "aux_skip": aux_skip, "hessian_iterations": hessian_iterations,
         "spacing": spacing, "seed": seed, "workers": workers, "checkpoint_every_steps": checkpoint_every,
         "device": device, "amp": amp, "plots": plots, **options.fitting_overrides(checkpoint, micro_batch, gpu_memory),
         **({"ops": [o.strip() for o in ops.split(",")]} if ops else {})}

@@ -52,6 +52,9 @@ class SearchConfig(RunSettings):
     max_free: int | None = Field(None, ge=0, description="at most this many parameter-free operations per derived "
                                                          "cell; the weakest others get their edge's best operation "
                                                          "with weights (P-DARTS, DARTS+: 2 skip connections)")
+    aux_skip: float = Field(0.0, ge=0, description="DARTS-'s auxiliary skip: every mixed edge of stride 1 adds "
+                                                   "this times its input, outside alpha, with the weight decayed "
+                                                   "linearly to 0 at the last epoch; 0: none")
     hessian_iterations: int = Field(0, ge=0, description="power iterations for the dominant eigenvalue of the alpha "
                                                          "loss's Hessian at each epoch's end (R-DARTS); 0: not measured")
 
@@ -74,6 +77,11 @@ class SearchConfig(RunSettings):
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs}), or "
                              "alpha never moves")
         return self
+
+    def aux_skip_at(self, epoch: int) -> float:
+        """DARTS-'s auxiliary skip weight in ``epoch`` (0-based): aux_skip at the first, decayed
+        linearly to 0 at the last."""
+        return 0.0 if self.epochs == 1 else self.aux_skip * (1.0 - epoch / (self.epochs - 1))
 
     def tau(self, epoch: int) -> float:
         """The temperature of ``epoch`` (0-based): tau_max at the first, tau_min at the last."""

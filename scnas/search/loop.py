@@ -160,6 +160,7 @@ class SearchLoop(RunLoop):
 
     def batches(self, epoch: int, start: int, stop: int):
         self.tau = self.config.tau(epoch)
+        self.net.set_aux_skip(self.config.aux_skip_at(epoch))
         return zip(*(loader.epoch(epoch, start, stop) for loader in self.loaders))
 
     def train_step(self, batch):
@@ -308,6 +309,6 @@ def _write_epoch(run: Path, config: SearchConfig, arch: Architecture, record: di
 
 def countermeasures(config: SearchConfig) -> dict[str, Any]:
     """The countermeasures to collapse a search used, for its genotypes' provenance (none: {})."""
-    used = {"warmup_epochs": config.warmup_epochs, "free_penalty": config.free_penalty}
+    used = {"warmup_epochs": config.warmup_epochs, "free_penalty": config.free_penalty, "aux_skip": config.aux_skip}
     return {"countermeasures": {k: v for k, v in used.items() if v}} if any(used.values()) else {}
 

@@ -28,22 +28,59 @@ CALIBRATION_CASES = 4
 def _noise(rng: np.random.Generator, shape: tuple[int, int, int], smoothing: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
-    field = gaussian_filter(rng.standard_normal(shape), smoothing, mode="wrap")
+    field = rng.standard_normal(shape)
+    field = gaussian_filter(field, smoothing, mode="wrap") if smoothing > 0 else field
     return ((field - field.mean()) / field.std()).astype(np.float32)
 
 
-def teacher(genotype: Genotype, stem: int, seed: int) -> torch.nn.Module:
-    """The planted genotype's network (1 channel in, 2 classes out) with weights drawn from ``seed``."""
+def teacher(genotype: Genotype, stem: int, seed: int, *, depth: int = 3) -> torch.nn.Module:
+    """The planted genotype's network (1 channel in, 2 classes out) with weights drawn from ``seed``.
+
+    Args:
+        genotype: the planted cells.
+        stem: the teacher's stem width.
+        seed: the seed of its random weights.
+        depth: its down-samplings.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2))
+        net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2, depth=depth))
     return net.eval()
+
+
+def planted_cases(genotype: Genotype, cases: int = 10, *, shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4,
+                  seed: int = 0, foreground: float = 0.3, smoothing: float = 1.0, depth: int = 3
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The cases of a planted task in memory: (case ID, image (1, *shape) float32, label (*shape)
+    uint8); see :func:`write_planted_dataset`.
+
+    Args:
+        genotype: the cells of the teacher network that makes the labels.
+        cases: how many cases.
+        shape: each image's size in voxels (multiples of ``2 ** depth``).
+        stem: the teacher's stem width.
+        seed: the same seed gives the same cases.
+        foreground: the share of voxels labelled foreground (in the first cases; between 0 and 1).
+        smoothing: the Gaussian filter's sigma (voxels) that smooths the images' noise; 0: white noise.
+        depth: the teacher's down-samplings.
+    """
+    if cases < 1 or any(n < 2 ** depth or n % 2 ** depth for n in shape) or not 0 < foreground < 1:
+        raise ValueError(f"a planted task needs at least one case, a shape of multiples of {2 ** depth} voxels "
+                         "(multiples of 8 at depth 3) and a foreground share strictly between 0 and 1")
+    net = teacher(genotype, stem, seed, depth=depth)
+    images = [_noise(np.random.default_rng([seed, 2, index]), shape, smoothing) for index in range(cases)]
+    with torch.no_grad():
+        scores = [(lambda logits: (logits[0, 1] - logits[0, 0]).numpy())(net(torch.from_numpy(image)[None, None]))
+                  for image in images]
+    threshold = float(np.quantile(np.stack(scores[:CALIBRATION_CASES]), 1.0 - foreground))
+    return [(f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
+            for index, (image, score) in enumerate(zip(images, scores))]
 
 
 def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int = 10,
                           *, shape: tuple[int, int, int] = (32, 32, 32), stem: int = 4, seed: int = 0,
                           foreground: float = 0.3, smoothing: float = 1.0, layout: str = D.LAYOUT,
-                          force: bool = False) -> Path:
+                          force: bool = False, depth: int = 3) -> Path:
     """Write a task folder whose labels ``genotype``'s teacher network makes (see above);
     returns the folder. The same arguments give the same files.
 
@@ -51,25 +88,61 @@ def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int
         out: the task folder to write (must not exist unless ``force``).
         genotype: the cells of the teacher network that makes the labels.
         cases: how many cases.
-        shape: each image's size in voxels (multiples of 8).
+        shape: each image's size in voxels (multiples of ``2 ** depth``).
         stem: the teacher's stem width.
         seed: the same seed writes the same files.
         foreground: the share of voxels labelled foreground (in the first cases; between 0 and 1).
-        smoothing: the Gaussian filter's sigma (voxels) that smooths the images' noise.
+        smoothing: the Gaussian filter's sigma (voxels) that smooths the images' noise; 0: white noise.
         layout: ``msd`` or ``nnunetv2``.
         force: replace an existing ``out``.
+        depth: the teacher's down-samplings (a search of the task should use the same).
     """
-    if cases < 1 or any(n < 8 or n % 8 for n in shape) or not 0 < foreground < 1:
-        raise ValueError("a planted task needs at least one case, a shape of multiples of 8 voxels and a "
-                         "foreground share strictly between 0 and 1")
+    made = planted_cases(genotype, cases, shape=shape, stem=stem, seed=seed, foreground=foreground,
+                         smoothing=smoothing, depth=depth)
     check_task_folder(out, layout, force)
-    net = teacher(genotype, stem, seed)
-    images = [_noise(np.random.default_rng([seed, 2, index]), shape, smoothing) for index in range(cases)]
-    with torch.no_grad():
-        scores = [(lambda logits: (logits[0, 1] - logits[0, 0]).numpy())(net(torch.from_numpy(image)[None, None]))
-                  for image in images]
-    threshold = float(np.quantile(np.stack(scores[:CALIBRATION_CASES]), 1.0 - foreground))
-    made = ((f"planted_{index:03d}", image[None], (score > threshold).astype(np.uint8))
-            for index, (image, score) in enumerate(zip(images, scores)))
-    return write_task(out, made, 1, foreground_classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
-                      description=f"scnas planted-architecture task (teacher seed {seed}, stem {stem})")
+    return write_task(out, iter(made), 1, foreground_classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
+                      description=f"scnas planted-architecture task (teacher seed {seed}, stem {stem}"
+                                  f"{'' if depth == 3 else f', depth {depth}'})")
+
+
+def learnability(cases: list[tuple[str, np.ndarray, np.ndarray]], students: dict[str, Genotype], steps: int, *,
+                 stem: int = 4, depth: int = 3, lr: float = 3e-3, held_out: int = 4, seed: int = 1
+                 ) -> dict[str, float]:
+    """Can the task reward the planted operations at all? Train a fresh network of each genotype
+    in ``students`` for ``steps`` Adam steps of one whole case on all but the last ``held_out``
+    cases, and return each one's soft-Jaccard loss on those (lower: fits the labels better). If
+    the planted genotype's student is no better than random genotypes' at the search's budget,
+    no search can be expected to find it there: the loss that moves alpha does not depend on it.
+
+    Args:
+        cases: the task's cases, as :func:`planted_cases` returns them.
+        students: name -> genotype of each network to train.
+        steps: Adam steps per student.
+        stem: the students' stem width.
+        depth: their down-samplings.
+        lr: Adam's learning rate.
+        held_out: the last cases, scored and never trained on.
+        seed: the seed of every student's initial weights.
+    """
+    from scnas.metrics import soft_jaccard_loss
+
+    if not 0 < held_out < len(cases):
+        raise ValueError(f"learnability needs more cases ({len(cases)}) than it holds out ({held_out})")
+    x = [torch.from_numpy(image)[None] for _, image, _ in cases]
+    y = [torch.from_numpy(label.astype(np.int64))[None] for _, _, label in cases]
+    train = len(cases) - held_out
+    result = {}
+    for name, genotype in students.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = build_network(genotype, BuildConfig(stem_channels=stem, in_channels=1, num_classes=2, depth=depth))
+        optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+        for step in range(steps):
+            loss = soft_jaccard_loss(net(x[step % train]), y[step % train])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        net.eval()
+        with torch.no_grad():
+            result[name] = float(np.mean([float(soft_jaccard_loss(net(x[i]), y[i])) for i in range(train, len(cases))]))
+    return result

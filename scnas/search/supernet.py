@@ -68,6 +68,8 @@ class MixedEdge(nn.Module):
                  normalise_pooling: bool = True):
         super().__init__()
         self.names = list(ops)
+        self.stride = stride
+        self.aux_skip = 0.0   # DARTS-'s auxiliary skip weight beta (set by SuperNet.set_aux_skip)
         self.ops = nn.ModuleList(make_op(name, channels, channels, stride=stride,
                                          negative_slope=negative_slope) for name in ops)
         self.zero_index = self.names.index(ZERO) if ZERO in self.names else None
@@ -97,6 +99,8 @@ class MixedEdge(nn.Module):
             total = term if total is None else total + term
         if total is None:  # only 'zero' was chosen: a zero tensor of the right shape
             total = self.ops[self.zero_index](x) * choice.weights[self.zero_index]
+        if self.aux_skip and self.stride == 1:
+            total = total + self.aux_skip * x
         return total
 
 
@@ -127,6 +131,15 @@ class SuperNet(MacroUNet):
 
     def forward(self, x: torch.Tensor, choices: dict[str, list[EdgeChoice]]) -> torch.Tensor:
         return self.run_cells(x, choices)
+
+    def set_aux_skip(self, beta: float) -> None:
+        """DARTS- (Chu et al. 2021): add ``beta`` times the edge's input to every mixed edge of
+        stride 1, outside alpha, so that identity's head start in a residual network stops
+        being a reason for alpha to choose it; the search decays beta to 0 (``--aux-skip``).
+        Edges that reduce keep none (their input has another shape)."""
+        for module in self.modules():
+            if isinstance(module, MixedEdge):
+                module.aux_skip = float(beta)
 
 
 class Architecture(nn.Module):
