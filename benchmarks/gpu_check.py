@@ -355,14 +355,25 @@ def _predict(kind: str, *args) -> float:
     return (train_memory if kind == "train" else search_memory).predict(*args)
 
 
+def pool_workers(jobs: int) -> int:
+    """Processes of :func:`planner_pool` (2 torch threads each): the cores less 4, halved, at most 6."""
+    return max(1, min(jobs, ((os.cpu_count() or 2) - 4) // 2, 6))
+
+
+def plan_threads(plans: int, pool: int) -> int:
+    """Torch threads of each background ``scnas plan``: what the planner pool and one measuring
+    process leave. Oversubscribed cores made both plans 10x slower than alone on a 16-core H200
+    host (each simulated step 30 s instead of 3 s), so that the budget ran out before them."""
+    return max(1, ((os.cpu_count() or 2) - 2 * pool - 2) // max(plans, 1))
+
+
 def planner_pool(it: Item, jobs: list[tuple]) -> dict:
     """Start the planner's predictions (CPU work, seconds each) in processes, while the device
     measures; returns futures by job."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 6)),
-                               mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=pool_workers(len(jobs)), mp_context=multiprocessing.get_context("spawn"))
     futures = {job: pool.submit(_predict, *job) for job in jobs}
     pool.shutdown(wait=False)
     return futures
@@ -395,7 +406,7 @@ def item_memory(it: Item) -> None:
         search_cases = [(stem, "off", ck, limit) for stem, _, ck, limit in search_cases]
     futures = planner_pool(it, [("train", g, stem_t, patch, 2, it.device, amp, ck) for g, amp, ck in train_cases]
                            + [("search", "pair", patch, stem, it.device, amp, ck) for stem, amp, ck, _ in search_cases])
-    plans = start_plans(it)
+    plans = start_plans(it, threads=plan_threads(2 if it.full else 1, pool_workers(len(futures))))
     for genotype, amp, checkpoint in train_cases:
         what = f"training step, {genotype} stem {stem_t}, batch 2, {patch}^3, {amp}, checkpointing {checkpoint}"
         goal = f"planner within +-20% of the measured peak: {what}"
@@ -454,14 +465,15 @@ def item_memory(it: Item) -> None:
     retrain24(it, plans)
 
 
-def start_plans(it: Item) -> dict:
+def start_plans(it: Item, threads: int) -> dict:
     """``scnas plan`` for the paper's retraining (batch 8, 128^3, stem 68, fp16) on 24 GiB, for
-    uresnet and the dense genotype, started in the background (CPU work)."""
+    uresnet and the dense genotype, started in the background (CPU work, ``threads`` torch
+    threads each)."""
     stem, patch, budget = (68, 128, "24GiB") if it.full else (4, 16, "1GiB")
     jobs = {}
     for name, genotype in ([("uresnet", "uresnet"), ("dense", DENSE)] if it.full else [("uresnet", "uresnet")]):
         plan_file = it.work / f"plan-{name}.json"
-        args = ("plan", genotype, "--stem", str(stem), "--patch", *[str(patch)] * 3, "--batch-size", "8", "--amp",
+        args = ("--threads", str(threads), "plan", genotype, "--stem", str(stem), "--patch", *[str(patch)] * 3, "--batch-size", "8", "--amp",
                 "fp16", "--gpu-memory", budget, "--no-largest-stem", "-o", str(plan_file))
         thread = threading.Thread(target=it.scnas, args=(f"plan {name}", *args), daemon=True)
         thread.start()
