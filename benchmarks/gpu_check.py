@@ -165,15 +165,18 @@ class Item:
         self.skip(goal, f"time budget: needs ~{seconds:.0f} s, {max(0.0, self.left()):.0f} s left")
         return False
 
-    def run(self, command: list[str], tag: str, cwd: Path | None = None) -> tuple[int | None, float, str]:
-        """:func:`stream` until the deadline; past it, not started (status None, as if stopped)."""
+    def run(self, command: list[str], tag: str, cwd: Path | None = None, threads: int | None = None
+            ) -> tuple[int | None, float, str]:
+        """:func:`stream` until the deadline; past it, not started (status None, as if stopped).
+        ``threads``: torch threads of the command (``SCNAS_THREADS``), else its own choice."""
         if self.left() < 2:
             return None, 0.0, ""
-        return stream(command, f"    [{tag}] ", self.left(), self.env, cwd or self.work)
+        env = self.env if threads is None else {**self.env, "SCNAS_THREADS": str(threads)}
+        return stream(command, f"    [{tag}] ", self.left(), env, cwd or self.work)
 
-    def scnas(self, tag: str, *args: str) -> tuple[int | None, float, str]:
+    def scnas(self, tag: str, *args: str, threads: int | None = None) -> tuple[int | None, float, str]:
         """``python -m scnas ARGS`` (no console script needed), judged on its exit status."""
-        status, seconds, text = self.run([sys.executable, "-m", "scnas", *args], tag)
+        status, seconds, text = self.run([sys.executable, "-m", "scnas", *args], tag, threads=threads)
         measured = f"exit {status}, {seconds:.1f} s"
         if status:
             measured += ": " + " / ".join(text.strip().splitlines()[-2:])[-300:]
@@ -473,9 +476,10 @@ def start_plans(it: Item, threads: int) -> dict:
     jobs = {}
     for name, genotype in ([("uresnet", "uresnet"), ("dense", DENSE)] if it.full else [("uresnet", "uresnet")]):
         plan_file = it.work / f"plan-{name}.json"
-        args = ("--threads", str(threads), "plan", genotype, "--stem", str(stem), "--patch", *[str(patch)] * 3, "--batch-size", "8", "--amp",
+        args = ("plan", genotype, "--stem", str(stem), "--patch", *[str(patch)] * 3, "--batch-size", "8", "--amp",
                 "fp16", "--gpu-memory", budget, "--no-largest-stem", "-o", str(plan_file))
-        thread = threading.Thread(target=it.scnas, args=(f"plan {name}", *args), daemon=True)
+        thread = threading.Thread(target=it.scnas, args=(f"plan {name}", *args), kwargs={"threads": threads},
+                                  daemon=True)
         thread.start()
         jobs[name] = (thread, plan_file, stem, patch, budget)
     return jobs
