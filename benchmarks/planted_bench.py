@@ -12,6 +12,9 @@ trained STEPS steps each, and their held-out loss (``scnas.search.planted.learna
 
 Two planted genotypes: ``mixed`` (the default; half of every cell parameter-free, so that a
 search that merely avoids those operations loses) and ``weighted`` (every edge a convolution).
+A third task, ``context``, is made by a rule instead of a teacher (``context_cases``: a voxel is
+foreground where it and the voxel 4 further along an axis are both bright) and searched at depth
+1: it needs ``sep_dil4_conv_3x3x3`` in the decoder-normal cell, and recovery counts that cell only.
 
     python benchmarks/planted_bench.py [--task mixed] [--seeds 5] [--epochs 6] [--steps 20]
         [--settings "paper,all three:5,aux-skip:3"] [--probe 150] [--quick]
@@ -35,7 +38,8 @@ from scnas.fileio import atomic_write_text
 from scnas.genotype import genotype_from_data
 from scnas.search import SearchConfig, run_search
 from scnas.genotype import random_genotype
-from scnas.search.planted import learnability, planted_cases, write_planted_dataset
+from scnas.search.planted import (CONTEXT_CELLS, context_cases, context_genotype, learnability, planted_cases,
+                                  write_context_dataset, write_planted_dataset)
 from scnas.search.report import search_report
 
 # Two nodes per cell; every planted op has weights and a receptive field of its own, so cells of
@@ -75,7 +79,7 @@ PLANTED_MIXED = {"format": "scnas-genotype", "version": 1, "nodes": 2, "cells": 
                             {"from": 1, "to": 3, "op": "sep_dil2_conv_3x3x3"},
                             {"from": 2, "to": 3, "op": "max_pool_3x3x3"}], "concat": [2, 3]}}}
 
-TASKS = {"mixed": PLANTED_MIXED, "weighted": PLANTED}
+TASKS = {"mixed": PLANTED_MIXED, "weighted": PLANTED, "context": None}   # context: context_genotype()
 
 SETTINGS = {
     "paper": {},
@@ -86,6 +90,14 @@ SETTINGS = {
     "aux-skip": {"aux_skip": 1.0},
     "warm-up + aux-skip": {"warmup_epochs": 2, "aux_skip": 1.0},
 }
+
+
+def _decoder(planted, op: str):
+    """``planted`` with every decoder-normal edge ``op`` (the context task's other students)."""
+    data = planted.to_dict()
+    for edge in data["cells"]["decoder_normal"]["edges"]:
+        edge["op"] = op
+    return genotype_from_data(data, source=f"decoder-normal {op}")
 
 
 def _moved(folder: Path) -> float:
@@ -124,24 +136,33 @@ def main() -> None:
         chosen[name] = int(seeds) if seeds else args.seeds
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-planted-"))
     root.mkdir(parents=True, exist_ok=True)
-    planted = genotype_from_data(TASKS[args.task], source="planted genotype")
+    context = args.task == "context"
+    planted = context_genotype(4) if context else genotype_from_data(TASKS[args.task], source="planted genotype")
+    depth = 1 if context else 3
     cases = 8 if args.quick else args.cases
     out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else f"{args.name}.json")
     record = {"task": args.task, "cases": cases, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
-              "alpha_lr": args.alpha_lr, "planted": TASKS[args.task], "results": {}}
+              "alpha_lr": args.alpha_lr, "planted": planted.to_dict(), "depth": depth,
+              "counted_cells": list(CONTEXT_CELLS) if context else None, "results": {}}
     if args.probe:
-        students = {"planted": planted, **{f"{other} task's genotype": genotype_from_data(TASKS[other], source=other)
-                                           for other in TASKS if other != args.task},
-                    **{f"random {k}": random_genotype(k, planted.nodes) for k in range(4)}}
+        if context:
+            students = {"planted": planted, **{f"decoder dil{d}": _decoder(planted, f"sep_dil{d}_conv_3x3x3")
+                                               for d in (2, 3)}, "every edge conv": _decoder(planted, "conv_3x3x3")}
+        else:
+            students = {"planted": planted, **{f"{other} task's genotype": genotype_from_data(TASKS[other], source=other)
+                                               for other in TASKS if other not in (args.task, "context")}}
+        students.update({f"random {k}": random_genotype(k, planted.nodes) for k in range(4)})
         kept = root / f"learnability-{args.task}-{args.probe}-{cases}-{args.probe_lr:g}.json"
         losses = json.loads(kept.read_text()) if args.out and kept.exists() else \
-            learnability(planted_cases(planted, cases, shape=(32, 32, 32), stem=4, seed=0), students, args.probe,
-                         held_out=max(4, cases // 5), lr=args.probe_lr)    # reused from --out, like the searches
+            learnability(context_cases(cases) if context else planted_cases(planted, cases, shape=(32, 32, 32),
+                                                                             stem=4, seed=0),
+                         students, args.probe, held_out=max(4, cases // 5), lr=args.probe_lr, depth=depth)
         atomic_write_text(kept, json.dumps(losses) + "\n")
         record["learnability"] = {"steps": args.probe, "lr": args.probe_lr, "held_out_soft_jaccard_loss": losses}
         print("learnability (held-out soft-Jaccard loss after", args.probe, "steps):",
               ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
-    task = write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
+    task = (write_context_dataset(root / "task", cases, force=True) if context else
+            write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4, seed=0, force=True))
     cache = prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
                             progress=False).cache
     results = record["results"]
@@ -151,7 +172,7 @@ def main() -> None:
             folder = root / name.replace(" ", "-") / f"seed{seed}"
             config = SearchConfig(data=str(cache), stem=4, nodes=2, patch=(32, 32, 32), batch_size=1,
                                   epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
-                                  alpha_lr=args.alpha_lr, val_batches=1, seed=seed, device="cpu", plots=False,
+                                  alpha_lr=args.alpha_lr, val_batches=1, seed=seed, device="cpu", plots=False, depth=depth,
                                   **SETTINGS[name])
             done = folder / "metrics.jsonl"
             if not (args.out and done.exists() and len(done.read_text().splitlines()) == args.epochs):
@@ -159,7 +180,8 @@ def main() -> None:
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             folders.append(folder)
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
-        report = search_report(folders, permutations=2000, planted=planted)
+        report = search_report(folders, permutations=2000, planted=planted,
+                               planted_cells=CONTEXT_CELLS if context else None)
         results[name] = {"settings": SETTINGS[name], "seeds": seeds,
                          "seconds_per_search": round(sum(seconds) / len(seconds), 1),   # the epochs' own seconds
                          "alpha_largest_x_uniform": round(sum(map(_moved, folders)) / len(folders), 2),

@@ -216,6 +216,18 @@ def test_report_command_and_bad_input(tmp_path, cli):
     assert json.loads((tmp_path / "report.json").read_text())["cells"]["reduction"]["agreement"] == 1.0
     result = cli("search-report", tmp_path / "nothing")
     assert result.code == 1 and "no genotype.yaml" in result.err
+    result = cli("search-report", *runs, "--planted-cells", "decoder_normal")
+    assert result.code == 1 and "--planted-cells" in result.err and "--planted" in result.err
+    from scnas.search.planted import context_genotype
+
+    write_genotype(context_genotype(4), tmp_path / "context.yaml")
+    result = cli("search-report", *runs, "--planted", tmp_path / "context.yaml", "--planted-cells", "decoder_normal",
+                 "--permutations", "200", "-o", tmp_path / "counted.json")
+    assert result.code == 0, result
+    counted = json.loads((tmp_path / "counted.json").read_text())["planted"]
+    assert counted["counted_cells"] == ["decoder_normal"] and counted["trials"] == 2 * 4
+    result = cli("search-report", *runs, "--planted", tmp_path / "context.yaml", "--planted-cells", "decoder")
+    assert result.code == 1 and "planted cells ['decoder']" in result.err and "Traceback" not in result.err
     other = tmp_path / "other"
     (other / "genotypes").mkdir(parents=True)
     p = {c: torch.full((len(cell_edges(3)), len(OPS)), 1 / len(OPS)) for c in CELLS}
@@ -343,3 +355,44 @@ def test_avoiding_parameter_free_ops_earns_nothing_on_their_planted_edges(tmp_pa
     assert report["chance_among_weighted"] == pytest.approx(1 / 3 / 4, abs=1e-4)
     assert report["recovered"] == pytest.approx(1 / 3, abs=1e-4)
     assert report["x_chance_among_weighted"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_the_context_task_labels_a_voxel_by_its_partner_offset_voxels_away():
+    from scnas.search.planted import CONTEXT_CELLS, context_cases, context_genotype
+
+    cases = context_cases(3, shape=(16, 16, 16), offset=3, threshold=0.5, seed=2)
+    assert [c[0] for c in cases] == ["context_000", "context_001", "context_002"]
+    _, image, label = cases[1]
+    above = image[0] > 0.5
+    for z, y, x in [(0, 0, 0), (5, 7, 15), (15, 2, 9), (8, 8, 8)]:     # the rule, voxel by voxel (cyclic)
+        partner = above[(z + 3) % 16, y, x] or above[z, (y + 3) % 16, x] or above[z, y, (x + 3) % 16]
+        assert bool(label[z, y, x]) == bool(above[z, y, x] and partner)
+    assert 0.1 < label.mean() < 0.3                                     # about 3 * 0.31**2 of the voxels
+    again = context_cases(3, shape=(16, 16, 16), offset=3, threshold=0.5, seed=2)
+    assert all(np.array_equal(a[2], b[2]) and np.array_equal(a[1], b[1]) for a, b in zip(cases, again))
+    assert not np.array_equal(label, context_cases(2, shape=(16, 16, 16), offset=2, seed=2)[1][2])
+    genotype = context_genotype(3)
+    assert {e.op for e in genotype.cell("decoder_normal").edges} == {"sep_dil3_conv_3x3x3"} and \
+        CONTEXT_CELLS == ("decoder_normal",)
+    assert {e.op for c in ("encoder_normal", "reduction", "expansion") for e in genotype.cell(c).edges} == \
+        {"conv_3x3x3"}
+    with pytest.raises(ValueError, match="offset of 2, 3 or 4"):
+        context_cases(1, offset=5)
+
+
+def test_recovery_can_count_only_the_cells_where_the_task_needs_the_operation(tmp_path):
+    from scnas.search.planted import CONTEXT_CELLS, context_genotype
+
+    planted = context_genotype(4)
+    pairs, n = cell_edges(2), len(cell_edges(2))
+    best = {c: ["max_pool_3x3x3"] * n for c in CELLS}       # nothing recovered outside the decoder-normal cell
+    for e in planted.cell("decoder_normal").edges[:2]:      # half of its planted edges recovered
+        best["decoder_normal"][pairs.index((e.source, e.target))] = e.op
+    found = [_fake_run(tmp_path / f"f{s}", best, s) for s in range(3)]
+    counted = search_report(found, permutations=200, planted=planted, planted_cells=CONTEXT_CELLS)["planted"]
+    assert counted["counted_cells"] == ["decoder_normal"] and list(counted["cells"]) == ["decoder_normal"]
+    assert counted["recovered"] == 0.5 and counted["trials"] == 3 * 4 and counted["x_chance"] == pytest.approx(3.5)
+    everywhere = search_report(found, permutations=200, planted=planted)["planted"]
+    assert everywhere["recovered"] == pytest.approx(0.125) and everywhere["trials"] == 3 * 4 * 4
+    with pytest.raises(SearchReportError, match="planted cells"):
+        search_report(found, permutations=200, planted=planted, planted_cells=("decoder",))

@@ -20,6 +20,10 @@ def search_report_command(
     planted: Optional[str] = typer.Option(None, "--planted", metavar="GENOTYPE",
                                           help="The genotype planted in the task (scnas.search.planted): also "
                                                "report how often the runs recover its operations."),
+    planted_cells: Optional[str] = typer.Option(None, "--planted-cells", metavar="CELL,...",
+                                                help="With --planted: count only these cell types, e.g. "
+                                                     "decoder_normal for a task that needs its operation there "
+                                                     "(scnas.search.planted.context_cases). Default: all four."),
 ) -> None:
     """Tell a finding from noise: agreement between seeds, collapse, alpha over the epochs.
 
@@ -37,10 +41,13 @@ def search_report_command(
 
     from scnas.fileio import atomic_write_text
     from scnas.genotype import CELL_TYPES, load_genotype
-    from scnas.search.report import search_report
+    from scnas.search.report import SearchReportError, search_report
 
+    if planted_cells and not planted:
+        raise SearchReportError("--planted-cells counts the recovery of a planted genotype: give it with --planted")
     report = search_report(runs, seed=seed, permutations=permutations,
-                           planted=load_genotype(planted) if planted else None)
+                           planted=load_genotype(planted) if planted else None,
+                           planted_cells=tuple(c.strip() for c in planted_cells.split(",")) if planted_cells else None)
     table = Table(title=f"{len(report['runs'])} search(es); chance agreement {report['agreement_chance']:.3f}; "
                         f"random genotypes' parameter-free share {report['random_parameter_free_share']:.0%}")
     for column in ("cell type", "agreement", "permutation p", "parameter-free share per run"):

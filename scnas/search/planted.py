@@ -20,7 +20,7 @@ import torch
 from scnas import defaults as D
 from scnas.build import BuildConfig, build_network
 from scnas.data.phantom import check_task_folder, write_task
-from scnas.genotype import Genotype
+from scnas.genotype import Genotype, genotype_from_data
 
 CALIBRATION_CASES = 4
 
@@ -103,6 +103,77 @@ def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int
     return write_task(out, iter(made), 1, foreground_classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
                       description=f"scnas planted-architecture task (teacher seed {seed}, stem {stem}"
                                   f"{'' if depth == 3 else f', depth {depth}'})")
+
+
+CONTEXT_CELLS = ("decoder_normal",)
+"""Where a context task's needed operation sits: at depth 1 the decoder-normal cell is the only
+cell at full resolution (docs/search.md, "A task that needs an operation")."""
+
+
+def context_cases(cases: int = 12, *, shape: tuple[int, int, int] = (32, 32, 32), offset: int = 4,
+                  threshold: float = 0.5, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The cases of a *context* task in memory: white noise in (one channel), and a voxel is
+    foreground where it and the voxel ``offset`` further along any axis (cyclically) are both
+    above ``threshold``. Only an exact view ``offset`` voxels away at full resolution fits it:
+    in a depth-1 network the decoder-normal cell with ``sep_dil{offset}`` edges
+    (:func:`context_genotype`); down-sampled paths blur the partner's position. The needed
+    operation is the one dilated convolution whose taps reach that far.
+
+    Args:
+        cases: how many cases.
+        shape: each image's size in voxels (even, for a depth-1 network).
+        offset: the partner's distance in voxels (2, 3 or 4: a dilation of the vocabulary).
+        threshold: what counts as bright, in standard deviations of the noise.
+        seed: the same seed gives the same cases.
+    """
+    if cases < 1 or offset not in (2, 3, 4) or any(n < 2 * offset or n % 2 for n in shape):
+        raise ValueError("a context task needs at least one case, an offset of 2, 3 or 4 (a dilation of the "
+                         f"vocabulary; got {offset}) and even sizes of at least twice the offset (got {shape})")
+    made = []
+    for index in range(cases):
+        bright = np.random.default_rng([seed, 3, index]).standard_normal(shape).astype(np.float32)
+        above = bright > threshold
+        label = np.zeros(shape, dtype=bool)
+        for axis in range(3):
+            label |= above & np.roll(above, -offset, axis=axis)
+        made.append((f"context_{index:03d}", bright[None], label.astype(np.uint8)))
+    return made
+
+
+def context_genotype(offset: int = 4) -> Genotype:
+    """The genotype a context task of ``offset`` rewards: 2 nodes per cell, every decoder-normal
+    edge ``sep_dil{offset}_conv_3x3x3``, every other edge ``conv_3x3x3``."""
+    def cell(op: str) -> dict:
+        return {"edges": [{"from": 0, "to": 2, "op": op}, {"from": 1, "to": 2, "op": op},
+                          {"from": 1, "to": 3, "op": op}, {"from": 2, "to": 3, "op": op}], "concat": [2, 3]}
+
+    needed = f"sep_dil{offset}_conv_3x3x3"
+    return genotype_from_data({"format": "scnas-genotype", "version": 1, "nodes": 2, "cells": {
+        name: cell(needed if name in CONTEXT_CELLS else "conv_3x3x3")
+        for name in ("encoder_normal", "reduction", "decoder_normal", "expansion")}},
+        source=f"context task genotype (offset {offset})")
+
+
+def write_context_dataset(out: str | os.PathLike, cases: int = 12, *, shape: tuple[int, int, int] = (32, 32, 32),
+                          offset: int = 4, threshold: float = 0.5, seed: int = 0, layout: str = D.LAYOUT,
+                          force: bool = False) -> Path:
+    """Write the task folder of :func:`context_cases`; returns it. Search it at depth 1.
+
+    Args:
+        out: the task folder to write (must not exist unless ``force``).
+        cases: how many cases.
+        shape: each image's size in voxels.
+        offset: the partner's distance in voxels (2, 3 or 4).
+        threshold: what counts as bright.
+        seed: the same seed writes the same files.
+        layout: ``msd`` or ``nnunetv2``.
+        force: replace an existing ``out``.
+    """
+    made = context_cases(cases, shape=shape, offset=offset, threshold=threshold, seed=seed)
+    check_task_folder(out, layout, force)
+    return write_task(out, iter(made), 1, foreground_classes=1, spacing=(1.0, 1.0, 1.0), layout=layout,
+                      description=f"scnas context task (offset {offset}, threshold {threshold:g}, seed {seed}); "
+                                  "search it at depth 1")
 
 
 def learnability(cases: list[tuple[str, np.ndarray, np.ndarray]], students: dict[str, Genotype], steps: int, *,

@@ -174,24 +174,32 @@ def mass_per_epoch(run: SearchRun) -> list[dict[str, Any]]:
     return rows
 
 
-def recovery(runs: list[SearchRun], planted: Genotype) -> dict[str, Any]:
+def recovery(runs: list[SearchRun], planted: Genotype, cells: tuple[str, ...] | None = None) -> dict[str, Any]:
     """How often the runs' best non-zero operation on an edge of the planted genotype is the
     planted one, per cell type and over all, against chance (1 / non-zero operations), with a
-    one-sided binomial p-value (edges and runs counted as independent trials: an indication)."""
+    one-sided binomial p-value (edges and runs counted as independent trials: an indication).
+    ``cells``: count only these cell types (a task that needs an operation in some cells only,
+    e.g. :func:`scnas.search.planted.context_cases`); None: all four."""
     from scipy.stats import binomtest
+
+    counted = tuple(CELL_TYPES) if cells is None else tuple(cells)
+    unknown = [c for c in counted if c not in CELL_TYPES]
+    if unknown or not counted:
+        raise SearchReportError(f"planted cells {list(counted)}: each must be one of {', '.join(CELL_TYPES)}")
 
     ops = list(runs[0].genotype.ops)
     chance = 1 / len([op for op in ops if op != ZERO])
     # What a search gets by merely avoiding parameter-free operations: 1/(ops with weights) on a
     # planted edge with weights, nothing on a parameter-free one (1/4 when every planted op has weights).
-    planted_ops = [e.op for cell in CELL_TYPES for e in planted.cell(cell).edges if e.op in ops]
+    planted_ops = [e.op for cell in counted for e in planted.cell(cell).edges if e.op in ops]
     weighted = float(np.mean([OPS[op].parametric for op in planted_ops])) / \
         len([op for op in ops if op != ZERO and OPS[op].parametric]) if planted_ops else 0.0
-    result: dict[str, Any] = {"chance": round(chance, 4), "chance_among_weighted": round(weighted, 4), "cells": {}}
+    result: dict[str, Any] = {"chance": round(chance, 4), "chance_among_weighted": round(weighted, 4),
+                              "counted_cells": list(counted), "cells": {}}
     hits = trials = 0
     overlaps: list[float] = []     # per (cell, run): the multiset overlap on the planted edges
     wanted_per_cell: list[list[int]] = []
-    for cell in CELL_TYPES:
+    for cell in counted:
         edges, _ = best_nonzero(runs[0].genotype, cell)
         wanted = [(edges.index((e.source, e.target)), e.op) for e in planted.cell(cell).edges
                   if (e.source, e.target) in edges and e.op in ops]
@@ -244,7 +252,7 @@ def _multiset_chance(planted_cells: list[list[int]], runs: int, nonzero: list[in
 
 
 def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS,
-                  *, planted: Genotype | None = None) -> dict[str, Any]:
+                  *, planted: Genotype | None = None, planted_cells: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The measurements above for the search runs in ``folders`` (the same nodes and operations);
     with ``planted``, how often they recover its operations (:func:`recovery`).
 
@@ -253,6 +261,7 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
         seed: seeds the random genotypes and the permutation test.
         permutations: the permutation test's draws.
         planted: the genotype that planted the labels (None: none).
+        planted_cells: the cell types whose recovery counts (None: all four).
     """
     runs = [read_run(folder) for folder in folders]
     first = runs[0].genotype
@@ -293,7 +302,7 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
                   parameter_free_p_less=round(less, 4))
     report["per_epoch"] = {str(r.folder): mass_per_epoch(r) for r in runs}
     if planted is not None:
-        report["planted"] = recovery(runs, planted)
+        report["planted"] = recovery(runs, planted, planted_cells)
     report["verdict"] = verdict_lines(report)
     return report
 
