@@ -18,6 +18,8 @@ foreground where it and the voxel 4 further along an axis are both bright) and s
 
     python benchmarks/planted_bench.py [--task mixed] [--seeds 5] [--epochs 6] [--steps 20]
         [--settings "paper,all three:5,aux-skip:3"] [--probe 150] [--quick]
+    python benchmarks/planted_bench.py --task context --probe 300 --settings paper:5,warm-up:5 \
+        --epochs 10 --steps 100 --alpha-lr 0.01 --name planted-context-1000
 
 Writes benchmarks/results/planted.json (``--quick``: a tiny run that checks the script,
 results/planted-quick.json).
