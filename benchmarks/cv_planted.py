@@ -8,9 +8,16 @@ its FLOPs fold by fold. Prints and records the command, the settings and the ver
 whatever it says.
 
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py [--folds 0,1,2] [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --cases 20 --shards 2
 
-Writes benchmarks/results/cv_planted.json (``--quick``: a tiny run that checks the script,
-results/cv_planted-quick.json). Given an ``--out`` that holds a finished run, it reports that
+``--task context``: the context task instead (``scnas.search.planted.context_cases``, depth 1),
+whose needed operation a search of 1,000 step pairs with a warm-up recovered at 3.5x chance
+(docs/search.md); searched with that setting, retrained 300 steps at lr 3e-3 (where the
+learnability probe shows the planted cells' lead), recovery counted in the decoder-normal cell.
+``--shards N`` runs the study as N processes of one thread (``scnas cv --shard i/N``).
+
+Writes benchmarks/results/cv_planted.json (``--task context``: cv_planted-context.json;
+``--quick``: a tiny run that checks the script, results/cv_planted-quick.json). Given an ``--out`` that holds a finished run, it reports that
 run again (``scnas cv -o OUT --report``) and keeps the time the run took.
 """
 
@@ -30,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from planted_bench import PLANTED  # noqa: E402
 
 from scnas.genotype import genotype_from_data  # noqa: E402
-from scnas.search.planted import write_planted_dataset  # noqa: E402
+from scnas.search.planted import (CONTEXT_CELLS, context_genotype, write_context_dataset,  # noqa: E402
+                                  write_planted_dataset)
 from scnas.search.report import search_report  # noqa: E402
 
 SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "6", "--search-steps", "20",
@@ -38,6 +46,11 @@ SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-ep
           "--warmup-epochs", "2", "--free-penalty", "0.3", "--max-free", "1"]
 TRAIN = ["--stem", "8", "--patch", "32", "32", "32", "--batch-size", "2", "--epochs", "5", "--steps-per-epoch", "10",
          "--lr", "1e-3", "--device", "cpu", "--spacing", "1", "1", "1"]
+CONTEXT_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "10",
+                  "--search-steps", "100", "--search-batch-size", "1", "--alpha-lr", "0.01", "--nodes", "2",
+                  "--tau-max", "5", "--tau-min", "0.5", "--warmup-epochs", "2"]
+CONTEXT_TRAIN = ["--depth", "1", "--stem", "8", "--patch", "32", "32", "32", "--batch-size", "2", "--epochs", "10",
+                 "--steps-per-epoch", "30", "--lr", "3e-3", "--device", "cpu", "--spacing", "1", "1", "1"]
 QUICK = {"--search-epochs": "2", "--search-steps": "2", "--warmup-epochs": "1", "--epochs": "1",
          "--steps-per-epoch": "2"}
 
@@ -51,14 +64,18 @@ def main() -> None:
     parser.add_argument("--folds", default="0,1,2")
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--random", type=int, default=5)
+    parser.add_argument("--task", choices=("planted", "context"), default="planted")
+    parser.add_argument("--shards", type=int, default=1, help="processes (one thread each) sharing the study")
     parser.add_argument("--quick", action="store_true", help="2 folds, 1 random genotype, searches of 2 x 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
-    search, train = (_quick(SEARCH), _quick(TRAIN)) if args.quick else (SEARCH, TRAIN)
+    context = args.task == "context"
+    search, train = (CONTEXT_SEARCH, CONTEXT_TRAIN) if context else (SEARCH, TRAIN)
+    search, train = (_quick(search), _quick(train)) if args.quick else (search, train)
     folds, randoms = ("0,1", 1) if args.quick else (args.folds, args.random)
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-cv-planted-"))
     root.mkdir(parents=True, exist_ok=True)
-    planted = genotype_from_data(PLANTED, source="planted genotype")
+    planted = context_genotype(4) if context else genotype_from_data(PLANTED, source="planted genotype")
     task = root / "task"
     command = ["scnas", "--threads", "1", "cv", "--search-per-fold", "--data", str(task), "--folds", folds,
                "--random", str(randoms), *search, *train, "-o", str(root / "study")]
@@ -69,19 +86,33 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "scnas", "cv", "-o", str(root / "study"), "--report"], env=env,
                        check=True)
     else:
-        write_planted_dataset(task, planted, cases=args.cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
-        print("$ " + shlex.join(command), flush=True)
+        if context:
+            write_context_dataset(task, args.cases, force=True)
+        else:
+            write_planted_dataset(task, planted, cases=args.cases, shape=(32, 32, 32), stem=4, seed=0, force=True)
+        print("$ " + shlex.join(command) + (f" --shard i/{args.shards}" if args.shards > 1 else ""), flush=True)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scnas", *command[1:]], env=env, check=True)
+        if args.shards > 1:   # every shard of the study at once, then the report of all of them
+            shards = [subprocess.Popen([sys.executable, "-m", "scnas", *command[1:], "--shard", f"{i}/{args.shards}"],
+                                       env=env) for i in range(1, args.shards + 1)]
+            if any(shard.wait() for shard in shards):
+                sys.exit("a shard of the study failed")
+            subprocess.run([sys.executable, "-m", "scnas", "cv", "-o", str(root / "study"), "--report"], env=env,
+                           check=True)
+        else:
+            subprocess.run([sys.executable, "-m", "scnas", *command[1:]], env=env, check=True)
         seconds = time.perf_counter() - started
         timing.write_text(json.dumps({"seconds": seconds}) + "\n")
     report = json.loads((root / "study" / "results.json").read_text())
     # how often the fold's searches picked the planted operations (docs/search.md's measure), against chance
     recovery = search_report([root / "study" / "searches" / f"fold_{f}" for f in folds.split(",")],
-                             permutations=2000, planted=planted)
-    shown = shlex.join(["scnas", *command[1:-1], "runs/cv-planted"]).replace(str(task), "planted-task")
-    result = {"command": shown, "seconds": round(seconds, 1), "cases": args.cases, "planted": PLANTED,
-              "task": "scnas.search.planted.write_planted_dataset(planted, cases, shape=(32, 32, 32), stem=4, seed=0)",
+                             permutations=2000, planted=planted, planted_cells=CONTEXT_CELLS if context else None)
+    shown = shlex.join(["scnas", *command[1:-1], "runs/cv-planted"]).replace(str(task), f"{args.task}-task")
+    made = ("scnas.search.planted.write_context_dataset(task, cases)" if context else
+            "scnas.search.planted.write_planted_dataset(planted, cases, shape=(32, 32, 32), stem=4, seed=0)")
+    result = {"command": shown, "shards": args.shards, "seconds": round(seconds, 1), "cases": args.cases,
+              "planted": planted.to_dict() if context else PLANTED,
+              "counted_cells": list(CONTEXT_CELLS) if context else None, "task": made,
               "searches": report["searches"], "planted_recovery": recovery["planted"],
               "flop_matching": report["flop_matching"],
               "genotypes": [{k: g[k] for k in ("name", "kind", "stem_per_fold", "flops_per_fold")}
@@ -91,7 +122,8 @@ def main() -> None:
     print(f"\n{seconds:.0f} s ({seconds / 60:.1f} min)")
     for line in report["conclusion"]:
         print(line)
-    out = Path(__file__).parent / "results" / ("cv_planted-quick.json" if args.quick else "cv_planted.json")
+    name = "cv_planted-quick" if args.quick else ("cv_planted-context" if context else "cv_planted")
+    out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -153,7 +153,19 @@ def test_a_continued_study_refuses_other_search_settings(task, tmp_path, cli, mo
                "--patch", "16", "16", "16", "-o", tmp_path / "new").code == 0
     search = runs[-1]["search"]
     assert (search["epochs"], search["stem"], search["nodes"], search["patch"]) == (3, 2, 2, [16, 16, 16])
-    assert runs[-1]["genotypes"] == []
+    assert runs[-1]["genotypes"] == [] and runs[-1]["train"]["depth"] == 3
+    # --depth: every network the study trains and each fold's search (a depth-1 task such as the context task)
+    assert cli("cv", "--search-per-fold", "--data", task, "--depth", "1", "--patch", "16", "16", "16",
+               "-o", tmp_path / "shallow").code == 0
+    assert runs[-1]["train"]["depth"] == 1
+    shallow = tmp_path / "shallow-plan"
+    plan_study(shallow, _request(task, train={**_request(task)["train"], "depth": 1}), say=lambda _: None)
+    from scnas.apps.cv.searches import search_config
+
+    assert search_config(read_plan(shallow / "cv.json"), 0).depth == 1
+    assert search_config(read_plan(out / "cv.json"), 0).depth == 3
+    result = cli("cv", "-o", out, "--depth", "1")
+    assert result.code == 1 and "--depth 1 (the study's: 3) differs" in result.err, result
 
 
 def test_a_search_another_process_runs_is_waited_for_not_run_twice(task, tmp_path, monkeypatch):

@@ -32,6 +32,9 @@ def cv(
     random_seed: int = typer.Option(0, "--random-seed", help="Seed of the first random genotype (then +1, +2, ...)."),
     stem: int = typer.Option(D.STEM_TRAIN, "--stem", min=1, help="Stem of genotypes given without @STEM (paper: 68)."),
     patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Training patch D H W."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings of every network the study "
+                                                                     "trains, and of its searches per fold; patches "
+                                                                     "must be multiples of 2**depth."),
     batch_size: int = typer.Option(D.TRAIN_BATCH_SIZE, "--batch-size", min=1, help="Patches per step (paper: 8)."),
     epochs: int = typer.Option(D.TRAIN_EPOCHS, "--epochs", min=1, help="At most this many epochs per job (paper: 500)."),
     steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1),
@@ -124,8 +127,9 @@ def cv(
     except ValueError:
         raise CVError(f"--folds {folds!r}: give comma-separated fold numbers, e.g. 0,1,2,3,4") from None
     try:
-        train = TrainConfig(data=data or ".", patch=patch, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps,
-                            lr=lr, loss=loss, seed=seed, device=device, amp=amp, deep_supervision=deep_supervision)
+        train = TrainConfig(data=data or ".", patch=patch, depth=depth, batch_size=batch_size, epochs=epochs,
+                            steps_per_epoch=steps, lr=lr, loss=loss, seed=seed, device=device, amp=amp,
+                            deep_supervision=deep_supervision)
     except ValidationError as exc:
         raise settings_error(exc, CVError) from None
     # deep_supervision only when asked for: studies begun before it existed continue with the same arguments.
@@ -173,7 +177,7 @@ def _search_settings(given: dict, patch: tuple[int, int, int], seed: int) -> dic
     return config.model_dump(mode="json", include=set(SEARCH_FIELDS))
 
 
-_TRAINING_FLAGS = {"patch": "patch", "batch_size": "batch_size", "epochs": "epochs", "steps": "steps_per_epoch",
+_TRAINING_FLAGS = {"patch": "patch", "depth": "depth", "batch_size": "batch_size", "epochs": "epochs", "steps": "steps_per_epoch",
                    "lr": "lr", "loss": "loss", "deep_supervision": "deep_supervision", "seed": "seed",
                    "device": "device", "amp": "amp"}
 """Parameters of 'scnas cv' that are training settings of the study: parameter -> setting."""

@@ -33,7 +33,7 @@ def search_config(plan: Plan, fold: int):
     from scnas.search import SearchConfig
 
     train = plan.request["train"]
-    shared = {key: train[key] for key in ("device", "amp", "loss", "workers") if key in train}
+    shared = {key: train[key] for key in ("device", "amp", "loss", "workers", "depth") if key in train}
     return SearchConfig(**{**plan.request["search"], **shared, "data": plan.cache, "fold": fold, "plots": False})
 
 
