@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 folds, 1 random genotype, searches of 2 x 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.shards < 1:
+        parser.error(f"--shards {args.shards}: give 1 or more")
     context = args.task == "context"
     search, train = (CONTEXT_SEARCH, CONTEXT_TRAIN) if context else (SEARCH, TRAIN)
     search, train = (_quick(search), _quick(train)) if args.quick else (search, train)

@@ -182,7 +182,8 @@ class Item:
             measured += ": " + " / ".join(text.strip().splitlines()[-2:])[-300:]
         goal = f"`scnas {' '.join(Path(a).name if '/' in a else a for a in args)}` exits 0"
         with self.lock:
-            self.data.setdefault("commands", {})[tag] = {"args": list(args), "exit": status, "seconds": seconds}
+            self.data.setdefault("commands", {})[tag] = {"args": list(args), "exit": status, "seconds": seconds,
+                                                         "threads": threads}
             if status is None:
                 self.skip(goal, f"time budget: stopped after {seconds:.0f} s" if seconds else "time budget: not started")
             else:
@@ -360,14 +361,18 @@ def _predict(kind: str, *args) -> float:
 
 def pool_workers(jobs: int) -> int:
     """Processes of :func:`planner_pool` (2 torch threads each): the cores less 4, halved, at most 6."""
-    return max(1, min(jobs, ((os.cpu_count() or 2) - 4) // 2, 6))
+    from scnas.threads import usable_cores
+
+    return max(1, min(jobs, (usable_cores() - 4) // 2, 6))
 
 
 def plan_threads(plans: int, pool: int) -> int:
     """Torch threads of each background ``scnas plan``: what the planner pool and one measuring
     process leave. Oversubscribed cores made both plans 10x slower than alone on a 16-core H200
     host (each simulated step 30 s instead of 3 s), so that the budget ran out before them."""
-    return max(1, ((os.cpu_count() or 2) - 2 * pool - 2) // max(plans, 1))
+    from scnas.threads import usable_cores
+
+    return max(1, (usable_cores() - 2 * pool - 2) // max(plans, 1))
 
 
 def planner_pool(it: Item, jobs: list[tuple]) -> dict:

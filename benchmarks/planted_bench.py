@@ -18,8 +18,10 @@ foreground where it and the voxel 4 further along an axis are both bright) and s
 
     python benchmarks/planted_bench.py [--task mixed] [--seeds 5] [--epochs 6] [--steps 20]
         [--settings "paper,all three:5,aux-skip:3"] [--probe 150] [--quick]
-    python benchmarks/planted_bench.py --task context --probe 300 --settings paper:5,warm-up:5 \
-        --epochs 10 --steps 100 --alpha-lr 0.01 --name planted-context-1000
+    python benchmarks/planted_bench.py --task context --probe 300 --settings paper:5 --epochs 6 \
+        --steps 20 --alpha-lr 0.05 --name planted-context
+    python benchmarks/planted_bench.py --task context --settings paper:5 --epochs 10 --steps 100 \
+        --alpha-lr 0.01 --name planted-context-1000      # and warm-up:5, --name planted-context-1000-warmup
 
 Writes benchmarks/results/planted.json (``--quick``: a tiny run that checks the script,
 results/planted-quick.json).
@@ -37,7 +39,7 @@ from rich.table import Table
 
 from scnas.data import PrepareSettings, prepare_dataset
 from scnas.fileio import atomic_write_text
-from scnas.genotype import genotype_from_data
+from scnas.genotype import CELL_TYPES, genotype_from_data
 from scnas.search import SearchConfig, run_search
 from scnas.genotype import random_genotype
 from scnas.search.planted import (CONTEXT_CELLS, context_cases, context_genotype, learnability, planted_cases,
@@ -100,6 +102,20 @@ def _decoder(planted, op: str):
     for edge in data["cells"]["decoder_normal"]["edges"]:
         edge["op"] = op
     return genotype_from_data(data, source=f"decoder-normal {op}")
+
+
+def _best_ops(folders: list[Path]) -> dict:
+    """Per cell type: the candidate edges, and per run the best non-zero operation on each (what
+    agreement and recovery are computed from)."""
+    from scnas.search.report import best_nonzero, read_run
+
+    runs = [read_run(folder).genotype for folder in folders]
+    result = {}
+    for cell in CELL_TYPES:
+        edges, _ = best_nonzero(runs[0], cell)
+        result[cell] = {"edges": [list(e) for e in edges],
+                        "runs": [[genotype.ops[i] for i in best_nonzero(genotype, cell)[1]] for genotype in runs]}
+    return result
 
 
 def _moved(folder: Path) -> float:
@@ -192,7 +208,7 @@ def main() -> None:
                          "agreement_p": {c: e.get("agreement_p") for c, e in report["cells"].items()},
                          "parameter_free_share": report["parameter_free_share_mean"],
                          "random_parameter_free_share": report["random_parameter_free_share"],
-                         "verdict": report["verdict"]}
+                         "verdict": report["verdict"], "best_ops": _best_ops(folders)}
         atomic_write_text(out, json.dumps(record, indent=2) + "\n")   # each setting as soon as it is done
     table = Table(title=f"planted architecture ({args.task}): {args.epochs} epochs x {args.steps} steps, "
                         f"alpha lr {args.alpha_lr}; chance 1/7")

@@ -367,7 +367,7 @@ def test_the_context_task_labels_a_voxel_by_its_partner_offset_voxels_away():
     for z, y, x in [(0, 0, 0), (5, 7, 15), (15, 2, 9), (8, 8, 8)]:     # the rule, voxel by voxel (cyclic)
         partner = above[(z + 3) % 16, y, x] or above[z, (y + 3) % 16, x] or above[z, y, (x + 3) % 16]
         assert bool(label[z, y, x]) == bool(above[z, y, x] and partner)
-    assert 0.1 < label.mean() < 0.3                                     # about 3 * 0.31**2 of the voxels
+    assert 0.1 < label.mean() < 0.3                     # about p (1 - (1 - p)**3) = 0.21 of the voxels, p = 0.31
     again = context_cases(3, shape=(16, 16, 16), offset=3, threshold=0.5, seed=2)
     assert all(np.array_equal(a[2], b[2]) and np.array_equal(a[1], b[1]) for a, b in zip(cases, again))
     assert not np.array_equal(label, context_cases(2, shape=(16, 16, 16), offset=2, seed=2)[1][2])
@@ -392,7 +392,12 @@ def test_recovery_can_count_only_the_cells_where_the_task_needs_the_operation(tm
     counted = search_report(found, permutations=200, planted=planted, planted_cells=CONTEXT_CELLS)["planted"]
     assert counted["counted_cells"] == ["decoder_normal"] and list(counted["cells"]) == ["decoder_normal"]
     assert counted["recovered"] == 0.5 and counted["trials"] == 3 * 4 and counted["x_chance"] == pytest.approx(3.5)
+    twice = search_report(found, permutations=200, planted=planted, planted_cells=("decoder_normal",) * 2)
+    assert twice["planted"]["trials"] == 3 * 4                       # a cell type named twice counts once
+    assert "planted operations (counted in decoder_normal only) recovered on 50%" in twice["verdict"][1]
     everywhere = search_report(found, permutations=200, planted=planted)["planted"]
     assert everywhere["recovered"] == pytest.approx(0.125) and everywhere["trials"] == 3 * 4 * 4
     with pytest.raises(SearchReportError, match="planted cells"):
         search_report(found, permutations=200, planted=planted, planted_cells=("decoder",))
+    with pytest.raises(SearchReportError, match="give it as planted"):
+        search_report(found, permutations=200, planted_cells=CONTEXT_CELLS)

@@ -107,7 +107,8 @@ def write_planted_dataset(out: str | os.PathLike, genotype: Genotype, cases: int
 
 CONTEXT_CELLS = ("decoder_normal",)
 """Where a context task's needed operation sits: at depth 1 the decoder-normal cell is the only
-cell at full resolution (docs/search.md, "A task that needs an operation")."""
+cell that works on full-resolution features at stride 1 (docs/search.md, "A task that needs an
+operation")."""
 
 
 def context_cases(cases: int = 12, *, shape: tuple[int, int, int] = (32, 32, 32), offset: int = 4,
@@ -116,8 +117,8 @@ def context_cases(cases: int = 12, *, shape: tuple[int, int, int] = (32, 32, 32)
     foreground where it and the voxel ``offset`` further along any axis (cyclically) are both
     above ``threshold``. Only an exact view ``offset`` voxels away at full resolution fits it:
     in a depth-1 network the decoder-normal cell with ``sep_dil{offset}`` edges
-    (:func:`context_genotype`); down-sampled paths blur the partner's position. The needed
-    operation is the one dilated convolution whose taps reach that far.
+    (:func:`context_genotype`, the simplest fit; two stacked edges of smaller dilations reach
+    as far); down-sampled paths blur the partner's position. The rule wraps around the borders.
 
     Args:
         cases: how many cases.

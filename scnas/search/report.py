@@ -182,7 +182,7 @@ def recovery(runs: list[SearchRun], planted: Genotype, cells: tuple[str, ...] | 
     e.g. :func:`scnas.search.planted.context_cases`); None: all four."""
     from scipy.stats import binomtest
 
-    counted = tuple(CELL_TYPES) if cells is None else tuple(cells)
+    counted = tuple(CELL_TYPES) if cells is None else tuple(dict.fromkeys(cells))   # each cell type once
     unknown = [c for c in counted if c not in CELL_TYPES]
     if unknown or not counted:
         raise SearchReportError(f"planted cells {list(counted)}: each must be one of {', '.join(CELL_TYPES)}")
@@ -263,6 +263,8 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
         planted: the genotype that planted the labels (None: none).
         planted_cells: the cell types whose recovery counts (None: all four).
     """
+    if planted_cells is not None and planted is None:
+        raise SearchReportError("planted_cells counts the recovery of a planted genotype: give it as planted")
     runs = [read_run(folder) for folder in folders]
     first = runs[0].genotype
     for run in runs[1:]:
@@ -320,7 +322,10 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         lines.append("one run: agreement between seeds needs at least two searches of the same data")
     planted = report.get("planted")
     if planted and planted["trials"]:
-        lines.append(f"planted operations recovered on {planted['recovered']:.0%} of {planted['trials']} (edge, run) "
+        where = "" if len(planted.get("counted_cells", CELL_TYPES)) == len(CELL_TYPES) else \
+            f" (counted in {', '.join(planted['counted_cells'])} only)"
+        lines.append(f"planted operations{where} recovered on {planted['recovered']:.0%} of {planted['trials']} "
+                     f"(edge, run) "
                      f"trials: {planted['x_chance']:.2f}x chance ({planted['chance']:.3f}; one-sided binomial "
                      f"p = {planted['p']:.3g}), {planted['x_chance_among_weighted'] or 0:.2f}x what a search that "
                      f"only avoids parameter-free operations gets ({planted['chance_among_weighted']:.3f})")
