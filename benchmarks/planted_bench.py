@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--settings", default="paper,all three", help="comma-separated, of: " + ", ".join(SETTINGS)
                         + "; NAME:N runs N seeds for that setting instead of --seeds")
     parser.add_argument("--task", choices=list(TASKS), default="mixed")
+    parser.add_argument("--task-seed", type=int, default=0, help="the seed that draws the task's cases")
+    parser.add_argument("--first-seed", type=int, default=0, help="search seeds start here (to split the seeds of a "
+                        "setting over processes; scnas search-report RUN... gathers them)")
     parser.add_argument("--cases", type=int, default=12, help="cases of the task (the probe holds out a fifth, "
                         "at least 4)")
     parser.add_argument("--probe", type=int, default=0, metavar="STEPS",
@@ -159,7 +162,8 @@ def main() -> None:
     depth = 1 if context else 3
     cases = 8 if args.quick else args.cases
     out = Path(__file__).parent / "results" / ("planted-quick.json" if args.quick else f"{args.name}.json")
-    record = {"task": args.task, "cases": cases, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
+    record = {"task": args.task, "cases": cases, "task_seed": args.task_seed, "first_seed": args.first_seed,
+              "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": args.steps,
               "alpha_lr": args.alpha_lr, "planted": planted.to_dict(), "depth": depth,
               "counted_cells": list(CONTEXT_CELLS) if context else None, "results": {}}
     if args.probe:
@@ -172,21 +176,22 @@ def main() -> None:
         students.update({f"random {k}": random_genotype(k, planted.nodes) for k in range(4)})
         kept = root / f"learnability-{args.task}-{args.probe}-{cases}-{args.probe_lr:g}.json"
         losses = json.loads(kept.read_text()) if args.out and kept.exists() else \
-            learnability(context_cases(cases) if context else planted_cases(planted, cases, shape=(32, 32, 32),
-                                                                             stem=4, seed=0),
+            learnability(context_cases(cases, seed=args.task_seed) if context else
+                         planted_cases(planted, cases, shape=(32, 32, 32), stem=4, seed=args.task_seed),
                          students, args.probe, held_out=max(4, cases // 5), lr=args.probe_lr, depth=depth)
         atomic_write_text(kept, json.dumps(losses) + "\n")
         record["learnability"] = {"steps": args.probe, "lr": args.probe_lr, "held_out_soft_jaccard_loss": losses}
         print("learnability (held-out soft-Jaccard loss after", args.probe, "steps):",
               ", ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
-    task = (write_context_dataset(root / "task", cases, force=True) if context else
-            write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4, seed=0, force=True))
+    task = (write_context_dataset(root / "task", cases, seed=args.task_seed, force=True) if context else
+            write_planted_dataset(root / "task", planted, cases=cases, shape=(32, 32, 32), stem=4,
+                                  seed=args.task_seed, force=True))
     cache = prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
                             progress=False).cache
     results = record["results"]
     for name, seeds in chosen.items():
         folders, seconds = [], []
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             folder = root / name.replace(" ", "-") / f"seed{seed}"
             config = SearchConfig(data=str(cache), stem=4, nodes=2, patch=(32, 32, 32), batch_size=1,
                                   epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
