@@ -168,11 +168,13 @@ def test_a_continued_study_refuses_other_search_settings(task, tmp_path, cli, mo
     assert result.code == 1 and "--depth 1 (the study's: 3) differs" in result.err, result
     result = cli("cv", "--search-per-fold", "--data", task, "--depth", "5", "--patch", "16", "16", "16",
                  "-o", tmp_path / "too-deep")
-    assert result.code == 1 and "--patch 16 16 16: each size must be a multiple of 2**depth = 32" in result.err
+    assert result.code == 1 and "--patch 16 16 16 at --depth 5" in result.err and \
+        "is not a multiple of 2**depth = 32" in result.err
     assert not (tmp_path / "too-deep" / "cv.json").exists()
     result = cli("cv", "--search-per-fold", "--data", task, "--depth", "2", "--patch", "16", "16", "16",
                  "--search-patch", "16", "16", "6", "-o", tmp_path / "bad-search-patch")
-    assert result.code == 1 and "--search-patch 16 16 6: each size must be a multiple of 2**depth = 4" in result.err
+    assert result.code == 1 and "--search-patch 16 16 6 at --depth 2" in result.err and \
+        "W=6 is not a multiple of 2**depth = 4" in result.err
 
 
 def test_a_search_another_process_runs_is_waited_for_not_run_twice(task, tmp_path, monkeypatch):

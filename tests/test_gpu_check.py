@@ -88,6 +88,9 @@ def test_the_cpu_form_runs_every_item_and_claims_nothing_it_cannot_measure(tmp_p
     # the command line ran on the CPU, each command judged by its exit status
     held = {r["goal"].split(" ")[1] for r in goals if r["status"] == "holds" and r["goal"].startswith("`scnas ")}
     assert {"data", "search", "train", "predict", "export-onnx", "plan"} <= held
+    # the background plan is given its share of the cores; the other commands choose their own threads
+    assert result["data"]["memory"]["commands"]["plan uresnet"]["threads"] >= 1
+    assert result["data"]["cli"]["commands"]["search fp16"]["threads"] is None
     assert any(r["status"] == "holds" and "verification passes" in r["goal"] for r in goals)
     assert any(r["status"] == "holds" and "CPUExecutionProvider" in r["goal"] for r in goals)
     # the GPU goals were measured at tiny sizes (the code ran) but are not judged on a CPU

@@ -138,11 +138,16 @@ def cv(
     study = {"data": data, "spacing": list(spacing) if spacing else None, "folds": chosen, "random": random,
              "random_seed": random_seed, "stem": stem}
     search = _search_settings(searching, patch, seed) if search_per_fold else None
-    divisor = 2 ** depth    # checked here: a study planned with a patch its networks cannot take would fail each job
+    # checked before planning: a study of a patch its networks cannot take would fail every job
+    from scnas.build import BuildConfig, BuildError
+    from scnas.build.network import check_spatial_size
+
     for flag, size in (("--patch", patch), ("--search-patch", search["patch"] if search else None)):
-        if data is not None and size and any(n % divisor for n in size):
-            raise CVError(f"{flag} {' '.join(map(str, size))}: each size must be a multiple of 2**depth = {divisor} "
-                          f"(--depth {depth}), e.g. {' '.join(str(max(divisor, n // divisor * divisor)) for n in size)}")
+        try:
+            if data is not None and size:
+                check_spatial_size(tuple(size), BuildConfig(depth=depth))
+        except BuildError as exc:
+            raise CVError(f"{flag} {' '.join(map(str, size))} at --depth {depth}: {exc}") from None
     request = None
     if genotypes or (search_per_fold and data is not None):
         if data is None:
