@@ -22,6 +22,8 @@ foreground where it and the voxel 4 further along an axis are both bright) and s
         --steps 20 --alpha-lr 0.05 --name planted-context
     python benchmarks/planted_bench.py --task context --settings paper:5 --epochs 10 --steps 100 \
         --alpha-lr 0.01 --name planted-context-1000      # and warm-up:5, --name planted-context-1000-warmup
+    python benchmarks/planted_bench.py --task context --settings "full no-augment:5" --epochs 3 --steps 100 \
+        --alpha-lr 0.01 --perturbation 8 --name planted-context-full   # DARTS's relaxation, cells by perturbation
 
 Writes benchmarks/results/planted.json (``--quick``: a tiny run that checks the script,
 results/planted-quick.json).
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -44,6 +47,7 @@ from scnas.search import SearchConfig, run_search
 from scnas.genotype import random_genotype
 from scnas.search.planted import (CONTEXT_CELLS, context_cases, context_genotype, learnability, planted_cases,
                                   write_context_dataset, write_planted_dataset)
+from scnas.search.perturb import run_scores
 from scnas.search.report import search_report
 
 # Two nodes per cell; every planted op has weights and a receptive field of its own, so cells of
@@ -93,6 +97,10 @@ SETTINGS = {
     "all three": {"warmup_epochs": 2, "free_penalty": 0.3, "max_free": 1},
     "aux-skip": {"aux_skip": 1.0},
     "warm-up + aux-skip": {"warmup_epochs": 2, "aux_skip": 1.0},
+    # DARTS's continuous relaxation (every op on every edge, weighted by softmax(alpha)) and no
+    # augmentation: intensity and spatial augmentation change the rule a context task's labels follow.
+    "no augmentation": {"augment": False},
+    "full no-augment": {"sampling": "full", "augment": False},
 }
 
 
@@ -104,17 +112,17 @@ def _decoder(planted, op: str):
     return genotype_from_data(data, source=f"decoder-normal {op}")
 
 
-def _best_ops(folders: list[Path]) -> dict:
+def _best_ops(folders: list[Path], by: str = "alpha") -> dict:
     """Per cell type: the candidate edges, and per run the best non-zero operation on each (what
-    agreement and recovery are computed from)."""
-    from scnas.search.report import best_nonzero, read_run
+    agreement and recovery are computed from), by alpha or by perturbation."""
+    from scnas.search.report import read_run
 
-    runs = [read_run(folder).genotype for folder in folders]
+    runs = [read_run(folder, by) for folder in folders]
     result = {}
     for cell in CELL_TYPES:
-        edges, _ = best_nonzero(runs[0], cell)
+        edges, _ = runs[0].best(cell)
         result[cell] = {"edges": [list(e) for e in edges],
-                        "runs": [[genotype.ops[i] for i in best_nonzero(genotype, cell)[1]] for genotype in runs]}
+                        "runs": [[run.genotype.ops[i] for i in run.best(cell)[1]] for run in runs]}
     return result
 
 
@@ -142,6 +150,9 @@ def main() -> None:
                         help="first train students of the planted and of 4 random genotypes this many steps each")
     parser.add_argument("--probe-lr", type=float, default=3e-3, help="the students' Adam learning rate")
     parser.add_argument("--name", default="planted", help="results/NAME.json (another name keeps planted.json)")
+    parser.add_argument("--perturbation", type=int, default=0, metavar="PATCHES",
+                        help="also derive every run by perturbation (scnas.search.perturb) on this many "
+                             "architecture-set patches, and report recovery and agreement that way too")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 3 epochs of 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
                         "holds finished, and the probe, are reported again rather than redone")
@@ -203,30 +214,47 @@ def main() -> None:
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             folders.append(folder)
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
-        report = search_report(folders, permutations=2000, planted=planted,
-                               planted_cells=CONTEXT_CELLS if context else None)
         results[name] = {"settings": SETTINGS[name], "seeds": seeds,
                          "seconds_per_search": round(sum(seconds) / len(seconds), 1),   # the epochs' own seconds
-                         "alpha_largest_x_uniform": round(sum(map(_moved, folders)) / len(folders), 2),
-                         "planted": report["planted"],
-                         "agreement": {c: e.get("agreement") for c, e in report["cells"].items()},
-                         "agreement_p": {c: e.get("agreement_p") for c, e in report["cells"].items()},
-                         "parameter_free_share": report["parameter_free_share_mean"],
-                         "random_parameter_free_share": report["random_parameter_free_share"],
-                         "verdict": report["verdict"], "best_ops": _best_ops(folders)}
+                         "alpha_largest_x_uniform": round(sum(map(_moved, folders)) / len(folders), 2)}
+        for by in ("alpha", "perturbation") if args.perturbation else ("alpha",):
+            started = time.perf_counter()
+            if by == "perturbation":
+                for folder in folders:
+                    run_scores(folder, patches=args.perturbation)
+            report = search_report(folders, permutations=2000, planted=planted,
+                                   planted_cells=CONTEXT_CELLS if context else None, by=by)
+            summary = {"planted": report["planted"],
+                       "agreement": {c: e.get("agreement") for c, e in report["cells"].items()},
+                       "agreement_p": {c: e.get("agreement_p") for c, e in report["cells"].items()},
+                       "agreement_p_relabelled": {c: e.get("agreement_p_relabelled") for c, e in report["cells"].items()},
+                       "parameter_free_share": report["parameter_free_share_mean"],
+                       "random_parameter_free_share": report["random_parameter_free_share"],
+                       "verdict": report["verdict"], "best_ops": _best_ops(folders, by)}
+            if by == "alpha":
+                results[name].update(summary)
+            else:
+                summary["seconds_per_run"] = round((time.perf_counter() - started) / len(folders), 1)
+                summary["patches"] = args.perturbation
+                results[name]["by_perturbation"] = summary
         atomic_write_text(out, json.dumps(record, indent=2) + "\n")   # each setting as soon as it is done
     table = Table(title=f"planted architecture ({args.task}): {args.epochs} epochs x {args.steps} steps, "
                         f"alpha lr {args.alpha_lr}; chance 1/7")
-    for column in ("setting", "seeds", "recovered", "x chance (1/7)", "p", "as multisets (x chance)",
-                   "cells agreeing (p<0.05)", "param-free share", "alpha moved (x uniform)", "s / search"):
+    for column in ("setting", "by", "seeds", "recovered", "x chance (1/7)", "p", "as multisets (x chance)",
+                   "cells agreeing: edges shuffled / ops renamed (p<0.05)", "param-free share",
+                   "alpha moved (x uniform)", "s / search"):
         table.add_column(column)
     for name, r in results.items():
-        p = r["planted"]
-        table.add_row(name, str(r["seeds"]), f"{p['recovered']:.3f}", f"{p['x_chance']:.2f}", f"{p['p']:.3g}",
-                      f"{p['multiset']['recovered']:.3f} ({p['multiset']['x_chance']:.2f})",
-                      str(sum(v is not None and v < 0.05 for v in r["agreement_p"].values())),
-                      f"{r['parameter_free_share']:.0%} (random {r['random_parameter_free_share']:.0%})",
-                      f"{r['alpha_largest_x_uniform']:.2f}", f"{r['seconds_per_search']:.0f}")
+        for by, q in (("alpha", r), ("perturbation", r.get("by_perturbation"))):
+            if q is None:
+                continue
+            p = q["planted"]
+            table.add_row(name, by, str(r["seeds"]), f"{p['recovered']:.3f}", f"{p['x_chance']:.2f}", f"{p['p']:.3g}",
+                          f"{p['multiset']['recovered']:.3f} ({p['multiset']['x_chance']:.2f})",
+                          f"{sum(v is not None and v < 0.05 for v in q['agreement_p'].values())} / "
+                          f"{sum(v is not None and v < 0.05 for v in q['agreement_p_relabelled'].values())}",
+                          f"{q['parameter_free_share']:.0%} (random {q['random_parameter_free_share']:.0%})",
+                          f"{r['alpha_largest_x_uniform']:.2f}", f"{r['seconds_per_search']:.0f}")
     Console(width=150).print(table)
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

@@ -42,6 +42,8 @@ TAU_SCHEDULE = "linear"
 ALPHA_LR = 0.003           # paper: 0.003
 DERIVE = "top-k"
 TOP_K = 2
+DERIVE_BY = "alpha"            # what derivation ranks: softmax(alpha), or the perturbation scores
+PERTURBATION_PATCHES = 8   # architecture-set patches the perturbation scores are measured on
 
 # Data preparation (PrepareSettings)
 SPACING = (0.7, 0.7, 0.7)   # mm; paper: 0.7 isotropic
@@ -70,6 +72,7 @@ UPSAMPLING_CHOICES = ("trilinear", "transposed")
 SAMPLING_CHOICES = ("pair", "one", "full")            # Algorithm 1, GDAS-like, DARTS
 TAU_SCHEDULE_CHOICES = ("linear", "exponential")
 DERIVE_CHOICES = ("top-k", "argmax")
+DERIVE_BY_CHOICES = ("alpha", "perturbation")         # scnas derive --by (DARTS-PT: scnas.search.perturb)
 IMAGE_DTYPE_CHOICES = ("float16", "float32")          # how a prepared cache stores images
 LAYOUT_CHOICES = ("msd", "nnunetv2")                  # synthetic task folders: 4D images, or a file per channel
 BACKEND_CHOICES = ("torch", "onnxruntime")            # what runs a model file for prediction

@@ -219,3 +219,37 @@ def test_a_search_another_process_runs_is_waited_for_not_run_twice(task, tmp_pat
     first.join(timeout=10)
     second.join(timeout=10)
     assert ran == [0] and got["first"].hash == got["second"].hash == "abc", (ran, got, said)
+
+
+def test_searches_per_fold_can_relax_fully_skip_augmentation_and_choose_cells_by_perturbation(task, tmp_path, cli,
+                                                                                             monkeypatch):
+    """--sampling, --derive-by and --no-augment reach the request, each fold's search and its
+    retraining; a fold's cells come from the perturbation scores of its own search."""
+    import scnas.apps.cv as cv
+    from scnas.apps.cv.searches import run_fold_search, search_config
+    from scnas.genotype import read_genotype
+
+    runs = []
+    monkeypatch.setattr(cv, "run_study", lambda out, request, **kwargs: runs.append(request))
+    assert cli("cv", "--search-per-fold", "--data", task, "--patch", "16", "16", "16", "--sampling", "full",
+               "--derive-by", "perturbation", "--no-augment", "-o", tmp_path / "flags").code == 0
+    request = runs[-1]
+    assert request["search"]["sampling"] == "full" and request["search"]["derive_by"] == "perturbation"
+    assert request["train"]["augment"] is False
+    assert cli("cv", "--search-per-fold", "--data", task, "--patch", "16", "16", "16", "-o", tmp_path / "plain").code == 0
+    assert "derive_by" not in runs[-1]["search"] and runs[-1]["train"]["augment"] is True   # as older studies' requests
+
+    out = tmp_path / "study"
+    train = {**_request(task)["train"], "augment": False}
+    plan = plan_study(out, _request(task, train=train, search={"sampling": "full", "derive_by": "perturbation"}),
+                      say=lambda _: None)
+    config = search_config(plan, 0)
+    assert config.sampling == "full" and config.augment is False
+    record = run_fold_search(out, plan, 0, say=lambda _: None)
+    assert record.derived_by == "perturbation"
+    kept = read_genotype(out / record.genotype)
+    assert kept.provenance.search["derivation"].startswith("perturbation (DARTS-PT)")
+    scores = json.loads((out / "searches" / "fold_0" / "perturbation.json").read_text())
+    assert kept.provenance.search["perturbation"]["scores"] == scores["scores"]
+    ran = json.loads((out / "searches" / "fold_0" / "config.json").read_text())["search"]
+    assert ran["sampling"] == "full" and ran["augment"] is False

@@ -82,6 +82,14 @@ def cv(
                                        help="Countermeasure: penalty on softmax(alpha)'s mass on parameter-free ops."),
     max_free: Optional[int] = typer.Option(None, "--max-free", min=0, metavar="K", rich_help_panel="Search per fold",
                                            help="Countermeasure: at most K parameter-free ops per derived cell."),
+    sampling: str = options.choice(D.SAMPLING, "--sampling", D.SAMPLING_CHOICES, rich_help_panel="Search per fold",
+                                   help="Operations per edge and step of each search: pair (Algorithm 1), one or "
+                                        "full (DARTS)."),
+    derive_by: str = options.choice(D.DERIVE_BY, "--derive-by", D.DERIVE_BY_CHOICES, rich_help_panel="Search per fold",
+                                    help="Cells of each fold's search by alpha, or by perturbation (scnas derive --by "
+                                         "perturbation; best with --sampling full)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment the training patches (and those of "
+                                 "the searches per fold); off for a task whose labels follow an exact rule."),
 ) -> None:
     """Cross-validate genotypes as in the paper's Table 1, and against random genotypes.
 
@@ -115,7 +123,7 @@ def cv(
     searching = {"search_stem": search_stem, "search_patch": search_patch, "search_epochs": search_epochs,
                  "search_steps": search_steps, "search_batch_size": search_batch_size, "alpha_lr": alpha_lr,
                  "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min, "warmup_epochs": warmup_epochs,
-                 "free_penalty": free_penalty, "max_free": max_free}
+                 "free_penalty": free_penalty, "max_free": max_free, "sampling": sampling, "derive_by": derive_by}
     if not search_per_fold and data is not None:
         stray = [options.flag_name(ctx, name) for name in searching if options.given_on_command_line(ctx, name)]
         if stray:
@@ -129,7 +137,7 @@ def cv(
     try:
         train = TrainConfig(data=data or ".", patch=patch, depth=depth, batch_size=batch_size, epochs=epochs,
                             steps_per_epoch=steps, lr=lr, loss=loss, seed=seed, device=device, amp=amp,
-                            deep_supervision=deep_supervision)
+                            deep_supervision=deep_supervision, augment=augment)
     except ValidationError as exc:
         raise settings_error(exc, CVError) from None
     # deep_supervision only when asked for: studies begun before it existed continue with the same arguments.
@@ -167,8 +175,9 @@ def cv(
 _SEARCH_FLAGS = {"search_stem": "stem", "search_patch": "patch", "search_epochs": "epochs",
                  "search_steps": "steps_per_epoch", "search_batch_size": "batch_size", "alpha_lr": "alpha_lr",
                  "nodes": "nodes", "tau_max": "tau_max", "tau_min": "tau_min", "warmup_epochs": "warmup_epochs",
-                 "free_penalty": "free_penalty", "max_free": "max_free"}
-"""Parameters of 'scnas cv' that are settings of its search per fold: parameter -> SearchConfig field."""
+                 "free_penalty": "free_penalty", "max_free": "max_free", "sampling": "sampling", "derive_by": "derive_by"}
+"""Parameters of 'scnas cv' that are settings of its search per fold: parameter -> SearchConfig field (derive_by:
+the study's, applied to the search's result)."""
 
 
 def _search_settings(given: dict, patch: tuple[int, int, int], seed: int) -> dict:
@@ -180,16 +189,18 @@ def _search_settings(given: dict, patch: tuple[int, int, int], seed: int) -> dic
 
     values = {field: given[name] for name, field in _SEARCH_FLAGS.items()}
     values["patch"] = values["patch"] or patch
+    by = values.pop("derive_by")
     try:
         config = SearchConfig(data=".", seed=seed, **values)
     except ValidationError as exc:
         raise settings_error(exc, SearchError) from None
-    return config.model_dump(mode="json", include=set(SEARCH_FIELDS))
+    # derive_by only when not alpha: studies begun before it continue with the same arguments
+    return {**config.model_dump(mode="json", include=set(SEARCH_FIELDS)), **({"derive_by": by} if by != "alpha" else {})}
 
 
 _TRAINING_FLAGS = {"patch": "patch", "depth": "depth", "batch_size": "batch_size", "epochs": "epochs", "steps": "steps_per_epoch",
                    "lr": "lr", "loss": "loss", "deep_supervision": "deep_supervision", "seed": "seed",
-                   "device": "device", "amp": "amp"}
+                   "device": "device", "amp": "amp", "augment": "augment"}
 """Parameters of 'scnas cv' that are training settings of the study: parameter -> setting."""
 
 
@@ -220,7 +231,7 @@ def _refuse_other_settings(ctx, output: str, study: dict, training: dict, search
             differing.append(f"{options.flag_name(ctx, name)} {options.shown(value)} (the study searches no fold)")
             continue
         if part == "search":
-            old = stored["search"].get(key)
+            old = stored["search"].get(key, D.DERIVE_BY if key == "derive_by" else None)
         else:
             old = stored["train"].get(key, TrainConfig.model_fields[key].default) if part else stored.get(key)
         if value != old:

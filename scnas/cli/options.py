@@ -22,7 +22,7 @@ class Choice:
         return check_choice(value, self.choices, self.flag, error=ScnasError)
 
 
-def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: str) -> str:
+def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: str, **extra) -> str:
     """A typer option that accepts one of ``choices`` (shown as ``[a|b|c]`` in --help).
 
     Args:
@@ -30,8 +30,10 @@ def choice(default: str | None, flag: str, choices: tuple[str, ...], *, help: st
         flag: the option's name, e.g. ``--amp``.
         choices: the tuple of :mod:`scnas.defaults` the value must be one of.
         help: the option's help text.
+        extra: more of typer.Option's arguments (rich_help_panel).
     """
-    return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help)
+    return typer.Option(default, flag, parser=Choice(flag, choices), metavar=f"[{'|'.join(choices)}]", help=help,
+                        **extra)
 
 
 MICRO_BATCH: Optional[int] = typer.Option(

@@ -20,7 +20,11 @@ def search(
     fold: int = typer.Option(D.FOLD, "--fold", min=0, help="Cross-validation fold; its training cases are split 4:1 into "
                                                       "weight and architecture sets."),
     stem: int = typer.Option(D.STEM_SEARCH, "--stem", min=1, help="Stem channels of the supernet (paper: 48)."),
-    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W (multiples of 8)."),
+    patch: tuple[int, int, int] = typer.Option(D.PATCH, "--patch", help="Patch size D H W (multiples of 2**depth)."),
+    depth: int = typer.Option(D.DEPTH, "--depth", min=1, max=8, help="Down-samplings of the supernet (the paper: 3)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment the patches of both sets (spatial, "
+                                 "intensity, flips: the training default). Off for a task whose labels follow an "
+                                 "exact rule that augmentation would bend (the planted context task)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs (default and paper: 200; with "
                                                                         "--resume: extend the run to this many)."),
     steps: int = typer.Option(D.STEPS_PER_EPOCH, "--steps-per-epoch", min=1, help="Theta/alpha step pairs per epoch."),
@@ -106,7 +110,7 @@ def search(
             raise settings_error(exc, SearchError) from None
 
     given = {
-        "data": data, "fold": fold, "stem": stem, "patch": patch, "epochs": epochs or 200, "steps_per_epoch": steps,
+        "data": data, "fold": fold, "stem": stem, "patch": patch, "depth": depth, "augment": augment, "epochs": epochs or 200, "steps_per_epoch": steps,
         "batch_size": batch_size, "sampling": sampling, "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min,
         "tau_schedule": tau_schedule, "alpha_lr": alpha_lr, "derive": derive, "top_k": top_k, "loss": loss,
         "warmup_epochs": warmup_epochs, "free_penalty": free_penalty, "max_free": max_free,
@@ -162,13 +166,25 @@ def derive(
                                                        "probable op, zero = no edge (denser cells)."),
     top_k: int = typer.Option(D.TOP_K, "--top-k", min=1, help="Incoming edges per node with --derive top-k."),
     max_free: Optional[int] = options.MAX_FREE,
+    by: str = options.choice(D.DERIVE_BY, "--by", D.DERIVE_BY_CHOICES,
+                             help="What the rule ranks. alpha: softmax(alpha) from the genotype's provenance. "
+                                  "perturbation (DARTS-PT): how much the run's supernet loss rises when an op is "
+                                  "removed from an edge, measured on architecture-set patches; needs the run folder "
+                                  "(checkpoint and data), best after --sampling full."),
+    patches: int = typer.Option(D.PERTURBATION_PATCHES, "--patches", min=1, help="Architecture-set patches the loss is measured on, "
+                                                            "with --by perturbation."),
+    device: str = options.DEVICE,
 ) -> None:
-    """Derive cells again from a finished search's softmax(alpha), without searching again.
+    """Derive cells again from a finished search, without searching again.
 
-    The probabilities come from the genotype's provenance (every genotype a search writes
-    records them). Prints how far alpha moved from uniform: cells derived from an alpha that
-    barely moved are the initialisation plus noise, whatever rule derives them.
+    By alpha (the default), the probabilities come from the genotype's provenance (every
+    genotype a search writes records them). By perturbation, each operation is scored by the
+    rise of the supernet's loss when it is taken out of its edge (DARTS-PT, Wang et al. 2021):
+    1 + cells x edges x ops forward passes, kept in RUN/perturbation.json for the next call.
+    Prints how far alpha moved from uniform: cells derived from an alpha that barely moved
+    are the initialisation plus noise, whatever rule derives them.
     Example: scnas derive runs/brats-f0 --derive argmax -o brats-argmax.yaml
+    Example: scnas derive runs/full-f0 --by perturbation -o full-pt.yaml
     """
     from scnas.genotype import CELL_TYPES, GenotypeError, read_genotype, short_hash, write_genotype
     from scnas.search.derive import alpha_movement, describe_movement, recorded_probabilities, rederive
@@ -189,7 +205,21 @@ def derive(
             stderr.out(f"warning: {path}: the search did not finish: this genotype is from epoch {epoch} of {epochs} "
                        f"(derived from it all the same); continue the search with: scnas search -o "
                        f"{run or path.parent} --resume")
-    derived = rederive(genotype, rule, top_k, source=str(path), max_free=max_free)
+    scores = None
+    if by == "perturbation":
+        from scnas.search.perturb import PerturbationError, run_scores
+
+        if run is None:
+            raise PerturbationError("--by perturbation needs the search run folder (its checkpoint holds the "
+                                    "supernet), not a genotype file", source=source)
+        scores = run_scores(run, patches=patches, device=device, say=stderr.out)
+        if genotype.provenance and genotype.provenance.epoch != scores["epoch"]:
+            raise PerturbationError(f"genotype.yaml is from epoch {genotype.provenance.epoch}, the checkpoint from "
+                                    f"epoch {scores['epoch']}: resume the search to the end of an epoch first",
+                                    source=source)
+        stdout.out(f"loss of the full mixture {scores['base_loss']:.4f}; largest rise per cell: " + ", ".join(
+            f"{name} {max(max(row) for row in rows):+.4f}" for name, rows in scores["scores"].items()))
+    derived = rederive(genotype, rule, top_k, source=str(path), max_free=max_free, perturbation=scores)
     write_genotype(derived, output)
     edges = {name: len(getattr(derived.cells, name).edges) for name in CELL_TYPES}
     stdout.out(f"{output}: hash {short_hash(derived)}, edges per cell {edges}")

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from scnas import defaults as D
+from scnas.cli import options
 from scnas.cli.app import app, stdout
 
 
@@ -24,13 +26,17 @@ def search_report_command(
                                                 help="With --planted: count only these cell types, e.g. "
                                                      "decoder_normal for a task that needs its operation there "
                                                      "(scnas.search.planted.context_cases). Default: all four."),
+    by: str = options.choice(D.DERIVE_BY, "--by", D.DERIVE_BY_CHOICES,
+                             help="Each edge's operation by alpha (genotype.yaml) or by perturbation (the scores "
+                                  "'scnas derive RUN --by perturbation' kept in RUN/perturbation.json)."),
 ) -> None:
     """Tell a finding from noise: agreement between seeds, collapse, alpha over the epochs.
 
     Per cell type: how often two searches give a candidate edge the same best non-zero
     operation, against chance (1 / non-zero operations) with a permutation p-value (each run's
     operations shuffled over the edges: a collapse that puts one operation everywhere agrees
-    and is not significant); the share of parameter-free operations (identity, pooling) in the
+    and is not significant) and a second one that renames each run's operations at random
+    (do the seeds choose the same operations?); the share of parameter-free operations (identity, pooling) in the
     derived cells against random genotypes'; softmax(alpha)'s mass on them per epoch; and the
     Hessian eigenvalue of the alpha loss per epoch where the search computed it
     (--hessian-iterations), R-DARTS's collapse indicator. See docs/search.md.
@@ -47,15 +53,17 @@ def search_report_command(
         raise SearchReportError("--planted-cells counts the recovery of a planted genotype: give it with --planted")
     report = search_report(runs, seed=seed, permutations=permutations,
                            planted=load_genotype(planted) if planted else None,
-                           planted_cells=tuple(c.strip() for c in planted_cells.split(",")) if planted_cells else None)
+                           planted_cells=tuple(c.strip() for c in planted_cells.split(",")) if planted_cells else None,
+                           by=by)
     table = Table(title=f"{len(report['runs'])} search(es); chance agreement {report['agreement_chance']:.3f}; "
                         f"random genotypes' parameter-free share {report['random_parameter_free_share']:.0%}")
-    for column in ("cell type", "agreement", "permutation p", "parameter-free share per run"):
+    for column in ("cell type", "agreement", "p (edges shuffled)", "p (ops renamed)", "parameter-free share per run"):
         table.add_column(column)
     for cell in CELL_TYPES:
         entry = report["cells"][cell]
         table.add_row(cell, f"{entry['agreement']:.3f}" if "agreement" in entry else "-",
                       f"{entry['agreement_p']:.4f}" if "agreement_p" in entry else "-",
+                      f"{entry['agreement_p_relabelled']:.4f}" if "agreement_p_relabelled" in entry else "-",
                       ", ".join(f"{v:.0%}" for v in entry["parameter_free_share"]))
     stdout.print(table)
     epochs = Table(title="softmax(alpha) on parameter-free operations, mean over edges (first run; per epoch)")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from scnas.genotype import CELL_TYPES, FORMAT_NAME, NUM_INPUTS, Genotype, genotype_from_data
+from scnas.genotype import CELL_TYPES, FORMAT_NAME, NUM_INPUTS, Genotype, GenotypeError, genotype_from_data
 from scnas.genotype.ops import OPS, ZERO
 from scnas.search.supernet import cell_edges
 
@@ -83,7 +83,8 @@ def _cell(probabilities: torch.Tensor, nodes: int, ops: list[str], top_k: int | 
 
 
 def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: list[str], *, top_k: int | None = None,
-                    provenance: dict[str, Any] | None = None, max_free: int | None = None) -> Genotype:
+                    provenance: dict[str, Any] | None = None, max_free: int | None = None,
+                    strength: dict[str, torch.Tensor] | None = None) -> Genotype:
     """The genotype that softmax(alpha) ``probabilities`` (per cell type, (edges, ops)) points to,
     with the probabilities recorded in ``provenance.probabilities``; ``max_free``: at most that
     many parameter-free operations per cell.
@@ -96,6 +97,9 @@ def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: lis
             edge, zero = no edge.
         provenance: recorded in the genotype (the probabilities are added).
         max_free: at most this many parameter-free ops per cell (None: no limit).
+        strength: what the rules rank instead of the probabilities, per cell type (edges, ops):
+            the rise in loss of :mod:`scnas.search.perturb` (``zero``'s column 0); None: the
+            probabilities. The probabilities are recorded either way.
     """
     pairs = cell_edges(nodes)
     record = {name: [{"from": s, "to": t, "p": {op: round(float(p), 6) for op, p in zip(ops, probabilities[name][i])}}
@@ -105,22 +109,27 @@ def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: lis
             top = max(entry["p"], key=entry["p"].get)
             entry["p"][top] = round(entry["p"][top] + 1.0 - sum(entry["p"].values()), 6)
     data = {"format": FORMAT_NAME, "version": 1, "nodes": nodes, "ops": list(ops),
-            "cells": {name: _cell(probabilities[name], nodes, ops, top_k, max_free) for name in CELL_TYPES},
+            "cells": {name: _cell((strength or probabilities)[name], nodes, ops, top_k, max_free)
+                      for name in CELL_TYPES},
             "provenance": {**(provenance or {}), "probabilities": record}}
     return genotype_from_data(data, source="derived genotype")
 
 
-def derivation_name(derive: str, top_k: int, max_free: int | None = None) -> str:
-    """How a genotype was derived, as recorded in ``provenance.search.derivation``."""
-    rule = f"top-{top_k} incoming edges per node (DARTS)" if derive == "top-k" else "argmax per edge, zero = no edge"
+def derivation_name(derive: str, top_k: int, max_free: int | None = None, *, by: str = "alpha") -> str:
+    """How a genotype was derived, as recorded in ``provenance.search.derivation``; ``by``:
+    ``alpha`` (softmax(alpha)) or ``perturbation`` (:mod:`scnas.search.perturb`)."""
+    if by == "perturbation":
+        rule = (f"perturbation (DARTS-PT): per node the top-{top_k} incoming edges by the loss rise of their best op"
+                if derive == "top-k" else "perturbation (DARTS-PT): per edge the op whose removal raises the loss "
+                "most, no edge where none does")
+    else:
+        rule = f"top-{top_k} incoming edges per node (DARTS)" if derive == "top-k" else "argmax per edge, zero = no edge"
     return rule if max_free is None else f"{rule}; at most {max_free} parameter-free op(s) per cell"
 
 
 def recorded_probabilities(genotype: Genotype, source: str = "genotype") -> dict[str, torch.Tensor]:
     """softmax(alpha) per cell type as (edges, ops) tensors, from ``provenance.probabilities``
     of a genotype written by a search (edges in the supernet's order)."""
-    from scnas.genotype import GenotypeError
-
     recorded = genotype.provenance.probabilities if genotype.provenance else None
     if not recorded:
         raise GenotypeError("has no provenance.probabilities (softmax(alpha) of a search): only a genotype written "
@@ -163,7 +172,7 @@ def describe_movement(movement: dict[str, dict[str, float]]) -> str:
 
 
 def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, *, source: str = "genotype",
-             max_free: int | None = None) -> Genotype:
+             max_free: int | None = None, perturbation: dict[str, Any] | None = None) -> Genotype:
     """The genotype that ``genotype``'s recorded softmax(alpha) gives under another rule.
 
     Args:
@@ -172,13 +181,25 @@ def rederive(genotype: Genotype, derive: str = "top-k", top_k: int = 2, *, sourc
         top_k: incoming edges per node with ``top-k``.
         source: the file it came from, for error messages.
         max_free: at most this many parameter-free ops per cell.
+        perturbation: the run's scores (:func:`scnas.search.perturb.run_scores`): the rules rank
+            them instead of the probabilities, and the genotype records them
+            (``provenance.search.perturbation``).
     """
     probabilities = recorded_probabilities(genotype, source)
     provenance = genotype.provenance.model_dump(by_alias=True, exclude_none=True)
     provenance.pop("probabilities", None)
     search = dict(provenance.get("search") or {})
-    search["derivation"] = derivation_name(derive, top_k, max_free)
+    search["derivation"] = derivation_name(derive, top_k, max_free, by="perturbation" if perturbation else "alpha")
+    strength = None
+    if perturbation:
+        if list(perturbation["ops"]) != list(genotype.ops):
+            raise GenotypeError(f"the perturbation scores are over {perturbation['ops']}, the genotype's ops are "
+                                f"{list(genotype.ops)}: not the same search", source=source)
+        strength = {name: torch.tensor(rows, dtype=torch.float64) for name, rows in perturbation["scores"].items()}
+        search["perturbation"] = {key: perturbation[key] for key in ("settings", "base_loss", "scores", "epoch")}
+    else:
+        search.pop("perturbation", None)
     provenance["search"] = search
     return derive_genotype(probabilities, genotype.nodes, list(genotype.ops),
                            top_k=top_k if derive == "top-k" else None,
-                           provenance=provenance, max_free=max_free)
+                           provenance=provenance, max_free=max_free, strength=strength)

@@ -10,6 +10,13 @@ Zela et al. 2020). For a set of search run folders this module measures, per cel
   ``1 / (non-zero operations)``; the p-value is a permutation test that shuffles each run's
   operations over the edges of the cell type (so each run keeps how often it chose each
   operation): a collapse that puts max-pool everywhere agrees perfectly and is not significant.
+  A second p-value renames each run's operations by a random permutation instead (each run
+  keeps which of its edges share an operation, not which one it is): it asks whether the seeds
+  chose the same *operations*, which a task that wants one operation on many edges needs (the
+  edge shuffle cannot see agreement there), and which a shared collapse passes too.
+- **by perturbation** (``by="perturbation"``): each edge's operation is the one whose removal
+  raised the supernet's loss most (``RUN/perturbation.json``, :mod:`scnas.search.perturb`), and
+  the cells are those the scores derive.
 - **parameter-free share**: the share of the derived cells' edges whose operation has no
   weights (identity, pooling), against random genotypes of the same vocabulary and size (what
   ``scnas genotype random`` draws), with p-values for "more" and "fewer" from resampling their
@@ -19,7 +26,7 @@ Zela et al. 2020). For a set of search run folders this module measures, per cel
 - **Hessian eigenvalue per epoch**, when the search computed it (``--hessian-iterations``): the
   dominant eigenvalue of the alpha loss's Hessian, R-DARTS's indicator of a coming collapse.
 
-Torch-free: it reads the run folders' YAML and JSON only.
+Torch-free when read by alpha: it reads the run folders' YAML and JSON only.
 """
 
 from __future__ import annotations
@@ -53,21 +60,44 @@ def parameter_free(ops: list[str]) -> list[str]:
 @dataclass
 class SearchRun:
     """What a search run folder says about its result: the final genotype (with softmax(alpha)
-    in its provenance), the genotype of every epoch, and ``metrics.jsonl``."""
+    in its provenance), the genotype of every epoch, and ``metrics.jsonl``; read ``by``
+    perturbation, also the scores of ``RUN/perturbation.json`` (:mod:`scnas.search.perturb`)
+    and the cells they derive (``derived``; by alpha, ``derived`` is the final genotype)."""
 
     folder: Path
     genotype: Genotype
     epochs: list[tuple[int, Genotype]]
     _: KW_ONLY
     metrics: list[dict[str, Any]]
+    scores: dict[str, np.ndarray] | None = None
+    derived: Genotype | None = None
+
+    def __post_init__(self) -> None:
+        if self.derived is None:
+            self.derived = self.genotype
 
     @property
     def seed(self) -> Any:
         return ((self.genotype.provenance.search or {}) if self.genotype.provenance else {}).get("seed")
 
+    def best(self, cell: str) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """Per candidate edge of ``cell``, the index of its best non-zero operation: by alpha
+        (:func:`best_nonzero`), or by the largest rise in loss when read by perturbation."""
+        edges, best = best_nonzero(self.genotype, cell)
+        if self.scores is None:
+            return edges, best
+        rows = np.array(self.scores[cell], dtype=float)
+        if ZERO in self.genotype.ops:
+            rows[:, list(self.genotype.ops).index(ZERO)] = -np.inf
+        from scnas.search.supernet import cell_edges   # torch: only for runs read by perturbation
 
-def read_run(folder: str | Path) -> SearchRun:
-    """Read a search run folder (``genotype.yaml``, ``genotypes/epoch_NNNN.yaml``, ``metrics.jsonl``)."""
+        order = {pair: i for i, pair in enumerate(cell_edges(self.genotype.nodes))}
+        return edges, np.array([int(rows[order[pair]].argmax()) for pair in edges])
+
+
+def read_run(folder: str | Path, by: str = "alpha") -> SearchRun:
+    """Read a search run folder (``genotype.yaml``, ``genotypes/epoch_NNNN.yaml``, ``metrics.jsonl``;
+    with ``by="perturbation"`` also ``perturbation.json``, written by ``scnas derive --by perturbation``)."""
     folder = Path(folder)
     final = folder / "genotype.yaml"
     if not final.exists():
@@ -90,7 +120,48 @@ def read_run(folder: str | Path) -> SearchRun:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise SearchReportError(f"line {number}: not JSON ({exc.msg})", source=str(log)) from None
-    return SearchRun(folder, genotype, epochs, metrics=metrics)
+    if by == "alpha":
+        return SearchRun(folder, genotype, epochs, metrics=metrics)
+    from scnas.search.derive import rederive   # torch: only for runs read by perturbation
+
+    scores = _perturbation_scores(folder, genotype)
+    settings = _search_settings(folder)
+    derived = rederive(genotype, settings.get("derive", "top-k"), settings.get("top_k", 2), source=str(final),
+                       max_free=settings.get("max_free"), perturbation=scores)
+    return SearchRun(folder, genotype, epochs, metrics=metrics,
+                     scores={cell: np.array(rows) for cell, rows in scores["scores"].items()}, derived=derived)
+
+
+def _perturbation_scores(folder: Path, genotype: Genotype) -> dict[str, Any]:
+    """``RUN/perturbation.json``, checked against the run's ops and final epoch."""
+    from scnas.search.perturb import SCORES_FILE, SCORES_FORMAT
+
+    path = folder / SCORES_FILE
+    if not path.exists():
+        raise SearchReportError(f"has no {SCORES_FILE}: score it first with: scnas derive {folder} --by perturbation "
+                                "-o <genotype file>", source=str(folder))
+    try:
+        scores = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SearchReportError(f"not JSON ({exc.msg}); delete it and score again", source=str(path)) from None
+    if not isinstance(scores, dict) or scores.get("format") != SCORES_FORMAT:
+        raise SearchReportError(f"is not a {SCORES_FORMAT} file", source=str(path))
+    if list(scores.get("ops", [])) != list(genotype.ops):
+        raise SearchReportError(f"scores the ops {scores.get('ops')}, the run searched {list(genotype.ops)}",
+                                source=str(path))
+    epoch = genotype.provenance.epoch if genotype.provenance else None
+    if scores.get("epoch") != epoch:
+        raise SearchReportError(f"scores the checkpoint of epoch {scores.get('epoch')}, but genotype.yaml is from "
+                                f"epoch {epoch}: score it again with scnas derive --by perturbation", source=str(path))
+    return scores
+
+
+def _search_settings(folder: Path) -> dict[str, Any]:
+    """The derivation settings of the run's ``config.json`` (empty where it has none)."""
+    try:
+        return dict(json.loads((folder / "config.json").read_text()).get("search") or {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
 
 
 def probabilities(genotype: Genotype, cell: str) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -123,6 +194,27 @@ def permutation_p(choices: np.ndarray, rng: np.random.Generator, permutations: i
     for _ in range(permutations):
         shuffled = np.stack([rng.permutation(row) for row in choices])
         at_least += pairwise_agreement(shuffled) >= observed - 1e-12
+    return at_least / (permutations + 1)
+
+
+def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, permutations: int = PERMUTATIONS
+              ) -> float:
+    """P(agreement >= observed) when each run's operations are renamed by its own random
+    permutation of ``labels`` (the indices the choices are drawn from: the non-zero ops): each
+    run keeps which of its edges share an operation, not which operation that is; the observed
+    arrangement counted once. The test for "the seeds chose the same operations" on a task that
+    wants one operation on many edges, where :func:`permutation_p` cannot tell (shuffling the
+    edges of such a run changes nothing)."""
+    observed = pairwise_agreement(choices)
+    labels = np.asarray(labels)
+    rename = np.arange(max(int(labels.max()), int(choices.max())) + 1)
+    at_least = 1
+    for _ in range(permutations):
+        renamed = []
+        for row in choices:
+            rename[labels] = rng.permutation(labels)
+            renamed.append(rename[row])
+        at_least += pairwise_agreement(np.stack(renamed)) >= observed - 1e-12
     return at_least / (permutations + 1)
 
 
@@ -200,10 +292,10 @@ def recovery(runs: list[SearchRun], planted: Genotype, cells: tuple[str, ...] | 
     overlaps: list[float] = []     # per (cell, run): the multiset overlap on the planted edges
     wanted_per_cell: list[list[int]] = []
     for cell in counted:
-        edges, _ = best_nonzero(runs[0].genotype, cell)
+        edges, _ = runs[0].best(cell)
         wanted = [(edges.index((e.source, e.target)), e.op) for e in planted.cell(cell).edges
                   if (e.source, e.target) in edges and e.op in ops]
-        found = [[int(best_nonzero(run.genotype, cell)[1][i]) for i, _ in wanted] for run in runs]
+        found = [[int(run.best(cell)[1][i]) for i, _ in wanted] for run in runs]
         matches = [int(got == ops.index(op)) for row in found for got, (_, op) in zip(row, wanted)]
         hits, trials = hits + sum(matches), trials + len(matches)
         planted_ops = [ops.index(op) for _, op in wanted]
@@ -252,7 +344,8 @@ def _multiset_chance(planted_cells: list[list[int]], runs: int, nonzero: list[in
 
 
 def search_report(folders: list[str | Path], seed: int = 0, permutations: int = PERMUTATIONS,
-                  *, planted: Genotype | None = None, planted_cells: tuple[str, ...] | None = None) -> dict[str, Any]:
+                  *, planted: Genotype | None = None, planted_cells: tuple[str, ...] | None = None,
+                  by: str = "alpha") -> dict[str, Any]:
     """The measurements above for the search runs in ``folders`` (the same nodes and operations);
     with ``planted``, how often they recover its operations (:func:`recovery`).
 
@@ -262,10 +355,12 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
         permutations: the permutation test's draws.
         planted: the genotype that planted the labels (None: none).
         planted_cells: the cell types whose recovery counts (None: all four).
+        by: ``alpha`` (each edge's best op by softmax(alpha), the cells of genotype.yaml) or
+            ``perturbation`` (by the scores of ``RUN/perturbation.json``, and the cells they derive).
     """
     if planted_cells is not None and planted is None:
         raise SearchReportError("planted_cells counts the recovery of a planted genotype: give it as planted")
-    runs = [read_run(folder) for folder in folders]
+    runs = [read_run(folder, by) for folder in folders]
     first = runs[0].genotype
     for run in runs[1:]:
         if run.genotype.nodes != first.nodes or list(run.genotype.ops) != list(first.ops):
@@ -273,32 +368,34 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
                                     f"{runs[0].folder} searched {first.nodes} over {list(first.ops)}: only runs of "
                                     "one search space can be compared", source=str(run.folder))
     ops = list(first.ops)
-    nonzero = len([op for op in ops if op != ZERO])
+    nonzero_indices = [i for i, op in enumerate(ops) if op != ZERO]
+    nonzero = len(nonzero_indices)
     rng = np.random.default_rng(seed)
     shares = random_free_shares(first.nodes, ops)
     expected = float(shares.mean())
     report: dict[str, Any] = {
         "runs": [{"folder": str(r.folder), "seed": r.seed, "epochs": len(r.epochs),
-                  "parameter_free_share": round(free_share(r.genotype), 4)} for r in runs],
+                  "parameter_free_share": round(free_share(r.derived), 4)} for r in runs],
         "operations": ops, "parameter_free_operations": parameter_free(ops), "nodes": first.nodes,
         "agreement_chance": round(1 / nonzero, 4), "permutations": permutations,
         "random_parameter_free_share": round(expected, 4), "cells": {}}
     for cell in CELL_TYPES:
-        edges, _ = best_nonzero(first, cell)
+        edges, _ = runs[0].best(cell)
         choices = []
         for run in runs:
-            run_edges, best = best_nonzero(run.genotype, cell)
+            run_edges, best = run.best(cell)
             if run_edges != edges:
                 raise SearchReportError(f"provenance.probabilities.{cell} covers other edges than {runs[0].folder}'s",
                                         source=str(run.folder))
             choices.append(best)
-        entry: dict[str, Any] = {"parameter_free_share": [round(free_share(r.genotype, cell), 4) for r in runs]}
+        entry: dict[str, Any] = {"parameter_free_share": [round(free_share(r.derived, cell), 4) for r in runs]}
         if len(runs) >= 2:
             matrix = np.stack(choices)
             entry["agreement"] = round(pairwise_agreement(matrix), 4)
             entry["agreement_p"] = round(permutation_p(matrix, rng, permutations), 4)
+            entry["agreement_p_relabelled"] = round(relabel_p(matrix, nonzero_indices, rng, permutations), 4)
         report["cells"][cell] = entry
-    observed = float(np.mean([free_share(r.genotype) for r in runs]))
+    observed = float(np.mean([free_share(r.derived) for r in runs]))
     more, less = share_p_values(observed, len(runs), shares, rng=rng, draws=permutations)
     report.update(parameter_free_share_mean=round(observed, 4), parameter_free_p_more=round(more, 4),
                   parameter_free_p_less=round(less, 4))
@@ -314,10 +411,13 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     if len(report["runs"]) >= 2:
         agreeing = [c for c, e in report["cells"].items() if e["agreement_p"] < 0.05]
+        renamed = [c for c, e in report["cells"].items() if e.get("agreement_p_relabelled", 1.0) < 0.05]
         lines.append(
             f"seeds agree beyond chance (permutation p < 0.05) in {len(agreeing)} of {len(report['cells'])} cell "
             f"types{': ' + ', '.join(agreeing) if agreeing else ''}; chance agreement is "
-            f"{report['agreement_chance']:.3f}")
+            f"{report['agreement_chance']:.3f}; on which operations they choose (each run's operations renamed at "
+            f"random, p < 0.05): {len(renamed)} of {len(report['cells'])}{': ' + ', '.join(renamed) if renamed else ''}"
+            " (one operation shared everywhere counts there, a collapse too)")
     else:
         lines.append("one run: agreement between seeds needs at least two searches of the same data")
     planted = report.get("planted")

@@ -167,13 +167,22 @@ def _valid_cases() -> dict[str, dict]:
         "search": {"dataset": "Task01_BrainTumour", "fold": 0, "seed": 0, "sampling": "pair",
                    "task": "BRATS", "cases": ["BRATS_001", "BRATS_002", "BRATS_004"]},
         "probabilities": {"encoder_normal": [{"from": 0, "to": 2, "p": {op: 1 / 8 for op in PAPER_OPS}}]}}
+    # cells chosen by perturbation ('scnas derive --by perturbation'): provenance, so the hash is base's
+    with_perturbation = base()
+    with_perturbation["provenance"] = {
+        "epoch": 3, "search": {
+            "sampling": "full", "seed": 1, "countermeasures": {"warmup_epochs": 2},
+            "derivation": "perturbation (DARTS-PT): per node the top-2 incoming edges by the loss rise of their best op",
+            "perturbation": {"settings": {"patches": 8, "seed": 0}, "base_loss": 0.0889, "epoch": 3,
+                             "scores": {"encoder_normal": [[0.0, 0.001, 0.012, -0.002, 0.0, 0.004, 0.0, 0.001]]}}}}
     # read from DARTS with node 2 of encoder_normal listed as inputs (1, 0): provenance, so the hash is base's
     with_darts_order = base()
     with_darts_order["provenance"] = {"darts_ops": {"skip_connect": "identity"},
                                       "darts_order": {"encoder_normal": [[1, 0], [2]]}}
     return {"base": base(), "reordered": reordered, "dead-node": dead_node, "node-without-input-unused": lonely_node,
             "restricted-vocabulary": restricted, "minimal": minimal, "defaults": defaults,
-            "with-provenance": with_provenance, "with-darts-order": with_darts_order}
+            "with-provenance": with_provenance, "with-darts-order": with_darts_order,
+            "with-perturbation": with_perturbation}
 
 
 def main() -> None:

@@ -110,6 +110,7 @@ class FoldSearch(BaseModel):
     flops: float
     random: list[FlopMatch]
     seconds: float
+    derived_by: str = "alpha"   # what the cells were chosen by: softmax(alpha), or perturbation (DARTS-PT)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from scnas.apps.cv.records import (SEARCH_DONE, SEARCHED, CVError, FlopMatch, Fo
 SEARCH_FIELDS = ("stem", "patch", "epochs", "steps_per_epoch", "batch_size", "nodes", "ops", "sampling", "tau_max",
                  "tau_min", "tau_schedule", "alpha_lr", "derive", "top_k", "warmup_epochs", "free_penalty",
                  "max_free", "val_batches", "architecture_share", "seed")
+# and "derive_by" (alpha or perturbation), which the study applies after the search, only where it is not alpha
 """The search settings a study records (``request["search"]``); the rest (device, precision,
 loss, loaders) are the study's own."""
 
@@ -33,8 +34,9 @@ def search_config(plan: Plan, fold: int):
     from scnas.search import SearchConfig
 
     train = plan.request["train"]
-    shared = {key: train[key] for key in ("device", "amp", "loss", "workers", "depth") if key in train}
-    return SearchConfig(**{**plan.request["search"], **shared, "data": plan.cache, "fold": fold, "plots": False})
+    shared = {key: train[key] for key in ("device", "amp", "loss", "workers", "depth", "augment") if key in train}
+    settings = {k: v for k, v in plan.request["search"].items() if k != "derive_by"}
+    return SearchConfig(**{**settings, **shared, "data": plan.cache, "fold": fold, "plots": False})
 
 
 def searched_genotype_path(out: Path, fold: int) -> Path:
@@ -106,6 +108,14 @@ def run_fold_search(out: Path, plan: Plan, fold: int, *, progress: bool = False,
     started = time.perf_counter()
     result = run_search(config, run, resume=resume, progress=progress)
     genotype = read_genotype(result.genotype_path)
+    by = plan.request["search"].get("derive_by", "alpha")
+    if by == "perturbation":
+        from scnas.search.derive import rederive
+        from scnas.search.perturb import run_scores
+
+        scores = run_scores(run, device=config.device, say=say)
+        genotype = rederive(genotype, config.derive, config.top_k, source=str(result.genotype_path),
+                            max_free=config.max_free, perturbation=scores)
     searched = (genotype.provenance.search if genotype.provenance else None) or {}
     cases = [str(c) for c in searched.get("cases") or []]
     validation = plan.validation[str(fold)]
@@ -122,7 +132,8 @@ def run_fold_search(out: Path, plan: Plan, fold: int, *, progress: bool = False,
                         epoch=result.epochs_done, epochs=config.epochs, task=str(searched.get("task", "")),
                         cases=cases, validation_in_search=seen,
                         alpha_movement=alpha_movement(recorded_probabilities(genotype, str(kept))),
-                        stem=stem, flops=flops, random=matches, seconds=round(time.perf_counter() - started, 1))
+                        stem=stem, flops=flops, random=matches, seconds=round(time.perf_counter() - started, 1),
+                        derived_by=by)
     atomic_write_text(run / SEARCH_DONE, record.model_dump_json(indent=2) + "\n")
     say(f"{job.name}: derived {record.hash} ({describe(record)}); {flops / 1e9:.4f} GFLOPs at stem {stem}")
     for match in matches:
@@ -168,8 +179,9 @@ def _channels(plan: Plan) -> int:
 
 
 def describe(record: FoldSearch) -> str:
-    """How far alpha moved, shortly: the largest probability as a multiple of uniform per cell type."""
-    return "alpha moved " + ", ".join(f"{name} {m['largest_x_uniform']:.2f}x"
+    """How far alpha moved, shortly: the largest probability as a multiple of uniform per cell type
+    (and the cells' choice by perturbation, where it was)."""
+    return ("cells by perturbation; " if record.derived_by == "perturbation" else "") + "alpha moved " + ", ".join(f"{name} {m['largest_x_uniform']:.2f}x"
                                       for name, m in record.alpha_movement.items())
 
 
