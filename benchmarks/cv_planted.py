@@ -9,11 +9,14 @@ whatever it says.
 
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py [--folds 0,1,2] [--quick]
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --cases 20 --shards 2
+    OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --setting full --cases 20 --shards 2
 
 ``--task context``: the context task instead (``scnas.search.planted.context_cases``, depth 1),
 whose needed operation a search of 1,000 step pairs with a warm-up recovered at 3.5x chance
 (docs/search.md); searched with that setting, retrained 300 steps at lr 3e-3 (where the
 learnability probe shows the planted cells' lead), recovery counted in the decoder-normal cell.
+``--setting full`` searches it with DARTS's relaxation instead (300 step pairs, no augmentation, cells
+by perturbation) and retrains without augmentation (cv_planted-context-full.json).
 ``--shards N`` runs the study as N processes of one thread (``scnas cv --shard i/N``).
 
 Writes benchmarks/results/cv_planted.json (``--task context``: cv_planted-context.json;
@@ -51,6 +54,12 @@ CONTEXT_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--s
                   "--tau-max", "5", "--tau-min", "0.5", "--warmup-epochs", "2"]
 CONTEXT_TRAIN = ["--depth", "1", "--stem", "8", "--patch", "32", "32", "32", "--batch-size", "2", "--epochs", "10",
                  "--steps-per-epoch", "30", "--lr", "3e-3", "--device", "cpu", "--spacing", "1", "1", "1"]
+# DARTS's relaxation without augmentation, cells by perturbation (docs/search.md, "what goes further"),
+# retrained without augmentation too: the context rule is exact
+CONTEXT_FULL_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "3",
+                       "--search-steps", "100", "--search-batch-size", "1", "--alpha-lr", "0.01", "--nodes", "2",
+                       "--tau-max", "5", "--tau-min", "0.5", "--sampling", "full", "--derive-by", "perturbation"]
+CONTEXT_FULL_TRAIN = [*CONTEXT_TRAIN, "--no-augment"]
 QUICK = {"--search-epochs": "2", "--search-steps": "2", "--warmup-epochs": "1", "--epochs": "1",
          "--steps-per-epoch": "2"}
 
@@ -65,6 +74,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--random", type=int, default=5)
     parser.add_argument("--task", choices=("planted", "context"), default="planted")
+    parser.add_argument("--setting", choices=("warm-up", "full"), default="warm-up",
+                        help="with --task context: the search of 1,000 step pairs with a warm-up (Algorithm 1), or "
+                             "full: 300 step pairs of DARTS's relaxation without augmentation, cells by perturbation")
     parser.add_argument("--shards", type=int, default=1, help="processes (one thread each) sharing the study")
     parser.add_argument("--quick", action="store_true", help="2 folds, 1 random genotype, searches of 2 x 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
@@ -72,7 +84,11 @@ def main() -> None:
     if args.shards < 1:
         parser.error(f"--shards {args.shards}: give 1 or more")
     context = args.task == "context"
-    search, train = (CONTEXT_SEARCH, CONTEXT_TRAIN) if context else (SEARCH, TRAIN)
+    full = context and args.setting == "full"
+    if args.setting == "full" and not context:
+        parser.error("--setting full is for --task context")
+    search, train = ((CONTEXT_FULL_SEARCH, CONTEXT_FULL_TRAIN) if full else (CONTEXT_SEARCH, CONTEXT_TRAIN)) if context \
+        else (SEARCH, TRAIN)
     search, train = (_quick(search), _quick(train)) if args.quick else (search, train)
     folds, randoms = ("0,1", 1) if args.quick else (args.folds, args.random)
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-cv-planted-"))
@@ -108,11 +124,12 @@ def main() -> None:
     report = json.loads((root / "study" / "results.json").read_text())
     # how often the fold's searches picked the planted operations (docs/search.md's measure), against chance
     recovery = search_report([root / "study" / "searches" / f"fold_{f}" for f in folds.split(",")],
-                             permutations=2000, planted=planted, planted_cells=CONTEXT_CELLS if context else None)
+                             permutations=2000, planted=planted, planted_cells=CONTEXT_CELLS if context else None,
+                             by="perturbation" if full else "alpha")
     shown = shlex.join(["scnas", *command[1:-1], "runs/cv-planted"]).replace(str(task), f"{args.task}-task")
     made = ("scnas.search.planted.write_context_dataset(task, cases)" if context else
             "scnas.search.planted.write_planted_dataset(planted, cases, shape=(32, 32, 32), stem=4, seed=0)")
-    result = {"command": shown, "shards": args.shards, "seconds": round(seconds, 1), "cases": args.cases,
+    result = {"command": shown, "setting": args.setting if context else None, "shards": args.shards, "seconds": round(seconds, 1), "cases": args.cases,
               "planted": planted.to_dict() if context else PLANTED,
               "counted_cells": list(CONTEXT_CELLS) if context else None, "task": made,
               "searches": report["searches"], "planted_recovery": recovery["planted"],
@@ -124,7 +141,8 @@ def main() -> None:
     print(f"\n{seconds:.0f} s ({seconds / 60:.1f} min)")
     for line in report["conclusion"]:
         print(line)
-    name = "cv_planted-quick" if args.quick else ("cv_planted-context" if context else "cv_planted")
+    name = "cv_planted-quick" if args.quick else \
+        ("cv_planted-context" + ("-full" if full else "") if context else "cv_planted")
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

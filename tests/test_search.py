@@ -232,6 +232,13 @@ def test_search_command_and_bad_settings(cli, search_cache, tmp_path):
     assert bad.code == 1 and "sampling" in bad.err and bad.err.count("\n") == 1
     odd = cli("search", "--data", search_cache, "--patch", "20", "16", "16", "--epochs", "1", "-o", tmp_path / "odd")
     assert odd.code == 1 and "multiple of 2**depth = 8" in odd.err
+    # --depth and --no-augment reach the run (a shallow search of a task with an exact rule)
+    shallow = cli("search", "--data", search_cache, "--stem", "2", "--patch", "20", "16", "16", "--depth", "2",
+                  "--no-augment", "--epochs", "1", "--steps-per-epoch", "1", "--nodes", "1", "--no-plots",
+                  "-o", tmp_path / "shallow")
+    assert shallow.code == 0, shallow
+    ran = json.loads((tmp_path / "shallow" / "config.json").read_text())
+    assert ran["search"]["depth"] == ran["build"]["depth"] == 2 and ran["search"]["augment"] is False
 
 
 def test_top_k_from_the_command_line_gives_each_node_k_inputs(cli, search_cache, tmp_path):
