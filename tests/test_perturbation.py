@@ -109,6 +109,7 @@ def test_derive_by_perturbation_scores_the_run_once_and_records_it(full_run, tmp
     assert "loss of the full mixture" in result.out
     kept = json.loads((full_run / SCORES_FILE).read_text())
     assert kept["epoch"] == 2 and kept["settings"] == {"patches": 2, "seed": 0} and kept["sampling"] == "full"
+    assert kept["seconds"] > 0 and kept["base_loss"] > 0
     derived = read_genotype(tmp_path / "pt.yaml")
     search = derived.provenance.search
     assert search["derivation"].startswith("perturbation (DARTS-PT)") and search["perturbation"]["base_loss"] > 0

@@ -34,6 +34,7 @@ full mixture is a network its weights have never seen (docs/search.md says what 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +100,7 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
                say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Score the operations of a finished search run (its ``checkpoint.pt`` and ``config.json``)
     on ``patches`` architecture-set patches; kept in ``RUN/perturbation.json`` and reused while
-    the checkpoint's epoch and the settings are the same.
+    the checkpoint's epoch and step and the settings are the same.
 
     Args:
         run: the search run folder.
@@ -134,7 +135,7 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
         except (OSError, json.JSONDecodeError):
             old = None
         if isinstance(old, dict) and old.get("format") == SCORES_FORMAT and old.get("epoch") == state.get("epoch") \
-                and old.get("settings") == settings:
+                and old.get("step", 0) == state.get("step", 0) and old.get("settings") == settings:
             return old
     if not cases.get("architecture"):
         raise PerturbationError("config.json names no architecture-set cases to measure the loss on",
@@ -167,16 +168,19 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
     edges = sum(p.shape[0] for p in probabilities.values())
     say(f"{run}: scoring {edges} edges x {len([o for o in ops if o != ZERO])} operations by perturbation "
         f"on {patches} architecture-set patches")
+    started = time.perf_counter()
     base, scores = perturbation_scores(loss_of, probabilities, ops)
+    seconds = round(time.perf_counter() - started, 1)
     last = _last_alpha_loss(run)
     if last is not None and base > 1.5 * last + 0.02:
         say(f"warning: {run}: the supernet of the checkpoint has a loss of {base:.3f} on these patches, but "
             f"{last:.3f} on the architecture set over its last epoch: the scores describe a network worse than the "
             "one the search trained (with the paper's Theta optimiser, beta2 = 0.001, single steps can throw it "
             "off); another epoch (scnas search --resume --epochs N) may land it better")
-    result = {"format": SCORES_FORMAT, "version": 1, "epoch": state.get("epoch"), "settings": settings,
+    result = {"format": SCORES_FORMAT, "version": 1, "epoch": state.get("epoch"), "step": state.get("step", 0),
+              "settings": settings,
               "sampling": search.get("sampling"), "ops": ops, "base_loss": round(base, 6),
-              "last_epoch_alpha_loss": last,
+              "last_epoch_alpha_loss": last, "seconds": seconds,
               "scores": {name: [[round(float(v), 6) for v in row] for row in s] for name, s in scores.items()}}
     atomic_write_text(kept, json.dumps(result) + "\n")
     return result
