@@ -83,6 +83,8 @@ def test_renamed_operations_see_agreement_that_shuffled_edges_cannot():
     same = np.full((5, 5), 5)                                 # five runs, one operation on every edge
     assert permutation_p(same, rng, permutations=500) == 1.0
     assert relabel_p(same, labels, rng, permutations=2000) < 0.01
+    with pytest.raises(ValueError, match=r"choices \[0\] are not among the labels"):
+        relabel_p(np.zeros((2, 3), dtype=int), labels, rng, permutations=10)
     mostly = np.array([[5, 5, 5, 5, 2], [5, 5, 1, 5, 5], [3, 5, 5, 5, 5], [5, 5, 5, 7, 5], [5, 6, 5, 5, 5]])
     assert relabel_p(mostly, labels, rng, permutations=2000) < 0.05
     values = [relabel_p(rng.integers(1, 8, size=(4, 5)), labels, rng, permutations=200) for _ in range(40)]
@@ -170,3 +172,43 @@ def test_a_checkpoint_worse_than_its_last_epoch_is_named(full_run, tmp_path):
     said.clear()
     run_scores(copy, patches=1, seed=1, say=said.append)
     assert any(line.startswith(f"warning: {copy}: the supernet of the checkpoint") for line in said)
+
+
+def test_scores_belong_to_one_checkpoint_and_a_damaged_file_is_named(full_run, tmp_path, cli):
+    import shutil
+
+    from scnas.search.loop import load_checkpoint
+    from scnas.search.perturb import PerturbationError
+
+    copy = tmp_path / "run"
+    shutil.copytree(full_run, copy)
+    first = run_scores(copy, patches=1)
+    # the same epoch and settings, but another search state (a new search in the same folder): scored again
+    state = load_checkpoint(copy / "checkpoint.pt")
+    state["arch"] = {name: alpha + 0.5 * torch.arange(alpha.numel()).view_as(alpha) for name, alpha in state["arch"].items()}
+    torch.save(state, copy / "checkpoint.pt")
+    second = run_scores(copy, patches=1)
+    assert second["alpha_sha256"] != first["alpha_sha256"] and second["scores"] != first["scores"]
+    # the report follows each run's own scores: two runs whose scores differ do not agree everywhere
+    run_scores(full_run, patches=1)
+    report = search_report([full_run, copy], permutations=100, by="perturbation")
+    mine, theirs = read_run(full_run, "perturbation"), read_run(copy, "perturbation")
+    for cell in CELL_TYPES:
+        same = float(np.mean(mine.best(cell)[1] == theirs.best(cell)[1]))
+        assert report["cells"][cell]["agreement"] == pytest.approx(same, abs=1e-4)
+    assert any(report["cells"][c]["agreement"] < 1 for c in CELL_TYPES)
+    # a damaged file: the report names it, scoring treats it as missing
+    damaged = json.loads((copy / SCORES_FILE).read_text())
+    del damaged["scores"]["reduction"][-1]
+    (copy / SCORES_FILE).write_text(json.dumps(damaged))
+    result = cli("search-report", full_run, copy, "--by", "perturbation", "--permutations", "100")
+    assert result.code == 1 and "scores.reduction is not 5 rows of 8 numbers" in result.err and \
+        "Traceback" not in result.err
+    assert len(run_scores(copy, patches=1)["scores"]["reduction"]) == 5
+    # a checkpoint saved inside an epoch is refused before any scoring
+    state["step"] = 3
+    torch.save(state, copy / "checkpoint.pt")
+    with pytest.raises(PerturbationError, match="saved inside an epoch"):
+        run_scores(copy, patches=2)
+    result = cli("derive", copy, "--by", "perturbation", "-o", tmp_path / "x.yaml")
+    assert result.code == 1 and "inside an epoch" in result.err and not (tmp_path / "x.yaml").exists()

@@ -212,11 +212,8 @@ def derive(
         if run is None:
             raise PerturbationError("--by perturbation needs the search run folder (its checkpoint holds the "
                                     "supernet), not a genotype file", source=source)
-        scores = run_scores(run, patches=patches, device=device, say=stderr.out)
-        if genotype.provenance and genotype.provenance.epoch != scores["epoch"]:
-            raise PerturbationError(f"genotype.yaml is from epoch {genotype.provenance.epoch}, the checkpoint from "
-                                    f"epoch {scores['epoch']}: resume the search to the end of an epoch first",
-                                    source=source)
+        scores = run_scores(run, patches=patches, device=device, say=stderr.out,
+                            epoch=genotype.provenance.epoch if genotype.provenance else None)
         stdout.out(f"loss of the full mixture {scores['base_loss']:.4f}; largest rise per cell: " + ", ".join(
             f"{name} {max(max(row) for row in rows):+.4f}" for name, rows in scores["scores"].items()))
     derived = rederive(genotype, rule, top_k, source=str(path), max_free=max_free, perturbation=scores)

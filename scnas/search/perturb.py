@@ -96,11 +96,41 @@ def perturbation_scores(loss_of: Callable[[dict[str, list[EdgeChoice]]], float],
     return base, scores
 
 
+def alpha_fingerprint(arch: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a checkpoint's alpha tensors (names and values): which search state scores belong to."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(arch):
+        digest.update(name.encode())
+        digest.update(arch[name].detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def scores_problem(result: Any, ops: list[str], nodes: int) -> str | None:
+    """What is wrong with a scores document for a search of ``ops`` and ``nodes`` (None: nothing)."""
+    if not isinstance(result, dict) or result.get("format") != SCORES_FORMAT:
+        return f"is not a {SCORES_FORMAT} document"
+    if list(result.get("ops") or []) != list(ops):
+        return f"scores the ops {result.get('ops')}, the run searched {list(ops)}"
+    if not isinstance(result.get("base_loss"), (int, float)):
+        return "has no base_loss"
+    scores = result.get("scores")
+    edges = nodes * (nodes + 3) // 2   # every (source, target) with target an intermediate node
+    for cell in CELL_TYPES:
+        rows = scores.get(cell) if isinstance(scores, dict) else None
+        if not isinstance(rows, list) or len(rows) != edges or any(
+                not isinstance(row, list) or len(row) != len(ops) or
+                not all(isinstance(v, (int, float)) for v in row) for row in rows):
+            return f"scores.{cell} is not {edges} rows of {len(ops)} numbers (one per candidate edge and op)"
+    return None
+
+
 def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch: int = 2, device: str = "cpu", seed: int = 0,
-               say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+               epoch: int | None = None, say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Score the operations of a finished search run (its ``checkpoint.pt`` and ``config.json``)
     on ``patches`` architecture-set patches; kept in ``RUN/perturbation.json`` and reused while
-    the checkpoint's epoch and step and the settings are the same.
+    the checkpoint (its alpha's fingerprint and epoch) and the settings are the same.
 
     Args:
         run: the search run folder.
@@ -108,6 +138,8 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
         batch: patches per forward pass (memory, not the result).
         device: ``cpu``, ``cuda`` or ``auto``.
         seed: draws the patches.
+        epoch: the epoch of the genotype the scores will derive from: a checkpoint of another
+            epoch, or one saved inside an epoch, is refused before scoring (None: not checked).
         say: prints what it does.
     """
     from scnas.build import BuildConfig
@@ -128,14 +160,24 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
     search, cases = config["search"], config.get("cases") or {}
     settings = {"patches": patches, "seed": seed}
     state = load_checkpoint(checkpoint)
+    if state.get("step", 0):
+        raise PerturbationError(f"checkpoint.pt was saved inside an epoch (step {state['step']} after epoch "
+                                f"{state.get('epoch')}): scores of it would describe another network than the run's "
+                                "genotypes; resume the search to the end of the epoch first (scnas search -o RUN "
+                                "--resume)", source=str(run))
+    if epoch is not None and state.get("epoch") != epoch:
+        raise PerturbationError(f"the genotype is from epoch {epoch}, checkpoint.pt from epoch {state.get('epoch')}: "
+                                "scores of it would describe another network", source=str(run))
+    fingerprint = alpha_fingerprint(state["arch"])
     kept = run / SCORES_FILE
     if kept.exists():
         try:
             old = json.loads(kept.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if isinstance(old, dict) and old.get("format") == SCORES_FORMAT and old.get("epoch") == state.get("epoch") \
-                and old.get("step", 0) == state.get("step", 0) and old.get("settings") == settings:
+        if scores_problem(old, list(config["search"]["ops"]), config["search"]["nodes"]) is None \
+                and old.get("epoch") == state.get("epoch") and old.get("alpha_sha256") == fingerprint \
+                and old.get("settings") == settings:
             return old
     if not cases.get("architecture"):
         raise PerturbationError("config.json names no architecture-set cases to measure the loss on",
@@ -168,6 +210,9 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
     edges = sum(p.shape[0] for p in probabilities.values())
     say(f"{run}: scoring {edges} edges x {len([o for o in ops if o != ZERO])} operations by perturbation "
         f"on {patches} architecture-set patches")
+    if search.get("sampling") != "full":
+        say(f"note: {run} was searched with --sampling {search.get('sampling')}: its weights never ran as the full "
+            "mixture these scores measure (docs/search.md)")
     started = time.perf_counter()
     base, scores = perturbation_scores(loss_of, probabilities, ops)
     seconds = round(time.perf_counter() - started, 1)
@@ -177,7 +222,7 @@ def run_scores(run: str | Path, *, patches: int = D.PERTURBATION_PATCHES, batch:
             f"{last:.3f} on the architecture set over its last epoch: the scores describe a network worse than the "
             "one the search trained (with the paper's Theta optimiser, beta2 = 0.001, single steps can throw it "
             "off); another epoch (scnas search --resume --epochs N) may land it better")
-    result = {"format": SCORES_FORMAT, "version": 1, "epoch": state.get("epoch"), "step": state.get("step", 0),
+    result = {"format": SCORES_FORMAT, "version": 1, "epoch": state.get("epoch"), "alpha_sha256": fingerprint,
               "settings": settings,
               "sampling": search.get("sampling"), "ops": ops, "base_loss": round(base, 6),
               "last_epoch_alpha_loss": last, "seconds": seconds,

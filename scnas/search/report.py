@@ -122,6 +122,8 @@ def read_run(folder: str | Path, by: str = "alpha") -> SearchRun:
                     raise SearchReportError(f"line {number}: not JSON ({exc.msg})", source=str(log)) from None
     if by == "alpha":
         return SearchRun(folder, genotype, epochs, metrics=metrics)
+    if by != "perturbation":
+        raise SearchReportError(f"reads a run by alpha or by perturbation, not by {by!r}")
     from scnas.search.derive import rederive   # torch: only for runs read by perturbation
 
     scores = _perturbation_scores(folder, genotype)
@@ -134,7 +136,7 @@ def read_run(folder: str | Path, by: str = "alpha") -> SearchRun:
 
 def _perturbation_scores(folder: Path, genotype: Genotype) -> dict[str, Any]:
     """``RUN/perturbation.json``, checked against the run's ops and final epoch."""
-    from scnas.search.perturb import SCORES_FILE, SCORES_FORMAT
+    from scnas.search.perturb import SCORES_FILE, scores_problem
 
     path = folder / SCORES_FILE
     if not path.exists():
@@ -144,10 +146,9 @@ def _perturbation_scores(folder: Path, genotype: Genotype) -> dict[str, Any]:
         scores = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SearchReportError(f"not JSON ({exc.msg}); delete it and score again", source=str(path)) from None
-    if not isinstance(scores, dict) or scores.get("format") != SCORES_FORMAT:
-        raise SearchReportError(f"is not a {SCORES_FORMAT} file", source=str(path))
-    if list(scores.get("ops", [])) != list(genotype.ops):
-        raise SearchReportError(f"scores the ops {scores.get('ops')}, the run searched {list(genotype.ops)}",
+    problem = scores_problem(scores, list(genotype.ops), genotype.nodes)
+    if problem:
+        raise SearchReportError(f"{problem}; delete it and score again (scnas derive --by perturbation)",
                                 source=str(path))
     epoch = genotype.provenance.epoch if genotype.provenance else None
     if scores.get("epoch") != epoch:
@@ -205,8 +206,11 @@ def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, 
     arrangement counted once. The test for "the seeds chose the same operations" on a task that
     wants one operation on many edges, where :func:`permutation_p` cannot tell (shuffling the
     edges of such a run changes nothing)."""
-    observed = pairwise_agreement(choices)
     labels = np.asarray(labels)
+    outside = sorted(set(np.unique(choices).tolist()) - set(labels.tolist()))
+    if outside:
+        raise ValueError(f"choices {outside} are not among the labels {labels.tolist()}")
+    observed = pairwise_agreement(choices)
     rename = np.arange(max(int(labels.max()), int(choices.max())) + 1)
     at_least = 1
     for _ in range(permutations):

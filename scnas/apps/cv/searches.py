@@ -113,7 +113,8 @@ def run_fold_search(out: Path, plan: Plan, fold: int, *, progress: bool = False,
         from scnas.search.derive import rederive
         from scnas.search.perturb import run_scores
 
-        scores = run_scores(run, device=config.device, say=say)
+        scores = run_scores(run, device=config.device, say=say,
+                            epoch=genotype.provenance.epoch if genotype.provenance else None)
         genotype = rederive(genotype, config.derive, config.top_k, source=str(result.genotype_path),
                             max_free=config.max_free, perturbation=scores)
     searched = (genotype.provenance.search if genotype.provenance else None) or {}
