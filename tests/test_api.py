@@ -30,6 +30,9 @@ CLI_CHOICES = {   # (command, flag): the name of the defaults tuple its values m
     ("build", "--upsampling"): "UPSAMPLING_CHOICES", ("nnunet-plans", "--upsampling"): "UPSAMPLING_CHOICES",
     ("prepare", "--dtype"): "IMAGE_DTYPE_CHOICES", ("phantom", "--layout"): "LAYOUT_CHOICES", ("predict", "--backend"): "BACKEND_CHOICES",
     ("export-onnx", "--provider"): "ONNX_PROVIDER_CHOICES",
+    ("cv", "--sampling"): "SAMPLING_CHOICES", ("cv", "--derive-by"): "DERIVE_BY_CHOICES",
+    ("derive", "--by"): "DERIVE_BY_CHOICES", ("search-report", "--by"): "DERIVE_BY_CHOICES",
+    ("derive", "--device"): "DEVICE_CHOICES",
 }
 
 

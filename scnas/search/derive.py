@@ -116,8 +116,14 @@ def derive_genotype(probabilities: dict[str, torch.Tensor], nodes: int, ops: lis
 
 
 def derivation_name(derive: str, top_k: int, max_free: int | None = None, *, by: str = "alpha") -> str:
-    """How a genotype was derived, as recorded in ``provenance.search.derivation``; ``by``:
-    ``alpha`` (softmax(alpha)) or ``perturbation`` (:mod:`scnas.search.perturb`)."""
+    """How a genotype was derived, as recorded in ``provenance.search.derivation``.
+
+    Args:
+        derive: ``top-k`` or ``argmax``.
+        top_k: incoming edges per node with ``top-k``.
+        max_free: at most this many parameter-free ops per cell (None: no limit).
+        by: ``alpha`` (softmax(alpha)) or ``perturbation`` (:mod:`scnas.search.perturb`).
+    """
     if by == "perturbation":
         rule = (f"perturbation (DARTS-PT): per node the top-{top_k} incoming edges by the loss rise of their best op"
                 if derive == "top-k" else "perturbation (DARTS-PT): per edge the op whose removal raises the loss "

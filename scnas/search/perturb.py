@@ -76,7 +76,7 @@ def mixture_choices(probabilities: dict[str, torch.Tensor], removed: tuple[str, 
 
 
 def perturbation_scores(loss_of: Callable[[dict[str, list[EdgeChoice]]], float], probabilities: dict[str, torch.Tensor],
-                        ops: list[str], cells: tuple[str, ...] = CELL_TYPES) -> tuple[float, dict[str, torch.Tensor]]:
+                        ops: list[str], *, cells: tuple[str, ...] = CELL_TYPES) -> tuple[float, dict[str, torch.Tensor]]:
     """The loss of the full mixture, and per cell type an (edges, ops) tensor of the rise in loss
     when each operation is removed from each edge (``zero``'s column: 0).
 

@@ -198,14 +198,21 @@ def permutation_p(choices: np.ndarray, rng: np.random.Generator, permutations: i
     return at_least / (permutations + 1)
 
 
-def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, permutations: int = PERMUTATIONS
+def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, *, permutations: int = PERMUTATIONS
               ) -> float:
     """P(agreement >= observed) when each run's operations are renamed by its own random
     permutation of ``labels`` (the indices the choices are drawn from: the non-zero ops): each
     run keeps which of its edges share an operation, not which operation that is; the observed
     arrangement counted once. The test for "the seeds chose the same operations" on a task that
     wants one operation on many edges, where :func:`permutation_p` cannot tell (shuffling the
-    edges of such a run changes nothing)."""
+    edges of such a run changes nothing).
+
+    Args:
+        choices: (runs, edges) operation indices.
+        labels: the indices the choices are drawn from (the non-zero operations).
+        rng: the random generator.
+        permutations: the test's draws.
+    """
     labels = np.asarray(labels)
     outside = sorted(set(np.unique(choices).tolist()) - set(labels.tolist()))
     if outside:
@@ -397,7 +404,7 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
             matrix = np.stack(choices)
             entry["agreement"] = round(pairwise_agreement(matrix), 4)
             entry["agreement_p"] = round(permutation_p(matrix, rng, permutations), 4)
-            entry["agreement_p_relabelled"] = round(relabel_p(matrix, nonzero_indices, rng, permutations), 4)
+            entry["agreement_p_relabelled"] = round(relabel_p(matrix, nonzero_indices, rng, permutations=permutations), 4)
         report["cells"][cell] = entry
     observed = float(np.mean([free_share(r.derived) for r in runs]))
     more, less = share_p_values(observed, len(runs), shares, rng=rng, draws=permutations)
