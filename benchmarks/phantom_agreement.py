@@ -5,9 +5,10 @@ A 10-case phantom task (``scnas data phantom``: 2 channels, 2 classes, 40x40x20 
 resampled to 1 mm), searched with 5 seeds per setting: stem 4, 4 nodes, patch 32³, 3 epochs x
 8 steps of batch 1, ``--alpha-lr 0.1``, tau 5 -> 0.5; one thread.
 
-    python benchmarks/phantom_agreement.py [--seeds 5] [--settings paper,aux-skip] [--out DIR]
+    python benchmarks/phantom_agreement.py [--seeds 5] [--settings paper,aux-skip] [--out DIR] [--name NAME]
 
-Writes benchmarks/results/phantom_agreement.json.
+Writes benchmarks/results/phantom_agreement.json (``--name``: NAME.json); both agreement
+p-values of the report (edges shuffled; operations renamed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--settings", default="paper,aux-skip", help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--name", default="phantom_agreement", help="results/NAME.json")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-phantom-agreement-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -54,11 +56,13 @@ def main() -> None:
         record["results"][name] = {"settings": settings, "seeds": args.seeds,
                                    "agreement": {c: e["agreement"] for c, e in report["cells"].items()},
                                    "agreement_p": {c: e["agreement_p"] for c, e in report["cells"].items()},
+                                   "agreement_p_relabelled": {c: e["agreement_p_relabelled"]
+                                                              for c, e in report["cells"].items()},
                                    "parameter_free_share": report["parameter_free_share_mean"],
                                    "random_parameter_free_share": report["random_parameter_free_share"],
                                    "verdict": report["verdict"]}
         print(name, *report["verdict"], sep="\n  ", flush=True)
-    out = Path(__file__).parent / "results" / "phantom_agreement.json"
+    out = Path(__file__).parent / "results" / f"{args.name}.json"
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
