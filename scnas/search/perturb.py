@@ -44,7 +44,7 @@ from scnas import defaults as D
 from scnas.errors import ScnasError
 from scnas.genotype import CELL_TYPES
 from scnas.genotype.ops import ZERO
-from scnas.search.supernet import EdgeChoice, SuperNet
+from scnas.search.supernet import EdgeChoice, SuperNet, cell_edges
 
 SCORES_FILE = "perturbation.json"
 """Where ``scnas derive --by perturbation`` keeps a run's scores (next to its checkpoint)."""
@@ -116,7 +116,7 @@ def scores_problem(result: Any, ops: list[str], nodes: int) -> str | None:
     if not isinstance(result.get("base_loss"), (int, float)):
         return "has no base_loss"
     scores = result.get("scores")
-    edges = nodes * (nodes + 3) // 2   # every (source, target) with target an intermediate node
+    edges = len(cell_edges(nodes))
     for cell in CELL_TYPES:
         rows = scores.get(cell) if isinstance(scores, dict) else None
         if not isinstance(rows, list) or len(rows) != edges or any(
