@@ -253,3 +253,37 @@ def test_searches_per_fold_can_relax_fully_skip_augmentation_and_choose_cells_by
     assert kept.provenance.search["perturbation"]["scores"] == scores["scores"]
     ran = json.loads((out / "searches" / "fold_0" / "config.json").read_text())["search"]
     assert ran["sampling"] == "full" and ran["augment"] is False
+
+
+def test_searches_per_fold_take_the_aux_skip_and_a_vocabulary_that_random_genotypes_share(task, tmp_path, cli,
+                                                                                          monkeypatch):
+    """--aux-skip and --ops reach each fold's search; the random genotypes draw from the same
+    vocabulary; aux_skip is recorded only when set (older studies continue), and a continued
+    study refuses another value; an unknown op is refused naming it."""
+    import scnas.apps.cv as cv
+    from scnas.apps.cv.searches import search_config
+    from scnas.genotype import CELL_TYPES, PAPER_OPS, read_genotype
+
+    runs = []
+    monkeypatch.setattr(cv, "run_study", lambda out, request, **kwargs: runs.append(request))
+    vocabulary = ["zero", "identity", "conv_3x3x3", "sep_dil4_conv_3x3x3"]
+    assert cli("cv", "--search-per-fold", "--data", task, "--patch", "16", "16", "16", "--aux-skip", "0.5",
+               "--ops", ",".join(vocabulary), "-o", tmp_path / "flags").code == 0
+    search = runs[-1]["search"]
+    assert search["aux_skip"] == 0.5 and search["ops"] == vocabulary
+    assert cli("cv", "--search-per-fold", "--data", task, "--patch", "16", "16", "16", "-o", tmp_path / "plain").code == 0
+    assert "aux_skip" not in runs[-1]["search"] and runs[-1]["search"]["ops"] == list(PAPER_OPS)
+    result = cli("cv", "--search-per-fold", "--data", task, "--ops", "zero,conv_9x9x9", "-o", tmp_path / "bad")
+    assert result.code == 1 and "conv_9x9x9" in result.err and "Traceback" not in result.err, result
+
+    out = tmp_path / "study"
+    plan = plan_study(out, _request(task, search={"aux_skip": 0.5, "ops": vocabulary}), say=lambda _: None)
+    config = search_config(plan, 0)
+    assert config.aux_skip == 0.5 and config.ops == vocabulary
+    randoms = [e for e in plan.genotypes if e.kind == "random"]
+    used = {e.op for r in randoms for cell in CELL_TYPES
+            for e in read_genotype(out / "genotypes" / f"{r.name}.yaml").cell(cell).edges}
+    assert len(randoms) == 2 and used and used <= set(vocabulary), used
+    result = cli("cv", "-o", out, "--aux-skip", "1")
+    assert result.code == 1 and "--aux-skip 1.0 (the study's: 0.5) differs" in result.err, result
+    assert cli("cv", "-o", out, "--aux-skip", "0.5").code == 0

@@ -82,6 +82,11 @@ def cv(
                                        help="Countermeasure: penalty on softmax(alpha)'s mass on parameter-free ops."),
     max_free: Optional[int] = typer.Option(None, "--max-free", min=0, metavar="K", rich_help_panel="Search per fold",
                                            help="Countermeasure: at most K parameter-free ops per derived cell."),
+    aux_skip: float = typer.Option(0.0, "--aux-skip", min=0.0, rich_help_panel="Search per fold",
+                                   help="Countermeasure (DARTS-): an auxiliary skip on every mixed edge, decayed to 0."),
+    ops: Optional[str] = typer.Option(None, "--ops", rich_help_panel="Search per fold",
+                                      help="Comma-separated vocabulary of the searches and of the random genotypes "
+                                           "(default: the paper's eight)."),
     sampling: str = options.choice(D.SAMPLING, "--sampling", D.SAMPLING_CHOICES, rich_help_panel="Search per fold",
                                    help="Operations per edge and step of each search: pair (Algorithm 1), one or "
                                         "full (DARTS)."),
@@ -123,7 +128,8 @@ def cv(
     searching = {"search_stem": search_stem, "search_patch": search_patch, "search_epochs": search_epochs,
                  "search_steps": search_steps, "search_batch_size": search_batch_size, "alpha_lr": alpha_lr,
                  "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min, "warmup_epochs": warmup_epochs,
-                 "free_penalty": free_penalty, "max_free": max_free, "sampling": sampling, "derive_by": derive_by}
+                 "free_penalty": free_penalty, "max_free": max_free, "sampling": sampling, "derive_by": derive_by,
+                 "aux_skip": aux_skip, "ops": [o.strip() for o in ops.split(",")] if ops else None}
     if not search_per_fold and data is not None:
         stray = [options.flag_name(ctx, name) for name in searching if options.given_on_command_line(ctx, name)]
         if stray:
@@ -175,9 +181,14 @@ def cv(
 _SEARCH_FLAGS = {"search_stem": "stem", "search_patch": "patch", "search_epochs": "epochs",
                  "search_steps": "steps_per_epoch", "search_batch_size": "batch_size", "alpha_lr": "alpha_lr",
                  "nodes": "nodes", "tau_max": "tau_max", "tau_min": "tau_min", "warmup_epochs": "warmup_epochs",
-                 "free_penalty": "free_penalty", "max_free": "max_free", "sampling": "sampling", "derive_by": "derive_by"}
+                 "free_penalty": "free_penalty", "max_free": "max_free", "sampling": "sampling", "derive_by": "derive_by",
+                 "aux_skip": "aux_skip", "ops": "ops"}
 """Parameters of 'scnas cv' that are settings of its search per fold: parameter -> SearchConfig field (derive_by:
 the study's, applied to the search's result)."""
+
+_SEARCH_DEFAULTS = {"derive_by": D.DERIVE_BY, "aux_skip": 0.0}
+"""What a study stores no value of means: settings recorded only where they are not the default,
+so that studies begun before they existed continue with the same arguments."""
 
 
 def _search_settings(given: dict, patch: tuple[int, int, int], seed: int) -> dict:
@@ -189,13 +200,17 @@ def _search_settings(given: dict, patch: tuple[int, int, int], seed: int) -> dic
 
     values = {field: given[name] for name, field in _SEARCH_FLAGS.items()}
     values["patch"] = values["patch"] or patch
+    if values["ops"] is None:
+        del values["ops"]              # the paper's vocabulary
     by = values.pop("derive_by")
     try:
         config = SearchConfig(data=".", seed=seed, **values)
     except ValidationError as exc:
         raise settings_error(exc, SearchError) from None
-    # derive_by only when not alpha: studies begun before it continue with the same arguments
-    return {**config.model_dump(mode="json", include=set(SEARCH_FIELDS)), **({"derive_by": by} if by != "alpha" else {})}
+    # derive_by and aux_skip only when not the default: studies begun before them continue with the same arguments
+    optional = {key: value for key, value in (("derive_by", by), ("aux_skip", config.aux_skip))
+                if value != _SEARCH_DEFAULTS[key]}
+    return {**config.model_dump(mode="json", include=set(SEARCH_FIELDS)), **optional}
 
 
 _TRAINING_FLAGS = {"patch": "patch", "depth": "depth", "batch_size": "batch_size", "epochs": "epochs", "steps": "steps_per_epoch",
@@ -231,7 +246,7 @@ def _refuse_other_settings(ctx, output: str, study: dict, training: dict, search
             differing.append(f"{options.flag_name(ctx, name)} {options.shown(value)} (the study searches no fold)")
             continue
         if part == "search":
-            old = stored["search"].get(key, D.DERIVE_BY if key == "derive_by" else None)
+            old = stored["search"].get(key, _SEARCH_DEFAULTS.get(key))
         else:
             old = stored["train"].get(key, TrainConfig.model_fields[key].default) if part else stored.get(key)
         if value != old:

@@ -24,7 +24,7 @@ from scnas.apps.cv.records import (SEARCH_DONE, SEARCHED, CVError, FlopMatch, Fo
 SEARCH_FIELDS = ("stem", "patch", "epochs", "steps_per_epoch", "batch_size", "nodes", "ops", "sampling", "tau_max",
                  "tau_min", "tau_schedule", "alpha_lr", "derive", "top_k", "warmup_epochs", "free_penalty",
                  "max_free", "val_batches", "architecture_share", "seed")
-# and "derive_by" (alpha or perturbation), which the study applies after the search, only where it is not alpha
+# and, only where not the default: "derive_by" (alpha or perturbation, applied after the search) and "aux_skip"
 """The search settings a study records (``request["search"]``); the rest (device, precision,
 loss, loaders) are the study's own."""
 
