@@ -1,11 +1,15 @@
 """Do searches of a phantom task agree between seeds? Seed agreement and parameter-free share
-per setting, at the demo's budget (``scnas.search.report``).
+per setting, at the demo's budget or another (``scnas.search.report``).
 
 A 10-case phantom task (``scnas data phantom``: 2 channels, 2 classes, 40x40x20 at 1x1x2 mm,
 resampled to 1 mm), searched with 5 seeds per setting: stem 4, 4 nodes, patch 32³, 3 epochs x
-8 steps of batch 1, ``--alpha-lr 0.1``, tau 5 -> 0.5; one thread.
+8 steps of batch 1, ``--alpha-lr 0.1``, tau 5 -> 0.5; one thread. ``--epochs``, ``--steps``,
+``--alpha-lr`` and ``--nodes`` set another budget (the planted benchmark's best setting was
+measured at 3 x 100 step pairs, alpha lr 0.01).
 
     python benchmarks/phantom_agreement.py [--seeds 5] [--settings paper,aux-skip] [--out DIR] [--name NAME]
+    python benchmarks/phantom_agreement.py --settings "full no-augment" --epochs 3 --steps 100 --alpha-lr 0.01 \
+        --nodes 2 --out /tmp/phantom-300 --name phantom_agreement-300-full
 
 Writes benchmarks/results/phantom_agreement.json (``--name``: NAME.json); both agreement
 p-values of the report (edges shuffled; operations renamed).
@@ -30,7 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--settings", default="paper,aux-skip", help="comma-separated, of: " + ", ".join(SETTINGS))
-    parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="Theta/alpha step pairs per epoch")
+    parser.add_argument("--alpha-lr", type=float, default=0.1)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
+                        "holds finished are reported again rather than redone")
     parser.add_argument("--name", default="phantom_agreement", help="results/NAME.json")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-phantom-agreement-"))
@@ -39,21 +48,27 @@ def main() -> None:
                                  spacing=(1.0, 1.0, 2.0), seed=0, force=True)
     cache = prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
                             progress=False).cache
-    record = {"budget": {"stem": 4, "nodes": 4, "patch": [32, 32, 32], "epochs": 3, "steps_per_epoch": 8,
-                         "alpha_lr": 0.1, "tau": [5.0, 0.5]}, "results": {}}
+    record = {"budget": {"stem": 4, "nodes": args.nodes, "patch": [32, 32, 32], "epochs": args.epochs,
+                         "steps_per_epoch": args.steps, "alpha_lr": args.alpha_lr, "tau": [5.0, 0.5]}, "results": {}}
     for name in (s.strip() for s in args.settings.split(",")):
         settings = dict(SETTINGS[name])
-        if settings.get("warmup_epochs", 0) >= 3:
+        if settings.get("warmup_epochs", 0) >= args.epochs:
             settings["warmup_epochs"] = 1
-        folders = []
+        folders, seconds = [], []
         for seed in range(args.seeds):
             folder = root / name.replace(" ", "-") / f"seed{seed}"
-            run_search(SearchConfig(data=str(cache), stem=4, patch=(32, 32, 32), epochs=3, steps_per_epoch=8,
-                                    tau_max=5.0, tau_min=0.5, alpha_lr=0.1, seed=seed, device="cpu", plots=False,
-                                    **settings), folder, progress=False)
+            done = folder / "metrics.jsonl"
+            if not (args.out and done.exists() and len(done.read_text().splitlines()) == args.epochs):
+                run_search(SearchConfig(data=str(cache), stem=4, nodes=args.nodes, patch=(32, 32, 32),
+                                        epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
+                                        alpha_lr=args.alpha_lr, seed=seed, device="cpu", plots=False, **settings),
+                           folder, progress=False)
+            seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
+            print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
             folders.append(folder)
         report = search_report(folders, permutations=2000)
         record["results"][name] = {"settings": settings, "seeds": args.seeds,
+                                   "seconds_per_search": round(sum(seconds) / len(seconds), 1),
                                    "agreement": {c: e["agreement"] for c, e in report["cells"].items()},
                                    "agreement_p": {c: e["agreement_p"] for c, e in report["cells"].items()},
                                    "agreement_p_relabelled": {c: e["agreement_p_relabelled"]

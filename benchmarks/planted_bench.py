@@ -103,12 +103,12 @@ SETTINGS = {
 }
 
 
-def _decoder(planted, op: str):
-    """``planted`` with every decoder-normal edge ``op`` (the context task's other students)."""
+def _with_cell(planted, op: str, cell: str = "decoder_normal"):
+    """``planted`` with every edge of ``cell`` ``op`` (the context task's other students)."""
     data = planted.to_dict()
-    for edge in data["cells"]["decoder_normal"]["edges"]:
+    for edge in data["cells"][cell]["edges"]:
         edge["op"] = op
-    return genotype_from_data(data, source=f"decoder-normal {op}")
+    return genotype_from_data(data, source=f"{cell} {op}")
 
 
 def _best_ops(folders: list[Path], by: str = "alpha") -> dict:
@@ -178,8 +178,11 @@ def main() -> None:
               "counted_cells": list(CONTEXT_CELLS) if context else None, "results": {}}
     if args.probe:
         if context:
-            students = {"planted": planted, **{f"decoder dil{d}": _decoder(planted, f"sep_dil{d}_conv_3x3x3")
-                                               for d in (2, 3)}, "every edge conv": _decoder(planted, "conv_3x3x3")}
+            students = {"planted": planted, **{f"decoder dil{d}": _with_cell(planted, f"sep_dil{d}_conv_3x3x3")
+                                               for d in (2, 3)}, "every edge conv": _with_cell(planted, "conv_3x3x3"),
+                        # the searches often put sep_dil4 in the reduction cell too: does that route fit the rule?
+                        "reduction dil4, decoder conv": _with_cell(_with_cell(planted, "conv_3x3x3"),
+                                                                 "sep_dil4_conv_3x3x3", "reduction")}
         else:
             students = {"planted": planted, **{f"{other} task's genotype": genotype_from_data(TASKS[other], source=other)
                                                for other in TASKS if other not in (args.task, "context")}}
