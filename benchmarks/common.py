@@ -51,3 +51,31 @@ def measure_steps(step: Callable[[], object], steps: int, device: str, rss_befor
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
     return peak / 2**20, statistics.median(times)
+
+
+def search_or_reuse(config, folder, reuse: bool) -> None:
+    """Run the search ``config`` in ``folder``, or, with ``reuse``, keep a search the folder
+    already holds: a finished one of the same settings is kept as it is, an interrupted one of
+    the same settings resumed from its checkpoint, and one of other settings refused (a run of
+    another budget must never be reported as this one)."""
+    import json
+    from pathlib import Path
+
+    from scnas.search import run_search
+
+    folder = Path(folder)
+    saved = folder / "config.json"
+    if reuse and saved.exists():
+        held = json.loads(saved.read_text())["search"]
+        wanted = config.model_dump(mode="json")
+        resolved = {"data"} | ({"spacing"} if wanted.get("spacing") is None else set())   # filled in by the run
+        differing = sorted(k for k in set(held) | set(wanted) if k not in resolved and held.get(k) != wanted.get(k))
+        if differing:
+            raise SystemExit(f"{folder} holds a search of other settings ({', '.join(differing)}): "
+                             "give another --out")
+        done = folder / "metrics.jsonl"
+        if done.exists() and len(done.read_text().splitlines()) == config.epochs:
+            return
+        run_search(config, folder, resume=True, progress=False)
+        return
+    run_search(config, folder, progress=False)

@@ -22,11 +22,12 @@ import json
 import tempfile
 from pathlib import Path
 
+from common import search_or_reuse
 from planted_bench import SETTINGS
 
 from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
 from scnas.fileio import atomic_write_text
-from scnas.search import SearchConfig, run_search
+from scnas.search import SearchConfig
 from scnas.search.report import search_report
 
 
@@ -39,7 +40,8 @@ def main() -> None:
     parser.add_argument("--alpha-lr", type=float, default=0.1)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
-                        "holds finished are reported again rather than redone")
+                        "holds of the same settings are reported again (finished) or resumed (interrupted); a "
+                        "search of other settings there is refused")
     parser.add_argument("--name", default="phantom_agreement", help="results/NAME.json")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-phantom-agreement-"))
@@ -53,16 +55,15 @@ def main() -> None:
     for name in (s.strip() for s in args.settings.split(",")):
         settings = dict(SETTINGS[name])
         if settings.get("warmup_epochs", 0) >= args.epochs:
-            settings["warmup_epochs"] = 1
+            settings["warmup_epochs"] = max(args.epochs - 1, 0)
         folders, seconds = [], []
         for seed in range(args.seeds):
             folder = root / name.replace(" ", "-") / f"seed{seed}"
+            search_or_reuse(SearchConfig(data=str(cache), stem=4, nodes=args.nodes, patch=(32, 32, 32),
+                                         epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
+                                         alpha_lr=args.alpha_lr, seed=seed, device="cpu", plots=False, **settings),
+                            folder, reuse=bool(args.out))
             done = folder / "metrics.jsonl"
-            if not (args.out and done.exists() and len(done.read_text().splitlines()) == args.epochs):
-                run_search(SearchConfig(data=str(cache), stem=4, nodes=args.nodes, patch=(32, 32, 32),
-                                        epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
-                                        alpha_lr=args.alpha_lr, seed=seed, device="cpu", plots=False, **settings),
-                           folder, progress=False)
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
             folders.append(folder)

@@ -36,13 +36,14 @@ import json
 import tempfile
 from pathlib import Path
 
+from common import search_or_reuse
 from rich.console import Console
 from rich.table import Table
 
 from scnas.data import PrepareSettings, prepare_dataset
 from scnas.fileio import atomic_write_text
 from scnas.genotype import CELL_TYPES, genotype_from_data
-from scnas.search import SearchConfig, run_search
+from scnas.search import SearchConfig
 from scnas.genotype import random_genotype
 from scnas.search.planted import (CONTEXT_CELLS, context_cases, context_genotype, learnability, planted_cases,
                                   write_context_dataset, write_planted_dataset)
@@ -154,7 +155,8 @@ def main() -> None:
                              "architecture-set patches, and report recovery and agreement that way too")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 settings, 3 epochs of 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
-                        "holds finished, and the probe, are reported again rather than redone")
+                        "holds of the same settings are reported again (finished) or resumed (interrupted), and "
+                        "the probe reported again; a search of other settings there is refused")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.steps, args.settings = 2, 3, 2, "paper,all three"
@@ -210,9 +212,8 @@ def main() -> None:
                                   epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
                                   alpha_lr=args.alpha_lr, val_batches=1, seed=seed, device="cpu", plots=False, depth=depth,
                                   **SETTINGS[name])
+            search_or_reuse(config, folder, reuse=bool(args.out))   # a finished run in --out is reported, not redone
             done = folder / "metrics.jsonl"
-            if not (args.out and done.exists() and len(done.read_text().splitlines()) == args.epochs):
-                run_search(config, folder, progress=False)     # a finished run in --out is reported, not redone
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             folders.append(folder)
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)

@@ -32,6 +32,14 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
     derivation are left out and named."""
     from scipy.stats import binomtest
 
+    budgets = {json.dumps({k: r.get(k) for k in ("task", "cases", "epochs", "steps_per_epoch", "alpha_lr", "depth",
+                                                 "counted_cells", "planted")}, sort_keys=True) for r in records}
+    if len(budgets) > 1:
+        raise SystemExit("the files are of other tasks or budgets (task, cases, epochs, steps, alpha lr, depth or "
+                         "counted cells differ): not pooled")
+    seeds = [(r["task_seed"], r.get("first_seed", 0)) for r in records]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"a task draw is given twice (task seed, first search seed: {seeds}): not pooled")
     draws, missing = [], []
     for record in records:
         result = record["results"].get(setting)
@@ -40,7 +48,10 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
             missing.append(record["task_seed"])
             continue
         planted = summary["planted"]
-        hits = round(planted["recovered"] * planted["trials"])
+        if not planted.get("trials"):
+            missing.append(record["task_seed"])
+            continue
+        hits = round(planted["recovered"] * planted["trials"])   # recovered is kept to 4 decimals: exact here
         counted = planted["counted_cells"]
         draws.append({"task_seed": record["task_seed"], "seeds": result["seeds"], "hits": hits,
                       "trials": planted["trials"], "chance": planted["chance"], "x_chance": planted["x_chance"],
@@ -56,7 +67,7 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
             "pooled": {"hits": hits, "trials": trials, "recovered": round(hits / trials, 4),
                        "x_chance": round(hits / trials / chance, 2),
                        "p": float(binomtest(hits, trials, chance, alternative="greater").pvalue),
-                       "draws_reaching_target": sum(d["x_chance"] >= target for d in draws)}}
+                       "draws_reaching_target": sum(d["hits"] / d["trials"] / chance >= target for d in draws)}}
 
 
 def main() -> None:

@@ -274,7 +274,9 @@ def test_searches_per_fold_take_the_aux_skip_and_a_vocabulary_that_random_genoty
     assert cli("cv", "--search-per-fold", "--data", task, "--patch", "16", "16", "16", "-o", tmp_path / "plain").code == 0
     assert "aux_skip" not in runs[-1]["search"] and runs[-1]["search"]["ops"] == list(PAPER_OPS)
     result = cli("cv", "--search-per-fold", "--data", task, "--ops", "zero,conv_9x9x9", "-o", tmp_path / "bad")
-    assert result.code == 1 and "conv_9x9x9" in result.err and "Traceback" not in result.err, result
+    assert result.code == 1 and "--ops: unknown op 'conv_9x9x9'" in result.err and "Traceback" not in result.err, result
+    result = cli("cv", "--search-per-fold", "--data", task, "--ops", "zero,conv_3x3x3,conv_3x3x3", "-o", tmp_path / "bad")
+    assert result.code == 1 and "--ops: conv_3x3x3 listed twice" in result.err, result
 
     out = tmp_path / "study"
     plan = plan_study(out, _request(task, search={"aux_skip": 0.5, "ops": vocabulary}), say=lambda _: None)

@@ -83,7 +83,8 @@ def cv(
     max_free: Optional[int] = typer.Option(None, "--max-free", min=0, metavar="K", rich_help_panel="Search per fold",
                                            help="Countermeasure: at most K parameter-free ops per derived cell."),
     aux_skip: float = typer.Option(0.0, "--aux-skip", min=0.0, rich_help_panel="Search per fold",
-                                   help="Countermeasure (DARTS-): an auxiliary skip on every mixed edge, decayed to 0."),
+                                   help="Countermeasure (DARTS-): an auxiliary skip on every mixed edge of stride 1, "
+                                        "decayed to 0."),
     ops: Optional[str] = typer.Option(None, "--ops", rich_help_panel="Search per fold",
                                       help="Comma-separated vocabulary of the searches and of the random genotypes "
                                            "(default: the paper's eight)."),
@@ -129,7 +130,7 @@ def cv(
                  "search_steps": search_steps, "search_batch_size": search_batch_size, "alpha_lr": alpha_lr,
                  "nodes": nodes, "tau_max": tau_max, "tau_min": tau_min, "warmup_epochs": warmup_epochs,
                  "free_penalty": free_penalty, "max_free": max_free, "sampling": sampling, "derive_by": derive_by,
-                 "aux_skip": aux_skip, "ops": [o.strip() for o in ops.split(",")] if ops else None}
+                 "aux_skip": aux_skip, "ops": options.vocabulary(ops)}
     if not search_per_fold and data is not None:
         stray = [options.flag_name(ctx, name) for name in searching if options.given_on_command_line(ctx, name)]
         if stray:
