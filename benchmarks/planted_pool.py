@@ -37,7 +37,7 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
     if len(budgets) > 1:
         raise SystemExit("the files are of other tasks or budgets (task, cases, epochs, steps, alpha lr, depth or "
                          "counted cells differ): not pooled")
-    seeds = [(r["task_seed"], r.get("first_seed", 0)) for r in records]
+    seeds = [(r.get("task_seed", 0), r.get("first_seed", 0)) for r in records]
     if len(set(seeds)) < len(seeds):
         raise SystemExit(f"a task draw is given twice (task seed, first search seed: {seeds}): not pooled")
     draws, missing = [], []
@@ -45,20 +45,33 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
         result = record["results"].get(setting)
         summary = result if by == "alpha" else (result or {}).get("by_perturbation")
         if not summary:
-            missing.append(record["task_seed"])
+            missing.append(record.get("task_seed", 0))
             continue
         planted = summary["planted"]
         if not planted.get("trials"):
-            missing.append(record["task_seed"])
+            missing.append(record.get("task_seed", 0))
             continue
         hits = round(planted["recovered"] * planted["trials"])   # recovered is kept to 4 decimals: exact here
         counted = planted["counted_cells"]
-        draws.append({"task_seed": record["task_seed"], "seeds": result["seeds"], "hits": hits,
+        draws.append({"task_seed": record.get("task_seed", 0), "seeds": result["seeds"], "hits": hits,
                       "trials": planted["trials"], "chance": planted["chance"], "x_chance": planted["x_chance"],
                       "p": planted["p"], "seconds_per_search": result["seconds_per_search"],
-                      "agreement_p_relabelled": {c: summary["agreement_p_relabelled"].get(c) for c in counted}})
+                      "agreement_p_relabelled": {c: summary.get("agreement_p_relabelled", {}).get(c) for c in counted}})
     if not draws:
         raise SystemExit(f"no result file holds setting {setting!r} derived by {by}")
+    merged: dict[int, dict] = {}      # a draw whose seeds were split over files (--first-seed) is one draw
+    for d in draws:
+        if d["task_seed"] in merged:
+            m = merged[d["task_seed"]]
+            m["seconds_per_search"] = round((m["seconds_per_search"] * m["seeds"] + d["seconds_per_search"] * d["seeds"])
+                                            / (m["seeds"] + d["seeds"]), 1)
+            m.update(seeds=m["seeds"] + d["seeds"], hits=m["hits"] + d["hits"], trials=m["trials"] + d["trials"],
+                     agreement_p_relabelled={c: None for c in m["agreement_p_relabelled"]})   # not of the parts
+            m["x_chance"] = round(m["hits"] / m["trials"] / m["chance"], 2)
+            m["p"] = float(binomtest(m["hits"], m["trials"], m["chance"], alternative="greater").pvalue)
+        else:
+            merged[d["task_seed"]] = dict(d)
+    draws = list(merged.values())
     chance = draws[0]["chance"]
     if any(d["chance"] != chance for d in draws):
         raise SystemExit("the draws were scored against different chances (another vocabulary): not pooled")
