@@ -9,10 +9,11 @@ measured at 3 x 100 step pairs, alpha lr 0.01).
 
     python benchmarks/phantom_agreement.py [--seeds 5] [--settings paper,aux-skip] [--out DIR] [--name NAME]
     python benchmarks/phantom_agreement.py --settings "full no-augment" --epochs 3 --steps 100 --alpha-lr 0.01 \
-        --nodes 2 --out /tmp/phantom-300 --name phantom_agreement-300-full
+        --perturbation 8 --out /tmp/phantom-300 --name phantom_agreement-300-full
 
 Writes benchmarks/results/phantom_agreement.json (``--name``: NAME.json); both agreement
-p-values of the report (edges shuffled; operations renamed).
+p-values of the report (edges shuffled; operations renamed); with ``--perturbation``, also with
+the cells derived by perturbation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from planted_bench import SETTINGS
 from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
 from scnas.fileio import atomic_write_text
 from scnas.search import SearchConfig
+from scnas.search.perturb import run_scores
 from scnas.search.report import search_report
 
 
@@ -39,6 +41,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="Theta/alpha step pairs per epoch")
     parser.add_argument("--alpha-lr", type=float, default=0.1)
     parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--perturbation", type=int, default=0, metavar="PATCHES",
+                        help="also derive every run by perturbation (scnas.search.perturb) on this many "
+                             "architecture-set patches, and report agreement and parameter-free share that way too")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one); searches it already "
                         "holds of the same settings are reported again (finished) or resumed (interrupted); a "
                         "search of other settings there is refused")
@@ -67,17 +72,26 @@ def main() -> None:
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
             folders.append(folder)
-        report = search_report(folders, permutations=2000)
         record["results"][name] = {"settings": settings, "seeds": args.seeds,
-                                   "seconds_per_search": round(sum(seconds) / len(seconds), 1),
-                                   "agreement": {c: e["agreement"] for c, e in report["cells"].items()},
-                                   "agreement_p": {c: e["agreement_p"] for c, e in report["cells"].items()},
-                                   "agreement_p_relabelled": {c: e["agreement_p_relabelled"]
-                                                              for c, e in report["cells"].items()},
-                                   "parameter_free_share": report["parameter_free_share_mean"],
-                                   "random_parameter_free_share": report["random_parameter_free_share"],
-                                   "verdict": report["verdict"]}
-        print(name, *report["verdict"], sep="\n  ", flush=True)
+                                   "seconds_per_search": round(sum(seconds) / len(seconds), 1)}
+        for by in ("alpha", "perturbation") if args.perturbation else ("alpha",):
+            scored = [run_scores(folder, patches=args.perturbation) for folder in folders] \
+                if by == "perturbation" else []           # scores 'scnas derive --by perturbation' kept are reused
+            report = search_report(folders, permutations=2000, by=by)
+            summary = {"agreement": {c: e["agreement"] for c, e in report["cells"].items()},
+                       "agreement_p": {c: e["agreement_p"] for c, e in report["cells"].items()},
+                       "agreement_p_relabelled": {c: e["agreement_p_relabelled"] for c, e in report["cells"].items()},
+                       "parameter_free_share": report["parameter_free_share_mean"],
+                       "random_parameter_free_share": report["random_parameter_free_share"],
+                       "verdict": report["verdict"]}
+            if by == "alpha":
+                record["results"][name].update(summary)
+            else:
+                timed = [r["seconds"] for r in scored if r.get("seconds") is not None]
+                summary.update(patches=args.perturbation,
+                               seconds_per_run=round(sum(timed) / len(timed), 1) if timed else None)
+                record["results"][name]["by_perturbation"] = summary
+            print(f"{name} (cells by {by})", *report["verdict"], sep="\n  ", flush=True)
     out = Path(__file__).parent / "results" / f"{args.name}.json"
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
