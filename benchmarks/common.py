@@ -79,3 +79,16 @@ def search_or_reuse(config, folder, reuse: bool) -> None:
         run_search(config, folder, resume=True, progress=False)
         return
     run_search(config, folder, progress=False)
+
+
+def agreement_summary(report: dict) -> dict:
+    """The parts of a ``scnas.search.report.search_report`` that the search-quality benchmarks
+    record per setting: agreement and its two p-values per cell type, the parameter-free share
+    against random genotypes', and the verdict."""
+    cells = report["cells"]
+    return {"agreement": {c: e.get("agreement") for c, e in cells.items()},
+            "agreement_p": {c: e.get("agreement_p") for c, e in cells.items()},
+            "agreement_p_relabelled": {c: e.get("agreement_p_relabelled") for c, e in cells.items()},
+            "parameter_free_share": report["parameter_free_share_mean"],
+            "random_parameter_free_share": report["random_parameter_free_share"],
+            "verdict": report["verdict"]}

@@ -23,7 +23,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import search_or_reuse
+from common import agreement_summary, search_or_reuse
 from planted_bench import SETTINGS
 
 from scnas.data import PrepareSettings, prepare_dataset, write_phantom_dataset
@@ -78,12 +78,7 @@ def main() -> None:
             scored = [run_scores(folder, patches=args.perturbation) for folder in folders] \
                 if by == "perturbation" else []           # scores 'scnas derive --by perturbation' kept are reused
             report = search_report(folders, permutations=2000, by=by)
-            summary = {"agreement": {c: e["agreement"] for c, e in report["cells"].items()},
-                       "agreement_p": {c: e["agreement_p"] for c, e in report["cells"].items()},
-                       "agreement_p_relabelled": {c: e["agreement_p_relabelled"] for c, e in report["cells"].items()},
-                       "parameter_free_share": report["parameter_free_share_mean"],
-                       "random_parameter_free_share": report["random_parameter_free_share"],
-                       "verdict": report["verdict"]}
+            summary = agreement_summary(report)
             if by == "alpha":
                 record["results"][name].update(summary)
             else:

@@ -36,7 +36,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import search_or_reuse
+from common import agreement_summary, search_or_reuse
 from rich.console import Console
 from rich.table import Table
 
@@ -225,13 +225,7 @@ def main() -> None:
                 else []
             report = search_report(folders, permutations=2000, planted=planted,
                                    planted_cells=CONTEXT_CELLS if context else None, by=by)
-            summary = {"planted": report["planted"],
-                       "agreement": {c: e.get("agreement") for c, e in report["cells"].items()},
-                       "agreement_p": {c: e.get("agreement_p") for c, e in report["cells"].items()},
-                       "agreement_p_relabelled": {c: e.get("agreement_p_relabelled") for c, e in report["cells"].items()},
-                       "parameter_free_share": report["parameter_free_share_mean"],
-                       "random_parameter_free_share": report["random_parameter_free_share"],
-                       "verdict": report["verdict"], "best_ops": _best_ops(folders, by)}
+            summary = {"planted": report["planted"], **agreement_summary(report), "best_ops": _best_ops(folders, by)}
             if by == "alpha":
                 results[name].update(summary)
             else:
