@@ -83,12 +83,15 @@ def search_or_reuse(config, folder, reuse: bool) -> None:
 
 def agreement_summary(report: dict) -> dict:
     """The parts of a ``scnas.search.report.search_report`` that the search-quality benchmarks
-    record per setting: agreement and its two p-values per cell type, the parameter-free share
-    against random genotypes', and the verdict."""
+    record per setting: agreement and its three p-values per cell type, the parameter-free share
+    against random genotypes', each run's final supernet loss on the architecture set, and the verdict."""
     cells = report["cells"]
     return {"agreement": {c: e.get("agreement") for c, e in cells.items()},
             "agreement_p": {c: e.get("agreement_p") for c, e in cells.items()},
             "agreement_p_relabelled": {c: e.get("agreement_p_relabelled") for c, e in cells.items()},
+            "agreement_p_relabelled_within_kind": {c: e.get("agreement_p_relabelled_within_kind")
+                                                   for c, e in cells.items()},
             "parameter_free_share": report["parameter_free_share_mean"],
             "random_parameter_free_share": report["random_parameter_free_share"],
+            "supernet_alpha_loss": [r.get("alpha_loss") for r in report["runs"]],
             "verdict": report["verdict"]}

@@ -15,7 +15,7 @@ from scnas.genotype import PAPER_OPS, read_genotype, write_genotype
 from scnas.search import Architecture, SearchConfig, run_search
 from scnas.search.derive import derive_genotype, free_mass, parameter_free_indices, recorded_probabilities, rederive
 from scnas.search.hessian import dominant_eigenvalue
-from scnas.search.report import SearchReportError, permutation_p, search_report
+from scnas.search.report import SearchReportError, permutation_p, relabel_p, search_report
 from scnas.search.supernet import cell_edges
 
 OPS = list(PAPER_OPS)
@@ -157,15 +157,17 @@ def test_warm_up_must_leave_epochs_for_alpha():
         SearchConfig(data="x", epochs=3, warmup_epochs=3)
 
 
-def _fake_run(folder, best, seed, epochs=2, strength=0.6, eigen=None):
-    """A search run folder as 'scnas search' writes it, with chosen best ops per edge."""
+def _fake_run(folder, best, seed, epochs=2, strength=0.6, eigen=None, loss=None):
+    """A search run folder as 'scnas search' writes it, with chosen best ops per edge (and
+    ``loss``: its supernet's losses in every epoch)."""
     (folder / "genotypes").mkdir(parents=True)
     lines = []
     for epoch in range(1, epochs + 1):
         p = _probabilities(best, strength * epoch / epochs, seed=seed * 10 + epoch)
         genotype = derive_genotype(p, 2, OPS, top_k=2, provenance={"search": {"seed": seed}})
         write_genotype(genotype, folder / "genotypes" / f"epoch_{epoch:04d}.yaml")
-        lines.append(json.dumps({"epoch": epoch, **({"alpha_hessian_eigenvalue": eigen[epoch - 1]} if eigen else {})}))
+        lines.append(json.dumps({"epoch": epoch, **({"alpha_hessian_eigenvalue": eigen[epoch - 1]} if eigen else {}),
+                                 **({"theta_loss": loss, "alpha_loss": loss + 0.01} if loss is not None else {})}))
     write_genotype(genotype, folder / "genotype.yaml")
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -198,6 +200,39 @@ def test_report_tells_agreement_from_chance_and_collapse_from_a_finding(tmp_path
     report = search_report(noise, permutations=2000)
     assert sum(e["agreement_p"] < 0.05 for e in report["cells"].values()) <= 1
     assert "as many as random genotypes have" in report["verdict"][1]
+
+
+def test_report_names_a_run_whose_supernet_learned_less(tmp_path, cli):
+    n = len(cell_edges(2))
+    best = {c: ["conv_3x3x3"] * n for c in CELLS}
+    runs = [_fake_run(tmp_path / f"r{s}", best, s, loss=loss) for s, loss in enumerate([0.03, 0.04, 0.035, 0.42])]
+    report = search_report(runs, permutations=200)
+    assert [r["alpha_loss"] for r in report["runs"]] == [0.04, 0.05, 0.045, 0.43]
+    assert report["runs"][3]["theta_loss"] == 0.42
+    assert "r3 (0.430) against the best run's 0.040" in report["verdict"][-1]
+    assert "r0" not in report["verdict"][-1] and "learned less" in report["verdict"][-1]
+    result = cli("search-report", *runs, "--permutations", "200")
+    assert result.code == 0 and "r3 (0.430)" in result.out
+    # close losses, tiny ones twice apart, or no losses at all: nothing named
+    for losses in ([0.03, 0.05, 0.04], [0.004, 0.01, 0.02]):
+        close = [_fake_run(tmp_path / f"c{s}-{losses[1]}", best, s, loss=loss) for s, loss in enumerate(losses)]
+        assert "learned less" not in search_report(close, permutations=200)["verdict"][-1]
+    assert "alpha_loss" not in search_report(runs[:0] + [_fake_run(tmp_path / "plain", best, 0)],
+                                             permutations=200)["runs"][0]
+
+
+def test_renaming_within_kind_does_not_count_avoiding_parameter_free_ops_as_agreement():
+    rng = np.random.default_rng(3)
+    weighted, free = [3, 4, 5, 6], [0, 1, 2]
+    # runs that pick weighted ops at random: they agree on "weighted" alone
+    avoiding = rng.choice(weighted, size=(5, 14))
+    assert relabel_p(avoiding, weighted + free, rng, permutations=500) < 0.05
+    assert relabel_p(avoiding, [weighted, free], rng, permutations=500) > 0.05
+    # runs that share one weighted op on most edges agree under either renaming
+    shared = np.where(rng.random((5, 14)) < 0.7, 6, rng.choice(weighted, size=(5, 14)))
+    assert relabel_p(shared, [weighted, free], rng, permutations=500) < 0.05
+    with pytest.raises(ValueError, match="not among the labels"):
+        relabel_p(avoiding, [[3, 4], free], rng, permutations=10)
 
 
 def test_permutation_p_is_uniformish_under_the_null():

@@ -36,7 +36,9 @@ def search_report_command(
     operation, against chance (1 / non-zero operations) with a permutation p-value (each run's
     operations shuffled over the edges: a collapse that puts one operation everywhere agrees
     and is not significant) and a second one that renames each run's operations at random
-    (do the seeds choose the same operations?); the share of parameter-free operations (identity, pooling) in the
+    (do the seeds choose the same operations?), and a third that renames them within their kind
+    (with weights, parameter-free: runs that all avoid one kind agree by that alone); a run whose
+    supernet's loss ended far above the best run's is named; the share of parameter-free operations (identity, pooling) in the
     derived cells against random genotypes'; softmax(alpha)'s mass on them per epoch; and the
     Hessian eigenvalue of the alpha loss per epoch where the search computed it
     (--hessian-iterations), R-DARTS's collapse indicator. See docs/search.md.
@@ -57,13 +59,16 @@ def search_report_command(
                            by=by)
     table = Table(title=f"{len(report['runs'])} search(es); chance agreement {report['agreement_chance']:.3f}; "
                         f"random genotypes' parameter-free share {report['random_parameter_free_share']:.0%}")
-    for column in ("cell type", "agreement", "p (edges shuffled)", "p (ops renamed)", "parameter-free share per run"):
+    for column in ("cell type", "agreement", "p (edges shuffled)", "p (ops renamed)", "p (renamed within kind)",
+                   "parameter-free share per run"):
         table.add_column(column)
     for cell in CELL_TYPES:
         entry = report["cells"][cell]
         table.add_row(cell, f"{entry['agreement']:.3f}" if "agreement" in entry else "-",
                       f"{entry['agreement_p']:.4f}" if "agreement_p" in entry else "-",
                       f"{entry['agreement_p_relabelled']:.4f}" if "agreement_p_relabelled" in entry else "-",
+                      f"{entry['agreement_p_relabelled_within_kind']:.4f}"
+                      if "agreement_p_relabelled_within_kind" in entry else "-",
                       ", ".join(f"{v:.0%}" for v in entry["parameter_free_share"]))
     stdout.print(table)
     epochs = Table(title="softmax(alpha) on parameter-free operations, mean over edges (first run; per epoch)")

@@ -13,7 +13,10 @@ Zela et al. 2020). For a set of search run folders this module measures, per cel
   A second p-value renames each run's operations by a random permutation instead (each run
   keeps which of its edges share an operation, not which one it is): it asks whether the seeds
   chose the same *operations*, which a task that wants one operation on many edges needs (the
-  edge shuffle cannot see agreement there), and which a shared collapse passes too.
+  edge shuffle cannot see agreement there), and which a shared collapse passes too. A third
+  renames within each kind (operations with weights among themselves, parameter-free ones
+  among themselves): runs that all avoid one kind, as ``--free-penalty`` makes them, agree
+  beyond the second test's chance by that alone, and not beyond this one's.
 - **by perturbation** (``by="perturbation"``): each edge's operation is the one whose removal
   raised the supernet's loss most (``RUN/perturbation.json``, :mod:`scnas.search.perturb`), and
   the cells are those the scores derive.
@@ -23,6 +26,10 @@ Zela et al. 2020). For a set of search run folders this module measures, per cel
   shares in groups as large as the number of runs.
 - **parameter-free probability per epoch**: the mean over edges of softmax(alpha)'s mass on the
   parameter-free operations (and on ``zero``), from the genotypes the search wrote each epoch.
+- **supernet loss per run**: the last epoch's ``theta_loss`` and ``alpha_loss`` (metrics.jsonl);
+  a run whose loss ended far above the best run's (more than twice it, and more than
+  ``STUCK_MARGIN`` higher) is named: its supernet learned less than the others', so its alpha
+  may point at nothing (the paper's Theta optimiser leaves a stuck run now and then).
 - **Hessian eigenvalue per epoch**, when the search computed it (``--hessian-iterations``): the
   dominant eigenvalue of the alpha loss's Hessian, R-DARTS's indicator of a coming collapse.
 
@@ -46,6 +53,7 @@ from scnas.genotype.ops import OPS, ZERO
 
 PERMUTATIONS = 10_000
 RANDOM_GENOTYPES = 200
+STUCK_MARGIN = 0.05   # a run's final supernet loss this much above, and twice, the best run's: named
 
 
 class SearchReportError(ScnasError):
@@ -198,8 +206,8 @@ def permutation_p(choices: np.ndarray, rng: np.random.Generator, permutations: i
     return at_least / (permutations + 1)
 
 
-def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, *, permutations: int = PERMUTATIONS
-              ) -> float:
+def relabel_p(choices: np.ndarray, labels: list[int] | list[list[int]], rng: np.random.Generator, *,
+              permutations: int = PERMUTATIONS) -> float:
     """P(agreement >= observed) when each run's operations are renamed by its own random
     permutation of ``labels`` (the indices the choices are drawn from: the non-zero ops): each
     run keeps which of its edges share an operation, not which operation that is; the observed
@@ -207,23 +215,30 @@ def relabel_p(choices: np.ndarray, labels: list[int], rng: np.random.Generator, 
     wants one operation on many edges, where :func:`permutation_p` cannot tell (shuffling the
     edges of such a run changes nothing).
 
+    ``labels`` given as groups (lists of indices) renames each group within itself: with the
+    operations with weights as one group and the parameter-free ones as the other, runs that
+    all avoid one kind (as ``--free-penalty`` makes them) no longer agree by that alone.
+
     Args:
         choices: (runs, edges) operation indices.
-        labels: the indices the choices are drawn from (the non-zero operations).
+        labels: the indices the choices are drawn from (the non-zero operations), or groups of them.
         rng: the random generator.
         permutations: the test's draws.
     """
-    labels = np.asarray(labels)
-    outside = sorted(set(np.unique(choices).tolist()) - set(labels.tolist()))
+    groups = [np.asarray(g) for g in labels] if len(labels) and np.ndim(labels[0]) == 1 else [np.asarray(labels)]
+    groups = [g for g in groups if g.size]
+    every = np.concatenate(groups)
+    outside = sorted(set(np.unique(choices).tolist()) - set(every.tolist()))
     if outside:
-        raise ValueError(f"choices {outside} are not among the labels {labels.tolist()}")
+        raise ValueError(f"choices {outside} are not among the labels {every.tolist()}")
     observed = pairwise_agreement(choices)
-    rename = np.arange(max(int(labels.max()), int(choices.max())) + 1)
+    rename = np.arange(max(int(every.max()), int(choices.max())) + 1)
     at_least = 1
     for _ in range(permutations):
         renamed = []
         for row in choices:
-            rename[labels] = rng.permutation(labels)
+            for group in groups:
+                rename[group] = rng.permutation(group)
             renamed.append(rename[row])
         at_least += pairwise_agreement(np.stack(renamed)) >= observed - 1e-12
     return at_least / (permutations + 1)
@@ -256,6 +271,24 @@ def share_p_values(observed: float, runs: int, shares: np.ndarray, *, rng: np.ra
     means = rng.choice(shares, size=(draws, runs)).mean(axis=1)
     return (float((1 + np.sum(means >= observed - 1e-12)) / (draws + 1)),
             float((1 + np.sum(means <= observed + 1e-12)) / (draws + 1)))
+
+
+def supernet_loss(run: SearchRun) -> dict[str, float]:
+    """The last epoch's ``theta_loss`` (weight set) and ``alpha_loss`` (architecture set) of
+    ``run``'s metrics.jsonl, where it has them."""
+    last = run.metrics[-1] if run.metrics else {}
+    return {key: round(float(last[key]), 4) for key in ("theta_loss", "alpha_loss")
+            if isinstance(last.get(key), (int, float))}
+
+
+def stuck_runs(runs: list[dict[str, Any]], margin: float = STUCK_MARGIN) -> list[dict[str, Any]]:
+    """The entries of ``runs`` (the report's) whose final ``alpha_loss`` is more than twice the
+    lowest one and more than ``margin`` above it: supernets that learned less than the best one."""
+    losses = [r["alpha_loss"] for r in runs if "alpha_loss" in r]
+    if len(losses) < 2:
+        return []
+    best = min(losses)
+    return [r for r in runs if "alpha_loss" in r and r["alpha_loss"] > 2 * best and r["alpha_loss"] > best + margin]
 
 
 def mass_per_epoch(run: SearchRun) -> list[dict[str, Any]]:
@@ -381,12 +414,15 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
     ops = list(first.ops)
     nonzero_indices = [i for i, op in enumerate(ops) if op != ZERO]
     nonzero = len(nonzero_indices)
+    free = set(parameter_free(ops))
+    kinds = [[i for i in nonzero_indices if ops[i] not in free], [i for i in nonzero_indices if ops[i] in free]]
     rng = np.random.default_rng(seed)
+    kind_rng = np.random.default_rng([seed, 1])   # its own stream: the other p-values stay as they were
     shares = random_free_shares(first.nodes, ops)
     expected = float(shares.mean())
     report: dict[str, Any] = {
         "runs": [{"folder": str(r.folder), "seed": r.seed, "epochs": len(r.epochs),
-                  "parameter_free_share": round(free_share(r.derived), 4)} for r in runs],
+                  "parameter_free_share": round(free_share(r.derived), 4), **supernet_loss(r)} for r in runs],
         "operations": ops, "parameter_free_operations": parameter_free(ops), "nodes": first.nodes,
         "agreement_chance": round(1 / nonzero, 4), "permutations": permutations,
         "random_parameter_free_share": round(expected, 4), "cells": {}}
@@ -405,6 +441,8 @@ def search_report(folders: list[str | Path], seed: int = 0, permutations: int = 
             entry["agreement"] = round(pairwise_agreement(matrix), 4)
             entry["agreement_p"] = round(permutation_p(matrix, rng, permutations), 4)
             entry["agreement_p_relabelled"] = round(relabel_p(matrix, nonzero_indices, rng, permutations=permutations), 4)
+            entry["agreement_p_relabelled_within_kind"] = round(relabel_p(matrix, kinds, kind_rng,
+                                                                          permutations=permutations), 4)
         report["cells"][cell] = entry
     observed = float(np.mean([free_share(r.derived) for r in runs]))
     more, less = share_p_values(observed, len(runs), shares, rng=rng, draws=permutations)
@@ -423,12 +461,15 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     if len(report["runs"]) >= 2:
         agreeing = [c for c, e in report["cells"].items() if e["agreement_p"] < 0.05]
         renamed = [c for c, e in report["cells"].items() if e.get("agreement_p_relabelled", 1.0) < 0.05]
+        within = [c for c, e in report["cells"].items() if e.get("agreement_p_relabelled_within_kind", 1.0) < 0.05]
         lines.append(
             f"seeds agree beyond chance (permutation p < 0.05) in {len(agreeing)} of {len(report['cells'])} cell "
             f"types{': ' + ', '.join(agreeing) if agreeing else ''}; chance agreement is "
             f"{report['agreement_chance']:.3f}; on which operations they choose (each run's operations renamed at "
             f"random, p < 0.05): {len(renamed)} of {len(report['cells'])}{': ' + ', '.join(renamed) if renamed else ''}"
-            " (one operation shared everywhere counts there, a collapse too)")
+            " (one operation shared everywhere counts there, a collapse too); renamed within their kind (with "
+            f"weights, parameter-free), so that avoiding one kind alike is not agreement: {len(within)} of "
+            f"{len(report['cells'])}{': ' + ', '.join(within) if within else ''}")
     else:
         lines.append("one run: agreement between seeds needs at least two searches of the same data")
     planted = report.get("planted")
@@ -455,4 +496,12 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         judged = f"as many as random genotypes have (p = {min(more, less):.3g}, either way)"
     lines.append(f"parameter-free operations: {share:.0%} of the derived edges against {expected:.0%} in random "
                  f"genotypes: {judged}")
+    stuck = stuck_runs(report["runs"])
+    if stuck:
+        best = min(r["alpha_loss"] for r in report["runs"] if "alpha_loss" in r)
+        named = ", ".join(f"{Path(r['folder']).name} ({r['alpha_loss']:.3f})" for r in stuck)
+        lines.append(f"supernet loss on the architecture set at the end: {named} against the best run's {best:.3f}: "
+                     f"{'this supernet' if len(stuck) == 1 else 'these supernets'} learned less, so "
+                     f"{'its' if len(stuck) == 1 else 'their'} alpha may point at nothing; compare the report "
+                     "without it, or search again with another seed")
     return lines
