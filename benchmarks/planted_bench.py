@@ -101,6 +101,9 @@ SETTINGS = {
     # augmentation: intensity and spatial augmentation change the rule a context task's labels follow.
     "no augmentation": {"augment": False},
     "full no-augment": {"sampling": "full", "augment": False},
+    # the full relaxation collapses to identity on phantoms; countermeasures that change its training
+    "full no-augment + aux-skip": {"sampling": "full", "augment": False, "aux_skip": 1.0},
+    "full no-augment + penalty": {"sampling": "full", "augment": False, "free_penalty": 0.3},
 }
 
 
