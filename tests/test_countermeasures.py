@@ -213,12 +213,18 @@ def test_report_names_a_run_whose_supernet_learned_less(tmp_path, cli):
     assert "r0" not in report["verdict"][-1] and "learned less" in report["verdict"][-1]
     result = cli("search-report", *runs, "--permutations", "200")
     assert result.code == 0 and "r3 (0.430)" in result.out
-    # close losses, tiny ones twice apart, or no losses at all: nothing named
-    for losses in ([0.03, 0.05, 0.04], [0.004, 0.01, 0.02]):
+    # close losses, tiny ones twice apart, large ones 0.1 apart, or no losses at all: nothing named
+    for losses in ([0.03, 0.05, 0.04], [0.004, 0.01, 0.02], [0.2, 0.3, 0.25]):
         close = [_fake_run(tmp_path / f"c{s}-{losses[1]}", best, s, loss=loss) for s, loss in enumerate(losses)]
         assert "learned less" not in search_report(close, permutations=200)["verdict"][-1]
-    assert "alpha_loss" not in search_report(runs[:0] + [_fake_run(tmp_path / "plain", best, 0)],
-                                             permutations=200)["runs"][0]
+    plain = [_fake_run(tmp_path / f"plain{s}", best, s) for s in range(2)]
+    report = search_report([*plain, runs[0]], permutations=200)
+    assert "alpha_loss" not in report["runs"][0] and "learned less" not in report["verdict"][-1]
+    # a diverged run (NaN) first: named, and the 0.43 run still measured against the best finite one
+    diverged = _fake_run(tmp_path / "nan", best, 9, loss=float("nan"))
+    verdict = search_report([diverged, *runs], permutations=200)["verdict"][-1]
+    assert "nan (nan)" in verdict and "r3 (0.430) against the best run's 0.040" in verdict
+    assert "agreement_p_relabelled_within_kind" in report["cells"]["decoder_normal"]
 
 
 def test_renaming_within_kind_does_not_count_avoiding_parameter_free_ops_as_agreement():
@@ -233,6 +239,12 @@ def test_renaming_within_kind_does_not_count_avoiding_parameter_free_ops_as_agre
     assert relabel_p(shared, [weighted, free], rng, permutations=500) < 0.05
     with pytest.raises(ValueError, match="not among the labels"):
         relabel_p(avoiding, [[3, 4], free], rng, permutations=10)
+    with pytest.raises(ValueError, match="overlap"):
+        relabel_p(avoiding, [weighted, [2, 3]], rng, permutations=10)
+    # the report's other p-values do not depend on the within-kind test's draws
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    assert relabel_p(shared, weighted + free, rng_a, permutations=200) == \
+        relabel_p(shared, [weighted + free], rng_b, permutations=200)
 
 
 def test_permutation_p_is_uniformish_under_the_null():

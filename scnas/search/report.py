@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -227,7 +228,11 @@ def relabel_p(choices: np.ndarray, labels: list[int] | list[list[int]], rng: np.
     """
     groups = [np.asarray(g) for g in labels] if len(labels) and np.ndim(labels[0]) == 1 else [np.asarray(labels)]
     groups = [g for g in groups if g.size]
+    if not groups:
+        raise ValueError("no labels to rename the choices with")
     every = np.concatenate(groups)
+    if len(set(every.tolist())) != every.size:
+        raise ValueError(f"the label groups {[g.tolist() for g in groups]} overlap: a renaming must be a permutation")
     outside = sorted(set(np.unique(choices).tolist()) - set(every.tolist()))
     if outside:
         raise ValueError(f"choices {outside} are not among the labels {every.tolist()}")
@@ -283,12 +288,19 @@ def supernet_loss(run: SearchRun) -> dict[str, float]:
 
 def stuck_runs(runs: list[dict[str, Any]], margin: float = STUCK_MARGIN) -> list[dict[str, Any]]:
     """The entries of ``runs`` (the report's) whose final ``alpha_loss`` is more than twice the
-    lowest one and more than ``margin`` above it: supernets that learned less than the best one."""
-    losses = [r["alpha_loss"] for r in runs if "alpha_loss" in r]
-    if len(losses) < 2:
+    lowest finite one and more than ``margin`` above it, or is not finite: supernets that learned
+    less than the best one."""
+    best = best_loss(runs)
+    if best is None or sum("alpha_loss" in r for r in runs) < 2:
         return []
-    best = min(losses)
-    return [r for r in runs if "alpha_loss" in r and r["alpha_loss"] > 2 * best and r["alpha_loss"] > best + margin]
+    return [r for r in runs if "alpha_loss" in r and (not math.isfinite(r["alpha_loss"]) or
+                                                       (r["alpha_loss"] > 2 * best and r["alpha_loss"] > best + margin))]
+
+
+def best_loss(runs: list[dict[str, Any]]) -> float | None:
+    """The lowest finite final ``alpha_loss`` of the report's ``runs`` (None: none has one)."""
+    finite = [r["alpha_loss"] for r in runs if "alpha_loss" in r and math.isfinite(r["alpha_loss"])]
+    return min(finite) if finite else None
 
 
 def mass_per_epoch(run: SearchRun) -> list[dict[str, Any]]:
@@ -468,7 +480,7 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
             f"{report['agreement_chance']:.3f}; on which operations they choose (each run's operations renamed at "
             f"random, p < 0.05): {len(renamed)} of {len(report['cells'])}{': ' + ', '.join(renamed) if renamed else ''}"
             " (one operation shared everywhere counts there, a collapse too); renamed within their kind (with "
-            f"weights, parameter-free), so that avoiding one kind alike is not agreement: {len(within)} of "
+            f"weights, parameter-free), which avoiding one kind alike does not pass: {len(within)} of "
             f"{len(report['cells'])}{': ' + ', '.join(within) if within else ''}")
     else:
         lines.append("one run: agreement between seeds needs at least two searches of the same data")
@@ -498,9 +510,10 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
                  f"genotypes: {judged}")
     stuck = stuck_runs(report["runs"])
     if stuck:
-        best = min(r["alpha_loss"] for r in report["runs"] if "alpha_loss" in r)
+        best = best_loss(report["runs"])
         named = ", ".join(f"{Path(r['folder']).name} ({r['alpha_loss']:.3f})" for r in stuck)
-        lines.append(f"supernet loss on the architecture set at the end: {named} against the best run's {best:.3f}: "
+        lines.append(f"supernet loss on the architecture set at the end: {named} against the best run's "
+                     f"{'(none finite)' if best is None else format(best, '.3f')}: "
                      f"{'this supernet' if len(stuck) == 1 else 'these supernets'} learned less, so "
                      f"{'its' if len(stuck) == 1 else 'their'} alpha may point at nothing; compare the report "
                      "without it, or search again with another seed")
