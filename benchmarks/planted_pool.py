@@ -5,7 +5,8 @@ seeds. One draw can be lucky or unlucky (docs/search.md: 1.75x and 4.55x chance 
 draws of the context task), so this prints, per draw and pooled, the planted operations
 recovered against chance with a one-sided binomial p-value (edges and runs counted as
 independent trials: an indication), how many draws reach ``--target`` times chance, and the
-seed-agreement p-values (operations renamed) of the counted cells. Reads only result files;
+three seed-agreement p-values of the counted cells (edges shuffled / operations renamed /
+renamed within their kind; ``scnas search-report``). Reads only result files;
 searches nothing.
 
     python benchmarks/planted_pool.py results/planted-context-full.json results/planted-context-full-task1.json \
@@ -24,6 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from scnas.fileio import atomic_write_text
+
+
+# the report's three seed-agreement p-values: edges shuffled, operations renamed, renamed within their kind
+AGREEMENT_P = ("agreement_p", "agreement_p_relabelled", "agreement_p_relabelled_within_kind")
 
 
 def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
@@ -56,7 +61,7 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
         draws.append({"task_seed": record.get("task_seed", 0), "seeds": result["seeds"], "hits": hits,
                       "trials": planted["trials"], "chance": planted["chance"], "x_chance": planted["x_chance"],
                       "p": planted["p"], "seconds_per_search": result["seconds_per_search"],
-                      "agreement_p_relabelled": {c: summary.get("agreement_p_relabelled", {}).get(c) for c in counted}})
+                      **{key: {c: (summary.get(key) or {}).get(c) for c in counted} for key in AGREEMENT_P}})
     if not draws:
         raise SystemExit(f"no result file holds setting {setting!r} derived by {by}")
     merged: dict[int, dict] = {}      # a draw whose seeds were split over files (--first-seed) is one draw
@@ -66,7 +71,7 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
             m["seconds_per_search"] = round((m["seconds_per_search"] * m["seeds"] + d["seconds_per_search"] * d["seeds"])
                                             / (m["seeds"] + d["seeds"]), 1)
             m.update(seeds=m["seeds"] + d["seeds"], hits=m["hits"] + d["hits"], trials=m["trials"] + d["trials"],
-                     agreement_p_relabelled={c: None for c in m["agreement_p_relabelled"]})   # not of the parts
+                     **{key: {c: None for c in m[key]} for key in AGREEMENT_P})   # not of the parts
             m["x_chance"] = round(m["hits"] / m["trials"] / m["chance"], 2)
             m["p"] = float(binomtest(m["hits"], m["trials"], m["chance"], alternative="greater").pvalue)
         else:
@@ -83,6 +88,14 @@ def pool(records: list[dict], setting: str, by: str, target: float) -> dict:
                        "draws_reaching_target": sum(d["hits"] / d["trials"] / chance >= target for d in draws)}}
 
 
+def _agreement_cell(draw: dict) -> str:
+    """Per counted cell, its three agreement p-values (``-``: not recorded, as in results written
+    before the within-kind test, or a draw merged from parts)."""
+    cells = draw["agreement_p_relabelled"]
+    return "; ".join(" / ".join("-" if draw[key].get(c) is None else f"{draw[key][c]:.2g}" for key in AGREEMENT_P)
+                     for c in cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="planted_bench.py result files, one per task draw")
@@ -95,13 +108,13 @@ def main() -> None:
                                                for r in records) else [])
     pooled = {by: pool(records, args.setting, by, args.target) for by in bys}
     table = Table(title=f"planted recovery of {args.setting!r} per task draw (chance {pooled['alpha']['draws'][0]['chance']})")
-    for column in ("by", "task draw", "seeds", "recovered", "x chance", "p", "agreement p (ops renamed)", "s/search"):
+    for column in ("by", "task draw", "seeds", "recovered", "x chance", "p",
+                   "agreement p (shuffled / renamed / within kind)", "s/search"):
         table.add_column(column)
     for by, result in pooled.items():
         for d in result["draws"]:
             table.add_row(by, str(d["task_seed"]), str(d["seeds"]), f"{d['hits']}/{d['trials']}", f"{d['x_chance']:.2f}",
-                          f"{d['p']:.2g}", ", ".join(f"{v:.3g}" for v in d["agreement_p_relabelled"].values()
-                                                     if v is not None), f"{d['seconds_per_search']:.0f}")
+                          f"{d['p']:.2g}", _agreement_cell(d), f"{d['seconds_per_search']:.0f}")
         p = result["pooled"]
         table.add_row(by, "pooled", str(sum(d["seeds"] for d in result["draws"])), f"{p['hits']}/{p['trials']}",
                       f"{p['x_chance']:.2f}", f"{p['p']:.2g}",

@@ -448,3 +448,49 @@ def test_recovery_can_count_only_the_cells_where_the_task_needs_the_operation(tm
         search_report(found, permutations=200, planted=planted, planted_cells=("decoder",))
     with pytest.raises(SearchReportError, match="give it as planted"):
         search_report(found, permutations=200, planted_cells=CONTEXT_CELLS)
+
+
+def _planted_pool():
+    """benchmarks/planted_pool.py as a module (it imports only scnas, rich and scipy)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "planted_pool.py"
+    spec = importlib.util.spec_from_file_location("planted_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _draw(task_seed, hits, first_seed=0, within=0.01):
+    summary = {"planted": {"chance": 0.1429, "counted_cells": ["decoder_normal"], "recovered": hits / 20,
+                           "trials": 20, "x_chance": round(hits / 20 / 0.1429, 2), "p": 0.5},
+               "agreement_p": {"decoder_normal": 0.4, "reduction": 0.001},
+               "agreement_p_relabelled": {"decoder_normal": 0.02, "reduction": 0.001},
+               "agreement_p_relabelled_within_kind": {"decoder_normal": within, "reduction": 0.001},
+               "seeds": 5, "seconds_per_search": 200.0}
+    return {"task": "context", "cases": 12, "epochs": 3, "steps_per_epoch": 100, "alpha_lr": 0.01, "depth": 3,
+            "counted_cells": ["decoder_normal"], "planted": None, "task_seed": task_seed, "first_seed": first_seed,
+            "results": {"s": summary}}
+
+
+def test_pooling_task_draws_keeps_each_draws_three_agreement_p_values_of_the_counted_cells():
+    pool = _planted_pool()
+    pooled = pool.pool([_draw(0, 9, within=0.012), _draw(1, 7, within=None)], "s", "alpha", 3.0)
+    first, second = pooled["draws"]
+    assert first["agreement_p"] == {"decoder_normal": 0.4}          # only the counted cell, all three tests
+    assert first["agreement_p_relabelled"] == {"decoder_normal": 0.02}
+    assert first["agreement_p_relabelled_within_kind"] == {"decoder_normal": 0.012}
+    assert pool._agreement_cell(first) == "0.4 / 0.02 / 0.012"
+    assert pool._agreement_cell(second) == "0.4 / 0.02 / -"        # a result written before the within-kind test
+    assert pooled["pooled"]["hits"] == 16 and pooled["pooled"]["trials"] == 40
+    assert pooled["pooled"]["draws_reaching_target"] == 1            # 9/20 = 3.15x chance; 7/20 = 2.45x
+
+
+def test_a_draw_split_over_files_is_pooled_as_one_draw_without_its_parts_agreement_p_values():
+    pool = _planted_pool()
+    pooled = pool.pool([_draw(0, 9), _draw(0, 7, first_seed=5)], "s", "alpha", 3.0)
+    (draw,) = pooled["draws"]
+    assert (draw["hits"], draw["trials"], draw["seeds"]) == (16, 40, 10)
+    for key in pool.AGREEMENT_P:              # a p-value of five seeds is not one of ten
+        assert draw[key] == {"decoder_normal": None}
