@@ -104,6 +104,8 @@ SETTINGS = {
     # the full relaxation collapses to identity on phantoms; countermeasures that change its training
     "full no-augment + aux-skip": {"sampling": "full", "augment": False, "aux_skip": 1.0},
     "full no-augment + penalty": {"sampling": "full", "augment": False, "free_penalty": 0.3},
+    # a sixth of that penalty: enough to stop the collapse, small enough to let one weighted op win
+    "full no-augment + penalty 0.05": {"sampling": "full", "augment": False, "free_penalty": 0.05},
 }
 
 
