@@ -10,6 +10,7 @@ whatever it says.
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py [--folds 0,1,2] [--quick]
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --cases 20 --shards 2
     OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --setting full --cases 20 --shards 2
+    OMP_NUM_THREADS=1 python benchmarks/cv_planted.py --task context --setting full-penalty --cases 20 --shards 2
 
 ``--task context``: the context task instead (``scnas.search.planted.context_cases``, depth 1),
 whose needed operation a search of 1,000 step pairs with a warm-up recovered at 3.5x chance
@@ -17,6 +18,8 @@ whose needed operation a search of 1,000 step pairs with a warm-up recovered at 
 learnability probe shows the planted cells' lead), recovery counted in the decoder-normal cell.
 ``--setting full`` searches it with DARTS's relaxation instead (300 step pairs, no augmentation, cells
 by perturbation) and retrains without augmentation (cv_planted-context-full.json).
+``--setting full-penalty`` adds ``--free-penalty 0.05`` to that search and derives the cells by
+alpha (cv_planted-context-full-penalty005.json).
 ``--shards N`` runs the study as N processes of one thread (``scnas cv --shard i/N``).
 
 Writes benchmarks/results/cv_planted.json (``--task context``: cv_planted-context.json;
@@ -60,6 +63,9 @@ CONTEXT_FULL_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32",
                        "--search-steps", "100", "--search-batch-size", "1", "--alpha-lr", "0.01", "--nodes", "2",
                        "--tau-max", "5", "--tau-min", "0.5", "--sampling", "full", "--derive-by", "perturbation"]
 CONTEXT_FULL_TRAIN = [*CONTEXT_TRAIN, "--no-augment"]
+# the same relaxation with a small penalty on parameter-free operations, cells by alpha: the setting that
+# recovered the context at about 3x chance with no collapse on phantoms (docs/search.md)
+CONTEXT_PENALTY_SEARCH = [*CONTEXT_FULL_SEARCH[:-2], "--free-penalty", "0.05"]
 QUICK = {"--search-epochs": "2", "--search-steps": "2", "--warmup-epochs": "1", "--epochs": "1",
          "--steps-per-epoch": "2"}
 
@@ -74,9 +80,10 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--random", type=int, default=5)
     parser.add_argument("--task", choices=("planted", "context"), default="planted")
-    parser.add_argument("--setting", choices=("warm-up", "full"), default="warm-up",
-                        help="with --task context: the search of 1,000 step pairs with a warm-up (Algorithm 1), or "
-                             "full: 300 step pairs of DARTS's relaxation without augmentation, cells by perturbation")
+    parser.add_argument("--setting", choices=("warm-up", "full", "full-penalty"), default="warm-up",
+                        help="with --task context: the search of 1,000 step pairs with a warm-up (Algorithm 1); "
+                             "full: 300 step pairs of DARTS's relaxation without augmentation, cells by perturbation; "
+                             "full-penalty: the same with --free-penalty 0.05, cells by alpha")
     parser.add_argument("--shards", type=int, default=1, help="processes (one thread each) sharing the study")
     parser.add_argument("--quick", action="store_true", help="2 folds, 1 random genotype, searches of 2 x 2 steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
@@ -84,10 +91,11 @@ def main() -> None:
     if args.shards < 1:
         parser.error(f"--shards {args.shards}: give 1 or more")
     context = args.task == "context"
+    if args.setting != "warm-up" and not context:
+        parser.error(f"--setting {args.setting} is for --task context")
     full = context and args.setting == "full"
-    if args.setting == "full" and not context:
-        parser.error("--setting full is for --task context")
-    search, train = ((CONTEXT_FULL_SEARCH, CONTEXT_FULL_TRAIN) if full else (CONTEXT_SEARCH, CONTEXT_TRAIN)) if context \
+    search, train = {"warm-up": (CONTEXT_SEARCH, CONTEXT_TRAIN), "full": (CONTEXT_FULL_SEARCH, CONTEXT_FULL_TRAIN),
+                     "full-penalty": (CONTEXT_PENALTY_SEARCH, CONTEXT_FULL_TRAIN)}[args.setting] if context \
         else (SEARCH, TRAIN)
     search, train = (_quick(search), _quick(train)) if args.quick else (search, train)
     folds, randoms = ("0,1", 1) if args.quick else (args.folds, args.random)
@@ -142,7 +150,8 @@ def main() -> None:
     for line in report["conclusion"]:
         print(line)
     name = "cv_planted-quick" if args.quick else \
-        ("cv_planted-context" + ("-full" if full else "") if context else "cv_planted")
+        ("cv_planted-context" + {"warm-up": "", "full": "-full", "full-penalty": "-full-penalty005"}[args.setting]
+         if context else "cv_planted")
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
