@@ -36,6 +36,8 @@ from scnas.search.report import search_report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="search seeds start here (to split the seeds of a "
+                        "setting over processes sharing one --out; a last run over all of them reports)")
     parser.add_argument("--settings", default="paper,aux-skip", help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="Theta/alpha step pairs per epoch")
@@ -51,8 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-phantom-agreement-"))
     root.mkdir(parents=True, exist_ok=True)
-    task = write_phantom_dataset(root / "task", cases=10, channels=2, foreground_classes=2, shape=(40, 40, 20),
-                                 spacing=(1.0, 1.0, 2.0), seed=0, force=True)
+    task = root / "task"
+    if not (args.out and (task / "dataset.json").exists()):   # another process may be searching its cache
+        write_phantom_dataset(task, cases=10, channels=2, foreground_classes=2, shape=(40, 40, 20),
+                              spacing=(1.0, 1.0, 2.0), seed=0, force=True)
     cache = prepare_dataset(task, root / "cache", PrepareSettings(target_spacing=(1.0, 1.0, 1.0)),
                             progress=False).cache
     record = {"budget": {"stem": 4, "nodes": args.nodes, "patch": [32, 32, 32], "epochs": args.epochs,
@@ -62,7 +66,7 @@ def main() -> None:
         if settings.get("warmup_epochs", 0) >= args.epochs:
             settings["warmup_epochs"] = max(args.epochs - 1, 0)
         folders, seconds = [], []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = root / name.replace(" ", "-") / f"seed{seed}"
             search_or_reuse(SearchConfig(data=str(cache), stem=4, nodes=args.nodes, patch=(32, 32, 32),
                                          epochs=args.epochs, steps_per_epoch=args.steps, tau_max=5.0, tau_min=0.5,
@@ -72,7 +76,7 @@ def main() -> None:
             seconds.append(sum(json.loads(line)["seconds"] for line in done.read_text().splitlines()))
             print(f"{name}, seed {seed}: {seconds[-1]:.0f} s", flush=True)
             folders.append(folder)
-        record["results"][name] = {"settings": settings, "seeds": args.seeds,
+        record["results"][name] = {"settings": settings, "seeds": args.seeds, "first_seed": args.first_seed,
                                    "seconds_per_search": round(sum(seconds) / len(seconds), 1)}
         for by in ("alpha", "perturbation") if args.perturbation else ("alpha",):
             scored = [run_scores(folder, patches=args.perturbation) for folder in folders] \

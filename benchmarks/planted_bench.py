@@ -106,6 +106,9 @@ SETTINGS = {
     "full no-augment + penalty": {"sampling": "full", "augment": False, "free_penalty": 0.3},
     # a sixth of that penalty: enough to stop the collapse, small enough to let one weighted op win
     "full no-augment + penalty 0.05": {"sampling": "full", "augment": False, "free_penalty": 0.05},
+    # ... with Adam's usual betas for Theta instead of the paper's (0.1, 0.001): do fewer supernets get stuck?
+    "full no-augment + penalty 0.05 + Adam betas": {"sampling": "full", "augment": False, "free_penalty": 0.05,
+                                                    "theta_betas": (0.9, 0.999)},
 }
 
 
