@@ -59,13 +59,19 @@ CONTEXT_TRAIN = ["--depth", "1", "--stem", "8", "--patch", "32", "32", "32", "--
                  "--steps-per-epoch", "30", "--lr", "3e-3", "--device", "cpu", "--spacing", "1", "1", "1"]
 # DARTS's relaxation without augmentation, cells by perturbation (docs/search.md, "what goes further"),
 # retrained without augmentation too: the context rule is exact
-CONTEXT_FULL_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "3",
-                       "--search-steps", "100", "--search-batch-size", "1", "--alpha-lr", "0.01", "--nodes", "2",
-                       "--tau-max", "5", "--tau-min", "0.5", "--sampling", "full", "--derive-by", "perturbation"]
+CONTEXT_RELAXED_SEARCH = ["--search-stem", "4", "--search-patch", "32", "32", "32", "--search-epochs", "3",
+                          "--search-steps", "100", "--search-batch-size", "1", "--alpha-lr", "0.01", "--nodes", "2",
+                          "--tau-max", "5", "--tau-min", "0.5", "--sampling", "full"]
 CONTEXT_FULL_TRAIN = [*CONTEXT_TRAIN, "--no-augment"]
-# the same relaxation with a small penalty on parameter-free operations, cells by alpha: the setting that
-# recovered the context at about 3x chance with no collapse on phantoms (docs/search.md)
-CONTEXT_PENALTY_SEARCH = [*CONTEXT_FULL_SEARCH[:-2], "--free-penalty", "0.05"]
+# --setting: (search options, training options, cells derived by, results file suffix); full-penalty is the
+# same relaxation with a small penalty on parameter-free operations, cells by alpha: the setting that
+# recovered the context at 4x chance with no collapse on phantoms (docs/search.md)
+CONTEXT_SETTINGS = {
+    "warm-up": (CONTEXT_SEARCH, CONTEXT_TRAIN, "alpha", ""),
+    "full": ([*CONTEXT_RELAXED_SEARCH, "--derive-by", "perturbation"], CONTEXT_FULL_TRAIN, "perturbation", "-full"),
+    "full-penalty": ([*CONTEXT_RELAXED_SEARCH, "--free-penalty", "0.05"], CONTEXT_FULL_TRAIN, "alpha",
+                     "-full-penalty005"),
+}
 QUICK = {"--search-epochs": "2", "--search-steps": "2", "--warmup-epochs": "1", "--epochs": "1",
          "--steps-per-epoch": "2"}
 
@@ -80,7 +86,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--random", type=int, default=5)
     parser.add_argument("--task", choices=("planted", "context"), default="planted")
-    parser.add_argument("--setting", choices=("warm-up", "full", "full-penalty"), default="warm-up",
+    parser.add_argument("--setting", choices=list(CONTEXT_SETTINGS), default="warm-up",
                         help="with --task context: the search of 1,000 step pairs with a warm-up (Algorithm 1); "
                              "full: 300 step pairs of DARTS's relaxation without augmentation, cells by perturbation; "
                              "full-penalty: the same with --free-penalty 0.05, cells by alpha")
@@ -93,10 +99,7 @@ def main() -> None:
     context = args.task == "context"
     if args.setting != "warm-up" and not context:
         parser.error(f"--setting {args.setting} is for --task context")
-    full = context and args.setting == "full"
-    search, train = {"warm-up": (CONTEXT_SEARCH, CONTEXT_TRAIN), "full": (CONTEXT_FULL_SEARCH, CONTEXT_FULL_TRAIN),
-                     "full-penalty": (CONTEXT_PENALTY_SEARCH, CONTEXT_FULL_TRAIN)}[args.setting] if context \
-        else (SEARCH, TRAIN)
+    search, train, derived_by, suffix = CONTEXT_SETTINGS[args.setting] if context else (SEARCH, TRAIN, "alpha", "")
     search, train = (_quick(search), _quick(train)) if args.quick else (search, train)
     folds, randoms = ("0,1", 1) if args.quick else (args.folds, args.random)
     root = Path(args.out or tempfile.mkdtemp(prefix="scnas-cv-planted-"))
@@ -133,7 +136,7 @@ def main() -> None:
     # how often the fold's searches picked the planted operations (docs/search.md's measure), against chance
     recovery = search_report([root / "study" / "searches" / f"fold_{f}" for f in folds.split(",")],
                              permutations=2000, planted=planted, planted_cells=CONTEXT_CELLS if context else None,
-                             by="perturbation" if full else "alpha")
+                             by=derived_by)
     shown = shlex.join(["scnas", *command[1:-1], "runs/cv-planted"]).replace(str(task), f"{args.task}-task")
     made = ("scnas.search.planted.write_context_dataset(task, cases)" if context else
             "scnas.search.planted.write_planted_dataset(planted, cases, shape=(32, 32, 32), stem=4, seed=0)")
@@ -149,9 +152,7 @@ def main() -> None:
     print(f"\n{seconds:.0f} s ({seconds / 60:.1f} min)")
     for line in report["conclusion"]:
         print(line)
-    name = "cv_planted-quick" if args.quick else \
-        ("cv_planted-context" + {"warm-up": "", "full": "-full", "full-penalty": "-full-penalty005"}[args.setting]
-         if context else "cv_planted")
+    name = "cv_planted-quick" if args.quick else ("cv_planted-context" + suffix if context else "cv_planted")
     out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -65,6 +65,17 @@ def _same_random_state_and_threads_for_every_test():
         torch.set_num_threads(threads)
 
 
+def load_script(path: Path, name: str | None = None):
+    """A script outside the package (a benchmark, a generator) as a module, without running its
+    ``main``: its functions and constants can then be tested in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torchrun_report(result) -> str:
     """What a failed torchrun printed, for an assertion message: the ranks' own errors come
     first in stderr, torchrun's long summary of exit codes last."""

@@ -452,14 +452,9 @@ def test_recovery_can_count_only_the_cells_where_the_task_needs_the_operation(tm
 
 def _planted_pool():
     """benchmarks/planted_pool.py as a module (it imports only scnas, rich and scipy)."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import ROOT, load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "planted_pool.py"
-    spec = importlib.util.spec_from_file_location("planted_pool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "planted_pool.py")
 
 
 def _draw(task_seed, hits, first_seed=0, within=0.01):

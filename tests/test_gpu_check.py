@@ -3,7 +3,6 @@ so that the script cannot rot between the rare runs on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_gpu_check():
+    from conftest import load_script
+
+    return load_script(SCRIPT)
 
 
 def run_script(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict]:
@@ -34,14 +32,14 @@ def run_script(tmp_path: Path, *args: str, timeout: float = 900) -> tuple[subpro
 
 
 def test_device_names_become_file_names():
-    gpu_check = load_script()
+    gpu_check = load_gpu_check()
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
     assert gpu_check.slug("NVIDIA GeForce RTX 4090 (24GB)") == "nvidia-geforce-rtx-4090-24gb"
     assert gpu_check.slug("???") == "device"
 
 
 def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_path):
-    gpu_check = load_script()
+    gpu_check = load_gpu_check()
     started = time.perf_counter()
     # the shell's child (sleep) is in the group too: a kill of the shell alone would leave it running
     status, seconds, text = gpu_check.stream(["bash", "-c", "sleep 30 & echo child $!; wait; echo never"], "", 1.5,
@@ -58,7 +56,7 @@ def test_a_command_past_its_time_is_stopped_with_its_whole_process_group(tmp_pat
 
 
 def test_the_printed_json_report_is_found_among_other_lines():
-    gpu_check = load_script()
+    gpu_check = load_gpu_check()
     assert gpu_check.json_in('note: x\n{\n "passed": true,\n "checks": []\n}\n') == {"passed": True, "checks": []}
     assert gpu_check.json_in("no report here") is None
 

@@ -148,11 +148,9 @@ def test_the_suite_detects_rule_changes(rule, monkeypatch):
 
 def test_the_files_are_what_generate_py_describes():
     """The manifest lists generate.py's cases with their settings (edit the cases, then regenerate)."""
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("network_suite_generate", SUITE / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = load_script(SUITE / "generate.py", "network_suite_generate")
     assert [c["name"] for c in CASES] == list(generate.CASES)
     assert MANIFEST["tolerance"] == generate.TOLERANCE
     for case in CASES:

@@ -289,12 +289,10 @@ def test_the_planner_figures_the_readme_cites_are_what_the_planner_predicts_toda
     """The planner half of ``benchmarks/plan_accuracy.py`` (the H200 half are the issue's constants):
     its ten predictions, recomputed with the benchmark's own code, are the recorded ones the README's
     range comes from; a planner change that moves them must rerun the benchmark and the README."""
-    import importlib.util
+    from conftest import load_script
 
     monkeypatch.chdir(ROOT)   # the benchmark names its genotype files from the project root
-    spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "benchmarks" / "plan_accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(ROOT / "benchmarks" / "plan_accuracy.py")
     recorded = json.loads((ROOT / "benchmarks" / "results" / "plan_accuracy.json").read_text())["versus_h200"]
     assert len(recorded) == len(bench.MEASURED_H200)
     with bench.measured_code():
